@@ -1,0 +1,131 @@
+"""The ``fedtl`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+from fedtl.config import FedTLConfig, parse_assignment
+from fedtl.errors import ConfigError, FedTLError
+
+log = logging.getLogger("fedtl")
+
+
+def _load_config(args: argparse.Namespace) -> FedTLConfig:
+    values: dict = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"Config file {path} does not exist.") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from exc
+        values.update(_flatten(data))
+    for item in getattr(args, "set", None) or []:
+        key, value = parse_assignment(item)
+        values[key] = value
+    shortcuts = {"federation.sites": getattr(args, "sites", None), "federation.rounds": getattr(args, "rounds", None),
+                 "privacy.target-epsilon": getattr(args, "epsilon", None), "data.path": getattr(args, "data", None)}
+    values.update({k: v for k, v in shortcuts.items() if v is not None})
+    if getattr(args, "no_dp", False):
+        values["privacy.enabled"] = False
+    return FedTLConfig.from_run_config(values)
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    """Accept both ``[privacy] target-epsilon = 3`` tables and flat ``"privacy.target-epsilon" = 3``."""
+    flat = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, full + "."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedtl.federation.simulation import simulate
+
+    cfg = _load_config(args)
+    summary = simulate(cfg, args.out, overwrite=args.overwrite)
+    keys = ("test_auc", "test_acc", "selected_round", "rounds", "sites", "epsilon_max", "bytes_up_per_round",
+            "bytes_per_site_round", "full_model_bytes", "wall_seconds", "cache_hit")
+    print(json.dumps({k: summary.get(k) for k in keys}, indent=1))
+    print(f"run directory: {args.out}")
+    return 0
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from fedtl.backbones import available, get_spec
+
+    for name in available():
+        s = get_spec(name)
+        print(f"{name:20s} {s.library:12s} features={s.feature_dim:5d} input={s.input_size} weights={s.weights_file}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    for key, value in cfg.to_run_config().items():
+        print(f"{key} = {json.dumps(value)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtl", description="Federated transfer learning: frozen prefix, private suffix.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (Flower's round log)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="TOML file with settings (tables or flat dotted keys)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, e.g. privacy.target-epsilon=3")
+        p.add_argument("--sites", type=int, help="shortcut for federation.sites")
+        p.add_argument("--rounds", type=int, help="shortcut for federation.rounds")
+        p.add_argument("--epsilon", type=float, help="shortcut for privacy.target-epsilon")
+        p.add_argument("--data", help="shortcut for data.path (a MedMNIST-format .npz)")
+        p.add_argument("--no-dp", action="store_true", help="train without differential privacy (for comparison)")
+
+    p = sub.add_parser("simulate", help="run N sites through Flower's simulation runtime")
+    config_args(p)
+    p.add_argument("--out", required=True, help="run directory to create (summary.json, metrics.jsonl, suffix.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("config", help="print the resolved configuration")
+    config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("backbones", help="list registered backbones")
+    p.set_defaults(func=cmd_backbones)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedtl").setLevel(logging.INFO)
+    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    try:
+        return args.func(args)
+    except FedTLError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Typed, frozen run configuration.
+
+One dataclass per section. Flower passes configuration as a flat mapping of kebab-case
+keys (``privacy.target-epsilon = 3.0``); :meth:`FedTLConfig.from_run_config` reads such a
+mapping, rejects unknown keys with a close-match suggestion and validates every value.
+Defaults here are the single source of truth: ``pyproject.toml``'s ``[tool.flwr.app.config]``
+mirrors them (a unit test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from fedtl.errors import ConfigError
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"`{key}` {allowed}, got {value!r}.")
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        _fail(key, value, "must be one of " + ", ".join(options))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "efficientnet_lite0"
+    resolution: int = 112  # square input side in pixels, after resizing
+    head: str = "linear"  # linear | mlp
+    head_hidden: int = 256  # width of the MLP head's hidden layer
+
+    def __post_init__(self) -> None:
+        if not 32 <= self.resolution <= 1024:
+            _fail("model.resolution", self.resolution, "must be between 32 and 1024 pixels")
+        _choice("model.head", self.head, ("linear", "mlp"))
+        if self.head_hidden < 1:
+            _fail("model.head-hidden", self.head_hidden, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class AdaptersConfig:
+    kind: str = "lora"  # none (head only) | lora | unfreeze
+    blocks: int = 1  # backbone units at the end that belong to the trainable suffix
+    rank: int = 4  # LoRA rank
+    alpha: float = 8.0  # LoRA scaling numerator (scale = alpha / rank)
+    lr_scale: float = 1.0  # learning-rate multiplier for adapter / unfrozen parameters
+
+    def __post_init__(self) -> None:
+        _choice("adapters.kind", self.kind, ("none", "lora", "unfreeze"))
+        if self.blocks < 0:
+            _fail("adapters.blocks", self.blocks, "must be >= 0")
+        if self.kind != "none" and self.blocks == 0:
+            _fail("adapters.blocks", self.blocks, f"must be >= 1 when adapters.kind is {self.kind!r}")
+        if self.rank < 1:
+            _fail("adapters.rank", self.rank, "must be >= 1")
+        if self.alpha <= 0:
+            _fail("adapters.alpha", self.alpha, "must be > 0")
+        if self.lr_scale <= 0:
+            _fail("adapters.lr-scale", self.lr_scale, "must be > 0")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = True
+    target_epsilon: float = 3.0  # per-site budget for the whole run
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # per-sample clipping bound
+    noise_multiplier: float = 0.0  # 0: each site calibrates it to its own budget
+    accountant: str = "rdp"  # rdp | prv | gdp (Opacus accountants)
+    site_epsilons: str = ""  # optional per-site budgets, comma-separated, e.g. "3,3,1"
+
+    def __post_init__(self) -> None:
+        if self.target_epsilon <= 0:
+            _fail("privacy.target-epsilon", self.target_epsilon, "must be > 0")
+        if not 0 < self.delta < 1:
+            _fail("privacy.delta", self.delta, "must be in (0, 1)")
+        if self.max_grad_norm <= 0:
+            _fail("privacy.max-grad-norm", self.max_grad_norm, "must be > 0")
+        if self.noise_multiplier < 0:
+            _fail("privacy.noise-multiplier", self.noise_multiplier, "must be >= 0 (0 = calibrate)")
+        _choice("privacy.accountant", self.accountant, ("rdp", "prv", "gdp"))
+        self.site_budgets()  # validates the list
+
+    def site_budgets(self) -> tuple[float, ...]:
+        """Per-site ε budgets given by ``site-epsilons`` (empty: every site uses target-epsilon)."""
+        if not self.site_epsilons.strip():
+            return ()
+        out = []
+        for part in self.site_epsilons.split(","):
+            try:
+                eps = float(part)
+            except ValueError:
+                eps = float("nan")
+            if not eps > 0:
+                _fail("privacy.site-epsilons", self.site_epsilons, "must be a comma-separated list of numbers > 0")
+            out.append(eps)
+        return tuple(out)
+
+    def budget_for(self, site: int) -> float:
+        budgets = self.site_budgets()
+        return budgets[site] if site < len(budgets) else self.target_epsilon
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # a MedMNIST-format .npz; empty: the bundled PneumoniaMNIST
+    partitioner: str = "dirichlet"  # iid | dirichlet | pathological
+    alpha: float = 0.5  # Dirichlet concentration
+    classes_per_site: int = 1  # pathological partitioner
+    seed: int = 42
+    cache_dir: str = ""  # prefix-feature cache; empty: $FEDTL_CACHE_DIR or ~/.cache/fedtl
+
+    def __post_init__(self) -> None:
+        _choice("data.partitioner", self.partitioner, ("iid", "dirichlet", "pathological"))
+        if self.alpha <= 0:
+            _fail("data.alpha", self.alpha, "must be > 0")
+        if self.classes_per_site < 1:
+            _fail("data.classes-per-site", self.classes_per_site, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    sites: int = 10
+    rounds: int = 20
+    fraction_train: float = 1.0  # fraction of connected sites sampled each round
+    min_sites: int = 1  # fewest sites a round needs
+
+    def __post_init__(self) -> None:
+        if self.sites < 1:
+            _fail("federation.sites", self.sites, "must be >= 1")
+        if self.rounds < 1:
+            _fail("federation.rounds", self.rounds, "must be >= 1")
+        if not 0 < self.fraction_train <= 1:
+            _fail("federation.fraction-train", self.fraction_train, "must be in (0, 1]")
+        if self.min_sites < 1:
+            _fail("federation.min-sites", self.min_sites, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1  # local epochs per round
+    batch_size: int = 64  # expected batch size (Poisson sampling with DP)
+    lr: float = 0.5
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    optimizer: str = "sgd"  # sgd | adam
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            _fail("train.epochs", self.epochs, "must be >= 1")
+        if self.batch_size < 1:
+            _fail("train.batch-size", self.batch_size, "must be >= 1")
+        if self.lr <= 0:
+            _fail("train.lr", self.lr, "must be > 0")
+        if not 0 <= self.momentum < 1:
+            _fail("train.momentum", self.momentum, "must be in [0, 1)")
+        if self.weight_decay < 0:
+            _fail("train.weight-decay", self.weight_decay, "must be >= 0")
+        _choice("train.optimizer", self.optimizer, ("sgd", "adam"))
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = ""  # run directory; empty: runs/<timestamp>
+    state_dir: str = ""  # per-site state (privacy ledgers); empty: <dir>/sites
+
+    def __post_init__(self) -> None:
+        pass
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "adapters": AdaptersConfig,
+    "privacy": PrivacyConfig,
+    "data": DataConfig,
+    "federation": FederationConfig,
+    "train": TrainConfig,
+    "output": OutputConfig,
+}
+
+
+@dataclass(frozen=True)
+class FedTLConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    # ---- flat kebab-case view (Flower's run config) -------------------------------------
+    @staticmethod
+    def known_keys() -> dict[str, type]:
+        keys: dict[str, type] = {}
+        for section, cls in _SECTIONS.items():
+            for f in fields(cls):
+                keys[f"{section}.{f.name.replace('_', '-')}"] = _field_type(cls, f.name)
+        return keys
+
+    def to_run_config(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for section in _SECTIONS:
+            for f in fields(getattr(self, section)):
+                flat[f"{section}.{f.name.replace('_', '-')}"] = getattr(getattr(self, section), f.name)
+        return flat
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], *, ignore: tuple[str, ...] = ()) -> FedTLConfig:
+        """Build a config from Flower's flat mapping; unknown keys are an error.
+
+        ``ignore`` lists key prefixes that belong to someone else (e.g. Flower's own keys).
+        """
+        known = cls.known_keys()
+        values: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+        for key, raw in run_config.items():
+            if any(key.startswith(p) for p in ignore):
+                continue
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hint = f"; did you mean `{close[0]}`?" if close else "."
+                raise ConfigError(f"Unknown config key `{key}`{hint} Known keys: {', '.join(sorted(known))}")
+            section, name = key.split(".", 1)
+            values[section][name.replace("-", "_")] = _coerce(key, raw, known[key])
+        return cls(**{s: _SECTIONS[s](**v) for s, v in values.items()})
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> FedTLConfig:
+        merged = self.to_run_config()
+        merged.update(overrides)
+        return FedTLConfig.from_run_config(merged)
+
+
+def _field_type(cls: type, name: str) -> type:
+    default = next(f for f in fields(cls) if f.name == name).default
+    return type(default)
+
+
+def _coerce(key: str, raw: Any, typ: type) -> Any:
+    """Coerce a value from TOML/CLI text to the field's type, or say why it can't be."""
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return raw.strip().lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"`{key}` must be true or false, got {raw!r}.")
+    if typ is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"`{key}` must be an integer, got {raw!r}.")
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        if isinstance(raw, str):
+            try:
+                return int(raw.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"`{key}` must be an integer, got {raw!r}.")
+    if typ is float:
+        if isinstance(raw, bool):
+            raise ConfigError(f"`{key}` must be a number, got {raw!r}.")
+        if isinstance(raw, (int, float)):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"`{key}` must be a number, got {raw!r}.")
+    if not isinstance(raw, str):
+        raise ConfigError(f"`{key}` must be a string, got {raw!r}.")
+    return raw
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """Split a CLI ``key=value`` override."""
+    if "=" not in text:
+        raise ConfigError(f"Overrides take the form key=value (e.g. privacy.target-epsilon=3), got {text!r}.")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def replace(cfg: FedTLConfig, section: str, **changes: Any) -> FedTLConfig:
+    """Return ``cfg`` with some fields of one section changed (validated again)."""
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})

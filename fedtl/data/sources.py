@@ -1,0 +1,107 @@
+"""Image sources: MedMNIST-format ``.npz`` files (the bundled PneumoniaMNIST by default).
+
+A source yields :class:`ImageSet` splits of uint8 images and integer labels. Folder/DICOM
+sources used by data sites live in :mod:`fedtl.data.site_sources`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from fedtl.errors import DataError
+
+BUNDLED_PNEUMONIAMNIST = Path(__file__).parent / "assets" / "pneumoniamnist.npz"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSet:
+    """Images ``(N, H, W)`` or ``(N, H, W, C)`` uint8 and labels ``(N,)`` int64."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.images.shape[0] != self.labels.shape[0]:
+            raise DataError(
+                f"{self.name}: {self.images.shape[0]} images but {self.labels.shape[0]} labels; they must match."
+            )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 over shape, dtype and bytes of images and labels: the cache's data key."""
+        h = hashlib.sha256()
+        for arr in (self.images, self.labels):
+            h.update(str((arr.shape, arr.dtype.str)).encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
+
+    def subset(self, indices: np.ndarray, name: str | None = None) -> ImageSet:
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageSet(self.images[idx], self.labels[idx], name or self.name)
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        return np.bincount(self.labels, minlength=num_classes).tolist()
+
+
+@dataclass(frozen=True, eq=False)
+class MedMNISTSource:
+    path: Path
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    num_classes: int
+
+    def split(self, name: str) -> ImageSet:
+        if name not in SPLITS:
+            raise DataError(f"Unknown split {name!r}; expected one of {', '.join(SPLITS)}.")
+        return getattr(self, name)
+
+
+def resolve_data_path(path: str) -> Path:
+    return Path(path).expanduser() if path else BUNDLED_PNEUMONIAMNIST
+
+
+def load_medmnist(path: str | Path) -> MedMNISTSource:
+    """Load a MedMNIST-format npz (keys ``{split}_images`` / ``{split}_labels``), validated."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(
+            f"Data file {p} does not exist. Pass a MedMNIST-format .npz via `data.path` "
+            "(or leave it empty for the bundled PneumoniaMNIST)."
+        )
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise DataError(f"Data file {p} is not a readable .npz archive ({exc}); re-download it.") from exc
+    missing = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels") if f"{s}_{kind}" not in arrays]
+    if missing:
+        raise DataError(f"Data file {p} lacks the MedMNIST keys {', '.join(missing)}; found {', '.join(sorted(arrays))}.")
+    sets = {}
+    for s in SPLITS:
+        images, labels = arrays[f"{s}_images"], arrays[f"{s}_labels"]
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise DataError(
+                f"{p}: `{s}_images` must be uint8 of shape (N, H, W) or (N, H, W, C), got {images.dtype} {images.shape}."
+            )
+        labels = labels.reshape(labels.shape[0], -1)
+        if labels.shape[1] != 1:
+            raise DataError(f"{p}: `{s}_labels` must hold one label per image (multi-label is not supported), got shape {labels.shape}.")
+        sets[s] = ImageSet(images, labels[:, 0].astype(np.int64), f"{p.name}:{s}")
+    num_classes = int(max(int(sets[s].labels.max(initial=0)) for s in SPLITS)) + 1
+    if num_classes < 2:
+        raise DataError(f"{p}: labels hold a single class; a classifier needs at least two.")
+    if any(int(sets[s].labels.min(initial=0)) < 0 for s in SPLITS):
+        raise DataError(f"{p}: labels must be >= 0.")
+    return MedMNISTSource(p, sets["train"], sets["val"], sets["test"], num_classes)

@@ -1,0 +1,126 @@
+"""The prefix-output cache ("bottleneck features").
+
+The frozen prefix never changes, so its output for a data set is computed once and stored on
+disk, keyed by everything that determines it: backbone name and weights hash, preprocessing,
+split point and a fingerprint of the data. Any change to any part is a different key, so a
+stale entry is never read. Entries are written atomically (temporary file + ``os.replace``);
+an unreadable entry is rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from fedtl.data.preprocess import Preprocessing
+from fedtl.data.sources import ImageSet
+from fedtl.model import TransferModel
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+def default_cache_dir(configured: str = "") -> Path:
+    if configured:
+        return Path(configured).expanduser()
+    env = os.environ.get("FEDTL_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "fedtl" / "features"
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    backbone: str
+    weights_sha256: str
+    preprocessing: dict
+    split: str  # name of the prefix's last unit (+ pooled or not)
+    data_fingerprint: str
+
+    def parts(self) -> dict:
+        return {"format": CACHE_FORMAT, "backbone": self.backbone, "weights_sha256": self.weights_sha256,
+                "preprocessing": self.preprocessing, "split": self.split, "data": self.data_fingerprint}
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.parts(), sort_keys=True).encode()).hexdigest()[:40]
+
+
+def cache_key(model: TransferModel, pre: Preprocessing, data: ImageSet) -> CacheKey:
+    pooled = "pooled" if len(model.suffix.blocks) == 0 else "map"
+    return CacheKey(model.backbone_name, model.weights_sha256, pre.key(), f"{model.split_name}:{pooled}", data.fingerprint)
+
+
+class FeatureCache:
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+
+    def path(self, key: CacheKey) -> Path:
+        return self.dir / f"{key.digest()}.safetensors"
+
+    def load(self, key: CacheKey, n: int) -> torch.Tensor | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            feats = load_file(path)["features"]
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            log.warning("Feature cache entry %s is unreadable (%s); rebuilding it.", path, exc)
+            return None
+        if feats.shape[0] != n:
+            log.warning("Feature cache entry %s holds %d rows, expected %d; rebuilding it.", path, feats.shape[0], n)
+            return None
+        return feats
+
+    def store(self, key: CacheKey, feats: torch.Tensor) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.path(key)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=self.dir)
+        os.close(fd)
+        try:
+            save_file({"features": feats.contiguous()}, tmp, metadata={"key": json.dumps(key.parts(), sort_keys=True)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def get_or_build(self, model: TransferModel, pre: Preprocessing, data: ImageSet, *, batch_size: int = 64,
+                     progress: bool = True) -> tuple[torch.Tensor, bool]:
+        """Prefix features for ``data`` and whether they came from the cache."""
+        key = cache_key(model, pre, data)
+        feats = self.load(key, len(data))
+        if feats is not None:
+            return feats, True
+        feats = compute_prefix_features(model, pre, data, batch_size=batch_size, progress=progress)
+        self.store(key, feats)
+        return feats, False
+
+
+def compute_prefix_features(model: TransferModel, pre: Preprocessing, data: ImageSet, *, batch_size: int = 64,
+                            progress: bool = False) -> torch.Tensor:
+    """Run the frozen prefix over ``data`` once: ``(N, ...)`` float32."""
+    out = []
+    model.eval()
+    show = progress and sys.stderr.isatty()
+    if progress and not show:
+        log.info("Computing prefix features for %s (%d images)…", data.name, len(data))
+    bar = tqdm(total=len(data), desc=f"prefix features {data.name}", unit="img", disable=not show, leave=False)
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            x = pre(data.images[start:start + batch_size])
+            out.append(model.prefix_features(x))
+            bar.update(x.shape[0])
+    bar.close()
+    return torch.cat(out) if out else torch.empty(0)

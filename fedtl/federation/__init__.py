@@ -1,0 +1,1 @@
+"""Flower glue: records, the validating FedAvg strategy, the apps, simulation."""

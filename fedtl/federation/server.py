@@ -1,0 +1,166 @@
+"""The aggregation server's work: central evaluation, model selection and the run directory.
+
+Run directory layout::
+
+    config.json        the resolved configuration (flat kebab-case keys, as Flower's run config)
+    metrics.jsonl      one JSON object per round (round 0 = the initial suffix)
+    suffix.safetensors the selected round's suffix tensors (metadata: backbone, sha256, round)
+    summary.json       headline figures; written last, so its presence means the run completed
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from safetensors.torch import save_file
+
+from fedtl.config import FedTLConfig
+from fedtl.errors import ConfigError, FederationError
+from fedtl.federation.records import record_bytes, to_record, to_state
+from fedtl.federation.site import build_transfer_model, cached_features, load_source
+from fedtl.federation.strategy import SuffixFedAvg
+from fedtl.model import TransferModel
+from fedtl.training import evaluate_suffix
+
+log = logging.getLogger(__name__)
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Create an empty run directory; refuse one that already holds a run."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"`output.dir` {out} exists and is not a directory.")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"Run directory {out} already exists and is not empty; choose another --out or pass --overwrite.")
+        for name in ("summary.json", "metrics.jsonl", "suffix.safetensors", "config.json"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(type(value))
+
+
+@dataclass
+class Tracker:
+    """Central evaluation each round; keeps the round with the best validation AUC."""
+
+    model: TransferModel
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    strategy: SuffixFedAvg
+    metrics_path: Path
+    best_round: int = -1
+    best_val_auc: float = -math.inf
+    best_state: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    last_epsilon: dict[int, float] = field(default_factory=dict)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        state = to_state(arrays)
+        self.model.load_trainable_state(state)
+        v = evaluate_suffix(self.model, *self.val)
+        t = evaluate_suffix(self.model, *self.test)
+        stats = self.strategy.rounds.get(server_round)
+        row = {"round": server_round, "val_auc": v.auc, "val_acc": v.accuracy, "val_loss": v.loss,
+               "test_auc": t.auc, "test_acc": t.accuracy, "test_loss": t.loss,
+               "seconds": round(time.perf_counter() - self.t0, 3)}
+        if stats is not None:
+            self.last_epsilon.update(stats.epsilon)
+            row.update({"bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down, "sites_trained": sorted(stats.trained),
+                        "declined": stats.declined, "rejected": stats.rejected, "failed": stats.failed,
+                        "epsilon": {str(k): v for k, v in sorted(stats.epsilon.items())}})
+        self.history.append(row)
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(row, default=_json_default) + "\n")
+        if server_round > 0 and v.auc > self.best_val_auc:
+            self.best_round, self.best_val_auc = server_round, v.auc
+            self.best_state = {k: x.clone() for k, x in state.items()}
+        log.info("Round %d: val AUC %.4f acc %.4f | test AUC %.4f acc %.4f", server_round, v.auc, v.accuracy, t.auc, t.accuracy)
+        return MetricRecord({"val-auc": v.auc, "val-acc": v.accuracy, "test-auc": t.auc, "test-acc": t.accuracy})
+
+
+def run_server(grid: Grid, cfg: FedTLConfig, run_id: str) -> dict:
+    """Run the federation for ``cfg.federation.rounds`` rounds and write the run directory."""
+    t_start = time.perf_counter()
+    source = load_source(cfg.data.path)  # validates the data before anything is written
+    model = build_transfer_model(cfg, source.num_classes)
+    val_f, val_hit = cached_features(cfg, model, source.val)
+    test_f, test_hit = cached_features(cfg, model, source.test)
+    out = prepare_run_dir(cfg.output.dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{run_id}", overwrite=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_run_config(), indent=1, sort_keys=True))
+
+    fed = cfg.federation
+    strategy = SuffixFedAvg(
+        expected=model.expected_state(), fraction_train=fed.fraction_train, min_train_nodes=fed.min_sites,
+        min_available_nodes=fed.sites,
+    )
+    tracker = Tracker(model, (val_f, torch.as_tensor(source.val.labels)), (test_f, torch.as_tensor(source.test.labels)),
+                      strategy, out / "metrics.jsonl")
+    initial = to_record(model.trainable_state())
+    train_config = ConfigRecord({"total-rounds": fed.rounds, "run-id": str(run_id)})
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=fed.rounds, train_config=train_config,
+                   evaluate_fn=tracker)
+    if tracker.best_round < 0:
+        raise FederationError("No round produced a global model; see the log for the sites' reasons.")
+
+    best = tracker.history[tracker.best_round]
+    final = tracker.history[-1]
+    rounds = [r for r in tracker.history if r["round"] > 0]
+    counts = model.param_counts()
+    save_file({k: v.contiguous() for k, v in tracker.best_state.items()}, out / "suffix.safetensors",
+              metadata={"backbone": cfg.model.backbone, "weights_sha256": model.weights_sha256,
+                        "round": str(tracker.best_round), "split": model.split_name})
+    sites_cache = all(s.cache_hit for s in strategy.rounds.values())
+    summary = {
+        "test_auc": best["test_auc"], "test_acc": best["test_acc"],
+        "val_auc": best["val_auc"], "val_acc": best["val_acc"],
+        "selected_round": tracker.best_round,
+        "final_round_test_auc": final["test_auc"], "final_round_test_acc": final["test_acc"],
+        "rounds": fed.rounds, "sites": fed.sites,
+        "dp": cfg.privacy.enabled,
+        "epsilon": {f"site-{k}": v for k, v in sorted(tracker.last_epsilon.items())} if cfg.privacy.enabled else {},
+        "epsilon_max": max(tracker.last_epsilon.values(), default=0.0) if cfg.privacy.enabled else None,
+        "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
+        "delta": cfg.privacy.delta if cfg.privacy.enabled else None,
+        "bytes_up_per_round": _mean(r.get("bytes_up", 0) for r in rounds),
+        "bytes_down_per_round": _mean(r.get("bytes_down", 0) for r in rounds),
+        "bytes_per_site_round": record_bytes(initial),
+        "full_model_bytes": counts["full_model_bytes"],
+        "trainable_params": counts["trainable_params"],
+        "total_params": counts["total_params"],
+        "backbone": cfg.model.backbone, "weights_sha256": model.weights_sha256, "split_after": model.split_name,
+        "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "cache_hit": bool(val_hit and test_hit and sites_cache),
+        "declined": {str(k): v for r in rounds for k, v in r.get("declined", {}).items()},
+        "rejected_updates": sum(len(r.get("rejected", {})) for r in rounds),
+    }
+    summary["bytes_per_site_round_fraction_of_model"] = summary["bytes_per_site_round"] / summary["full_model_bytes"]
+    _write_json(out / "summary.json", summary)
+    log.info("Run directory: %s | selected round %d: test AUC %.4f, acc %.4f", out, tracker.best_round,
+             summary["test_auc"], summary["test_acc"])
+    return summary
+
+
+def _mean(values) -> float:
+    vals = list(values)
+    return float(sum(vals) / len(vals)) if vals else 0.0
+
+
+def _write_json(path: Path, body: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, indent=1, default=_json_default))
+    tmp.replace(path)

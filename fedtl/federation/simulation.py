@@ -1,0 +1,86 @@
+"""``fedtl simulate``: N sites through Flower's simulation runtime, in this process tree."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from fedtl.config import FedTLConfig
+from fedtl.errors import ConfigError, FederationError
+from fedtl.federation.server import prepare_run_dir
+from fedtl.federation.site import build_transfer_model, cached_features, load_source
+
+log = logging.getLogger(__name__)
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise ConfigError(f"Run directory {out} already exists and is not empty; choose another --out or pass --overwrite.")
+
+
+def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False) -> dict:
+    """Run the federation in simulation and return ``summary.json``'s content.
+
+    Everything that bad input can break (config, data file, backbone weights, output folder)
+    is checked before anything is written.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    check_out_dir(out, overwrite)
+    source = load_source(cfg.data.path)
+    from fedtl.federation.site import site_indices
+
+    for s in range(cfg.federation.sites):  # partitions: fail early on an impossible split
+        site_indices(cfg, s, cfg.federation.sites)
+    model = build_transfer_model(cfg, source.num_classes)
+    hits = [cached_features(cfg, model, split)[1] for split in (source.train, source.val, source.test)]
+    prepare_run_dir(out, overwrite=overwrite)
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out)))
+    try:
+        _run_flower(cfg)
+    finally:
+        _shutdown_ray()
+    summary_path = out / "summary.json"
+    if not summary_path.is_file():
+        raise FederationError(f"The simulation ended without writing {summary_path}; see the log above.")
+    summary = json.loads(summary_path.read_text())
+    summary["cache_hit"] = bool(all(hits) and summary.get("cache_hit", True))
+    summary["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    tmp = summary_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(summary_path)
+    return summary
+
+
+def _run_flower(cfg: FedTLConfig) -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from flwr.simulation import run_simulation
+
+    from fedtl.federation.apps import make_client_app, make_server_app
+
+    cpus = max(1, min(os.cpu_count() or 1, cfg.federation.sites))
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False, "logging_level": "error"},
+    }
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
+        run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg, threads=1),
+                       num_supernodes=cfg.federation.sites, backend_config=backend_config)
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:
+        pass

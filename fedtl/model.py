@@ -1,0 +1,159 @@
+"""TransferModel: a frozen pretrained prefix and a small trainable suffix.
+
+    image (B, 3, R, R) ─► prefix (frozen units, eval mode) ─► z ─► suffix ─► logits (B, C)
+
+``z`` is the prefix output ("bottleneck feature"): ``(B, C', h, w)`` when the suffix keeps
+backbone units, or the pooled ``(B, D)`` when the suffix is the head alone. Only tensors that
+require grad (all in the suffix) are trained, exchanged and aggregated.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedtl.adapters import apply_lora, apply_unfreeze
+from fedtl.backbones import Backbone
+from fedtl.config import AdaptersConfig, ModelConfig
+from fedtl.errors import ConfigError
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+class Suffix(nn.Module):
+    def __init__(self, blocks: nn.Sequential, feature_dim: int, num_classes: int, cfg: ModelConfig):
+        super().__init__()
+        self.blocks = blocks  # trailing backbone units (may be empty)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        if cfg.head == "linear":
+            self.head = nn.Sequential(nn.Linear(feature_dim, num_classes))
+        else:
+            self.head = nn.Sequential(nn.Linear(feature_dim, cfg.head_hidden), nn.ReLU(), nn.Linear(cfg.head_hidden, num_classes))
+        nn.init.zeros_(self.head[-1].weight)  # start from a uniform prediction
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if len(self.blocks):
+            z = self.pool(self.blocks(z))  # (B, C', h, w) -> (B, D)
+        return self.head(z)  # (B, D) -> (B, C)
+
+
+class TransferModel(nn.Module):
+    def __init__(self, backbone: Backbone, num_classes: int, model_cfg: ModelConfig, adapters_cfg: AdaptersConfig,
+                 seed: int = 0):
+        super().__init__()
+        units = copy.deepcopy(backbone.units)  # never mutate the (shared, cached) backbone
+        k = adapters_cfg.blocks if adapters_cfg.kind != "none" else 0
+        if k >= len(units):
+            raise ConfigError(
+                f"`adapters.blocks` must be < {len(units)} (the number of units in {backbone.spec.name}), got {k}."
+            )
+        self.backbone_name = backbone.spec.name
+        self.weights_sha256 = backbone.weights_sha256
+        self.split_index = len(units) - k
+        self.split_name = units[self.split_index - 1][0]  # last unit of the prefix
+        self.prefix = nn.Sequential(OrderedDict(units[: self.split_index]))
+        self.prefix_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)) if k == 0 else nn.Identity()
+        for p in self.prefix.parameters():
+            p.requires_grad_(False)
+        blocks = nn.Sequential(OrderedDict(units[self.split_index:]))
+        for p in blocks.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(seed)
+        if adapters_cfg.kind == "lora":
+            self.adapter_params = apply_lora(blocks, adapters_cfg)
+        elif adapters_cfg.kind == "unfreeze":
+            self.adapter_params = apply_unfreeze(blocks)
+        else:
+            self.adapter_params = []
+        self.suffix = Suffix(blocks, backbone.spec.feature_dim, num_classes, model_cfg)
+        self.num_classes = num_classes
+        self.eval()
+
+    # ---- modes -------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> TransferModel:
+        """Train only what trains: the prefix and every BatchNorm stay in eval mode."""
+        super().train(mode)
+        self.prefix.eval()
+        for m in self.suffix.modules():
+            if isinstance(m, _BN):
+                m.eval()
+        return self
+
+    # ---- forward -----------------------------------------------------------------------
+    @torch.no_grad()
+    def prefix_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, R, R) → prefix output; never tracks gradients."""
+        self.prefix.eval()
+        return self.prefix_pool(self.prefix(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.suffix(self.prefix_features(x))
+
+    # ---- trainable state ---------------------------------------------------------------
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def trainable_state(self) -> OrderedDict[str, torch.Tensor]:
+        return OrderedDict((n, p.detach().clone()) for n, p in self.named_parameters() if p.requires_grad)
+
+    def expected_state(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {n: (tuple(p.shape), str(p.dtype).replace("torch.", "")) for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor | np.ndarray]) -> None:
+        problems = check_state(state, self.expected_state())
+        if problems:
+            from fedtl.errors import UpdateRejected
+
+            raise UpdateRejected("; ".join(problems))
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value))
+
+    def trainable_param_groups(self, lr: float, lr_scale: float) -> list[dict]:
+        adapter_ids = {id(p) for p in self.adapter_params}
+        head = [p for p in self.suffix.head.parameters() if p.requires_grad]
+        adapters = [p for p in self.parameters() if p.requires_grad and id(p) in adapter_ids]
+        groups = [{"params": head, "lr": lr}]
+        if adapters:
+            groups.append({"params": adapters, "lr": lr * lr_scale})
+        return groups
+
+    def param_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        nbytes = sum(p.numel() * p.element_size() for p in self.parameters())
+        return {"trainable_params": trainable, "total_params": total, "full_model_bytes": nbytes}
+
+
+def check_state(state: dict, expected: dict[str, tuple[tuple[int, ...], str]]) -> list[str]:
+    """Every problem with a suffix state against the expected names, shapes and dtypes."""
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing tensors {', '.join(f'`{m}`' for m in missing[:5])}" + (" …" if len(missing) > 5 else ""))
+    if extra:
+        problems.append(f"unexpected tensors {', '.join(f'`{m}`' for m in extra[:5])}" + (" …" if len(extra) > 5 else ""))
+    for name, value in state.items():
+        if name not in expected:
+            continue
+        shape, dtype = expected[name]
+        arr = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+        if tuple(arr.shape) != shape:
+            problems.append(f"`{name}` has shape {tuple(arr.shape)}, expected {shape}")
+        elif str(arr.dtype) != dtype:
+            problems.append(f"`{name}` has dtype {arr.dtype}, expected {dtype}")
+        elif not np.isfinite(arr).all():
+            problems.append(f"`{name}` contains NaN or infinite values")
+    return problems
+
+
+def build_model(backbone: Backbone, num_classes: int, model_cfg: ModelConfig, adapters_cfg: AdaptersConfig,
+                seed: int = 0) -> TransferModel:
+    return TransferModel(backbone, num_classes, model_cfg, adapters_cfg, seed=seed)
