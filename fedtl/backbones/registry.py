@@ -34,6 +34,7 @@ class BackboneSpec:
     weights_source: str  # where the file comes from when it is not cached
     weights_sha256: str | None = None  # full hash when known; else only the name's prefix is known
     description: str = ""
+    recommended_cut: str = ""  # unit after which transfer to small grayscale images works best ("" = whole network)
 
 
 @dataclass

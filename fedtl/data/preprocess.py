@@ -25,7 +25,7 @@ class Preprocessing:
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, H, W)`` / ``(B, H, W, C)`` → float ``(B, 3, R, R)``, normalized."""
-        x = torch.as_tensor(images)
+        x = torch.as_tensor(np.array(images, copy=True)) if isinstance(images, np.ndarray) and not images.flags.writeable else torch.as_tensor(images)
         if x.ndim == 3:  # (B, H, W) grayscale
             x = x.unsqueeze(1)
         elif x.ndim == 4:  # (B, H, W, C)

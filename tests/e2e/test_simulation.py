@@ -1,0 +1,59 @@
+"""A real Flower simulation (Ray backend) through the `fedtl` command, on a small real data set."""
+
+import json
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from tests.conftest import write_small_medmnist
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def _ray_processes() -> set[int]:
+    found = set()
+    for p in psutil.process_iter(["name", "cmdline"]):
+        text = " ".join([p.info["name"] or ""] + (p.info["cmdline"] or []))
+        if any(k in text for k in ("raylet", "gcs_server", "ray::", "ClientAppActor", "default_worker.py")):
+            found.add(p.pid)
+    return found
+
+
+def test_three_sites_two_rounds_with_dp_and_a_site_out_of_budget(tmp_path):
+    data = write_small_medmnist(tmp_path / "small.npz")
+    out = tmp_path / "run"
+    before = _ray_processes()
+    env = dict(os.environ, FEDTL_CACHE_DIR=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "fedtl.cli", "simulate", "--out", str(out), "--data", str(data),
+           "--sites", "3", "--rounds", "2", "--set", "data.partitioner=iid", "--set", "adapters.kind=lora",
+           "--set", "adapters.blocks=1", "--set", "privacy.site-epsilons=3,3,0.05"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("test_auc", "test_acc", "rounds", "sites", "epsilon", "delta", "bytes_up_per_round",
+                "bytes_down_per_round", "full_model_bytes", "trainable_params", "total_params", "wall_seconds", "cache_hit"):
+        assert key in summary, key
+    assert summary["rounds"] == 2 and summary["sites"] == 3
+    assert 0.0 <= summary["test_auc"] <= 1.0 and 0.0 <= summary["test_acc"] <= 1.0
+    # site 2's budget cannot pay for a round: it declines, the others carry on within theirs
+    assert "2" in summary["declined"] and "will not train" in summary["declined"]["2"]
+    assert 0 < summary["epsilon"]["site-0"] <= 3.0 and summary["epsilon"]["site-2"] == 0.0
+    assert summary["bytes_up_per_round"] == 2 * summary["bytes_per_site_round"]
+    assert summary["bytes_per_site_round"] < 0.01 * summary["full_model_bytes"]
+    assert summary["trainable_params"] < summary["total_params"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert sorted(rows[1]["sites_trained"]) == [0, 1]
+    assert (out / "suffix.safetensors").stat().st_size > 0
+    ledger = json.loads((out / "sites" / "site-0" / "privacy-ledger.json").read_text())
+    assert len(ledger["rounds"]) == 2 and ledger["epsilon"] == pytest.approx(summary["epsilon"]["site-0"])
+    assert _ray_processes() <= before, "the simulation left Ray processes running"
+
+    # the same command again reuses the prefix cache
+    proc = subprocess.run(cmd + ["--overwrite", "--set", "privacy.site-epsilons="], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["cache_hit"] is True

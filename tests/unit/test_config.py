@@ -1,0 +1,52 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedtl.config import FedTLConfig
+from fedtl.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_unknown_key_suggests_the_close_match():
+    with pytest.raises(ConfigError, match=r"Unknown config key `privacy.target-epsilom`; did you mean `privacy.target-epsilon`"):
+        FedTLConfig.from_run_config({"privacy.target-epsilom": 3.0})
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("privacy.target-epsilon", -1, "`privacy.target-epsilon` must be > 0, got -1.0"),
+    ("privacy.delta", 2.0, "`privacy.delta` must be in (0, 1)"),
+    ("federation.sites", 0, "`federation.sites` must be >= 1, got 0"),
+    ("adapters.kind", "qlora", "`adapters.kind` must be one of none, lora, unfreeze, got 'qlora'"),
+    ("data.partitioner", "random", "`data.partitioner` must be one of"),
+    ("model.resolution", 8, "`model.resolution` must be between 32 and 1024"),
+    ("privacy.site-epsilons", "3,abc", "`privacy.site-epsilons` must be a comma-separated list"),
+])
+def test_out_of_range_values_name_key_and_value(key, value, fragment):
+    with pytest.raises(ConfigError) as err:
+        FedTLConfig.from_run_config({key: value})
+    assert fragment in str(err.value)
+
+
+def test_values_from_text_are_coerced_and_validated():
+    cfg = FedTLConfig.from_run_config({"federation.sites": "4", "privacy.enabled": "false", "train.lr": "0.5"})
+    assert cfg.federation.sites == 4 and cfg.privacy.enabled is False and cfg.train.lr == 0.5
+    with pytest.raises(ConfigError, match="`federation.rounds` must be an integer, got 'ten'"):
+        FedTLConfig.from_run_config({"federation.rounds": "ten"})
+
+
+def test_round_trip_through_flat_keys():
+    cfg = FedTLConfig.from_run_config({"privacy.target-epsilon": 1.5, "adapters.rank": 8})
+    assert FedTLConfig.from_run_config(cfg.to_run_config()) == cfg
+
+
+def test_pyproject_flower_config_mirrors_the_defaults():
+    nested = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    flat = {f"{section}.{key}": value for section, table in nested.items() for key, value in table.items()}
+    assert flat == FedTLConfig().to_run_config()
+
+
+def test_site_budgets():
+    cfg = FedTLConfig.from_run_config({"privacy.site-epsilons": "3, 1.5", "privacy.target-epsilon": 2.0})
+    assert [cfg.privacy.budget_for(i) for i in range(3)] == [3.0, 1.5, 2.0]
