@@ -47,8 +47,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AdaptersConfig:
-    kind: str = "lora"  # none (head only) | lora | unfreeze
-    blocks: int = 1  # backbone units at the end that belong to the trainable suffix
+    kind: str = "none"  # none (head only) | lora | unfreeze  (tuned: docs/benchmarks.md)
+    blocks: int = 0  # backbone units at the end that belong to the trainable suffix
     rank: int = 4  # LoRA rank
     alpha: float = 8.0  # LoRA scaling numerator (scale = alpha / rank)
     lr_scale: float = 1.0  # learning-rate multiplier for adapter / unfrozen parameters
@@ -129,7 +129,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class FederationConfig:
     sites: int = 10
-    rounds: int = 20
+    rounds: int = 40
     fraction_train: float = 1.0  # fraction of connected sites sampled each round
     min_sites: int = 1  # fewest sites a round needs
 
@@ -148,7 +148,7 @@ class FederationConfig:
 class TrainConfig:
     epochs: int = 1  # local epochs per round
     batch_size: int = 64  # expected batch size (Poisson sampling with DP)
-    lr: float = 0.5
+    lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
     optimizer: str = "sgd"  # sgd | adam

@@ -1,0 +1,283 @@
+"""Reproduce the headline figures: accuracy at a privacy budget, bytes, speed, scale, full-model baseline.
+
+    python simulations/benchmarks/bench.py --out results/bench            # everything (~30 min, 2 cores)
+    python simulations/benchmarks/bench.py --out results/bench --only accuracy,speed
+
+Writes ``results.json``, ``results.md`` and PNG plots into ``--out``. Accuracy rows use the
+in-process FedAvg loop (``inprocess_fedavg.py``: the ClientApp's own calls, no process
+start-up); scale rows run the real ``fedtl simulate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from inprocess_fedavg import run as run_inprocess  # noqa: E402
+
+from fedtl.config import FedTLConfig  # noqa: E402
+
+MEDMNIST_V2 = [  # published PneumoniaMNIST test rows (Yang et al., Sci Data 2023): AUC, ACC
+    ("ResNet-18 (28)", 0.944, 0.854), ("ResNet-18 (224)", 0.956, 0.864), ("ResNet-50 (28)", 0.948, 0.854),
+    ("ResNet-50 (224)", 0.962, 0.884), ("auto-sklearn", 0.942, 0.855), ("AutoKeras", 0.947, 0.878),
+    ("Google AutoML Vision", 0.991, 0.946),
+]
+
+SEEDS = (0, 1, 2)
+
+
+def accuracy_rows() -> list[dict]:
+    rows = [
+        ("centralized, non-private, head only", {"federation.sites": 1, "privacy.enabled": False, "adapters.kind": "none", "adapters.blocks": 0}),
+        ("centralized, non-private, LoRA suffix", {"federation.sites": 1, "privacy.enabled": False, "adapters.kind": "lora", "adapters.blocks": 1}),
+        ("federated 10 sites, non-private", {"federation.sites": 10, "privacy.enabled": False}),
+    ]
+    for sites in (3, 10):
+        for eps in (1.0, 3.0, 8.0):
+            rows.append((f"federated {sites} sites, DP ε={eps:g}", {"federation.sites": sites, "privacy.target-epsilon": eps}))
+    out = []
+    for name, overrides in rows:
+        results = []
+        for seed in SEEDS:
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = FedTLConfig().with_overrides({**overrides, "data.seed": 42 + seed, "train.seed": seed,
+                                                    "output.state-dir": tmp})
+                results.append(run_inprocess(cfg))
+        auc = [r["test_auc"] for r in results]
+        acc = [r["test_acc"] for r in results]
+        row = {"name": name, "overrides": overrides, "test_auc_mean": statistics.mean(auc), "test_auc_std": statistics.stdev(auc),
+               "test_acc_mean": statistics.mean(acc), "test_acc_std": statistics.stdev(acc),
+               "eps_max": max(r["eps_max"] for r in results), "runs": results}
+        print(f"{name}: AUC {row['test_auc_mean']:.4f} ± {row['test_auc_std']:.4f}, ACC {row['test_acc_mean']:.4f} ± "
+              f"{row['test_acc_std']:.4f}", file=sys.stderr, flush=True)
+        out.append(row)
+    return out
+
+
+def speed_rows() -> dict:
+    """One site's local round: cached prefix features vs. running the frozen prefix every step."""
+    from fedtl.data import Preprocessing
+    from fedtl.federation.site import build_transfer_model, load_source, preprocessing_for, simulated_site_data
+    from fedtl.features import compute_prefix_features
+    from fedtl.privacy import PrivacyLedger
+    from fedtl.training import train_suffix
+
+    torch.set_num_threads(2)
+    cfg = FedTLConfig().with_overrides({"data.partitioner": "iid"})
+    source = load_source(cfg.data.path)
+    model = build_transfer_model(cfg, source.num_classes)
+    pre: Preprocessing = preprocessing_for(cfg)
+    t = time.perf_counter()
+    compute_prefix_features(model, pre, source.train)
+    cache_build = time.perf_counter() - t
+    data = simulated_site_data(cfg, model, 0, cfg.federation.sites)
+
+    def one_round(dp: bool, live_prefix: bool) -> float:
+        m = build_transfer_model(cfg, source.num_classes)
+        with tempfile.TemporaryDirectory() as tmp:
+            ledger = PrivacyLedger.open(Path(tmp) / "l.json", site="s", target_epsilon=3.0, delta=1e-5, accountant="rdp")
+            t0 = time.perf_counter()
+            feats = data.features
+            if live_prefix:  # what a plain implementation pays every round: the frozen prefix over every image
+                from fedtl.data import ImageSet
+                from fedtl.federation.site import site_indices
+
+                idx = site_indices(cfg, 0, cfg.federation.sites)
+                images = ImageSet(source.train.images[idx], source.train.labels[idx])
+                feats = compute_prefix_features(m, pre, images)
+            train_suffix(m, feats, data.labels, cfg.train, privacy=cfg.privacy if dp else None, ledger=ledger,
+                         run_id="bench", total_rounds=cfg.federation.rounds)
+            return time.perf_counter() - t0
+
+    one_round(True, False)  # warm-up (imports, noise calibration)
+    cached_dp = statistics.median(one_round(True, False) for _ in range(3))
+    cached_plain = statistics.median(one_round(False, False) for _ in range(3))
+    live_dp = one_round(True, True) * cfg.train.epochs
+    return {"site_examples": int(data.labels.shape[0]), "cache_build_seconds_train_split": cache_build,
+            "round_seconds_cached_dp": cached_dp, "round_seconds_cached_nondp": cached_plain,
+            "round_seconds_prefix_every_step_dp": live_dp, "speedup_cached_vs_live": live_dp / cached_dp,
+            "dp_overhead": cached_dp / cached_plain}
+
+
+def comms_rows() -> dict:
+    from fedtl.backbones import build_backbone
+    from fedtl.federation.records import record_bytes, to_record
+    from fedtl.federation.site import build_transfer_model, load_source
+
+    cfg = FedTLConfig()
+    model = build_transfer_model(cfg, load_source(cfg.data.path).num_classes)
+    ours = record_bytes(to_record(model.trainable_state()))
+    bb = build_backbone(cfg.model.backbone)
+    full = torch.nn.Sequential(bb.features(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(bb.spec.feature_dim, 2))
+    baseline = record_bytes(to_record(full.state_dict()))  # a plain Flower user ships the whole state dict
+    lora = build_transfer_model(FedTLConfig().with_overrides({"adapters.kind": "lora", "adapters.blocks": 1}), 2)
+    lora_bytes = record_bytes(to_record(lora.trainable_state()))
+    return {"bytes_per_site_round_ours": ours, "bytes_per_site_round_lora_suffix": lora_bytes,
+            "bytes_per_site_round_full_model": baseline, "fraction": ours / baseline, "fraction_lora": lora_bytes / baseline}
+
+
+def scale_rows(sites_list=(100, 1000), rounds: int = 3) -> list[dict]:
+    import psutil
+
+    rows = []
+    for sites in sites_list:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "run"
+            cmd = [sys.executable, "-m", "fedtl.cli", "simulate", "--out", str(out), "--sites", str(sites), "--rounds",
+                   str(rounds), "--set", "data.partitioner=iid", "--set", f"federation.fraction-train={10 / sites}"]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            peak = 0
+            while proc.poll() is None:
+                try:
+                    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+                    peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+                except psutil.Error:
+                    pass
+                time.sleep(0.5)
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                rows.append({"sites": sites, "error": err[-2000:]})
+                continue
+            metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            secs = [b["seconds"] - a["seconds"] for a, b in zip(metrics, metrics[1:])]
+            summary = json.loads((out / "summary.json").read_text())
+            rows.append({"sites": sites, "sampled_per_round": 10, "rounds": rounds, "peak_rss_bytes": peak,
+                         "round_seconds_mean": statistics.mean(secs), "wall_seconds": summary["wall_seconds"]})
+            print(f"scale {sites}: peak {peak / 2**30:.2f} GiB, {statistics.mean(secs):.1f} s/round", file=sys.stderr, flush=True)
+    return rows
+
+
+def full_model_baseline(budget_seconds: float = 300.0) -> dict:
+    """DP-SGD over the whole backbone, as a plain Flower + Opacus user would (BatchNorm → GroupNorm),
+    on one site's images; reports time per step and the round time it implies for 10 sites."""
+    from opacus.validators import ModuleValidator
+
+    from fedtl.backbones import build_backbone
+    from fedtl.federation.site import load_source, preprocessing_for
+    from fedtl.privacy.engine import make_private
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.set_num_threads(2)
+    cfg = FedTLConfig()
+    source = load_source(cfg.data.path)
+    bb = build_backbone(cfg.model.backbone)
+    net = torch.nn.Sequential(bb.features(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(bb.spec.feature_dim, 2))
+    net = ModuleValidator.fix(net).train()
+    pre = preprocessing_for(cfg)
+    n = 470  # one site of ten
+    x = pre(source.train.images[:n])
+    y = torch.as_tensor(source.train.labels[:n])
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    module, opt, loader, _ = make_private(net, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", history=[])
+    steps, t0 = 0, time.perf_counter()
+    for xb, yb in loader:
+        if xb.shape[0] == 0:
+            continue
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(module(xb), yb).backward()
+        opt.step()
+        steps += 1
+        if time.perf_counter() - t0 > budget_seconds:
+            break
+    per_step = (time.perf_counter() - t0) / max(1, steps)
+    params = sum(p.numel() for p in net.parameters())
+    return {"steps_run": steps, "seconds_per_step": per_step, "site_round_seconds": per_step * len(loader),
+            "round_seconds_10_sites_2_cores": per_step * len(loader) * 10 / 2, "trainable_params": params,
+            "budget_seconds": budget_seconds}
+
+
+def write_report(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["| setting | test AUC (mean ± std, 3 seeds) | test ACC | max site ε |", "|---|---|---|---|"]
+    for r in results.get("accuracy", []):
+        eps = f"{r['eps_max']:.2f}" if r["eps_max"] > 0 else "—"
+        lines.append(f"| {r['name']} | {r['test_auc_mean']:.3f} ± {r['test_auc_std']:.3f} | {r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f} | {eps} |")
+    for name, auc, acc in MEDMNIST_V2:
+        lines.append(f"| MedMNIST v2: {name} (centralized, non-private) | {auc:.3f} | {acc:.3f} | — |")
+    md = ["# fedtl benchmark results", "", "## Accuracy (PneumoniaMNIST test split)", "", *lines, ""]
+    for key in ("comms", "speed", "full_model_baseline"):
+        if key in results:
+            md += [f"## {key}", "", "| figure | value |", "|---|---|"]
+            md += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results[key].items()]
+            md.append("")
+    if "scale" in results:
+        md += ["## scale", "", "| sites | sampled per round | peak RSS (GiB) | s / round |", "|---|---|---|---|"]
+        md += [f"| {r['sites']} | {r.get('sampled_per_round', '')} | {r.get('peak_rss_bytes', 0) / 2**30:.2f} | "
+               f"{r.get('round_seconds_mean', float('nan')):.1f} |" for r in results["scale"]]
+    (out / "results.md").write_text("\n".join(md) + "\n")
+
+    if results.get("accuracy"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for sites in (3, 10):
+            pts = [(r["overrides"]["privacy.target-epsilon"], r["test_auc_mean"], r["test_auc_std"]) for r in results["accuracy"]
+                   if r["overrides"].get("federation.sites") == sites and "privacy.target-epsilon" in r["overrides"]]
+            if pts:
+                xs, ys, es = zip(*pts)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"fedtl, {sites} sites, DP")
+        ax.axhline(0.944, color="gray", ls="--", label="MedMNIST v2 ResNet-18 (28), non-private")
+        ax.axhline(0.956, color="gray", ls=":", label="MedMNIST v2 ResNet-18 (224), non-private")
+        ax.set_xscale("log")
+        ax.set_xlabel("per-site ε (δ = 1e-5)")
+        ax.set_ylabel("test AUC")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "auc_vs_epsilon.png", dpi=120)
+        plt.close(fig)
+    if "comms" in results:
+        c = results["comms"]
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.barh(["full model (plain FedAvg)", "fedtl LoRA suffix", "fedtl default suffix"],
+                [c["bytes_per_site_round_full_model"], c["bytes_per_site_round_lora_suffix"], c["bytes_per_site_round_ours"]])
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per site per round (log)")
+        fig.tight_layout()
+        fig.savefig(out / "bytes_per_round.png", dpi=120)
+        plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--only", default="accuracy,comms,speed,scale,baseline")
+    p.add_argument("--baseline-seconds", type=float, default=300.0)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    parts = set(args.only.split(","))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    if "comms" in parts:
+        results["comms"] = comms_rows()
+    if "speed" in parts:
+        results["speed"] = speed_rows()
+    if "accuracy" in parts:
+        results["accuracy"] = accuracy_rows()
+    if "scale" in parts:
+        results["scale"] = scale_rows()
+    if "baseline" in parts:
+        results["full_model_baseline"] = full_model_baseline(args.baseline_seconds)
+    results["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    path.write_text(json.dumps(results, indent=1))
+    write_report(results, out)
+    print(f"wrote {path}, {out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()
