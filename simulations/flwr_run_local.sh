@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Run the fedtl Flower app with `flwr run` against a SuperLink in simulation mode that this
+# script starts (runtime dependency installation off: the app is installed in this venv)
+# and always stops again.
+#
+#   simulations/flwr_run_local.sh OUT_DIR [SITES] [ROUNDS] [extra run-config, e.g. "data.path='x.npz'"]
+set -euo pipefail
+out=$(realpath -m "${1:?usage: $0 OUT_DIR [SITES] [ROUNDS] [RUN_CONFIG]}")
+sites=${2:-10}
+rounds=${3:-40}
+extra=${4:-}
+here=$(cd "$(dirname "$0")/.." && pwd)
+export FLWR_HOME=${FLWR_HOME:-$(mktemp -d)}
+export FLWR_TELEMETRY_ENABLED=0
+port=${FEDTL_SUPERLINK_PORT:-39191}  # Flower 1.41+: Fleet, Control and Runtime APIs share one port
+cat > "$FLWR_HOME/config.toml" <<TOML
+[superlink]
+default = "fedtl-local"
+
+[superlink.fedtl-local]
+address = "127.0.0.1:${port}"
+insecure = true
+TOML
+flower-superlink --insecure --simulation --disable-runtime-dependency-installation \
+  --host 127.0.0.1 --port "${port}" \
+  > "$FLWR_HOME/superlink.log" 2>&1 &
+link_pid=$!
+trap 'kill "$link_pid" 2>/dev/null; wait "$link_pid" 2>/dev/null || true; pkill -P "$link_pid" 2>/dev/null || true' EXIT
+for _ in $(seq 60); do
+  (echo > "/dev/tcp/127.0.0.1/${port}") 2>/dev/null && break
+  sleep 0.5
+done
+cd "$here"
+flwr run . fedtl-local --stream \
+  --federation-config "num-supernodes=${sites}" \
+  --run-config "federation.sites=${sites} federation.rounds=${rounds} output.dir='${out}' ${extra}"
+test -f "$out/summary.json" && cat "$out/summary.json"

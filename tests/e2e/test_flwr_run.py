@@ -1,0 +1,43 @@
+"""The same ServerApp/ClientApp through `flwr run` against a real SuperLink in simulation mode."""
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import write_small_medmnist
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flower_processes() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["cmdline"])
+            if any("flower-super" in part for part in (p.info["cmdline"] or []))}
+
+
+def test_flwr_run_two_sites_one_round(tmp_path):
+    data = write_small_medmnist(tmp_path / "small.npz")
+    out = tmp_path / "run"
+    before = _flower_processes()
+    env = dict(os.environ, FEDTL_CACHE_DIR=str(tmp_path / "cache"), FLWR_HOME=str(tmp_path / "flwr"),
+               FEDTL_SUPERLINK_PORT=str(_free_port()))
+    (tmp_path / "flwr").mkdir()
+    proc = subprocess.run(["bash", str(ROOT / "simulations" / "flwr_run_local.sh"), str(out), "2", "1",
+                           f"data.path='{data}' data.partitioner='iid'"], env=env, capture_output=True, text=True,
+                          timeout=500, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sites"] == 2 and summary["rounds"] == 1 and set(summary["epsilon"]) == {"site-0", "site-1"}
+    assert max(summary["epsilon"].values()) <= 3.0
+    assert _flower_processes() <= before, "flwr run left a SuperLink running"
