@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 
 from fedtl.config import FedTLConfig, parse_assignment
-from fedtl.errors import ConfigError, FedTLError
+from fedtl.errors import ConfigError, DataError, FedTLError
 
 log = logging.getLogger("fedtl")
 
@@ -78,6 +78,34 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_check(args: argparse.Namespace) -> int:
+    """Load a site's config and data offline; report classes, images read and every unreadable file."""
+    from fedtl.data.site_sources import load_site_data
+    from fedtl.site_config import SiteConfig
+
+    site = SiteConfig.load(args.config)
+    missing = site.missing_files()
+    print(f"site: {site.name} ({args.config})")
+    print(f"data: {site.data.format} {site.data.path}" + (f" (labels {site.data.labels})" if site.data.labels else ""))
+    for key, path in missing:
+        print(f"missing file: `{key}` = {path}")
+    result = load_site_data(site.data, allow_empty=True)
+    print(f"images read: {len(result.images)} of {result.listed} listed, {site.data.image_size}x{site.data.image_size} grayscale")
+    for index, (name, count) in enumerate(result.class_counts().items()):
+        print(f"  class {index} {name}: {count}")
+    print(f"unreadable: {len(result.problems)}")
+    for problem in result.problems:
+        print(f"  {problem.file}: {problem.reason}")
+    if len(result.images) == 0:
+        print(f"error: no image could be read from {site.data.path}; see the unreadable files above.", file=sys.stderr)
+        return DataError.exit_code
+    if missing:
+        keys = ", ".join(f"`{key}`" for key, _ in missing)
+        print(f"error: {len(missing)} configured file(s) do not exist ({keys}); fix the paths in {args.config}.", file=sys.stderr)
+        return DataError.exit_code
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtl", description="Federated transfer learning: frozen prefix, private suffix.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -105,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backbones", help="list registered backbones")
     p.set_defaults(func=cmd_backbones)
+
+    p = sub.add_parser("site", help="data-site commands (a site's own TOML policy file)")
+    site_sub = p.add_subparsers(dest="site_command", required=True)
+    p = site_sub.add_parser("check", help="load the site config and its data offline; report classes and unreadable files")
+    p.add_argument("config", help="the site's TOML file (name, data, privacy, tls, auth)")
+    p.set_defaults(func=cmd_site_check)
     return parser
 
 

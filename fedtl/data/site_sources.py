@@ -1,0 +1,313 @@
+"""A data site's own images: a MedMNIST npz, a folder of PNG/JPEG files, or DICOM files.
+
+Folder and DICOM sites list their images in a CSV with header ``file,label`` (paths relative to
+the data folder; labels are integers, or class names when ``data.classes`` lists them in class-index
+order). Every image becomes grayscale uint8 resized to ``image_size`` x ``image_size`` (PIL,
+bilinear, aspect ratio not kept), so a site yields one :class:`~fedtl.data.sources.ImageSet`.
+
+One bad file never stops a site: a missing, corrupt or undecodable image (or a CSV row with a bad
+label) is skipped and reported as a :class:`Problem`. :class:`~fedtl.errors.DataError` is raised
+only when the CSV is missing or malformed, or when no image at all could be read.
+
+DICOM pixels go through the modality LUT (rescale slope / intercept), then the VOI LUT or window
+(center / width); the window's output range is mapped to 0-255. Without a VOI, data wider than
+8 bits is scaled from its own min-max. MONOCHROME1 is inverted so that bright is always dense
+tissue, and a multi-frame file contributes its first frame.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from fedtl.data.sources import ImageSet, load_medmnist
+from fedtl.errors import DataError
+from fedtl.site_config import SiteDataConfig
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+log = logging.getLogger(__name__)
+
+_LOGGED_PROBLEMS = 20  # the warning names this many skipped files; SiteImages.problems holds them all
+
+
+class Problem(NamedTuple):
+    """A file (or CSV row) that was skipped, and why."""
+
+    file: str
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class SiteImages:
+    """What a site could read: the images, the names of its classes and every skipped file."""
+
+    images: ImageSet  # (N, S, S) uint8, labels (N,) int64
+    class_names: tuple[str, ...]  # index -> name ("0", "1", … when the labels are plain integers)
+    problems: tuple[Problem, ...] = ()
+    listed: int = 0  # entries considered (CSV rows, or images in the npz split)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = self.images.class_counts(self.num_classes)
+        return dict(zip(self.class_names, counts))
+
+
+def load_site_data(cfg: SiteDataConfig, *, allow_empty: bool = False) -> SiteImages:
+    """Read a site's images as its config describes; ``allow_empty`` returns a site with none read."""
+    if cfg.format == "medmnist":
+        result = _load_medmnist_split(cfg)
+    else:
+        folder, labels = Path(cfg.path), cfg.labels
+        if labels is None:
+            raise DataError(f"data.format {cfg.format!r} needs `data.labels`, a CSV with header `file,label`.")
+        reader = read_dicom_image if cfg.format == "dicom" else read_image_file
+        result = load_labelled_files(folder, Path(labels), reader, cfg.image_size, cfg.classes)
+    if len(result.images) == 0 and not allow_empty:
+        shown = "; ".join(f"{p.file}: {p.reason}" for p in result.problems[:5])
+        more = f" (and {len(result.problems) - 5} more)" if len(result.problems) > 5 else ""
+        raise DataError(f"No image could be read from {cfg.path} ({result.listed} listed): {shown}{more}. "
+                        "Fix those files or the labels CSV.")
+    return result
+
+
+def _load_medmnist_split(cfg: SiteDataConfig) -> SiteImages:
+    src = load_medmnist(cfg.path)
+    part = src.split(cfg.split)
+    num_classes = src.num_classes
+    if cfg.classes:
+        if len(cfg.classes) < num_classes:
+            raise DataError(f"{cfg.path} holds {num_classes} classes but `data.classes` names only "
+                            f"{len(cfg.classes)} ({', '.join(cfg.classes)}); name every class in index order.")
+        num_classes = len(cfg.classes)
+    images = np.empty((len(part), cfg.image_size, cfg.image_size), np.uint8)
+    for i, img in enumerate(part.images):
+        images[i] = _to_square_uint8(img, cfg.image_size)
+    names = cfg.classes or tuple(str(i) for i in range(num_classes))
+    return SiteImages(ImageSet(images, part.labels.copy(), part.name), names, (), len(part))
+
+
+# ---- folder and DICOM sites: a CSV lists the files ---------------------------------------------------
+
+Reader = Callable[[Path, int], np.ndarray]
+
+
+class LabelRow(NamedTuple):
+    """One data row of a labels CSV: the file, its class index, the line, and why it is unusable (or None)."""
+
+    file: str
+    label: int
+    line: int
+    problem: str | None = None
+
+
+def load_labelled_files(folder: Path, labels_csv: Path, reader: Reader, image_size: int,
+                        classes: tuple[str, ...] = ()) -> SiteImages:
+    """Read every file the CSV lists with ``reader(path, image_size)``; skip and report the bad ones, in CSV order."""
+    if not folder.is_dir():
+        raise DataError(f"Image folder {folder} does not exist or is not a folder; set `data.path` to the folder "
+                        "the labels CSV's paths are relative to.")
+    rows = read_labels_csv(labels_csv, classes)
+    images = np.empty((len(rows), image_size, image_size), np.uint8)
+    labels = np.empty(len(rows), np.int64)
+    problems: list[Problem] = []
+    kept = 0
+    for row in rows:
+        path = folder / row.file
+        if row.problem is not None:
+            problems.append(Problem(row.file, row.problem))
+            continue
+        if not path.is_file():
+            problems.append(Problem(row.file, "file does not exist" if not path.exists() else "not a regular file"))
+            continue
+        try:
+            images[kept] = reader(path, image_size)
+        except Exception as exc:  # noqa: BLE001 - decoders raise many types; one bad file must not stop the site
+            problems.append(Problem(row.file, _reason(exc)))
+            continue
+        labels[kept] = row.label
+        kept += 1
+    if problems:
+        shown = ", ".join(f"{p.file} ({p.reason})" for p in problems[:_LOGGED_PROBLEMS])
+        more = f", and {len(problems) - _LOGGED_PROBLEMS} more" if len(problems) > _LOGGED_PROBLEMS else ""
+        log.warning("Skipped %d of %d entries listed in %s: %s%s", len(problems), len(rows), labels_csv, shown, more)
+    num_classes = len(classes) if classes else int(labels[:kept].max(initial=-1)) + 1
+    names = classes or tuple(str(i) for i in range(num_classes))
+    return SiteImages(ImageSet(images[:kept].copy(), labels[:kept].copy(), labels_csv.name), names,
+                      tuple(problems), len(rows))
+
+
+def read_labels_csv(path: Path, classes: tuple[str, ...] = ()) -> list[LabelRow]:
+    """Every data row of a CSV with header ``file,label``; rows with a bad label, path or a repeat carry a problem."""
+    if not path.is_file():
+        raise DataError(f"Labels file {path} does not exist; set `data.labels` to a CSV with header `file,label`.")
+    index = {name: i for i, name in enumerate(classes)}
+    rows: list[LabelRow] = []
+    seen: dict[str, int] = {}
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh, skipinitialspace=True)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in ("file", "label") if c not in header]
+            if missing:
+                raise DataError(f"Labels file {path} has no {' and no '.join(f'`{c}`' for c in missing)} column; "
+                                f"its header is {','.join(header) or '(empty)'!r}, expected `file,label`.")
+            reader.fieldnames = header
+            for record in reader:
+                line = reader.line_num
+                name, text = (record.get("file") or "").strip(), (record.get("label") or "").strip()
+                label = _parse_label(text, classes, index)
+                problem = None
+                if not name:
+                    name, problem = f"{path.name}:{line}", "row has no file name"
+                elif os.path.isabs(name) or Path(os.path.normpath(name)).parts[:1] == ("..",):
+                    problem = f"path must be relative to the data folder and stay inside it (line {line})"
+                elif name in seen:
+                    problem = f"listed again on line {line} (first on line {seen[name]}); the first is used"
+                elif isinstance(label, str):
+                    problem = f"{label} (line {line})"
+                else:
+                    seen[name] = line
+                rows.append(LabelRow(name, label if isinstance(label, int) else -1, line, problem))
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise DataError(f"Labels file {path} is not a readable UTF-8 CSV ({exc}).") from exc
+    if not rows:
+        raise DataError(f"Labels file {path} lists no files; add one `file,label` row per image.")
+    return rows
+
+
+def _parse_label(text: str, classes: tuple[str, ...], index: dict[str, int]) -> int | str:
+    """The class index, or a reason the label is unusable."""
+    if text in index:
+        return index[text]
+    try:
+        value = int(text)
+    except ValueError:
+        if classes:
+            return f"label {text!r} is not one of data.classes ({', '.join(classes)})"
+        return f"label {text!r} is not an integer; list class names in `data.classes` to use names"
+    if value < 0 or (classes and value >= len(classes)):
+        allowed = f"0..{len(classes) - 1}" if classes else ">= 0"
+        return f"label {value} is out of range (allowed: {allowed})"
+    return value
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# ---- single files ---------------------------------------------------------------------------------------
+
+def read_image_file(path: Path, image_size: int) -> np.ndarray:
+    """A PNG / JPEG (or other Pillow-readable) image as ``(S, S)`` uint8 grayscale."""
+    with Image.open(path) as img:
+        img.load()  # decode now: truncated or corrupt data fails here, not later
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):  # 16/32-bit gray: stretch its own range
+            arr = _minmax_uint8(np.asarray(img))
+        else:
+            arr = np.asarray(img.convert("L"))
+    return _to_square_uint8(arr, image_size)
+
+
+def read_dicom_image(path: Path, image_size: int) -> np.ndarray:
+    """A DICOM file's first frame as ``(S, S)`` uint8 grayscale (see the module notes)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as exc:
+        raise ValueError("not a DICOM file (no 128-byte preamble with the 'DICM' prefix)") from exc
+    return _to_square_uint8(dicom_to_uint8(ds), image_size)
+
+
+def dicom_to_uint8(ds: Dataset) -> np.ndarray:
+    """First frame of a DICOM dataset as uint8 at full resolution: modality LUT, VOI / window, MONOCHROME1 inverted."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    if "PixelData" not in ds:
+        raise ValueError("no Pixel Data element: not an image")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        ds.pixel_array_options(index=0)  # decode only the first frame
+    arr = ds.pixel_array
+    if frames > 1 and arr.ndim == (4 if int(ds.get("SamplesPerPixel", 1)) > 1 else 3):
+        arr = arr[0]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise ValueError(f"unsupported PhotometricInterpretation {photometric!r} with shape {arr.shape}")
+        rgb = arr if arr.dtype == np.uint8 else _minmax_uint8(arr)
+        return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("L"))
+    arr = apply_modality_lut(arr, ds)
+    window = _voi_output_range(ds)
+    if window is not None:
+        lo, hi = window
+        voi = np.asarray(apply_voi_lut(arr, ds), dtype=np.float64)
+        out = _scale_uint8(voi, lo, hi)
+    elif arr.dtype == np.uint8 and int(ds.get("BitsStored", 8)) == 8:
+        out = arr
+    else:
+        out = _minmax_uint8(arr)
+    if photometric == "MONOCHROME1":  # low values are bright: invert so that all sites agree
+        out = 255 - out
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def _voi_output_range(ds: Dataset) -> tuple[float, float] | None:
+    """The output range of the VOI transform ``apply_voi_lut`` will apply, or None when there is none."""
+    from pydicom.pixels import apply_voi, apply_windowing
+
+    seq = ds.get("VOILUTSequence")
+    if seq and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None:
+        n, first = int(seq[0].LUTDescriptor[0]) or 2**16, int(seq[0].LUTDescriptor[1])
+        out = apply_voi(np.arange(first, first + n, dtype=np.int64), ds)  # every LUT entry once
+        return float(out.min()), float(out.max())
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        probe = apply_windowing(np.array([-np.inf, np.inf]), ds)  # below / above the window: the limits
+        return float(probe[0]), float(probe[1])
+    return None
+
+
+def _scale_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if not hi > lo:
+        return np.zeros(arr.shape, np.uint8)
+    scaled = (arr.astype(np.float64) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _minmax_uint8(arr: np.ndarray) -> np.ndarray:
+    arr = np.asarray(arr, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        raise ValueError("no finite pixel values")
+    return _scale_uint8(np.nan_to_num(arr, nan=float(finite.min())), float(finite.min()), float(finite.max()))
+
+
+def _to_square_uint8(arr: np.ndarray, size: int) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, C)`` uint8 → ``(size, size)`` grayscale uint8."""
+    if arr.dtype != np.uint8:
+        raise ValueError(f"image has dtype {arr.dtype}; expected uint8")
+    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
+        img = Image.fromarray(np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr)).convert("L")
+    elif arr.ndim == 2:
+        img = Image.fromarray(np.ascontiguousarray(arr))
+    else:
+        raise ValueError(f"image has shape {arr.shape}; expected (H, W) or (H, W, C)")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)

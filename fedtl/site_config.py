@@ -1,0 +1,257 @@
+"""A data site's own policy file: which images it trains on, its privacy budget, its keys.
+
+The site operator writes it (``site.toml``), never the server::
+
+    name = "st-mary"
+    state-dir = "state"            # privacy ledger and feature cache
+
+    [data]
+    format = "folder"              # medmnist | folder | dicom
+    path = "images"                # .npz for medmnist, a folder for folder / dicom
+    labels = "labels.csv"          # header `file,label`; folder / dicom only
+    image-size = 224
+    classes = ["normal", "pneumonia"]   # optional: label names in class-index order
+
+    [privacy]
+    target-epsilon = 3.0
+    delta = 1e-5
+
+    [tls]
+    ca-cert = "certs/ca.pem"
+
+    [auth]
+    private-key = "keys/site"
+    public-key = "keys/site.pub"
+
+:meth:`SiteConfig.load` rejects unknown keys (with a close-match suggestion) and validates every
+value; relative paths are resolved against the file's folder. Key and certificate files are not
+required to exist at load time; :meth:`SiteConfig.missing_files` lists those that do not.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedtl.config import PrivacyConfig
+from fedtl.errors import ConfigError
+
+FORMATS = ("medmnist", "folder", "dicom")
+SPLITS = ("train", "val", "test")
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_DEFAULTS = PrivacyConfig()
+
+# Every key a site file may hold, flat and kebab-case (as written in the TOML file).
+KNOWN_KEYS = (
+    "name", "state-dir",
+    "data.format", "data.path", "data.labels", "data.image-size", "data.classes", "data.split",
+    "privacy.target-epsilon", "privacy.delta",
+    "tls.ca-cert",
+    "auth.private-key", "auth.public-key",
+)
+_TABLES = ("data", "privacy", "tls", "auth")
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"`{key}` {allowed}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class SiteDataConfig:
+    format: str
+    path: Path
+    labels: Path | None = None  # CSV `file,label`; required for folder / dicom
+    image_size: int = 224  # every image is resized to image_size x image_size
+    classes: tuple[str, ...] = ()  # label names in class-index order; () = integer labels
+    split: str = "train"  # the npz split a medmnist site uses
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            _fail("data.format", self.format, "must be one of " + ", ".join(FORMATS))
+        if not str(self.path).strip():
+            _fail("data.path", str(self.path), "must name the site's data (an .npz file or an image folder)")
+        if self.format in ("folder", "dicom") and self.labels is None:
+            _fail("data.labels", "", f"must name a CSV with header `file,label` when data.format is {self.format!r}")
+        if self.format == "medmnist" and self.labels is not None:
+            _fail("data.labels", str(self.labels), "is only used with data.format \"folder\" or \"dicom\"; remove it")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or not 8 <= self.image_size <= 4096:
+            _fail("data.image-size", self.image_size, "must be an integer between 8 and 4096 pixels")
+        if self.split not in SPLITS:
+            _fail("data.split", self.split, "must be one of " + ", ".join(SPLITS))
+        if self.format != "medmnist" and self.split != "train":
+            _fail("data.split", self.split, "is only used with data.format \"medmnist\"; remove it")
+        names = list(self.classes)
+        if names and (len(names) < 2 or any(not isinstance(c, str) or not c.strip() for c in names)):
+            _fail("data.classes", names, "must list at least two non-empty class names (or be left out)")
+        if len(set(names)) != len(names):
+            dupes = sorted({c for c in names if names.count(c) > 1})
+            _fail("data.classes", names, f"must not repeat a name (repeated: {', '.join(dupes)})")
+
+
+@dataclass(frozen=True)
+class SitePrivacyConfig:
+    target_epsilon: float = _DEFAULTS.target_epsilon  # the site's budget for everything it ever trains
+    delta: float = _DEFAULTS.delta
+
+    def __post_init__(self) -> None:
+        if not self.target_epsilon > 0:  # also rejects NaN
+            _fail("privacy.target-epsilon", self.target_epsilon, "must be > 0")
+        if not 0 < self.delta < 1:
+            _fail("privacy.delta", self.delta, "must be in (0, 1)")
+        # validated as written (an error says "got -1", not "got -1.0"), stored as float
+        object.__setattr__(self, "target_epsilon", float(self.target_epsilon))
+        object.__setattr__(self, "delta", float(self.delta))
+
+
+@dataclass(frozen=True)
+class SiteTLSConfig:
+    ca_cert: Path | None = None  # None: not configured (simulation)
+
+
+@dataclass(frozen=True)
+class SiteAuthConfig:
+    private_key: Path | None = None
+    public_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.private_key is None) != (self.public_key is None):
+            given, absent = ("auth.private-key", "auth.public-key") if self.public_key is None else ("auth.public-key", "auth.private-key")
+            raise ConfigError(f"`{given}` is set but `{absent}` is not; set both (node authentication) or neither.")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str
+    data: SiteDataConfig
+    state_dir: Path
+    privacy: SitePrivacyConfig = field(default_factory=SitePrivacyConfig)
+    tls: SiteTLSConfig = field(default_factory=SiteTLSConfig)
+    auth: SiteAuthConfig = field(default_factory=SiteAuthConfig)
+    source: Path | None = None  # the file it was loaded from
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            _fail("name", self.name, "must be 1-64 characters from A-Z, a-z, 0-9, '_' and '-'")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SiteConfig:
+        """Read and validate a site file; every error names the key, the value and the file."""
+        p = Path(path).expanduser()
+        try:
+            with p.open("rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"Site config file {p} does not exist; pass the path of the site's TOML file.") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"Site config file {p} cannot be read ({exc}).") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Site config file {p} is not valid TOML: {exc}.") from exc
+        try:
+            return _from_mapping(_flatten(raw, str(path)), base=p.resolve().parent, source=p)
+        except ConfigError as exc:
+            msg = str(exc)
+            if f"(in {path})" in msg:
+                raise
+            raise ConfigError(f"{msg.removesuffix('.')} (in {path}).") from None
+
+    def configured_paths(self) -> tuple[tuple[str, Path], ...]:
+        """``(key, path)`` for every file or folder the site file names (state-dir excluded: it is created)."""
+        pairs = [("data.path", self.data.path), ("data.labels", self.data.labels), ("tls.ca-cert", self.tls.ca_cert),
+                 ("auth.private-key", self.auth.private_key), ("auth.public-key", self.auth.public_key)]
+        return tuple((key, p) for key, p in pairs if p is not None)
+
+    def missing_files(self) -> tuple[tuple[str, Path], ...]:
+        """``(key, path)`` for each configured path that does not exist."""
+        return tuple((key, p) for key, p in self.configured_paths() if not p.exists())
+
+
+def _flatten(data: dict, where: str, prefix: str = "") -> dict[str, Any]:
+    """``[data] format = …`` and ``"data.format" = …`` both become ``{"data.format": …}``."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, where, full + "."))
+        elif full in _TABLES:
+            raise ConfigError(f"`{full}` must be a table (`[{full}]` with keys below it), got {value!r} (in {where}).")
+        else:
+            flat[full] = value
+    for key in flat:
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.6)
+            hint = f"; did you mean `{close[0]}`?" if close else "."
+            raise ConfigError(f"Unknown key `{key}` (in {where}){hint} Known keys: {', '.join(KNOWN_KEYS)}.")
+    return flat
+
+
+def _from_mapping(flat: dict[str, Any], *, base: Path, source: Path) -> SiteConfig:
+    for key in ("name", "data.format", "data.path"):
+        if key not in flat:
+            raise ConfigError(f"`{key}` is required but missing; add it to the site file.")
+    name = _text(flat, "name")
+
+    def path_of(key: str) -> Path | None:
+        text = _text(flat, key)
+        return _resolve(text, base) if text.strip() else None
+
+    data_path = path_of("data.path")
+    if data_path is None:
+        _fail("data.path", flat["data.path"], "must name the site's data (an .npz file or an image folder)")
+    data = SiteDataConfig(
+        format=_text(flat, "data.format"),
+        path=data_path,
+        labels=path_of("data.labels"),
+        image_size=_integer(flat, "data.image-size", 224),
+        classes=_names(flat, "data.classes"),
+        split=_text(flat, "data.split", "train"),
+    )
+    state = path_of("state-dir") or base / "state" / name
+    return SiteConfig(
+        name=name,
+        data=data,
+        state_dir=state,
+        privacy=SitePrivacyConfig(
+            target_epsilon=_number(flat, "privacy.target-epsilon", _DEFAULTS.target_epsilon),
+            delta=_number(flat, "privacy.delta", _DEFAULTS.delta),
+        ),
+        tls=SiteTLSConfig(ca_cert=path_of("tls.ca-cert")),
+        auth=SiteAuthConfig(private_key=path_of("auth.private-key"), public_key=path_of("auth.public-key")),
+        source=source,
+    )
+
+
+def _resolve(text: str, base: Path) -> Path:
+    p = Path(text).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _text(flat: dict[str, Any], key: str, default: str = "") -> str:
+    value = flat.get(key, default)
+    if not isinstance(value, str):
+        _fail(key, value, "must be a string")
+    return value
+
+
+def _integer(flat: dict[str, Any], key: str, default: int) -> int:
+    value = flat.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(key, value, "must be an integer")
+    return value
+
+
+def _number(flat: dict[str, Any], key: str, default: float) -> float:
+    value = flat.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(key, value, "must be a number")
+    return value
+
+
+def _names(flat: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = flat.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        _fail(key, value, 'must be a list of class names, e.g. ["normal", "pneumonia"]')
+    return tuple(value)

@@ -1,0 +1,82 @@
+"""`fedtl site check`: a site's config and data, checked offline, with every unreadable file named."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedtl.cli import main
+
+
+@pytest.fixture
+def site(tmp_path):
+    """Two normal and one pneumonia image, one corrupt PNG, one listed but missing; the site file names them."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, value in (("n1.png", 10), ("n2.jpg", 30), ("p1.png", 220)):
+        Image.fromarray(np.full((12, 12), value, np.uint8)).save(images / name)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (tmp_path / "labels.csv").write_text(
+        "file,label\nn1.png,normal\nbroken.png,pneumonia\nn2.jpg,normal\ngone.png,normal\np1.png,pneumonia\n")
+    conf = tmp_path / "site.toml"
+    conf.write_text('name = "st-mary"\n[data]\nformat = "folder"\npath = "images"\nlabels = "labels.csv"\n'
+                    'image-size = 16\nclasses = ["normal", "pneumonia"]\n')
+    return conf
+
+
+def _run(capsys, argv):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip().splitlines()
+
+
+def test_good_site_reports_counts_and_unreadable_files(site, capsys):
+    code, out, err = _run(capsys, ["site", "check", str(site)])
+    assert code == 0 and not [line for line in err if line.startswith("error:")]
+    assert "site: st-mary" in out
+    assert "images read: 3 of 5 listed, 16x16 grayscale" in out
+    assert "class 0 normal: 2" in out and "class 1 pneumonia: 1" in out
+    assert "unreadable: 2" in out
+    assert "  gone.png: file does not exist" in out
+    assert "  broken.png: " in out
+    assert out.index("broken.png:") < out.index("gone.png:")  # in CSV order
+
+
+def test_missing_configured_file_exits_3(site, capsys):
+    site.write_text(site.read_text().replace("[data]", '[tls]\nca-cert = "certs/ca.pem"\n[data]'))
+    code, out, err = _run(capsys, ["site", "check", str(site)])
+    assert code == 3
+    assert "missing file: `tls.ca-cert` = " in out and "images read: 3" in out
+    assert err[-1].startswith("error: 1 configured file(s) do not exist (`tls.ca-cert`)")
+
+
+def test_no_readable_image_exits_3_and_still_names_every_file(site, capsys):
+    (site.parent / "labels.csv").write_text("file,label\nbroken.png,normal\ngone.png,pneumonia\n")
+    code, out, err = _run(capsys, ["site", "check", str(site)])
+    assert code == 3
+    assert "images read: 0 of 2 listed" in out and "  broken.png: " in out and "  gone.png: file does not exist" in out
+    assert err[-1].startswith("error: no image could be read")
+
+
+def test_missing_labels_csv_exits_3_with_one_line(site, capsys):
+    (site.parent / "labels.csv").unlink()
+    code, _, err = _run(capsys, ["site", "check", str(site)])
+    assert code == 3
+    assert err[-1].startswith("error: Labels file ") and "`data.labels`" in err[-1]
+
+
+@pytest.mark.parametrize("old,new,fragment", [
+    ('name = "st-mary"', 'name = "st mary"', "`name` must be 1-64 characters"),
+    ('format = "folder"', 'format = "dicom"\nformt = "x"', "Unknown key `data.formt`"),
+    ("image-size = 16", "image-size = 0", "`data.image-size` must be an integer between 8 and 4096 pixels, got 0"),
+])
+def test_config_problems_exit_2_with_one_error_line(site, capsys, old, new, fragment):
+    site.write_text(site.read_text().replace(old, new))
+    code, out, err = _run(capsys, ["site", "check", str(site)])
+    assert code == 2 and out == ""
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0] and "site.toml" in err[0]
+
+
+def test_site_needs_a_subcommand(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["site"])
+    assert exc.value.code == 2
