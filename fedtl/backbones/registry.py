@@ -82,12 +82,22 @@ def build_backbone(name: str) -> Backbone:
     (:class:`fedtl.model.TransferModel` deep-copies the units it uses).
     """
     spec = get_spec(name)
-    return _build_cached(name, os.environ.get("TORCH_HOME", ""))
+    return _build_cached(name, os.environ.get("TORCH_HOME", ""), os.environ.get("FEDTL_WEIGHTS_DIR", ""))
 
 
 @functools.lru_cache(maxsize=4)
-def _build_cached(name: str, torch_home: str) -> Backbone:
+def _build_cached(name: str, torch_home: str, weights_dir: str) -> Backbone:
     return _REGISTRY[name][1](_REGISTRY[name][0])
+
+
+def weights_candidates(spec: BackboneSpec) -> list[Path]:
+    """Where a backbone's weights file is looked for, in order: ``$FEDTL_WEIGHTS_DIR`` (a data
+    site's own verified copy, e.g. received from the server) and torch.hub's cache."""
+    out = []
+    if os.environ.get("FEDTL_WEIGHTS_DIR"):
+        out.append(Path(os.environ["FEDTL_WEIGHTS_DIR"]) / spec.weights_file)
+    out.append(hub_checkpoint_dir() / spec.weights_file)
+    return out
 
 
 def hub_checkpoint_dir() -> Path:

@@ -14,7 +14,10 @@ from urllib.error import URLError
 import torchvision.models as tvm
 from torch import nn
 
-from fedtl.backbones.registry import Backbone, BackboneSpec, file_sha256, hub_checkpoint_dir, register
+import torch
+
+from fedtl.backbones.registry import (Backbone, BackboneSpec, file_sha256, hub_checkpoint_dir, register,
+                                     weights_candidates)
 from fedtl.errors import WeightsUnavailableError
 
 log = logging.getLogger(__name__)
@@ -53,13 +56,17 @@ def _builder(arch: str, cut: Callable[[nn.Module], list[tuple[str, nn.Module]]],
     def build(spec: BackboneSpec) -> Backbone:
         weights = _weights_enum(arch)
         filename = os.path.basename(weights.url)
-        cached = hub_checkpoint_dir() / filename
-        if not cached.is_file() and os.environ.get("FEDTL_OFFLINE") == "1":
+        local = next((p for p in weights_candidates(spec) if p.is_file()), None)
+        if local is None and os.environ.get("FEDTL_OFFLINE") == "1":
             raise _unavailable(spec, filename, "FEDTL_OFFLINE=1 forbids downloading")
         try:
-            state = weights.get_state_dict(progress=False, check_hash=True)
+            if local is not None:
+                state = torch.load(local, map_location="cpu", weights_only=True)
+            else:
+                state = weights.get_state_dict(progress=False, check_hash=True)
         except (URLError, OSError, RuntimeError) as exc:
             raise _unavailable(spec, filename, f"download failed: {exc}") from exc
+        cached = local or hub_checkpoint_dir() / filename
         model = tvm.get_model(arch, weights=None)
         model.load_state_dict(state)
         model.eval()

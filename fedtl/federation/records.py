@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedtl.model import check_state
 
 # Every train reply carries exactly these metric keys (Flower's FedAvg requires equal keys).
-TRAIN_METRIC_KEYS = ("num-examples", "site", "declined", "epsilon", "noise-multiplier", "steps", "train-loss",
+TRAIN_METRIC_KEYS = ("num-examples", "declined", "epsilon", "noise-multiplier", "steps", "train-loss",
                      "seconds", "cache-hit")
 
 
@@ -28,14 +28,13 @@ def record_bytes(record: ArrayRecord) -> int:
     return int(record.count_bytes())
 
 
-def train_reply(arrays: ArrayRecord, metrics: dict[str, float], reason: str = "") -> RecordDict:
+def train_reply(arrays: ArrayRecord, metrics: dict[str, float], *, site: str = "", reason: str = "") -> RecordDict:
+    """A train reply: the suffix tensors, fixed metric keys, and the site's name and any reason."""
     values = {k: float(metrics.get(k, 0.0)) for k in TRAIN_METRIC_KEYS}
     values = {k: (v if math.isfinite(v) else -1.0) for k, v in values.items()}
     values["num-examples"] = int(values["num-examples"])
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(values)})
-    if reason:
-        content["info"] = ConfigRecord({"reason": reason})
-    return content
+    return RecordDict({"arrays": arrays, "metrics": MetricRecord(values),
+                       "info": ConfigRecord({"site": site, "reason": reason})})
 
 
 def validate_update(content: RecordDict, expected: dict[str, tuple[tuple[int, ...], str]]) -> list[str]:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
@@ -66,7 +67,7 @@ class Tracker:
     best_val_auc: float = -math.inf
     best_state: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
-    last_epsilon: dict[int, float] = field(default_factory=dict)
+    last_epsilon: dict[str, float] = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -82,7 +83,7 @@ class Tracker:
             self.last_epsilon.update(stats.epsilon)
             row.update({"bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down, "sites_trained": sorted(stats.trained),
                         "declined": stats.declined, "rejected": stats.rejected, "failed": stats.failed,
-                        "epsilon": {str(k): v for k, v in sorted(stats.epsilon.items())}})
+                        "epsilon": dict(sorted(stats.epsilon.items()))})
         self.history.append(row)
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(row, default=_json_default) + "\n")
@@ -93,7 +94,7 @@ class Tracker:
         return MetricRecord({"val-auc": v.auc, "val-acc": v.accuracy, "test-auc": t.auc, "test-acc": t.accuracy})
 
 
-def run_server(grid: Grid, cfg: FedTLConfig, run_id: str) -> dict:
+def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: bool = True) -> dict:
     """Run the federation for ``cfg.federation.rounds`` rounds and write the run directory."""
     t_start = time.perf_counter()
     source = load_source(cfg.data.path)  # validates the data before anything is written
@@ -111,7 +112,10 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str) -> dict:
     tracker = Tracker(model, (val_f, torch.as_tensor(source.val.labels)), (test_f, torch.as_tensor(source.test.labels)),
                       strategy, out / "metrics.jsonl")
     initial = to_record(model.trainable_state())
-    train_config = ConfigRecord({"total-rounds": fed.rounds, "run-id": str(run_id)})
+    if distribute_backbone:
+        ensure_backbone(grid, cfg, model.weights_sha256, fed.sites)
+    train_config = ConfigRecord({"total-rounds": fed.rounds, "run-id": str(run_id), "num-classes": source.num_classes,
+                                 "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256})
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=fed.rounds, train_config=train_config,
                    evaluate_fn=tracker)
     if tracker.best_round < 0:
@@ -132,7 +136,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str) -> dict:
         "final_round_test_auc": final["test_auc"], "final_round_test_acc": final["test_acc"],
         "rounds": fed.rounds, "sites": fed.sites,
         "dp": cfg.privacy.enabled,
-        "epsilon": {f"site-{k}": v for k, v in sorted(tracker.last_epsilon.items())} if cfg.privacy.enabled else {},
+        "epsilon": dict(sorted(tracker.last_epsilon.items())) if cfg.privacy.enabled else {},
         "epsilon_max": max(tracker.last_epsilon.values(), default=0.0) if cfg.privacy.enabled else None,
         "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
         "delta": cfg.privacy.delta if cfg.privacy.enabled else None,
@@ -153,6 +157,48 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str) -> dict:
     log.info("Run directory: %s | selected round %d: test AUC %.4f, acc %.4f", out, tracker.best_round,
              summary["test_auc"], summary["test_acc"])
     return summary
+
+
+def ensure_backbone(grid: Grid, cfg: FedTLConfig, pinned_sha256: str, expected_sites: int,
+                    timeout: float = 600.0) -> dict[int, str]:
+    """Make every connected site hold the pinned backbone: ask each, send the file to those lacking it.
+
+    Returns ``{node_id: problem}`` for sites that still cannot use it (they will decline to train).
+    """
+    from flwr.app import Array, Message, MessageType, RecordDict
+
+    from fedtl.backbones import build_backbone
+
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < expected_sites and time.monotonic() < deadline:
+        time.sleep(1.0)
+    nodes = list(grid.get_node_ids())
+    ask = ConfigRecord({"action": "backbone-status", "backbone": cfg.model.backbone, "sha256": pinned_sha256})
+    replies = grid.send_and_receive([Message(RecordDict({"config": ask}), dst_node_id=n, message_type=MessageType.QUERY)
+                                     for n in nodes], timeout=timeout)
+    lacking, problems = [], {}
+    for r in replies:
+        if r.has_error():
+            problems[r.metadata.src_node_id] = r.error.reason
+        elif not r.content["status"]["has"]:
+            lacking.append(r.metadata.src_node_id)
+    if lacking:
+        path = build_backbone(cfg.model.backbone).weights_path
+        payload = np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)
+        log.info("Sending %s weights (%d bytes) to %d site(s) lacking them.", cfg.model.backbone, payload.size, len(lacking))
+        send = ConfigRecord({"action": "backbone-install", "backbone": cfg.model.backbone, "sha256": pinned_sha256})
+        weights = ArrayRecord({"file": Array(payload)})
+        replies = grid.send_and_receive(
+            [Message(RecordDict({"config": send, "weights": weights}), dst_node_id=n, message_type=MessageType.QUERY)
+             for n in lacking], timeout=timeout)
+        for r in replies:
+            if r.has_error():
+                problems[r.metadata.src_node_id] = r.error.reason
+            elif not r.content["status"]["has"]:
+                problems[r.metadata.src_node_id] = str(r.content["status"]["error"])
+    for node, problem in problems.items():
+        log.warning("Node %d cannot use the pinned backbone: %s", node, problem)
+    return problems
 
 
 def _mean(values) -> float:

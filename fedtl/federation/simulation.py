@@ -72,7 +72,8 @@ def _run_flower(cfg: FedTLConfig) -> None:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
-        run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg, threads=1),
+        # simulated sites share this machine's weights: nothing to distribute
+        run_simulation(server_app=make_server_app(cfg, distribute_backbone=False), client_app=make_client_app(cfg, threads=1),
                        num_supernodes=cfg.federation.sites, backend_config=backend_config)
 
 

@@ -24,6 +24,16 @@ from fedtl.training import TrainResult, train_suffix
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class SitePolicy:
+    """Who a site is and what it may spend: its name, its ledger file and its own budget."""
+
+    name: str
+    ledger_path: Path
+    target_epsilon: float
+    delta: float
+
+
 @dataclass
 class SiteData:
     name: str
@@ -91,14 +101,18 @@ def ledger_path(cfg: FedTLConfig, site_name: str) -> Path:
     return base / site_name / "privacy-ledger.json"
 
 
-def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, site_index: int, *, run_id: str,
+def simulated_policy(cfg: FedTLConfig, site_index: int) -> SitePolicy:
+    name = f"site-{site_index}"
+    return SitePolicy(name, ledger_path(cfg, name), cfg.privacy.budget_for(site_index), cfg.privacy.delta)
+
+
+def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: SitePolicy, *, run_id: str,
                server_round: int, total_rounds: int) -> TrainResult:
     """One local round: DP-SGD (or plain SGD) on the suffix, the ledger saved before returning."""
     ledger = None
     if cfg.privacy.enabled:
-        ledger = PrivacyLedger.open(ledger_path(cfg, data.name), site=data.name,
-                                    target_epsilon=cfg.privacy.budget_for(site_index), delta=cfg.privacy.delta,
-                                    accountant=cfg.privacy.accountant)
+        ledger = PrivacyLedger.open(policy.ledger_path, site=policy.name, target_epsilon=policy.target_epsilon,
+                                    delta=policy.delta, accountant=cfg.privacy.accountant)
     return train_suffix(model, data.features, data.labels, cfg.train, lr_scale=cfg.adapters.lr_scale,
                         privacy=cfg.privacy, ledger=ledger, run_id=run_id, server_round=server_round,
                         total_rounds=total_rounds)

@@ -19,12 +19,12 @@ log = logging.getLogger(__name__)
 class RoundStats:
     bytes_down: int = 0
     bytes_up: int = 0
-    trained: list[int] = field(default_factory=list)
-    declined: dict[int, str] = field(default_factory=dict)
-    rejected: dict[int, str] = field(default_factory=dict)
-    failed: dict[int, str] = field(default_factory=dict)
-    epsilon: dict[int, float] = field(default_factory=dict)
-    train_loss: dict[int, float] = field(default_factory=dict)
+    trained: list[str] = field(default_factory=list)
+    declined: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    epsilon: dict[str, float] = field(default_factory=dict)
+    train_loss: dict[str, float] = field(default_factory=dict)
     cache_hit: bool = True
 
 
@@ -54,25 +54,27 @@ class SuffixFedAvg(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                stats.failed[node] = msg.error.reason
+                stats.failed[f"node-{node}"] = msg.error.reason
                 log.warning("Round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 continue
             content = msg.content
             metrics = next(iter(content.metric_records.values()), None)
-            site = int(metrics.get("site", node)) if metrics is not None else node
-            if metrics is not None and "epsilon" in metrics:
+            info = content["info"] if "info" in content.config_records else {}
+            site = str(info.get("site", "") or f"node-{node}")
+            if metrics is not None and float(metrics.get("epsilon", -1.0)) >= 0:
                 stats.epsilon[site] = float(metrics["epsilon"])
             if metrics is not None and metrics.get("cache-hit", 1.0) == 0.0:
                 stats.cache_hit = False
             if metrics is not None and metrics.get("declined", 0.0):
-                reason = content["info"]["reason"] if "info" in content.config_records else "declined"
-                stats.declined[site] = str(reason)
-                log.warning("Round %d: site %d declined: %s", server_round, site, reason)
+                reason = str(info.get("reason", "") or "declined")
+                stats.declined[site] = reason
+                log.warning("Round %d: site %s declined: %s", server_round, site, reason)
                 continue
             problems = validate_update(content, self.expected)
             if problems:
                 stats.rejected[site] = "; ".join(problems)
-                log.warning("Round %d: update from site %d (node %d) rejected: %s", server_round, site, node, "; ".join(problems))
+                log.warning("Round %d: update from site %s (node %d) rejected: %s", server_round, site, node,
+                            "; ".join(problems))
                 continue
             stats.bytes_up += record_bytes(next(iter(content.array_records.values())))
             stats.trained.append(site)

@@ -18,7 +18,9 @@ import time
 import torch
 
 from fedtl.config import FedTLConfig, parse_assignment
-from fedtl.federation.site import build_transfer_model, cached_features, load_source, simulated_site_data, train_site
+from fedtl.federation.site import (build_transfer_model, cached_features, load_source, simulated_policy,
+                                   simulated_site_data, train_site)
+from fedtl.model import check_state
 from fedtl.training import evaluate_suffix
 
 
@@ -38,14 +40,18 @@ def run(cfg: FedTLConfig, verbose: bool = False) -> dict:
         acc, total = None, 0
         for s, data in enumerate(sites):
             model.load_trainable_state(global_state)
-            res = train_site(cfg, model, data, s, run_id="tune", server_round=r, total_rounds=cfg.federation.rounds)
+            res = train_site(cfg, model, data, simulated_policy(cfg, s), run_id="tune", server_round=r, total_rounds=cfg.federation.rounds)
             eps[s] = res.epsilon
             if res.declined:
                 continue
             w = res.num_examples
             st = model.trainable_state()
+            if check_state(st, model.expected_state()):  # the server drops non-finite updates too
+                continue
             acc = {k: v * w for k, v in st.items()} if acc is None else {k: acc[k] + st[k] * w for k in acc}
             total += w
+        if acc is None:  # no valid update: keep the model, as the server does
+            continue
         global_state = {k: v / total for k, v in acc.items()}
         model.load_trainable_state(global_state)
         v = evaluate_suffix(model, val_f, yv)

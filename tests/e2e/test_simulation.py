@@ -39,14 +39,14 @@ def test_three_sites_two_rounds_with_dp_and_a_site_out_of_budget(tmp_path):
     assert summary["rounds"] == 2 and summary["sites"] == 3
     assert 0.0 <= summary["test_auc"] <= 1.0 and 0.0 <= summary["test_acc"] <= 1.0
     # site 2's budget cannot pay for a round: it declines, the others carry on within theirs
-    assert "2" in summary["declined"] and "will not train" in summary["declined"]["2"]
+    assert "site-2" in summary["declined"] and "will not train" in summary["declined"]["site-2"]
     assert 0 < summary["epsilon"]["site-0"] <= 3.0 and summary["epsilon"]["site-2"] == 0.0
     assert summary["bytes_up_per_round"] == 2 * summary["bytes_per_site_round"]
     assert summary["bytes_per_site_round"] < 0.01 * summary["full_model_bytes"]
     assert summary["trainable_params"] < summary["total_params"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert sorted(rows[1]["sites_trained"]) == [0, 1]
+    assert sorted(rows[1]["sites_trained"]) == ["site-0", "site-1"]
     assert (out / "suffix.safetensors").stat().st_size > 0
     ledger = json.loads((out / "sites" / "site-0" / "privacy-ledger.json").read_text())
     assert len(ledger["rounds"]) == 2 and ledger["epsilon"] == pytest.approx(summary["epsilon"]["site-0"])

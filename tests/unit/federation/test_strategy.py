@@ -30,8 +30,8 @@ def _state(value: float, weight_shape=(2, 4), dtype=torch.float32):
 def _reply(node: int, state: dict | None, n: int, declined: bool = False, reason: str = "") -> Message:
     instruction = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
     arrays = ArrayRecord() if state is None else to_record(state)
-    metrics = {"num-examples": n, "site": node, "declined": float(declined), "epsilon": 1.0}
-    return Message(train_reply(arrays, metrics, reason=reason), reply_to=instruction)
+    metrics = {"num-examples": n, "declined": float(declined), "epsilon": 1.0}
+    return Message(train_reply(arrays, metrics, site=f"s{node}", reason=reason), reply_to=instruction)
 
 
 def test_bad_updates_are_dropped_with_reasons_and_the_rest_averaged_by_weight(caplog):
@@ -53,11 +53,11 @@ def test_bad_updates_are_dropped_with_reasons_and_the_rest_averaged_by_weight(ca
     avg = arrays.to_torch_state_dict()
     assert torch.allclose(avg["suffix.head.0.weight"], torch.full((2, 4), (1.0 * 10 + 4.0 * 30) / 40))
     stats = strategy.rounds[1]
-    assert sorted(stats.trained) == [1, 2]
-    assert set(stats.rejected) == {3, 4, 5, 6} and set(stats.declined) == {7}
-    assert "has shape (3, 4), expected (2, 4)" in stats.rejected[3]
-    assert "NaN" in stats.rejected[4] and "unexpected tensors `prefix.stem.0.weight`" in stats.rejected[5]
-    assert "dtype float64" in stats.rejected[6]
+    assert sorted(stats.trained) == ["s1", "s2"]
+    assert set(stats.rejected) == {"s3", "s4", "s5", "s6"} and set(stats.declined) == {"s7"}
+    assert "has shape (3, 4), expected (2, 4)" in stats.rejected["s3"]
+    assert "NaN" in stats.rejected["s4"] and "unexpected tensors `prefix.stem.0.weight`" in stats.rejected["s5"]
+    assert "dtype float64" in stats.rejected["s6"]
     assert "spent ε=2.98" in caplog.text and "rejected" in caplog.text
     assert stats.bytes_up == 2 * to_record(_state(0.0)).count_bytes()
 
