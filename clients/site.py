@@ -1,0 +1,67 @@
+"""What a data site runs: validate its site.toml, then start its SuperNode (TLS + node auth).
+
+    python -m clients.site start site.toml --superlink server.example.org:9093 [--port 9094]
+
+The SuperNode gets ``--node-config "site-config='<site.toml>'"``, so the ClientApp trains on this
+site's own data with this site's own privacy budget and ledger (``<state-dir>``). Checking the
+data without connecting: ``fedtl site check site.toml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from fedtl.errors import ConfigError, FedTLError
+from fedtl.site_config import SiteConfig
+from server.ops import supernode_command
+
+
+def start_command(site_config: str | Path, superlink: str, port: int) -> list[str]:
+    """The SuperNode command for a validated site; refuses a site whose key or CA files are missing."""
+    path = Path(site_config).resolve()
+    site = SiteConfig.load(path)
+    missing = site.missing_files()
+    if missing:
+        raise ConfigError("Site file names missing files: " + ", ".join(f"`{k}` = {p}" for k, p in missing))
+    if site.auth.private_key is None or site.tls.ca_cert is None:
+        raise ConfigError(f"`auth.private-key` and `tls.ca-cert` must be set to join a deployment (in {path}).")
+    Path(site.state_dir).mkdir(parents=True, exist_ok=True)
+    return supernode_command(superlink, site.tls.ca_cert, site.auth.private_key, port, f"site-config='{path}'")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clients.site", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("start", help="start this site's SuperNode in the foreground")
+    p.add_argument("site_config")
+    p.add_argument("--superlink", required=True, help="the SuperLink's host:port")
+    p.add_argument("--port", type=int, default=9094, help="this SuperNode's own ClientAppIo port")
+    p.add_argument("--print-only", action="store_true", help="print the command instead of running it")
+    args = parser.parse_args(argv)
+    try:
+        cmd = start_command(args.site_config, args.superlink, args.port)
+    except FedTLError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.print_only:
+        print(" ".join(cmd))
+        return 0
+    proc = subprocess.Popen(cmd)
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+import pytest
+
+from clients.site import main, start_command
+from fedtl.errors import ConfigError
+
+
+def _site(tmp_path, with_keys=True):
+    (tmp_path / "d.npz").write_bytes(b"")
+    keys = ""
+    if with_keys:
+        for name in ("ca.crt", "site.key", "site.pub"):
+            (tmp_path / name).write_text("x")
+        keys = '[tls]\nca-cert = "ca.crt"\n[auth]\nprivate-key = "site.key"\npublic-key = "site.pub"\n'
+    conf = tmp_path / "site.toml"
+    conf.write_text(f'name = "st-mary"\nstate-dir = "state"\n[data]\nformat = "medmnist"\npath = "d.npz"\n{keys}')
+    return conf
+
+
+def test_start_command_runs_a_tls_authenticated_supernode_for_the_site(tmp_path):
+    cmd = start_command(_site(tmp_path), "127.0.0.1:9093", 9100)
+    assert "--root-certificates" in cmd and "--auth-supernode-private-key" in cmd
+    assert cmd[cmd.index("--node-config") + 1] == f"site-config='{(tmp_path / 'site.toml').resolve()}'"
+    assert (tmp_path / "state").is_dir()
+
+
+def test_a_site_without_keys_or_with_missing_files_is_refused(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="auth.private-key"):
+        start_command(_site(tmp_path, with_keys=False), "127.0.0.1:9093", 9100)
+    conf = _site(tmp_path)
+    (tmp_path / "site.key").unlink()
+    assert main(["start", str(conf), "--superlink", "127.0.0.1:9093", "--print-only"]) == 2
+    assert "`auth.private-key`" in capsys.readouterr().err
