@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,16 +35,25 @@ from fedtl.training import evaluate_suffix
 log = logging.getLogger(__name__)
 
 
+RUN_FILES = ("summary.json", "metrics.jsonl", "suffix.safetensors", "config.json")
+
+
 def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Create an empty run directory; refuse one that already holds a run."""
+    """Create the run directory; refuse one that already holds a run unless ``overwrite``.
+
+    Overwriting removes the previous run's files and its simulated sites' ledgers (``sites/``):
+    a new simulation starts with fresh budgets. Nothing else in the folder is touched.
+    """
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"`output.dir` {out} exists and is not a directory.")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"Run directory {out} already exists and is not empty; choose another --out or pass --overwrite.")
-        for name in ("summary.json", "metrics.jsonl", "suffix.safetensors", "config.json"):
-            (out / name).unlink(missing_ok=True)
+    existing = [name for name in (*RUN_FILES, "sites") if (out / name).exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"Run directory {out} already holds a run ({', '.join(existing)}); choose another "
+                          "output directory or pass --overwrite.")
+    for name in existing:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -101,7 +111,10 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     model = build_transfer_model(cfg, source.num_classes)
     val_f, val_hit = cached_features(cfg, model, source.val)
     test_f, test_hit = cached_features(cfg, model, source.test)
-    out = prepare_run_dir(cfg.output.dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{run_id}", overwrite=True)
+    out = Path(cfg.output.dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{run_id}")
+    if any((out / name).exists() for name in RUN_FILES):
+        raise ConfigError(f"Run directory {out} already holds a run; set `output.dir` to a new folder.")
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_run_config(), indent=1, sort_keys=True))
 
     fed = cfg.federation

@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"Run directory {out} already exists and is not empty; choose another --out or pass --overwrite.")
 
 
