@@ -40,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-import tomli
+import tomllib as tomli  # stdlib reader (Python 3.11+)
 import tomli_w  # tomli and tomli-w are dependencies of flwr
 
 from fedtl.errors import ConfigError, FedTLError, FederationError
