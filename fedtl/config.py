@@ -51,7 +51,7 @@ class AdaptersConfig:
     blocks: int = 0  # backbone units at the end that belong to the trainable suffix
     rank: int = 4  # LoRA rank
     alpha: float = 8.0  # LoRA scaling numerator (scale = alpha / rank)
-    lr_scale: float = 1.0  # learning-rate multiplier for adapter / unfrozen parameters
+    lr_scale: float = 0.0  # lr multiplier for adapter / unfrozen weights; 0 = auto (1 for LoRA, 0.1 for unfreeze)
 
     def __post_init__(self) -> None:
         _choice("adapters.kind", self.kind, ("none", "lora", "unfreeze"))
@@ -63,8 +63,14 @@ class AdaptersConfig:
             _fail("adapters.rank", self.rank, "must be >= 1")
         if self.alpha <= 0:
             _fail("adapters.alpha", self.alpha, "must be > 0")
-        if self.lr_scale <= 0:
-            _fail("adapters.lr-scale", self.lr_scale, "must be > 0")
+        if self.lr_scale < 0:
+            _fail("adapters.lr-scale", self.lr_scale, "must be >= 0 (0 = automatic)")
+
+    def effective_lr_scale(self) -> float:
+        """Pretrained weights that are unfrozen move at a tenth of the head's rate unless set."""
+        if self.lr_scale > 0:
+            return self.lr_scale
+        return 0.1 if self.kind == "unfreeze" else 1.0
 
 
 @dataclass(frozen=True)

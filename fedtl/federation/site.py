@@ -113,6 +113,6 @@ def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: S
     if cfg.privacy.enabled:
         ledger = PrivacyLedger.open(policy.ledger_path, site=policy.name, target_epsilon=policy.target_epsilon,
                                     delta=policy.delta, accountant=cfg.privacy.accountant)
-    return train_suffix(model, data.features, data.labels, cfg.train, lr_scale=cfg.adapters.lr_scale,
+    return train_suffix(model, data.features, data.labels, cfg.train, lr_scale=cfg.adapters.effective_lr_scale(),
                         privacy=cfg.privacy, ledger=ledger, run_id=run_id, server_round=server_round,
                         total_rounds=total_rounds)

@@ -1,7 +1,10 @@
 """A real TLS deployment on loopback: SuperLink with SuperNode authentication, built by server.ops.
 
 Only registered SuperNodes that trust the deployment's CA get in; an unregistered key and a node
-without the CA are refused. Every process started here is stopped, pass or fail.
+without the CA are refused. Then a real 2-round run: three SuperNodes, each a deployed data site
+(``--node-config "site-config='site.toml'"``) with its own images, privacy budget and ledger; one
+site's budget is too small for any round, so it declines while the others train. Every process
+started here is stopped, pass or fail.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import tomli_w  # a dependency of flwr
 
 from fedtl.errors import ConfigError, FederationError
 from server import ops
@@ -177,19 +181,48 @@ def test_tls_deployment_admits_only_registered_nodes_that_trust_the_ca(deploymen
     assert cli.returncode == 2 and cli.stderr.startswith("error: Refusing to overwrite"), cli.stderr
 
 
-@pytest.mark.skipif(os.environ.get("FEDTL_E2E_TLS_RUN") != "1",
-                    reason="a real 2-round run over TLS takes ~3 min on 2 cores; set FEDTL_E2E_TLS_RUN=1")
+# The deployed data sites of the real run: (site.toml name, seed of its images, its own ε budget).
+# hospital-c's budget is below what even one DP round costs, so it declines while the others train.
+DEPLOYED_SITES = (("hospital-a", 1, 3.0), ("hospital-b", 2, 2.0), ("hospital-c", 3, 0.05))
+DELTA = 1e-5
+
+
+def _write_site(tmp_path: Path, dep: Deployment, key: str, name: str, seed: int, epsilon: float) -> Path:
+    """A data site's own folder: its MedMNIST-format images and its site.toml (absolute paths)."""
+    from fedtl.site_config import SiteConfig
+
+    folder = tmp_path / "sites" / name
+    folder.mkdir(parents=True)
+    images = write_small_medmnist(folder / "images.npz", n_train=100, n_val=8, n_test=8, seed=seed)
+    private_key, public_key = dep.keys[key]
+    body = {
+        "name": name,
+        "state-dir": str(folder / "state"),
+        "data": {"format": "medmnist", "path": str(images), "image-size": 28},
+        "privacy": {"target-epsilon": epsilon, "delta": DELTA},
+        "tls": {"ca-cert": str(dep.certs.ca_cert)},
+        "auth": {"private-key": str(private_key), "public-key": str(public_key)},
+    }
+    path = folder / "site.toml"
+    path.write_text(tomli_w.dumps(body), encoding="utf-8")
+    site = SiteConfig.load(path)
+    assert site.name == name and site.missing_files() == ()
+    return path
+
+
 def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
+    """Three SuperNodes, each a deployed data site with its own data, budget and ledger, train 2 rounds."""
     dep = deployment
-    for i in range(SITES):
-        dep.supernode(f"site-{i}", dep.keys[f"site-{i}"][0], dep.certs.ca_cert,
-                      f"partition-id={i} num-partitions={SITES}")
+    sites = {}
+    for i, (name, seed, epsilon) in enumerate(DEPLOYED_SITES):
+        path = _write_site(tmp_path, dep, f"site-{i}", name, seed, epsilon)
+        sites[name] = (tmp_path / "sites" / name / "state", epsilon)
+        dep.supernode(name, dep.keys[f"site-{i}"][0], dep.certs.ca_cert, f"site-config='{path}'")
     _wait_until(lambda: set(dep.nodes().values()) == {"online"}, 90, "all sites to come online")
 
-    data = write_small_medmnist(tmp_path / "small.npz")
+    data = write_small_medmnist(tmp_path / "server.npz", n_train=8, n_val=60, n_test=60, seed=0)  # val / test only
     out = tmp_path / "run"
-    run_config = (f"federation.sites={SITES} federation.rounds=2 output.dir='{out}' data.path='{data}' "
-                  "data.partitioner='iid'")
+    run_config = f"federation.sites={SITES} federation.rounds=2 output.dir='{out}' data.path='{data}'"
     proc = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", ".", CONNECTION, "--stream",
                            "--run-config", run_config],
                           env=dep.env, cwd=ROOT, capture_output=True, text=True, timeout=500)
@@ -198,9 +231,36 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
     assert (out / "summary.json").exists(), logs
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sites"] == SITES and summary["rounds"] == 2
-    assert set(summary["epsilon"]) == {f"site-{i}" for i in range(SITES)}
+    trained, declining = {"hospital-a", "hospital-b"}, "hospital-c"
+    # ε is each site's own cumulative spend, within its own budget (not the run config's 3.0)
+    assert set(summary["epsilon"]) == set(sites), summary["epsilon"]
+    for name, eps in summary["epsilon"].items():
+        assert 0 <= eps <= sites[name][1] + 1e-9, (name, eps)
+    assert all(summary["epsilon"][name] > 0 for name in trained)
+    assert summary["epsilon"][declining] == 0
+    assert set(summary["declined"]) == {declining}, summary["declined"]
+    assert "will not train" in summary["declined"][declining]
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [r["round"] for r in rounds] == [0, 1, 2]  # round 0: the initial evaluation
+    for r in rounds[1:]:
+        assert set(r["sites_trained"]) == trained and set(r["declined"]) == {declining}, r
+        assert not r["rejected"] and not r["failed"], r
+    assert (out / "suffix.safetensors").exists()
+
+    # each site's durable ledger, in its own state-dir: two rounds for the trained sites, no spend for hospital-c
+    for name in trained:
+        state, budget = sites[name]
+        ledger = json.loads((state / "privacy-ledger.json").read_text())
+        assert ledger["site"] == name and ledger["target_epsilon"] == budget
+        assert [r["round"] for r in ledger["rounds"]] == [1, 2], ledger["rounds"]
+        assert 0 < ledger["epsilon"] <= budget + 1e-9
+        assert ledger["epsilon"] == pytest.approx(summary["epsilon"][name])
+        assert any((state / "features").iterdir())  # the site's own feature cache
+    ledger_c = sites[declining][0] / "privacy-ledger.json"
+    if ledger_c.exists():
+        body = json.loads(ledger_c.read_text())
+        assert body["history"] == [] and body["rounds"] == [] and body["epsilon"] == 0, body
+
     runs = ops.run_status(dep.flwr_home, CONNECTION)
     assert len(runs) == 1 and "finished" in runs[0]["status"], runs
     print("cumulative seconds per round:", {r["round"]: r.get("seconds") for r in rounds})

@@ -89,3 +89,13 @@ def test_cut_after_truncates_and_infers_the_feature_width(tiny_backbone):
     assert model.prefix_features(torch.randn(2, 3, 12, 12)).shape == (2, 12)
     with pytest.raises(ConfigError, match=r"`model.cut-after` must name a unit of tiny .* got 'b9'. Units: stem, b1, b2, head_conv"):
         TransferModel(tiny_backbone, 2, ModelConfig(cut_after="b9"), AdaptersConfig(kind="none", blocks=0))
+
+
+def test_unfrozen_blocks_train_at_a_lower_learning_rate_by_default(tiny_backbone):
+    from fedtl.config import AdaptersConfig
+
+    model = TransferModel(tiny_backbone, 2, ModelConfig(), AdaptersConfig(kind="unfreeze", blocks=1))
+    scale = AdaptersConfig(kind="unfreeze", blocks=1).effective_lr_scale()
+    groups = model.trainable_param_groups(0.5, scale)
+    assert [g["lr"] for g in groups] == [0.5, 0.05]
+    assert AdaptersConfig(kind="lora", blocks=1).effective_lr_scale() == 1.0
