@@ -9,7 +9,7 @@ The site operator writes it (``site.toml``), never the server::
     format = "folder"              # medmnist | folder | dicom
     path = "images"                # .npz for medmnist, a folder for folder / dicom
     labels = "labels.csv"          # header `file,label`; folder / dicom only
-    image-size = 224
+    image-size = 224               # 0 / omitted: native size (medmnist), 224 (folder, dicom)
     classes = ["normal", "pneumonia"]   # optional: label names in class-index order
 
     [privacy]
@@ -65,7 +65,7 @@ class SiteDataConfig:
     format: str
     path: Path
     labels: Path | None = None  # CSV `file,label`; required for folder / dicom
-    image_size: int = 224  # every image is resized to image_size x image_size
+    image_size: int = 0  # square side images are resized to; 0 = native (medmnist) or 224 (folder, dicom)
     classes: tuple[str, ...] = ()  # label names in class-index order; () = integer labels
     split: str = "train"  # the npz split a medmnist site uses
 
@@ -78,8 +78,8 @@ class SiteDataConfig:
             _fail("data.labels", "", f"must name a CSV with header `file,label` when data.format is {self.format!r}")
         if self.format == "medmnist" and self.labels is not None:
             _fail("data.labels", str(self.labels), "is only used with data.format \"folder\" or \"dicom\"; remove it")
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or not 8 <= self.image_size <= 4096:
-            _fail("data.image-size", self.image_size, "must be an integer between 8 and 4096 pixels")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or not (self.image_size == 0 or 8 <= self.image_size <= 4096):
+            _fail("data.image-size", self.image_size, "must be 0 (automatic) or an integer between 8 and 4096 pixels")
         if self.split not in SPLITS:
             _fail("data.split", self.split, "must be one of " + ", ".join(SPLITS))
         if self.format != "medmnist" and self.split != "train":
@@ -205,7 +205,7 @@ def _from_mapping(flat: dict[str, Any], *, base: Path, source: Path) -> SiteConf
         format=_text(flat, "data.format"),
         path=data_path,
         labels=path_of("data.labels"),
-        image_size=_integer(flat, "data.image-size", 224),
+        image_size=_integer(flat, "data.image-size", 0),
         classes=_names(flat, "data.classes"),
         split=_text(flat, "data.split", "train"),
     )

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DEFAULT_IMAGE_SIZE = 224  # folder / DICOM images are brought to this square size unless data.image-size says
 _LOGGED_PROBLEMS = 20  # the warning names this many skipped files; SiteImages.problems holds them all
 
 
@@ -74,7 +75,7 @@ def load_site_data(cfg: SiteDataConfig, *, allow_empty: bool = False) -> SiteIma
         if labels is None:
             raise DataError(f"data.format {cfg.format!r} needs `data.labels`, a CSV with header `file,label`.")
         reader = read_dicom_image if cfg.format == "dicom" else read_image_file
-        result = load_labelled_files(folder, Path(labels), reader, cfg.image_size, cfg.classes)
+        result = load_labelled_files(folder, Path(labels), reader, cfg.image_size or DEFAULT_IMAGE_SIZE, cfg.classes)
     if len(result.images) == 0 and not allow_empty:
         shown = "; ".join(f"{p.file}: {p.reason}" for p in result.problems[:5])
         more = f" (and {len(result.problems) - 5} more)" if len(result.problems) > 5 else ""
@@ -92,9 +93,14 @@ def _load_medmnist_split(cfg: SiteDataConfig) -> SiteImages:
             raise DataError(f"{cfg.path} holds {num_classes} classes but `data.classes` names only "
                             f"{len(cfg.classes)} ({', '.join(cfg.classes)}); name every class in index order.")
         num_classes = len(cfg.classes)
-    images = np.empty((len(part), cfg.image_size, cfg.image_size), np.uint8)
-    for i, img in enumerate(part.images):
-        images[i] = _to_square_uint8(img, cfg.image_size)
+    native = part.images.ndim == 3 and part.images.shape[1] == part.images.shape[2]
+    if native and cfg.image_size in (0, part.images.shape[1]):
+        images = part.images.copy()  # already square grayscale: the backbone's preprocessing resizes
+    else:
+        size = cfg.image_size or DEFAULT_IMAGE_SIZE
+        images = np.empty((len(part), size, size), np.uint8)
+        for i, img in enumerate(part.images):
+            images[i] = _to_square_uint8(img, size)
     names = cfg.classes or tuple(str(i) for i in range(num_classes))
     return SiteImages(ImageSet(images, part.labels.copy(), part.name), names, (), len(part))
 

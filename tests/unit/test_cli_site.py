@@ -67,7 +67,7 @@ def test_missing_labels_csv_exits_3_with_one_line(site, capsys):
 @pytest.mark.parametrize("old,new,fragment", [
     ('name = "st-mary"', 'name = "st mary"', "`name` must be 1-64 characters"),
     ('format = "folder"', 'format = "dicom"\nformt = "x"', "Unknown key `data.formt`"),
-    ("image-size = 16", "image-size = 0", "`data.image-size` must be an integer between 8 and 4096 pixels, got 0"),
+    ("image-size = 16", "image-size = 5000", "`data.image-size` must be 0 (automatic) or an integer between 8 and 4096 pixels, got 5000"),
 ])
 def test_config_problems_exit_2_with_one_error_line(site, capsys, old, new, fragment):
     site.write_text(site.read_text().replace(old, new))

@@ -57,7 +57,7 @@ def test_full_file_loads_with_paths_resolved_against_its_folder(tmp_path):
 
 def test_defaults_and_flat_dotted_keys(tmp_path):
     cfg = SiteConfig.load(write(tmp_path, 'name = "s1"\n"data.format" = "medmnist"\n"data.path" = "m.npz"\n'))
-    assert cfg.data.image_size == 224 and cfg.data.split == "train" and cfg.data.classes == ()
+    assert cfg.data.image_size == 0 and cfg.data.split == "train" and cfg.data.classes == ()
     assert cfg.privacy.target_epsilon == 3.0 and cfg.privacy.delta == 1e-5
     assert cfg.state_dir == tmp_path.resolve() / "state" / "s1"
     assert cfg.tls.ca_cert is None and cfg.auth.private_key is None and cfg.auth.public_key is None
@@ -71,7 +71,7 @@ def test_defaults_and_flat_dotted_keys(tmp_path):
     ('format = "folder"', 'format = "png"', "`data.format` must be one of medmnist, folder, dicom, got 'png'"),
     ('name = "st-mary_2"', 'name = "st mary"', "`name` must be 1-64 characters from A-Z, a-z, 0-9, '_' and '-', got 'st mary'"),
     ('name = "st-mary_2"', 'name = ""', "`name` must be 1-64 characters"),
-    ("image-size = 64", "image-size = 2", "`data.image-size` must be an integer between 8 and 4096 pixels, got 2"),
+    ("image-size = 64", "image-size = 2", "`data.image-size` must be 0 (automatic) or an integer between 8 and 4096 pixels, got 2"),
     ("image-size = 64", "image-size = 64.5", "`data.image-size` must be an integer, got 64.5"),
     ('classes = ["normal", "pneumonia"]', 'classes = ["a", "a"]', "`data.classes` must not repeat a name (repeated: a)"),
     ('classes = ["normal", "pneumonia"]', 'classes = ["only"]', "`data.classes` must list at least two"),

@@ -219,3 +219,10 @@ def test_medmnist_site_uses_its_split_resized(tmp_path):
     assert len(val.images) == 3 and val.class_counts() == {"normal": 2, "pneumonia": 1}
     same = load_site_data(SiteDataConfig(format="medmnist", path=tmp_path / "m.npz", image_size=8))
     np.testing.assert_array_equal(same.images.images, arrays["train_images"])
+
+
+def test_medmnist_site_keeps_native_size_by_default(tmp_path):
+    from fedtl.data import BUNDLED_PNEUMONIAMNIST
+
+    site = load_site_data(SiteDataConfig(format="medmnist", path=BUNDLED_PNEUMONIAMNIST, split="test"))
+    assert site.images.images.shape == (624, 28, 28) and site.class_counts() == {"0": 234, "1": 390}
