@@ -43,13 +43,14 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     def eps(sigma: float) -> float:
         return epsilon_of(prior + [(sigma, sample_rate, steps)], delta, accountant)
 
+    max_sigma = 100.0  # beyond this ε no longer falls (the δ term of the RDP conversion dominates)
+    if eps(max_sigma) > target_epsilon:  # an impossible budget: say so at once, not after a long search
+        raise PrivacyBudgetError(
+            f"No noise multiplier reaches ε ≤ {target_epsilon} for {steps} steps at sample rate {sample_rate:.4f}."
+        )
     low, high = 0.0, 10.0
     while eps(high) > target_epsilon:
-        high *= 2
-        if high > 1e4:
-            raise PrivacyBudgetError(
-                f"No noise multiplier reaches ε ≤ {target_epsilon} for {steps} steps at sample rate {sample_rate:.4f}."
-            )
+        low, high = high, min(high * 2, max_sigma)
     while True:
         mid = (low + high) / 2
         e = eps(mid)
