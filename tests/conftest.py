@@ -10,8 +10,6 @@ from torch import nn
 
 from fedtl.backbones import Backbone, BackboneSpec
 
-SHARED_TORCH_HOME = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "torch-hub"
-
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
