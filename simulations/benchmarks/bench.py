@@ -227,6 +227,7 @@ def write_report(results: dict, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     lines = ["| setting | test AUC (mean ± std, 3 seeds) | test ACC | max site ε |", "|---|---|---|---|"]
     for r in results.get("accuracy", []):
@@ -258,6 +259,7 @@ def write_report(results: dict, out: Path) -> None:
         ax.axhline(0.956, color="gray", ls=":", label="MedMNIST v2 ResNet-18 (224), non-private")
         ax.set_xscale("log")
         ax.set_xticks([1, 3, 8], ["1", "3", "8"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("per-site ε (δ = 1e-5)")
         ax.set_ylabel("test AUC")
         ax.legend(fontsize=7)
