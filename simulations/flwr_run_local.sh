@@ -21,11 +21,28 @@ default = "fedtl-local"
 address = "127.0.0.1:${port}"
 insecure = true
 TOML
-flower-superlink --insecure --simulation --disable-runtime-dependency-installation \
+export FEDTL_RUN_MARKER="flwr-run-local-$$-$RANDOM"
+setsid flower-superlink --insecure --simulation --disable-runtime-dependency-installation \
   --host 127.0.0.1 --port "${port}" \
   > "$FLWR_HOME/superlink.log" 2>&1 &
 link_pid=$!
-trap 'kill "$link_pid" 2>/dev/null; wait "$link_pid" 2>/dev/null || true; pkill -P "$link_pid" 2>/dev/null || true' EXIT
+export -n FEDTL_RUN_MARKER  # only the SuperLink's tree carries it, not this script's helpers
+# Every process started from here inherits this marker; at exit all of them are stopped,
+# including those (Ray's) that leave the SuperLink's process group.
+marked() { grep -lsz "^FEDTL_RUN_MARKER=${FEDTL_RUN_MARKER}\$" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 || true; }
+stop_all() {
+  set +e
+  kill -TERM -- "-$link_pid" 2>/dev/null
+  for _ in $(seq 40); do
+    pids=$(marked)
+    [ -z "$pids" ] && return 0
+    kill -TERM $pids 2>/dev/null
+    sleep 0.5
+  done
+  pids=$(marked); [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
+  return 0
+}
+trap stop_all EXIT
 for _ in $(seq 60); do
   (echo > "/dev/tcp/127.0.0.1/${port}") 2>/dev/null && break
   sleep 0.5

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -42,10 +43,13 @@ def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False) -> d
     hits = [cached_features(cfg, model, split)[1] for split in (source.train, source.val, source.test)]
     prepare_run_dir(out, overwrite=overwrite)
     cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out)))
+    watcher = _ProcessTreeWatcher()
+    watcher.start()
     try:
         _run_flower(cfg)
     finally:
         _shutdown_ray()
+        watcher.stop_and_reap()
     summary_path = out / "summary.json"
     if not summary_path.is_file():
         raise FederationError(f"The simulation ended without writing {summary_path}; see the log above.")
@@ -77,6 +81,53 @@ def _run_flower(cfg: FedTLConfig) -> None:
         # simulated sites share this machine's weights: nothing to distribute
         run_simulation(server_app=make_server_app(cfg, distribute_backbone=False), client_app=make_client_app(cfg, threads=1),
                        num_supernodes=cfg.federation.sites, backend_config=backend_config)
+
+
+class _ProcessTreeWatcher(threading.Thread):
+    """Remembers every process this command starts (Ray's daemons and workers re-parent as they
+    exit), so that when the simulation ends none is left running: each gets a grace period to
+    exit on its own, then is terminated, then killed."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+
+    def _snapshot(self) -> None:
+        import psutil
+
+        try:
+            for child in psutil.Process().children(recursive=True):
+                self.seen.setdefault(child.pid, child.create_time())
+        except psutil.Error:
+            pass
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self._snapshot()
+            self._stop.wait(self.interval)
+
+    def stop_and_reap(self, grace: float = 15.0) -> None:
+        import psutil
+
+        self._snapshot()
+        self._stop.set()
+        alive = []
+        for pid, created in self.seen.items():
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == created:
+                    alive.append(proc)
+            except psutil.Error:
+                continue
+        _, alive = psutil.wait_procs(alive, timeout=grace)
+        for proc in alive:
+            log.warning("Stopping leftover process %d (%s)", proc.pid, " ".join(proc.cmdline()[:2]))
+            proc.terminate()
+        _, alive = psutil.wait_procs(alive, timeout=5)
+        for proc in alive:
+            proc.kill()
 
 
 def _shutdown_ray() -> None:
