@@ -81,7 +81,7 @@ def build_backbone(name: str) -> Backbone:
     Builds are memoized per process; callers must not modify the returned modules
     (:class:`fedtl.model.TransferModel` deep-copies the units it uses).
     """
-    spec = get_spec(name)
+    get_spec(name)  # an unknown name fails here, with the close-match suggestion
     return _build_cached(name, os.environ.get("TORCH_HOME", ""), os.environ.get("FEDTL_WEIGHTS_DIR", ""))
 
 
