@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -75,24 +76,42 @@ class AdaptersConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    enabled: bool = True
+    """Privacy settings of a *simulation* (one trust domain). A deployed site ignores all of these:
+    its ``site.toml`` is its policy (:class:`fedtl.privacy.policy.PrivacyPolicy`); only
+    ``noise-multiplier`` travels to it, as a proposal it can only raise."""
+
+    enabled: bool = True  # simulation only: --no-dp trains without DP for comparison
     target_epsilon: float = 3.0  # per-site budget for the whole run
     delta: float = 1e-5
     max_grad_norm: float = 1.0  # per-sample clipping bound
-    noise_multiplier: float = 0.0  # 0: each site calibrates it to its own budget
-    accountant: str = "rdp"  # rdp | prv | gdp (Opacus accountants)
+    noise_multiplier: float = 0.0  # 0: each site calibrates it to its own budget; > 0: a proposal sites may raise
+    accountant: str = "rdp"  # rdp | prv (Opacus accountants)
     site_epsilons: str = ""  # optional per-site budgets, comma-separated, e.g. "3,3,1"
+    max_epsilon_per_run: float = 0.0  # 0: the whole budget
+    max_epsilon_per_round: float = 0.0  # 0: a quarter of the budget
+    max_rounds_per_run: int = 200
+    max_noise_multiplier: float = 10.0  # a site declines rounds that would need more noise than this
+    randomness: str = "os"  # os (secret, from the OS CSPRNG) | seeded (reproducible; simulations only)
 
     def __post_init__(self) -> None:
-        if self.target_epsilon <= 0:
+        if not self.target_epsilon > 0:
             _fail("privacy.target-epsilon", self.target_epsilon, "must be > 0")
         if not 0 < self.delta < 1:
             _fail("privacy.delta", self.delta, "must be in (0, 1)")
-        if self.max_grad_norm <= 0:
+        if not self.max_grad_norm > 0:
             _fail("privacy.max-grad-norm", self.max_grad_norm, "must be > 0")
-        if self.noise_multiplier < 0:
+        if not self.noise_multiplier >= 0:
             _fail("privacy.noise-multiplier", self.noise_multiplier, "must be >= 0 (0 = calibrate)")
-        _choice("privacy.accountant", self.accountant, ("rdp", "prv", "gdp"))
+        _choice("privacy.accountant", self.accountant, ("rdp", "prv"))
+        _choice("privacy.randomness", self.randomness, ("os", "seeded"))
+        if not self.max_epsilon_per_run >= 0:
+            _fail("privacy.max-epsilon-per-run", self.max_epsilon_per_run, "must be >= 0 (0 = the whole budget)")
+        if not self.max_epsilon_per_round >= 0:
+            _fail("privacy.max-epsilon-per-round", self.max_epsilon_per_round, "must be >= 0 (0 = a quarter of the budget)")
+        if self.max_rounds_per_run < 1:
+            _fail("privacy.max-rounds-per-run", self.max_rounds_per_run, "must be >= 1")
+        if not self.max_noise_multiplier > 0:
+            _fail("privacy.max-noise-multiplier", self.max_noise_multiplier, "must be > 0")
         self.site_budgets()  # validates the list
 
     def site_budgets(self) -> tuple[float, ...]:
@@ -105,7 +124,7 @@ class PrivacyConfig:
                 eps = float(part)
             except ValueError:
                 eps = float("nan")
-            if not eps > 0:
+            if not (eps > 0 and math.isfinite(eps)):
                 _fail("privacy.site-epsilons", self.site_epsilons, "must be a comma-separated list of numbers > 0")
             out.append(eps)
         return tuple(out)
@@ -204,6 +223,15 @@ class FedTLConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
+    def __post_init__(self) -> None:
+        # NaN and inf slip through comparisons (`nan <= 0` is False): no float setting may hold them.
+        for section in _SECTIONS:
+            part = getattr(self, section)
+            for f in fields(part):
+                value = getattr(part, f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    _fail(f"{section}.{f.name.replace('_', '-')}", value, "must be a finite number")
+
     # ---- flat kebab-case view (Flower's run config) -------------------------------------
     @staticmethod
     def known_keys() -> dict[str, type]:
@@ -272,16 +300,17 @@ def _coerce(key: str, raw: Any, typ: type) -> Any:
                 pass
         raise ConfigError(f"`{key}` must be an integer, got {raw!r}.")
     if typ is float:
-        if isinstance(raw, bool):
-            raise ConfigError(f"`{key}` must be a number, got {raw!r}.")
-        if isinstance(raw, (int, float)):
-            return float(raw)
-        if isinstance(raw, str):
+        value = None
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            value = float(raw)
+        elif isinstance(raw, str):
             try:
-                return float(raw.strip())
+                value = float(raw.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"`{key}` must be a number, got {raw!r}.")
+        if value is None or not math.isfinite(value):
+            raise ConfigError(f"`{key}` must be a finite number, got {raw!r}.")
+        return value
     if not isinstance(raw, str):
         raise ConfigError(f"`{key}` must be a string, got {raw!r}.")
     return raw

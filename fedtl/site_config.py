@@ -12,9 +12,15 @@ The site operator writes it (``site.toml``), never the server::
     image-size = 224               # 0 / omitted: native size (medmnist), 224 (folder, dicom)
     classes = ["normal", "pneumonia"]   # optional: label names in class-index order
 
-    [privacy]
-    target-epsilon = 3.0
+    [privacy]                      # the site's policy: a run's config cannot change any of it
+    target-epsilon = 3.0           # lifetime budget
     delta = 1e-5
+    accountant = "rdp"             # rdp | prv
+    max-grad-norm = 1.0            # per-sample clipping bound
+    max-epsilon-per-run = 0        # 0: the whole budget
+    max-epsilon-per-round = 0      # 0: a quarter of the budget
+    max-rounds-per-run = 200
+    max-noise-multiplier = 10      # rounds that would need more noise are declined (pure noise)
 
     [tls]
     ca-cert = "certs/ca.pem"
@@ -31,6 +37,7 @@ required to exist at load time; :meth:`SiteConfig.missing_files` lists those tha
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -49,7 +56,9 @@ _DEFAULTS = PrivacyConfig()
 KNOWN_KEYS = (
     "name", "state-dir",
     "data.format", "data.path", "data.labels", "data.image-size", "data.classes", "data.split",
-    "privacy.target-epsilon", "privacy.delta",
+    "privacy.target-epsilon", "privacy.delta", "privacy.accountant", "privacy.max-grad-norm",
+    "privacy.max-epsilon-per-run", "privacy.max-epsilon-per-round", "privacy.max-rounds-per-run",
+    "privacy.max-noise-multiplier",
     "tls.ca-cert",
     "auth.private-key", "auth.public-key",
 )
@@ -94,17 +103,39 @@ class SiteDataConfig:
 
 @dataclass(frozen=True)
 class SitePrivacyConfig:
+    """The site's privacy policy: the only authority over what it spends (a run's config cannot change it)."""
+
     target_epsilon: float = _DEFAULTS.target_epsilon  # the site's budget for everything it ever trains
     delta: float = _DEFAULTS.delta
+    accountant: str = "rdp"  # rdp | prv; pinned in the ledger when it starts
+    max_grad_norm: float = _DEFAULTS.max_grad_norm  # per-sample clipping bound
+    max_epsilon_per_run: float = 0.0  # 0: the whole budget
+    max_epsilon_per_round: float = 0.0  # 0: a quarter of the budget
+    max_rounds_per_run: int = _DEFAULTS.max_rounds_per_run
+    max_noise_multiplier: float = _DEFAULTS.max_noise_multiplier  # rounds needing more noise are declined
 
     def __post_init__(self) -> None:
-        if not self.target_epsilon > 0:  # also rejects NaN
-            _fail("privacy.target-epsilon", self.target_epsilon, "must be > 0")
-        if not 0 < self.delta < 1:
-            _fail("privacy.delta", self.delta, "must be in (0, 1)")
+        def finite(key: str, value: Any, ok: bool, allowed: str) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
+                _fail(key, value, allowed)
+
+        finite("privacy.target-epsilon", self.target_epsilon, self.target_epsilon > 0, "must be a finite number > 0")
+        finite("privacy.delta", self.delta, 0 < self.delta < 1, "must be a finite number in (0, 1)")
+        finite("privacy.max-grad-norm", self.max_grad_norm, self.max_grad_norm > 0, "must be a finite number > 0")
+        finite("privacy.max-epsilon-per-run", self.max_epsilon_per_run, self.max_epsilon_per_run >= 0,
+               "must be a finite number >= 0 (0 = the whole budget)")
+        finite("privacy.max-epsilon-per-round", self.max_epsilon_per_round, self.max_epsilon_per_round >= 0,
+               "must be a finite number >= 0 (0 = a quarter of the budget)")
+        finite("privacy.max-noise-multiplier", self.max_noise_multiplier, self.max_noise_multiplier > 0,
+               "must be a finite number > 0")
+        if isinstance(self.max_rounds_per_run, bool) or not isinstance(self.max_rounds_per_run, int) or self.max_rounds_per_run < 1:
+            _fail("privacy.max-rounds-per-run", self.max_rounds_per_run, "must be an integer >= 1")
+        if self.accountant not in ("rdp", "prv"):
+            _fail("privacy.accountant", self.accountant, "must be one of rdp, prv")
         # validated as written (an error says "got -1", not "got -1.0"), stored as float
-        object.__setattr__(self, "target_epsilon", float(self.target_epsilon))
-        object.__setattr__(self, "delta", float(self.delta))
+        for name in ("target_epsilon", "delta", "max_grad_norm", "max_epsilon_per_run", "max_epsilon_per_round",
+                     "max_noise_multiplier"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -217,6 +248,12 @@ def _from_mapping(flat: dict[str, Any], *, base: Path, source: Path) -> SiteConf
         privacy=SitePrivacyConfig(
             target_epsilon=_number(flat, "privacy.target-epsilon", _DEFAULTS.target_epsilon),
             delta=_number(flat, "privacy.delta", _DEFAULTS.delta),
+            accountant=_text(flat, "privacy.accountant", "rdp"),
+            max_grad_norm=_number(flat, "privacy.max-grad-norm", _DEFAULTS.max_grad_norm),
+            max_epsilon_per_run=_number(flat, "privacy.max-epsilon-per-run", 0.0),
+            max_epsilon_per_round=_number(flat, "privacy.max-epsilon-per-round", 0.0),
+            max_rounds_per_run=_integer(flat, "privacy.max-rounds-per-run", _DEFAULTS.max_rounds_per_run),
+            max_noise_multiplier=_number(flat, "privacy.max-noise-multiplier", _DEFAULTS.max_noise_multiplier),
         ),
         tls=SiteTLSConfig(ca_cert=path_of("tls.ca-cert")),
         auth=SiteAuthConfig(private_key=path_of("auth.private-key"), public_key=path_of("auth.public-key")),

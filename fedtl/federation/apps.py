@@ -9,6 +9,7 @@ is a simulated site holding a partition of the configured data set.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -17,10 +18,12 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedtl.config import FedTLConfig
-from fedtl.errors import FedTLError, PrivacyBudgetError
-from fedtl.federation.records import to_record, to_state, train_reply
+from fedtl.errors import FedTLError
+from fedtl.federation.records import TrainRequest, to_record, to_state, train_reply
 from fedtl.federation.server import run_server
-from fedtl.federation.site import build_transfer_model, load_source, simulated_policy, simulated_site_data, train_site
+from fedtl.federation.site import (build_transfer_model, ignored_privacy_settings, load_source, simulated_policy,
+                                   simulated_site_data, train_site)
+from fedtl.privacy import Proposal
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,12 @@ def _site_of(conf: FedTLConfig, context: Context, model):
         from fedtl.federation.deployment import deployed_site_data, load_site_config, site_policy
 
         path = str(node["site-config"])
-        return site_policy(load_site_config(path)), deployed_site_data(conf, model, path)
+        policy = site_policy(load_site_config(path))
+        ignored = ignored_privacy_settings(conf, policy)
+        if ignored:
+            log.warning("Site %s ignores the run's privacy settings (its site.toml is the authority): %s",
+                        policy.site, ", ".join(ignored))
+        return policy, deployed_site_data(conf, model, path)
     site, num_sites = int(node["partition-id"]), int(node["num-partitions"])
     return simulated_policy(conf, site), simulated_site_data(conf, model, site, num_sites)
 
@@ -61,36 +69,46 @@ def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientA
     def train(msg: Message, context: Context) -> Message:
         if threads:
             torch.set_num_threads(threads)
-        conf = config_from_context(context, cfg)
-        config = msg.content["config"]
-        if "site-config" in context.node_config:
+        deployed = "site-config" in context.node_config
+        if deployed:
             from fedtl.federation.deployment import load_site_config
 
             load_site_config(str(context.node_config["site-config"]))  # its weights dir is looked up first
-        num_classes = int(config.get("num-classes", 0)) or load_source(conf.data.path).num_classes
+        base = {"num-examples": 0, "declined": 1.0, "epsilon": -1.0}
+        try:  # everything the server sends is untrusted input: refuse what does not validate
+            conf = config_from_context(context, cfg)
+            request = TrainRequest.parse(msg.content["config"])
+            if deployed and not request.num_classes:
+                raise ValueError("`num-classes` is required by a deployed site")
+        except (FedTLError, ValueError, KeyError, TypeError) as exc:
+            log.error("Train request refused: %s", exc)
+            return Message(train_reply(ArrayRecord(), base, reason=f"invalid train request: {exc}"), reply_to=msg)
+        num_classes = request.num_classes or load_source(conf.data.path).num_classes
         model = build_transfer_model(conf, num_classes)
-        pinned = str(config.get("backbone-sha256", ""))
         policy, data = _site_of(conf, context, model)
-        base = {"num-examples": len(data.labels), "declined": 1.0, "epsilon": -1.0}
-        if pinned and model.weights_sha256 != pinned:
-            reason = (f"Site `{policy.name}` holds `{conf.model.backbone}` weights with sha256 "
-                      f"{model.weights_sha256[:16]}…, the server pinned {pinned[:16]}…; it will not train.")
-            return Message(train_reply(ArrayRecord(), base, site=policy.name, reason=reason), reply_to=msg)
+        base.update({"num-examples": len(data.labels), "delta": policy.delta, "target-epsilon": policy.target_epsilon})
+        refuse = functools.partial(train_reply, ArrayRecord(), base, site=policy.site, accountant=policy.accountant)
+        if request.backbone_sha256 and model.weights_sha256 != request.backbone_sha256:
+            reason = (f"Site `{policy.site}` holds `{conf.model.backbone}` weights with sha256 "
+                      f"{model.weights_sha256[:16]}…, the server pinned {request.backbone_sha256[:16]}…; it will not train.")
+            return Message(refuse(reason=reason), reply_to=msg)
         if len(data.labels) and int(data.labels.max()) >= num_classes:
-            reason = f"Site `{policy.name}` has labels outside the federation's {num_classes} classes."
-            return Message(train_reply(ArrayRecord(), base, site=policy.name, reason=reason), reply_to=msg)
-        model.load_trainable_state(to_state(msg.content["arrays"]))
+            reason = f"Site `{policy.site}` has labels outside the federation's {num_classes} classes."
+            return Message(refuse(reason=reason), reply_to=msg)
         try:
-            result = train_site(conf, model, data, policy, run_id=str(config.get("run-id", context.run_id)),
-                                server_round=int(config["server-round"]), total_rounds=int(config["total-rounds"]))
-        except PrivacyBudgetError as exc:  # e.g. an unreadable ledger: never train blind
-            log.error("Site %s declines: %s", policy.name, exc)
-            return Message(train_reply(ArrayRecord(), base, site=policy.name, reason=str(exc)), reply_to=msg)
+            model.load_trainable_state(to_state(msg.content["arrays"]))
+        except Exception as exc:  # a malformed suffix from the server: refuse, never crash the site
+            log.error("Site %s refused the server's suffix: %s", policy.site, exc)
+            return Message(refuse(reason="the server's suffix tensors do not match the model"), reply_to=msg)
+        proposal = Proposal(total_rounds=request.total_rounds, batch_size=conf.train.batch_size,
+                            epochs=conf.train.epochs, noise_multiplier=request.noise_multiplier)
+        result = train_site(conf, model, data, policy, run_id=request.run_id or str(context.run_id),
+                            server_round=request.server_round, proposal=proposal)
         metrics = {"num-examples": result.num_examples, "declined": float(result.declined),
-                   "epsilon": result.epsilon, "noise-multiplier": result.noise_multiplier, "steps": result.steps,
-                   "train-loss": result.loss, "seconds": result.seconds, "cache-hit": float(data.cache_hit)}
+                   "epsilon": result.epsilon, "delta": result.delta, "target-epsilon": result.budget}
         arrays = ArrayRecord() if result.declined else to_record(model.trainable_state())
-        return Message(train_reply(arrays, metrics, site=policy.name, reason=result.reason), reply_to=msg)
+        return Message(train_reply(arrays, metrics, site=policy.site, reason=result.reason,
+                                   accountant=result.accountant), reply_to=msg)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

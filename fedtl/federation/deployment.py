@@ -21,8 +21,9 @@ from fedtl.backbones.registry import file_sha256, weights_candidates
 from fedtl.config import FedTLConfig
 from fedtl.errors import BackboneError
 from fedtl.features import FeatureCache
-from fedtl.federation.site import SiteData, SitePolicy, preprocessing_for
+from fedtl.federation.site import SiteData, preprocessing_for
 from fedtl.model import TransferModel
+from fedtl.privacy.policy import PrivacyPolicy, policy_for_site
 from fedtl.site_config import SiteConfig
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,9 @@ def site_weights_dir(site: SiteConfig) -> Path:
     return Path(site.state_dir) / "weights"
 
 
-def site_policy(site: SiteConfig) -> SitePolicy:
-    """The site's own budget: it declines any round that would exceed it, whatever the server asks."""
-    return SitePolicy(site.name, Path(site.state_dir) / "privacy-ledger.json", site.privacy.target_epsilon,
-                      site.privacy.delta)
+def site_policy(site: SiteConfig) -> PrivacyPolicy:
+    """The site's own policy (site.toml alone): DP always on, its budget, caps and accountant."""
+    return policy_for_site(site)
 
 
 @functools.lru_cache(maxsize=2)

@@ -3,16 +3,66 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtl.model import check_state
 
-# Every train reply carries exactly these metric keys (Flower's FedAvg requires equal keys).
-TRAIN_METRIC_KEYS = ("num-examples", "declined", "epsilon", "noise-multiplier", "steps", "train-loss",
-                     "seconds", "cache-hit")
+# Every train reply carries exactly these metric keys (Flower's FedAvg requires equal keys), and
+# nothing else leaves a site: no training loss, no exact example count, no steps or timings.
+TRAIN_METRIC_KEYS = ("num-examples", "declined", "epsilon", "delta", "target-epsilon")
+TRAIN_INFO_KEYS = ("site", "reason", "accountant")
+MAX_ROUNDS = 100_000
+MAX_CLASSES = 1000
+
+
+def coarse_count(n: int) -> int:
+    """The FedAvg weight a site reports: its example count rounded to a quarter-octave
+    (2^(k/4), within ±9 %), so the exact size of its data set does not leave the site."""
+    if n <= 0:
+        return 0
+    return max(1, int(round(2 ** (round(4 * math.log2(n)) / 4))))
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """A server's train message, validated at the site like a file from a stranger."""
+
+    server_round: int
+    total_rounds: int
+    run_id: str
+    num_classes: int  # 0: not given (simulation: the data set's)
+    backbone_sha256: str
+    noise_multiplier: float  # a proposal; 0 = none
+
+    @classmethod
+    def parse(cls, config) -> TrainRequest:
+        def integer(key: str, low: int, high: int, default: int | None = None) -> int:
+            value = config.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or int(value) != value or not low <= int(value) <= high:
+                raise ValueError(f"`{key}` must be an integer in [{low}, {high}], got {value!r}")
+            return int(value)
+
+        total = integer("total-rounds", 1, MAX_ROUNDS)
+        rnd = integer("server-round", 1, total)
+        num_classes = integer("num-classes", 0, MAX_CLASSES, 0)
+        if num_classes == 1:
+            raise ValueError("`num-classes` must be at least 2, got 1")
+        run_id = config.get("run-id", "")
+        if not isinstance(run_id, str) or len(run_id) > 128:
+            raise ValueError("`run-id` must be a string of at most 128 characters")
+        sha = config.get("backbone-sha256", "")
+        if not isinstance(sha, str) or (sha and not re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise ValueError(f"`backbone-sha256` must be 64 lowercase hex digits, got {sha!r:.80}")
+        sigma = config.get("noise-multiplier", 0.0)
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or not 0 <= sigma <= 1e4:
+            raise ValueError(f"`noise-multiplier` must be a finite number in [0, 10000], got {sigma!r}")
+        return cls(rnd, total, run_id, num_classes, sha, float(sigma))
 
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -28,13 +78,15 @@ def record_bytes(record: ArrayRecord) -> int:
     return int(record.count_bytes())
 
 
-def train_reply(arrays: ArrayRecord, metrics: dict[str, float], *, site: str = "", reason: str = "") -> RecordDict:
-    """A train reply: the suffix tensors, fixed metric keys, and the site's name and any reason."""
+def train_reply(arrays: ArrayRecord, metrics: dict[str, float], *, site: str = "", reason: str = "",
+                accountant: str = "") -> RecordDict:
+    """A train reply: the suffix tensors, exactly :data:`TRAIN_METRIC_KEYS`, the site's name, accountant
+    and any reason. ``metrics["num-examples"]`` is coarsened here (:func:`coarse_count`)."""
     values = {k: float(metrics.get(k, 0.0)) for k in TRAIN_METRIC_KEYS}
     values = {k: (v if math.isfinite(v) else -1.0) for k, v in values.items()}
-    values["num-examples"] = int(values["num-examples"])
+    values["num-examples"] = coarse_count(int(values["num-examples"]))
     return RecordDict({"arrays": arrays, "metrics": MetricRecord(values),
-                       "info": ConfigRecord({"site": site, "reason": reason})})
+                       "info": ConfigRecord({"site": site, "reason": reason, "accountant": accountant})})
 
 
 def validate_update(content: RecordDict, expected: dict[str, tuple[tuple[int, ...], str]]) -> list[str]:

@@ -78,6 +78,7 @@ class Tracker:
     best_state: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     last_epsilon: dict[str, float] = field(default_factory=dict)
+    last_privacy: dict[str, dict] = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -91,9 +92,11 @@ class Tracker:
                "seconds": round(time.perf_counter() - self.t0, 3)}
         if stats is not None:
             self.last_epsilon.update(stats.epsilon)
+            self.last_privacy.update(stats.privacy)
             row.update({"bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down, "sites_trained": sorted(stats.trained),
                         "declined": stats.declined, "rejected": stats.rejected, "failed": stats.failed,
-                        "epsilon": dict(sorted(stats.epsilon.items()))})
+                        "epsilon": dict(sorted(stats.epsilon.items())),
+                        "privacy": dict(sorted(stats.privacy.items()))})
         self.history.append(row)
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(row, default=_json_default) + "\n")
@@ -128,7 +131,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     if distribute_backbone:
         ensure_backbone(grid, cfg, model.weights_sha256, fed.sites)
     train_config = ConfigRecord({"total-rounds": fed.rounds, "run-id": str(run_id), "num-classes": source.num_classes,
-                                 "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256})
+                                 "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256,
+                                 "noise-multiplier": cfg.privacy.noise_multiplier})
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=fed.rounds, train_config=train_config,
                    evaluate_fn=tracker)
     if tracker.best_round < 0:
@@ -141,18 +145,22 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     save_file({k: v.contiguous() for k, v in tracker.best_state.items()}, out / "suffix.safetensors",
               metadata={"backbone": cfg.model.backbone, "weights_sha256": model.weights_sha256,
                         "round": str(tracker.best_round), "split": model.split_name})
-    sites_cache = all(s.cache_hit for s in strategy.rounds.values())
+    dp = cfg.privacy.enabled or bool(tracker.last_privacy)  # deployed sites always report their DP spend
     summary = {
         "test_auc": best["test_auc"], "test_acc": best["test_acc"],
         "val_auc": best["val_auc"], "val_acc": best["val_acc"],
         "selected_round": tracker.best_round,
         "final_round_test_auc": final["test_auc"], "final_round_test_acc": final["test_acc"],
         "rounds": fed.rounds, "sites": fed.sites,
-        "dp": cfg.privacy.enabled,
-        "epsilon": dict(sorted(tracker.last_epsilon.items())) if cfg.privacy.enabled else {},
-        "epsilon_max": max(tracker.last_epsilon.values(), default=0.0) if cfg.privacy.enabled else None,
+        "dp": dp,
+        "epsilon": dict(sorted(tracker.last_epsilon.items())) if dp else {},
+        "epsilon_max": max(tracker.last_epsilon.values(), default=0.0) if dp else None,
         "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
         "delta": cfg.privacy.delta if cfg.privacy.enabled else None,
+        # each site's ε, δ, accountant and budget as that site reported them (a deployed site's own policy)
+        "privacy": dict(sorted(tracker.last_privacy.items())),
+        "accountants": sorted({p["accountant"] for p in tracker.last_privacy.values()}),
+        "randomness": cfg.privacy.randomness,
         "bytes_up_per_round": _mean(r.get("bytes_up", 0) for r in rounds),
         "bytes_down_per_round": _mean(r.get("bytes_down", 0) for r in rounds),
         "bytes_per_site_round": record_bytes(initial),
@@ -161,7 +169,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         "total_params": counts["total_params"],
         "backbone": cfg.model.backbone, "weights_sha256": model.weights_sha256, "split_after": model.split_name,
         "wall_seconds": round(time.perf_counter() - t_start, 2),
-        "cache_hit": bool(val_hit and test_hit and sites_cache),
+        "cache_hit": bool(val_hit and test_hit),  # the server's own; fedtl simulate adds the sites'
+
         "declined": {str(k): v for r in rounds for k, v in r.get("declined", {}).items()},
         "rejected_updates": sum(len(r.get("rejected", {})) for r in rounds),
     }

@@ -18,20 +18,13 @@ from fedtl.config import FedTLConfig
 from fedtl.data import ImageSet, Preprocessing, load_medmnist, partition_indices, resolve_data_path
 from fedtl.features import FeatureCache, default_cache_dir
 from fedtl.model import TransferModel
-from fedtl.privacy import PrivacyLedger
-from fedtl.training import TrainResult, train_suffix
+from fedtl.errors import LedgerError
+from fedtl.privacy import PrivacyPolicy, Proposal, open_ledger, plan_round
+from fedtl.privacy.policy import Decline, policy_for_simulation
+from fedtl.privacy.rng import secret_generator, seeded_generator
+from fedtl.training import DPSettings, TrainResult, train_suffix
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SitePolicy:
-    """Who a site is and what it may spend: its name, its ledger file and its own budget."""
-
-    name: str
-    ledger_path: Path
-    target_epsilon: float
-    delta: float
 
 
 @dataclass
@@ -101,18 +94,89 @@ def ledger_path(cfg: FedTLConfig, site_name: str) -> Path:
     return base / site_name / "privacy-ledger.json"
 
 
-def simulated_policy(cfg: FedTLConfig, site_index: int) -> SitePolicy:
+def simulated_policy(cfg: FedTLConfig, site_index: int) -> PrivacyPolicy:
+    """A simulated site's policy: from the simulation's config (one trust domain), same code path."""
     name = f"site-{site_index}"
-    return SitePolicy(name, ledger_path(cfg, name), cfg.privacy.budget_for(site_index), cfg.privacy.delta)
+    return policy_for_simulation(cfg.privacy, name, site_index, ledger_path(cfg, name), seed=cfg.train.seed)
 
 
-def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: SitePolicy, *, run_id: str,
-               server_round: int, total_rounds: int) -> TrainResult:
-    """One local round: DP-SGD (or plain SGD) on the suffix, the ledger saved before returning."""
-    ledger = None
-    if cfg.privacy.enabled:
-        ledger = PrivacyLedger.open(policy.ledger_path, site=policy.name, target_epsilon=policy.target_epsilon,
-                                    delta=policy.delta, accountant=cfg.privacy.accountant)
-    return train_suffix(model, data.features, data.labels, cfg.train, lr_scale=cfg.adapters.effective_lr_scale(),
-                        privacy=cfg.privacy, ledger=ledger, run_id=run_id, server_round=server_round,
-                        total_rounds=total_rounds)
+@dataclass
+class SiteRound:
+    """The outcome of one train request at a site: what may leave it, and what stays."""
+
+    site: str
+    num_examples: int
+    declined: bool = False
+    reason: str = ""  # sent to the server: never a local path
+    epsilon: float = 0.0  # the site's cumulative ε after this round (0 without DP)
+    delta: float = 0.0
+    accountant: str = ""
+    budget: float = 0.0
+    noise_multiplier: float = 0.0  # stays at the site (logged)
+    train: TrainResult | None = None  # stays at the site
+
+
+def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: PrivacyPolicy, *, run_id: str,
+               server_round: int, proposal: Proposal) -> SiteRound:
+    """One local round under the site's policy: plan, DP-SGD on the suffix, ledger saved before returning.
+
+    The ledger stays locked from reading it to saving it, so concurrent trainings on one
+    state-dir serialize and none can under-count. On decline, the suffix is left untouched.
+    """
+    n = int(data.labels.shape[0])
+    out = SiteRound(site=policy.site, num_examples=n)
+    if not policy.dp:  # simulation with --no-dp only (a deployed policy cannot be built so)
+        res = train_suffix(model, data.features, data.labels, cfg.train, lr_scale=cfg.adapters.effective_lr_scale(),
+                           batch_size=proposal.batch_size, epochs=proposal.epochs,
+                           generator=_generator(policy, run_id, server_round))
+        out.train = res
+        return out
+    out.delta, out.accountant, out.budget = policy.delta, policy.accountant, policy.target_epsilon
+    try:
+        with open_ledger(policy.ledger_path, site=policy.site, delta=policy.delta, accountant=policy.accountant,
+                         target_epsilon=policy.target_epsilon) as ledger:
+            plan = plan_round(policy, ledger, proposal, run_id=run_id, server_round=server_round, num_examples=n)
+            if isinstance(plan, Decline):
+                out.declined, out.reason, out.epsilon = True, plan.reason, plan.epsilon
+                log.warning("Site %s declines round %d: %s", policy.site, server_round, plan.reason)
+                return out
+            for note in plan.notes:
+                log.info("Site %s: %s", policy.site, note)
+            dp = DPSettings(plan.noise_multiplier, policy.max_grad_norm, plan.sample_rate, policy.accountant)
+            res = train_suffix(model, data.features, data.labels, cfg.train, lr_scale=cfg.adapters.effective_lr_scale(),
+                               batch_size=plan.batch_size, epochs=plan.epochs, dp=dp,
+                               generator=_generator(policy, run_id, server_round), reseed=not policy.seeded)
+            ledger.append(run=run_id, round=server_round, noise_multiplier=plan.noise_multiplier,
+                          sample_rate=plan.sample_rate, steps=res.steps)
+            ledger.save()  # durable (and its anchor) before the update can leave the site
+            out.epsilon, out.noise_multiplier, out.train = ledger.epsilon(), plan.noise_multiplier, res
+    except LedgerError as exc:  # unreadable, tampered, missing or locked: never train blind
+        log.error("Site %s declines round %d: %s", policy.site, server_round, exc)
+        out.declined = True
+        out.reason = (f"Site `{policy.site}` cannot use its privacy ledger (details in the site's log); it will not "
+                      "train until its operator restores it.")
+        return out
+    log.info("Site %s round %d: σ=%.3f, %d steps, train loss %.4f, ε=%.3f of %g", policy.site, server_round,
+             out.noise_multiplier, res.steps, res.loss, out.epsilon, policy.target_epsilon)
+    return out
+
+
+def _generator(policy: PrivacyPolicy, run_id: str, server_round: int) -> torch.Generator:
+    if policy.seeded:
+        return seeded_generator(policy.seed, policy.site, run_id, server_round)
+    return secret_generator()
+
+
+def ignored_privacy_settings(conf: FedTLConfig, policy: PrivacyPolicy) -> list[str]:
+    """The run config's privacy settings that differ from a deployed site's own policy (all ignored)."""
+    p = conf.privacy
+    mine = policy.describe()
+    theirs = {"enabled": (p.enabled, True), "target-epsilon": (p.target_epsilon, mine["target_epsilon"]),
+              "delta": (p.delta, mine["delta"]), "accountant": (p.accountant, mine["accountant"]),
+              "max-grad-norm": (p.max_grad_norm, mine["max_grad_norm"]),
+              "max-epsilon-per-run": (p.max_epsilon_per_run or p.target_epsilon, mine["max_epsilon_per_run"]),
+              "max-epsilon-per-round": (p.max_epsilon_per_round or p.target_epsilon / 4, mine["max_epsilon_per_round"]),
+              "max-rounds-per-run": (p.max_rounds_per_run, mine["max_rounds_per_run"]),
+              "max-noise-multiplier": (p.max_noise_multiplier, mine["max_noise_multiplier"]),
+              "randomness": (p.randomness, "os"), "site-epsilons": (p.site_epsilons, "")}
+    return [f"privacy.{k}={a!r} (site: {b!r})" for k, (a, b) in theirs.items() if a != b]

@@ -24,8 +24,7 @@ class RoundStats:
     rejected: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)
-    train_loss: dict[str, float] = field(default_factory=dict)
-    cache_hit: bool = True
+    privacy: dict[str, dict] = field(default_factory=dict)  # per site, as the site reported it
 
 
 class SuffixFedAvg(FedAvg):
@@ -63,8 +62,9 @@ class SuffixFedAvg(FedAvg):
             site = str(info.get("site", "") or f"node-{node}")
             if metrics is not None and float(metrics.get("epsilon", -1.0)) >= 0:
                 stats.epsilon[site] = float(metrics["epsilon"])
-            if metrics is not None and metrics.get("cache-hit", 1.0) == 0.0:
-                stats.cache_hit = False
+                stats.privacy[site] = {"epsilon": float(metrics["epsilon"]), "delta": float(metrics.get("delta", 0.0)),
+                                       "accountant": str(info.get("accountant", "")),
+                                       "budget": float(metrics.get("target-epsilon", 0.0))}
             if metrics is not None and metrics.get("declined", 0.0):
                 reason = str(info.get("reason", "") or "declined")
                 stats.declined[site] = reason
@@ -78,7 +78,6 @@ class SuffixFedAvg(FedAvg):
                 continue
             stats.bytes_up += record_bytes(next(iter(content.array_records.values())))
             stats.trained.append(site)
-            stats.train_loss[site] = float(metrics.get("train-loss", -1.0))
             accepted.append(msg)
         if not accepted:
             log.warning("Round %d: no valid update; the global suffix is unchanged.", server_round)

@@ -17,9 +17,14 @@ def make_accountant(name: str, history: list[tuple[float, float, int]] | None = 
     return acc
 
 
+ACCOUNTANTS = ("rdp", "prv")  # Opacus' GDP accountant under-estimates composition: not offered
+
+
 def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
     """Cumulative ε of a history at δ. RDP composes additively, so per-(σ, q) RDP curves are
     memoized and scaled by step counts: same result as Opacus' RDPAccountant, computed once."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
     if not history:
         return 0.0
     if accountant == "rdp":

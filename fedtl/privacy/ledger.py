@@ -1,135 +1,296 @@
-"""The durable per-site privacy ledger.
+"""The durable, locked, tamper-evident per-site privacy ledger.
 
-It holds the accountant's history — a short list of ``(noise_multiplier, sample_rate, steps)``
-— so a site's ε is always its cumulative spend across rounds, runs and restarts. Writes are
-atomic (temporary file + ``os.replace``) and append-only: a save that would drop or rewrite
-earlier history is refused, so ε never decreases.
+A site's ε is always its cumulative spend across rounds, runs and restarts. The ledger file
+(``privacy-ledger.json``) holds one entry per round that trained — ``(noise multiplier, sample
+rate, steps)`` plus run, round and ε after it — and the accountant's history is those entries.
+
+Guarantees (each has a test in ``tests/unit/privacy/``):
+
+* **No lost update.** :func:`open_ledger` takes an exclusive ``fcntl.flock`` on ``<ledger>.lock``
+  and reads the ledger *under the lock*; the caller trains and saves before the lock is released.
+  Two trainings on one state-dir (two runs, one site started twice) serialize; the second sees
+  the first's round.
+* **Durable before release.** :meth:`PrivacyLedger.save` writes a temporary file, fsyncs it,
+  renames it over the ledger and fsyncs the directory, then the anchor (below) the same way. An
+  update leaves the site only after ``save`` returned.
+* **Tamper evidence.** Every entry carries ``prev`` and ``hash`` (sha256 over the previous hash
+  and the entry); the chain starts from a hash of the header (site, accountant, δ, a random
+  genesis id), so an edited entry, a changed δ or accountant, or a removed entry is detected on
+  open. The anchor file (``<ledger>.anchor``: genesis, entry count, head hash) is what makes a
+  deleted or rolled-back ledger detectable: a state-dir that has ever held a ledger refuses to
+  start without it. (An attacker with write access to the state-dir can delete both files; that
+  is outside the threat model — see docs/privacy.md.)
+* **Pinned accounting.** δ and the accountant are fixed when the ledger is created; a policy
+  with others is refused rather than silently mixing two accountings.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import math
 import os
+import secrets
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from hashlib import sha256
 from pathlib import Path
 
 from fedtl.errors import LedgerError
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
+LOCK_TIMEOUT_S = 600.0
+
+
+def _canonical(obj: dict) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _genesis_hash(site: str, accountant: str, delta: float, genesis: str) -> str:
+    return sha256(_canonical({"site": site, "accountant": accountant, "delta": delta, "genesis": genesis})).hexdigest()
+
+
+def _entry_hash(entry: dict) -> str:
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return sha256(_canonical(body)).hexdigest()
 
 
 @dataclass
 class PrivacyLedger:
     site: str
-    target_epsilon: float
     delta: float
     accountant: str = "rdp"
-    history: list[tuple[float, float, int]] = field(default_factory=list)
-    rounds: list[dict] = field(default_factory=list)  # one entry per round that trained
-    plan: dict = field(default_factory=dict)  # {"run": id, "noise_multiplier": σ, "sample_rate": q}
+    target_epsilon: float = 0.0  # the budget in force when last saved (informational; site.toml decides)
+    genesis: str = field(default_factory=lambda: secrets.token_hex(16))
+    entries: list[dict] = field(default_factory=list)
+    plan: dict = field(default_factory=dict)  # noise calibration for the current run (a cache, re-checked)
     path: Path | None = field(default=None, repr=False, compare=False)
-    _saved_history: list[tuple[float, float, int]] = field(default_factory=list, repr=False, compare=False)
+    _saved_entries: int = field(default=0, repr=False, compare=False)
 
-    # ---- persistence -------------------------------------------------------------------
-    @classmethod
-    def open(cls, path: str | os.PathLike, *, site: str, target_epsilon: float, delta: float,
-             accountant: str) -> PrivacyLedger:
-        """Load the site's ledger, or start an empty one if none exists yet (nothing is written)."""
-        p = Path(path)
-        if not p.exists():
-            return cls(site=site, target_epsilon=target_epsilon, delta=delta, accountant=accountant, path=p)
-        try:
-            raw = json.loads(p.read_text())
-            history = [(float(s), float(q), int(n)) for s, q, n in raw["history"]]
-            ledger = cls(site=raw["site"], target_epsilon=target_epsilon, delta=delta,
-                         accountant=raw["accountant"], history=history, rounds=list(raw.get("rounds", [])),
-                         plan=dict(raw.get("plan", {})), path=p)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise LedgerError(
-                f"Privacy ledger {p} is unreadable or corrupt ({exc}). It is left untouched; the site will not "
-                "train until it is restored from a backup (deleting it would forget spent privacy)."
-            ) from exc
-        if ledger.site != site:
-            raise LedgerError(f"Privacy ledger {p} belongs to site `{ledger.site}`, not `{site}`.")
-        if ledger.accountant != accountant:
-            raise LedgerError(
-                f"Privacy ledger {p} was kept with the `{ledger.accountant}` accountant; `privacy.accountant` is "
-                f"`{accountant}`. Keep the accountant a site started with."
-            )
-        ledger._saved_history = list(history)
-        return ledger
+    # ---- the accountant's view ----------------------------------------------------------
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in self.entries]
 
-    def save(self) -> None:
-        if self.path is None:
-            raise LedgerError("this ledger has no path to be saved to")
-        if not history_extends(self._saved_history, self.history):
-            raise LedgerError(f"Refusing to rewrite the history of {self.path}: a ledger only grows.")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        body = {
-            "version": LEDGER_VERSION,
-            "site": self.site,
-            "accountant": self.accountant,
-            "target_epsilon": self.target_epsilon,
-            "delta": self.delta,
-            "epsilon": self.epsilon(),
-            "history": [list(h) for h in self.history],
-            "rounds": self.rounds,
-            "plan": self.plan,
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(body, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self._saved_history = list(self.history)
+    def run_history(self, run: str) -> list[tuple[float, float, int]]:
+        return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
+                for e in self.entries if e["run"] == run]
 
-    # ---- accounting --------------------------------------------------------------------
+    def rounds_in_run(self, run: str) -> list[int]:
+        return [int(e["round"]) for e in self.entries if e["run"] == run]
+
     def epsilon(self, extra: list[tuple[float, float, int]] | None = None) -> float:
         from fedtl.privacy.accounting import epsilon_of
 
         return epsilon_of(self.history + list(extra or []), self.delta, self.accountant)
 
-    def record_round(self, history: list[tuple[float, float, int]], **info) -> None:
-        if not history_extends(self.history, history):
-            raise LedgerError("the accountant's history does not extend the ledger's; refusing to record it")
-        self.history = [tuple(h) for h in history]
-        self.rounds.append({**info, "epsilon": self.epsilon(), "time": time.time()})
+    # ---- changes ------------------------------------------------------------------------
+    def append(self, *, run: str, round: int, noise_multiplier: float, sample_rate: float, steps: int) -> dict:
+        """Record one trained round; chained to the previous entry. Call :meth:`save` before release."""
+        for name, value in (("noise_multiplier", noise_multiplier), ("sample_rate", sample_rate)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise LedgerError(f"refusing to record a round with {name}={value!r}")
+        if not 0 < sample_rate <= 1 or int(steps) < 1:
+            raise LedgerError(f"refusing to record a round with sample_rate={sample_rate}, steps={steps}")
+        prev = self.entries[-1]["hash"] if self.entries else self.head_of_genesis()
+        entry = {"run": str(run), "round": int(round), "noise_multiplier": float(noise_multiplier),
+                 "sample_rate": float(sample_rate), "steps": int(steps), "time": round_time(),
+                 "prev": prev}
+        entry["epsilon"] = self.epsilon([(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])])
+        entry["hash"] = _entry_hash(entry)
+        self.entries.append(entry)
+        return entry
+
+    def head_of_genesis(self) -> str:
+        return _genesis_hash(self.site, self.accountant, self.delta, self.genesis)
+
+    @property
+    def head(self) -> str:
+        return self.entries[-1]["hash"] if self.entries else self.head_of_genesis()
+
+    # ---- persistence --------------------------------------------------------------------
+    def save(self) -> None:
+        """Durably write the ledger, then its anchor (both fsync'd, directory too)."""
+        if self.path is None:
+            raise LedgerError("this ledger has no path to be saved to")
+        if len(self.entries) < self._saved_entries:
+            raise LedgerError(f"Refusing to rewrite the history of {self.path}: a ledger only grows.")
+        verify_chain(self)  # never write a chain that would not verify
+        body = {
+            "version": LEDGER_VERSION,
+            "site": self.site,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "genesis": self.genesis,
+            "target_epsilon": self.target_epsilon,
+            "epsilon": self.epsilon(),
+            "entries": self.entries,
+            "plan": self.plan,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        _atomic_write(self.path, json.dumps(body, indent=1, allow_nan=False).encode())
+        anchor = {"site": self.site, "genesis": self.genesis, "entries": len(self.entries), "head": self.head}
+        _atomic_write(anchor_path(self.path), json.dumps(anchor, indent=1).encode())
+        self._saved_entries = len(self.entries)
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("path", None)
-        d.pop("_saved_history", None)
-        return d
+        return {"site": self.site, "accountant": self.accountant, "delta": self.delta,
+                "target_epsilon": self.target_epsilon, "epsilon": self.epsilon(), "entries": list(self.entries)}
 
 
-def _merged(history: list[tuple[float, float, int]]) -> list[list]:
-    """Consecutive entries with the same (noise, sample rate) merged, as accountants do."""
-    out: list[list] = []
-    for sigma, q, steps in history:
-        if out and out[-1][0] == sigma and out[-1][1] == q:
-            out[-1][2] += int(steps)
-        else:
-            out.append([float(sigma), float(q), int(steps)])
-    return out
+def round_time() -> float:
+    return round(time.time(), 3)
 
 
-def history_extends(old: list[tuple[float, float, int]], new: list[tuple[float, float, int]]) -> bool:
-    """Whether ``new`` is ``old`` plus more steps (never fewer, never different)."""
-    a, b = _merged(old), _merged(new)
-    if len(b) < len(a):
-        return False
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x[:2] != y[:2]:
-            return False
-        last = i == len(a) - 1
-        if (y[2] < x[2]) if last else (y[2] != x[2]):
-            return False
-    return True
+def anchor_path(path: Path) -> Path:
+    return path.with_name(path.name + ".anchor")
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def verify_chain(ledger: PrivacyLedger) -> None:
+    prev = ledger.head_of_genesis()
+    for i, entry in enumerate(ledger.entries):
+        if entry.get("prev") != prev or entry.get("hash") != _entry_hash(entry):
+            where = f" ({ledger.path})" if ledger.path else ""
+            raise LedgerError(
+                f"Privacy ledger{where} fails its integrity check at entry {i + 1} of {len(ledger.entries)}: it was "
+                "edited, truncated or its header (site, accountant, δ) changed. It is left untouched; restore it from "
+                "a backup before this site trains again."
+            )
+        prev = entry["hash"]
+
+
+def _read(path: Path) -> PrivacyLedger:
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("version") != LEDGER_VERSION:
+            raise ValueError(f"unsupported ledger version {raw.get('version')!r} (this fedtl writes {LEDGER_VERSION})")
+        ledger = PrivacyLedger(site=str(raw["site"]), delta=float(raw["delta"]), accountant=str(raw["accountant"]),
+                               target_epsilon=float(raw.get("target_epsilon", 0.0)), genesis=str(raw["genesis"]),
+                               entries=[dict(e) for e in raw["entries"]], plan=dict(raw.get("plan") or {}), path=path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LedgerError(
+            f"Privacy ledger {path} is unreadable or corrupt ({exc}). It is left untouched; the site will not train "
+            "until it is restored from a backup (deleting it would forget spent privacy)."
+        ) from exc
+    verify_chain(ledger)
+    ledger._saved_entries = len(ledger.entries)
+    return ledger
+
+
+def _check_anchor(path: Path, ledger: PrivacyLedger | None) -> None:
+    anchor = anchor_path(path)
+    if not anchor.exists():
+        return  # a ledger saved before its anchor (crash in between): the next save writes it
+    try:
+        a = json.loads(anchor.read_text())
+        count, head, genesis = int(a["entries"]), str(a["head"]), str(a["genesis"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LedgerError(f"Privacy ledger anchor {anchor} is unreadable ({exc}); restore the state-dir from a backup.") from exc
+    if ledger is None:
+        raise LedgerError(
+            f"Privacy ledger {path} is missing, but this state-dir has held one ({count} trained round(s), recorded "
+            f"in {anchor.name}). Spent privacy cannot be forgotten: restore {path.name} from a backup. A site that "
+            "really starts over with new data needs a new, empty state-dir."
+        )
+    if genesis != ledger.genesis or count > len(ledger.entries) or (count and ledger.entries[count - 1]["hash"] != head):
+        raise LedgerError(
+            f"Privacy ledger {path} is older than, or not the one, its anchor {anchor.name} records ({count} rounds): "
+            "it was rolled back or replaced. Restore the latest ledger from a backup."
+        )
+
+
+@contextlib.contextmanager
+def open_ledger(path: str | os.PathLike, *, site: str, delta: float, accountant: str,
+                target_epsilon: float = 0.0, timeout: float = LOCK_TIMEOUT_S) -> Iterator[PrivacyLedger]:
+    """The site's ledger, read under an exclusive lock held until the block ends.
+
+    A new ledger is created (in memory; nothing is written until :meth:`PrivacyLedger.save`)
+    only when the state-dir never held one.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path(p), "a+") as lock:
+        _acquire(lock, p, timeout)
+        try:
+            ledger = _read(p) if p.exists() else None
+            _check_anchor(p, ledger)
+            if ledger is None:
+                ledger = PrivacyLedger(site=site, delta=float(delta), accountant=accountant, path=p)
+            _check_identity(ledger, p, site=site, delta=delta, accountant=accountant)
+            if target_epsilon:
+                ledger.target_epsilon = float(target_epsilon)
+            yield ledger
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_ledger(path: str | os.PathLike) -> PrivacyLedger:
+    """Read and verify a ledger (no lock, nothing written): for inspection and reports."""
+    p = Path(path)
+    if not p.exists():
+        _check_anchor(p, None)
+        raise LedgerError(f"No privacy ledger at {p}: this site has not trained yet.")
+    ledger = _read(p)
+    _check_anchor(p, ledger)
+    return ledger
+
+
+def _acquire(lock, path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            if time.monotonic() > deadline:
+                raise LedgerError(f"Privacy ledger {path} stayed locked by another training for {timeout:.0f} s; "
+                                  "is the same site running twice?") from exc
+            time.sleep(0.05)
+
+
+def _check_identity(ledger: PrivacyLedger, path: Path, *, site: str, delta: float, accountant: str) -> None:
+    if ledger.site != site:
+        raise LedgerError(f"Privacy ledger {path} belongs to site `{ledger.site}`, not `{site}`.")
+    if ledger.accountant != accountant:
+        raise LedgerError(
+            f"Privacy ledger {path} was kept with the `{ledger.accountant}` accountant; the site's policy says "
+            f"`{accountant}`. Keep the accountant a site started with."
+        )
+    if ledger.delta != float(delta):
+        raise LedgerError(
+            f"Privacy ledger {path} accounts at δ={ledger.delta:g}; the site's policy says δ={float(delta):g}. "
+            "δ is pinned when a ledger starts; keep it."
+        )

@@ -20,7 +20,9 @@ import torch
 from fedtl.config import FedTLConfig, parse_assignment
 from fedtl.federation.site import (build_transfer_model, cached_features, load_source, simulated_policy,
                                    simulated_site_data, train_site)
+from fedtl.federation.records import coarse_count
 from fedtl.model import check_state
+from fedtl.privacy import Proposal
 from fedtl.training import evaluate_suffix
 
 
@@ -40,11 +42,13 @@ def run(cfg: FedTLConfig, verbose: bool = False) -> dict:
         acc, total = None, 0
         for s, data in enumerate(sites):
             model.load_trainable_state(global_state)
-            res = train_site(cfg, model, data, simulated_policy(cfg, s), run_id="tune", server_round=r, total_rounds=cfg.federation.rounds)
+            proposal = Proposal(total_rounds=cfg.federation.rounds, batch_size=cfg.train.batch_size,
+                                epochs=cfg.train.epochs, noise_multiplier=cfg.privacy.noise_multiplier)
+            res = train_site(cfg, model, data, simulated_policy(cfg, s), run_id="tune", server_round=r, proposal=proposal)
             eps[s] = res.epsilon
             if res.declined:
                 continue
-            w = res.num_examples
+            w = coarse_count(res.num_examples)  # the weight a site reports to the server
             st = model.trainable_state()
             if check_state(st, model.expected_state()):  # the server drops non-finite updates too
                 continue

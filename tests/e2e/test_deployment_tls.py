@@ -252,14 +252,15 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
         state, budget = sites[name]
         ledger = json.loads((state / "privacy-ledger.json").read_text())
         assert ledger["site"] == name and ledger["target_epsilon"] == budget
-        assert [r["round"] for r in ledger["rounds"]] == [1, 2], ledger["rounds"]
+        assert [e["round"] for e in ledger["entries"]] == [1, 2], ledger["entries"]
         assert 0 < ledger["epsilon"] <= budget + 1e-9
         assert ledger["epsilon"] == pytest.approx(summary["epsilon"][name])
+        assert summary["privacy"][name]["budget"] == budget and summary["privacy"][name]["accountant"] == "rdp"
         assert any((state / "features").iterdir())  # the site's own feature cache
     ledger_c = sites[declining][0] / "privacy-ledger.json"
     if ledger_c.exists():
         body = json.loads(ledger_c.read_text())
-        assert body["history"] == [] and body["rounds"] == [] and body["epsilon"] == 0, body
+        assert body["entries"] == [] and body["epsilon"] == 0, body
 
     runs = ops.run_status(dep.flwr_home, CONNECTION)
     assert len(runs) == 1 and "finished" in runs[0]["status"], runs

@@ -49,7 +49,13 @@ def test_three_sites_two_rounds_with_dp_and_a_site_out_of_budget(tmp_path):
     assert sorted(rows[1]["sites_trained"]) == ["site-0", "site-1"]
     assert (out / "suffix.safetensors").stat().st_size > 0
     ledger = json.loads((out / "sites" / "site-0" / "privacy-ledger.json").read_text())
-    assert len(ledger["rounds"]) == 2 and ledger["epsilon"] == pytest.approx(summary["epsilon"]["site-0"])
+    assert len(ledger["entries"]) == 2 and ledger["epsilon"] == pytest.approx(summary["epsilon"]["site-0"])
+    # each site's ε, δ, accountant and budget as the site reported them; the randomness is named
+    assert summary["privacy"]["site-0"] == {"epsilon": summary["epsilon"]["site-0"], "delta": 1e-5,
+                                            "accountant": "rdp", "budget": 3.0}
+    assert summary["privacy"]["site-2"]["budget"] == 0.05 and summary["accountants"] == ["rdp"]
+    assert summary["randomness"] == "os" and json.loads((out / "config.json").read_text())["privacy.randomness"] == "os"
+    assert rows[1]["privacy"]["site-1"]["accountant"] == "rdp"
     assert _ray_processes() <= before, "the simulation left Ray processes running"
 
     # the same command again reuses the prefix cache

@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from fedtl.config import AdaptersConfig, ModelConfig, PrivacyConfig, TrainConfig
+from fedtl.config import AdaptersConfig, ModelConfig, TrainConfig
 from fedtl.errors import ConfigError, UpdateRejected
 from fedtl.model import TransferModel
-from fedtl.privacy import PrivacyLedger
-from fedtl.training import train_suffix
+from fedtl.training import DPSettings, train_suffix
 
 
 def _frozen_snapshot(model: TransferModel) -> dict:
@@ -23,9 +22,8 @@ def test_only_suffix_tensors_change_prefix_and_bn_stats_bit_identical(tiny_backb
     x = torch.randn(40, 3, 12, 12)
     feats = model.prefix_features(x)
     labels = torch.randint(0, 2, (40,))
-    ledger = PrivacyLedger.open(tmp_path / "l.json", site="s", target_epsilon=50.0, delta=1e-5, accountant="rdp")
-    train_suffix(model, feats, labels, TrainConfig(lr=0.5, batch_size=8, epochs=2),
-                 privacy=PrivacyConfig(enabled=dp, target_epsilon=50.0), ledger=ledger, run_id="t", total_rounds=1)
+    dp_settings = DPSettings(noise_multiplier=0.5, max_grad_norm=1.0, sample_rate=8 / 40) if dp else None
+    train_suffix(model, feats, labels, TrainConfig(lr=0.5, batch_size=8, epochs=2), dp=dp_settings)
     after = model.state_dict()
     for key, value in before_frozen.items():  # prefix weights, frozen suffix weights, BN running stats
         assert torch.equal(after[key], value), key
@@ -75,9 +73,8 @@ def test_real_backbone_lora_suffix_leaves_prefix_untouched(tmp_path):
     model = TransferModel(build_backbone("efficientnet_lite0"), 2, ModelConfig(cut_after=""), AdaptersConfig(kind="lora", blocks=2))
     frozen = _frozen_snapshot(model)
     feats = model.prefix_features(torch.randn(16, 3, 64, 64))
-    ledger = PrivacyLedger.open(tmp_path / "l.json", site="s", target_epsilon=10.0, delta=1e-5, accountant="rdp")
-    train_suffix(model, feats, torch.randint(0, 2, (16,)), TrainConfig(lr=0.1, batch_size=8), privacy=PrivacyConfig(),
-                 ledger=ledger, run_id="t")
+    train_suffix(model, feats, torch.randint(0, 2, (16,)), TrainConfig(lr=0.1, batch_size=8),
+                 dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5))
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in frozen.items())
     assert model.param_counts()["trainable_params"] < 0.01 * model.param_counts()["total_params"]

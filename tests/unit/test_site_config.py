@@ -64,10 +64,10 @@ def test_defaults_and_flat_dotted_keys(tmp_path):
 
 
 @pytest.mark.parametrize("old,new,message", [
-    ("target-epsilon = 2", "target-epsilon = -1", "`privacy.target-epsilon` must be > 0, got -1 (in site.toml)."),
-    ("target-epsilon = 2", "target-epsilon = nan", "`privacy.target-epsilon` must be > 0, got nan"),
+    ("target-epsilon = 2", "target-epsilon = -1", "`privacy.target-epsilon` must be a finite number > 0, got -1 (in site.toml)."),
+    ("target-epsilon = 2", "target-epsilon = nan", "`privacy.target-epsilon` must be a finite number > 0, got nan"),
     ("target-epsilon = 2", 'target-epsilon = "3"', "`privacy.target-epsilon` must be a number, got '3'"),
-    ("delta = 1e-6", "delta = 1.5", "`privacy.delta` must be in (0, 1), got 1.5 (in site.toml)."),
+    ("delta = 1e-6", "delta = 1.5", "`privacy.delta` must be a finite number in (0, 1), got 1.5 (in site.toml)."),
     ('format = "folder"', 'format = "png"', "`data.format` must be one of medmnist, folder, dicom, got 'png'"),
     ('name = "st-mary_2"', 'name = "st mary"', "`name` must be 1-64 characters from A-Z, a-z, 0-9, '_' and '-', got 'st mary'"),
     ('name = "st-mary_2"', 'name = ""', "`name` must be 1-64 characters"),

@@ -40,8 +40,8 @@ def test_bad_updates_are_dropped_with_reasons_and_the_rest_averaged_by_weight(ca
     nan_state["suffix.head.0.bias"][0] = float("nan")
     extra = dict(_state(5.0), **{"prefix.stem.0.weight": torch.zeros(3)})
     replies = [
-        _reply(1, _state(1.0), 10),
-        _reply(2, _state(4.0), 30),
+        _reply(1, _state(1.0), 8),  # powers of two: coarse_count leaves them as they are
+        _reply(2, _state(4.0), 32),
         _reply(3, _state(9.0, weight_shape=(3, 4)), 50),  # wrong shape
         _reply(4, nan_state, 50),  # NaN
         _reply(5, extra, 50),  # a tensor outside the suffix
@@ -51,7 +51,7 @@ def test_bad_updates_are_dropped_with_reasons_and_the_rest_averaged_by_weight(ca
     with caplog.at_level(logging.WARNING):
         arrays, _ = strategy.aggregate_train(1, replies)
     avg = arrays.to_torch_state_dict()
-    assert torch.allclose(avg["suffix.head.0.weight"], torch.full((2, 4), (1.0 * 10 + 4.0 * 30) / 40))
+    assert torch.allclose(avg["suffix.head.0.weight"], torch.full((2, 4), (1.0 * 8 + 4.0 * 32) / 40))
     stats = strategy.rounds[1]
     assert sorted(stats.trained) == ["s1", "s2"]
     assert set(stats.rejected) == {"s3", "s4", "s5", "s6"} and set(stats.declined) == {"s7"}
