@@ -106,6 +106,39 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_ledger(args: argparse.Namespace) -> int:
+    """Print a site's privacy ledger (verified) and its ε recomputed under both accountants."""
+    from fedtl.privacy import read_ledger
+    from fedtl.privacy.accounting import epsilon_of
+    from fedtl.privacy.policy import policy_for_site
+    from fedtl.site_config import SiteConfig
+
+    site = SiteConfig.load(args.config)
+    policy = policy_for_site(site)
+    ledger = read_ledger(policy.ledger_path)  # verifies the hash chain and the anchor
+    print(f"site: {site.name}  ledger: {policy.ledger_path}")
+    print(f"policy: budget ε={policy.target_epsilon:g} at δ={policy.delta:g}, accountant {policy.accountant}, "
+          f"per run ≤ {policy.run_cap:g}, per round ≤ {policy.round_cap:g}, max σ {policy.max_noise_multiplier:g}")
+    print(f"ledger: δ={ledger.delta:g}, accountant {ledger.accountant}, {len(ledger.entries)} round(s), chain verified")
+    print(f"{'#':>3} {'run':24} {'round':>5} {'sigma':>8} {'q':>8} {'steps':>6} {'eps after':>9}  time")
+    import time as _time
+
+    for i, e in enumerate(ledger.entries, 1):
+        when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(e["time"]))
+        print(f"{i:>3} {e['run'][:24]:24} {e['round']:>5} {e['noise_multiplier']:>8.3f} {e['sample_rate']:>8.4f} "
+              f"{e['steps']:>6} {e['epsilon']:>9.4f}  {when}")
+    history = ledger.history
+    rdp = epsilon_of(history, ledger.delta, "rdp")
+    prv = epsilon_of(history, ledger.delta, "prv")
+    print(f"epsilon (recomputed from the history at δ={ledger.delta:g}): rdp {rdp:.4f}, prv {prv:.4f}; "
+          f"budget {policy.target_epsilon:g}, remaining {max(0.0, policy.target_epsilon - (rdp if ledger.accountant == 'rdp' else prv)):.4f} "
+          f"({ledger.accountant})")
+    if args.json:
+        print(json.dumps({"site": site.name, "entries": ledger.entries, "epsilon_rdp": rdp, "epsilon_prv": prv,
+                          "delta": ledger.delta, "accountant": ledger.accountant, "budget": policy.target_epsilon}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtl", description="Federated transfer learning: frozen prefix, private suffix.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -139,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = site_sub.add_parser("check", help="load the site config and its data offline; report classes and unreadable files")
     p.add_argument("config", help="the site's TOML file (name, data, privacy, tls, auth)")
     p.set_defaults(func=cmd_site_check)
+    p = site_sub.add_parser("ledger", help="print the site's privacy ledger and its ε recomputed under rdp and prv")
+    p.add_argument("config", help="the site's TOML file")
+    p.add_argument("--json", action="store_true", help="also print one JSON line")
+    p.set_defaults(func=cmd_site_ledger)
     return parser
 
 
