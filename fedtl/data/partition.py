@@ -9,7 +9,13 @@ from fedtl.errors import ConfigError
 
 def partition_indices(labels: np.ndarray, num_sites: int, kind: str, *, alpha: float = 0.5,
                       classes_per_site: int = 1, seed: int = 42) -> list[np.ndarray]:
-    """Indices of each site's examples: deterministic for a seed, disjoint, covering the data."""
+    """Indices of each site's examples: deterministic for a seed, disjoint, covering the data.
+
+    The examples are shuffled with a numpy Generator seeded from ``seed`` before any partitioner
+    sees them, and the partitions are mapped back to the original indices (each site's sorted).
+    flwr-datasets' ``IidPartitioner`` shards contiguously and takes no seed: without the shuffle
+    "iid" sites of label-sorted data would each hold a single class.
+    """
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
@@ -35,9 +41,10 @@ def partition_indices(labels: np.ndarray, num_sites: int, kind: str, *, alpha: f
         )
     else:
         raise ConfigError(f"`data.partitioner` must be one of iid, dirichlet, pathological, got {kind!r}.")
-    partitioner.dataset = Dataset.from_dict({"label": labels.astype(np.int64).tolist(), "index": list(range(n))})
+    order = np.random.default_rng(seed).permutation(n)  # position in the shuffled data -> original index
+    partitioner.dataset = Dataset.from_dict({"label": labels[order].astype(np.int64).tolist(), "index": order.tolist()})
     try:
-        parts = [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64) for i in range(num_sites)]
+        parts = [np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)) for i in range(num_sites)]
     except ValueError as exc:  # e.g. Dirichlet could not meet the minimum partition size
         raise ConfigError(f"Could not partition {n} examples into {num_sites} sites with {kind!r}: {exc}") from exc
     return parts

@@ -66,7 +66,13 @@ def _json_default(value):
 
 @dataclass
 class Tracker:
-    """Central evaluation each round; keeps the round with the best validation AUC."""
+    """Central evaluation each round; keeps the round with the best validation AUC.
+
+    Validation AUC is undefined (NaN) when the validation split holds a single class; the round
+    is then selected by the lowest validation loss instead, logged once and recorded as
+    ``selection_metric``. A round whose figure is undefined never beats a defined one, and the
+    first trained round is kept until a better one comes: a run that trained always has a model.
+    """
 
     model: TransferModel
     val: tuple[torch.Tensor, torch.Tensor]
@@ -74,7 +80,8 @@ class Tracker:
     strategy: SuffixFedAvg
     metrics_path: Path
     best_round: int = -1
-    best_val_auc: float = -math.inf
+    best_score: float = -math.inf  # val AUC, or minus val loss under the fallback; higher is better
+    selection_metric: str | None = None  # "val_auc" | "val_loss", fixed by the first evaluation
     best_state: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     last_epsilon: dict[str, float] = field(default_factory=dict)
@@ -100,8 +107,16 @@ class Tracker:
         self.history.append(row)
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(row, default=_json_default) + "\n")
-        if server_round > 0 and v.auc > self.best_val_auc:
-            self.best_round, self.best_val_auc = server_round, v.auc
+        if self.selection_metric is None:
+            self.selection_metric = "val_auc" if math.isfinite(v.auc) else "val_loss"
+            if self.selection_metric == "val_loss":
+                classes = sorted({int(c) for c in self.val[1].tolist()})
+                log.warning("Validation AUC is undefined (the validation split holds %d example(s) of class(es) %s only); "
+                            "selecting the round by the lowest validation loss instead.", len(self.val[1]), classes)
+        score = v.auc if self.selection_metric == "val_auc" else -v.loss
+        score = score if math.isfinite(score) else -math.inf
+        if server_round > 0 and (self.best_round < 0 or score > self.best_score):
+            self.best_round, self.best_score = server_round, score
             self.best_state = {k: x.clone() for k, x in state.items()}
         log.info("Round %d: val AUC %.4f acc %.4f | test AUC %.4f acc %.4f", server_round, v.auc, v.accuracy, t.auc, t.accuracy)
         return MetricRecord({"val-auc": v.auc, "val-acc": v.accuracy, "test-auc": t.auc, "test-acc": t.accuracy})
@@ -148,8 +163,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     dp = cfg.privacy.enabled or bool(tracker.last_privacy)  # deployed sites always report their DP spend
     summary = {
         "test_auc": best["test_auc"], "test_acc": best["test_acc"],
-        "val_auc": best["val_auc"], "val_acc": best["val_acc"],
-        "selected_round": tracker.best_round,
+        "val_auc": best["val_auc"], "val_acc": best["val_acc"], "val_loss": best["val_loss"],
+        "selected_round": tracker.best_round, "selection_metric": tracker.selection_metric,
         "final_round_test_auc": final["test_auc"], "final_round_test_acc": final["test_acc"],
         "rounds": fed.rounds, "sites": fed.sites,
         "dp": dp,
@@ -176,8 +191,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     }
     summary["bytes_per_site_round_fraction_of_model"] = summary["bytes_per_site_round"] / summary["full_model_bytes"]
     _write_json(out / "summary.json", summary)
-    log.info("Run directory: %s | selected round %d: test AUC %.4f, acc %.4f", out, tracker.best_round,
-             summary["test_auc"], summary["test_acc"])
+    log.info("Run directory: %s | selected round %d (by %s): test AUC %.4f, acc %.4f", out, tracker.best_round,
+             tracker.selection_metric, summary["test_auc"], summary["test_acc"])
     return summary
 
 

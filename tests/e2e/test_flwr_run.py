@@ -8,7 +8,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from fedtl.config import FedTLConfig
+from fedtl.federation.site import build_transfer_model
 from tests.conftest import write_small_medmnist
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -41,5 +45,16 @@ def test_flwr_run_two_sites_one_round(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sites"] == 2 and summary["rounds"] == 1 and set(summary["epsilon"]) == {"site-0", "site-1"}
-    assert max(summary["epsilon"].values()) <= 3.0
+    # Both sites trained: each spent some of its budget, none declined or was rejected, and the model moved.
+    assert 0.0 < min(summary["epsilon"].values()) and max(summary["epsilon"].values()) <= 3.0
+    assert summary["declined"] == {} and summary["rejected_updates"] == 0
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert rounds[1]["sites_trained"] == ["site-0", "site-1"] and rounds[1]["failed"] == {}
+    assert rounds[1]["bytes_up"] == 2 * summary["bytes_per_site_round"] > 0
+    cfg = FedTLConfig.from_run_config(json.loads((out / "config.json").read_text()))
+    initial = build_transfer_model(cfg, 2).trainable_state()
+    saved = load_file(out / "suffix.safetensors")
+    assert set(saved) == set(initial)
+    assert any(not torch.equal(saved[k], initial[k]) for k in initial), "the saved suffix is the initial one"
     assert _flower_processes() <= before, "flwr run left a SuperLink or its simulation running"

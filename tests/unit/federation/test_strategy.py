@@ -2,13 +2,13 @@
 
 import logging
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedtl.federation.records import to_record, train_reply, validate_update
 from fedtl.federation.strategy import SuffixFedAvg
+
 
 @pytest.fixture(autouse=True)
 def task_identity(monkeypatch):
@@ -68,8 +68,37 @@ def test_a_round_with_no_valid_update_keeps_the_model():
     assert arrays is None and metrics is None
 
 
-def test_validate_update_checks_weight():
-    content = train_reply(to_record(_state(1.0)), {"num-examples": 0})
-    assert any("num-examples" in p for p in validate_update(content, EXPECTED))
-    assert validate_update(train_reply(to_record(_state(1.0)), {"num-examples": 3}), EXPECTED) == []
-    assert np.isfinite(1.0)
+def _hostile_reply(node: int, state: dict, num_examples) -> Message:
+    """Built by hand, as a hostile ClientApp would: ``train_reply`` would sanitize the weight."""
+    metrics = {"declined": 0.0, "epsilon": 1.0}
+    if num_examples is not _MISSING:
+        metrics["num-examples"] = num_examples
+    content = RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics),
+                          "info": ConfigRecord({"site": f"s{node}", "reason": ""})})
+    instruction = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(content, reply_to=instruction)
+
+
+_MISSING = object()
+BAD_WEIGHTS = [0, -3, float("nan"), float("inf"), _MISSING]
+
+
+@pytest.mark.parametrize("num_examples", BAD_WEIGHTS, ids=["zero", "negative", "nan", "inf", "missing"])
+def test_an_update_with_a_bad_weight_is_rejected_and_left_out_of_the_average(num_examples):
+    content = _hostile_reply(9, _state(1.0), num_examples).content
+    assert any("`num-examples` must be a positive number" in p for p in validate_update(content, EXPECTED))
+    strategy = SuffixFedAvg(expected=EXPECTED)
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, _state(1.0), 10), _reply(2, _state(4.0), 30),
+                                             _hostile_reply(9, _state(1000.0), num_examples)])
+    avg = arrays.to_torch_state_dict()
+    expected = (1.0 * 10 + 4.0 * 30) / 40  # the hostile reply's 1000s and weight have no part in it
+    assert torch.allclose(avg["suffix.head.0.weight"], torch.full((2, 4), expected))
+    assert torch.allclose(avg["suffix.head.0.bias"], torch.full((2,), expected))
+    stats = strategy.rounds[1]
+    assert sorted(stats.trained) == ["s1", "s2"] and list(stats.rejected) == ["s9"]
+    assert "num-examples" in stats.rejected["s9"]
+
+
+@pytest.mark.parametrize("num_examples", [1, 3, 2.5, 10_000])
+def test_a_positive_finite_weight_is_accepted(num_examples):
+    assert validate_update(_hostile_reply(9, _state(1.0), num_examples).content, EXPECTED) == []
