@@ -102,7 +102,7 @@ def load_site_data(cfg: SiteDataConfig, *, allow_empty: bool = False) -> SiteIma
 
 
 def _load_medmnist_split(cfg: SiteDataConfig) -> SiteImages:
-    src = load_medmnist(cfg.path)
+    src = load_medmnist(cfg.path, require=(cfg.split,))
     part = src.split(cfg.split)
     num_classes = src.num_classes
     if cfg.classes:
