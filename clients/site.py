@@ -2,9 +2,13 @@
 
     python -m clients.site start site.toml --superlink server.example.org:9093 [--port 9094]
 
-The SuperNode gets ``--node-config "site-config='<site.toml>'"``, so the ClientApp trains on this
+The SuperNode gets ``--node-config 'site-config="<site.toml>"'``, so the ClientApp trains on this
 site's own data with this site's own privacy budget and ledger (``<state-dir>``). Checking the
 data without connecting: ``fedtl site check site.toml``.
+
+Flower reads ``--node-config`` with a regular expression (``key='…'``, ``key="…"`` or a bare word) and
+then as TOML, so a path holding ``'`` or ``"`` cannot simply be quoted: :func:`node_config` writes each
+value as a TOML basic string in which ``"``, ``\\`` and control characters are ``\\uXXXX`` escapes.
 """
 
 from __future__ import annotations
@@ -30,7 +34,16 @@ def start_command(site_config: str | Path, superlink: str, port: int) -> list[st
     if site.auth.private_key is None or site.tls.ca_cert is None:
         raise ConfigError(f"`auth.private-key` and `tls.ca-cert` must be set to join a deployment (in {path}).")
     Path(site.state_dir).mkdir(parents=True, exist_ok=True)
-    return supernode_command(superlink, site.tls.ca_cert, site.auth.private_key, port, f"site-config='{path}'")
+    return supernode_command(superlink, site.tls.ca_cert, site.auth.private_key, port, node_config(site_config=path))
+
+
+def node_config(**values: str | Path) -> str:
+    """``--node-config`` text for string values (``site_config`` → ``site-config``), any characters allowed."""
+    def quoted(text: str) -> str:
+        return '"' + "".join(f"\\u{ord(c):04x}" if c in '"\\' or ord(c) < 0x20 or ord(c) == 0x7F else c
+                             for c in text) + '"'
+
+    return " ".join(f"{key.replace('_', '-')}={quoted(str(value))}" for key, value in values.items())
 
 
 def main(argv: list[str] | None = None) -> int:

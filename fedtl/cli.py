@@ -19,14 +19,7 @@ log = logging.getLogger("fedtl")
 def _load_config(args: argparse.Namespace) -> FedTLConfig:
     values: dict = {}
     if getattr(args, "config", None):
-        path = Path(args.config)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"Config file {path} does not exist.") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from exc
-        values.update(_flatten(data))
+        values.update(_flatten(_read_toml(Path(args.config))))
     for item in getattr(args, "set", None) or []:
         key, value = parse_assignment(item)
         values[key] = value
@@ -36,6 +29,23 @@ def _load_config(args: argparse.Namespace) -> FedTLConfig:
     if getattr(args, "no_dp", False):
         values["privacy.enabled"] = False
     return FedTLConfig.from_run_config(values)
+
+
+def _read_toml(path: Path) -> dict:
+    """A ``--config`` file's tables; every way it can be unreadable is a one-line ConfigError."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"Config file {path} does not exist.") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"Config file {path} is a folder; pass the path of a TOML file.") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start}); save it as UTF-8.") from exc
+    except OSError as exc:
+        raise ConfigError(f"Config file {path} cannot be read ({exc.strerror or exc}).") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from exc
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
@@ -102,6 +112,10 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     if missing:
         keys = ", ".join(f"`{key}`" for key, _ in missing)
         print(f"error: {len(missing)} configured file(s) do not exist ({keys}); fix the paths in {args.config}.", file=sys.stderr)
+        return DataError.exit_code
+    if result.problems and not args.allow_bad:
+        print(f"error: {len(result.problems)} of {result.listed} listed entries are unreadable (named above); fix them "
+              "or remove them from the labels CSV, or pass --allow-bad to accept a site that skips them.", file=sys.stderr)
         return DataError.exit_code
     return 0
 
@@ -171,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     site_sub = p.add_subparsers(dest="site_command", required=True)
     p = site_sub.add_parser("check", help="load the site config and its data offline; report classes and unreadable files")
     p.add_argument("config", help="the site's TOML file (name, data, privacy, tls, auth)")
+    p.add_argument("--allow-bad", action="store_true",
+                   help="exit 0 even when listed files are unreadable (they are still named; training skips them)")
     p.set_defaults(func=cmd_site_check)
     p = site_sub.add_parser("ledger", help="print the site's privacy ledger and its ε recomputed under rdp and prv")
     p.add_argument("config", help="the site's TOML file")

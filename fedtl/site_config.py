@@ -11,6 +11,7 @@ The site operator writes it (``site.toml``), never the server::
     labels = "labels.csv"          # header `file,label`; folder / dicom only
     image-size = 224               # 0 / omitted: native size (medmnist), 224 (folder, dicom)
     classes = ["normal", "pneumonia"]   # optional: label names in class-index order
+    max-pixels = 32000000          # larger images are skipped unread (decompression bombs)
 
     [privacy]                      # the site's policy: a run's config cannot change any of it
     target-epsilon = 3.0           # lifetime budget
@@ -28,6 +29,10 @@ The site operator writes it (``site.toml``), never the server::
     [auth]
     private-key = "keys/site"
     public-key = "keys/site.pub"
+
+    [backbone]
+    allowed-sha256 = ["5793…"]     # weights a server may send; omitted: the registered published hashes
+    max-weights-mb = 200           # larger payloads are refused before hashing
 
 :meth:`SiteConfig.load` rejects unknown keys (with a close-match suggestion) and validates every
 value; relative paths are resolved against the file's folder. Key and certificate files are not
@@ -55,14 +60,26 @@ _DEFAULTS = PrivacyConfig()
 # Every key a site file may hold, flat and kebab-case (as written in the TOML file).
 KNOWN_KEYS = (
     "name", "state-dir",
-    "data.format", "data.path", "data.labels", "data.image-size", "data.classes", "data.split",
+    "data.format", "data.path", "data.labels", "data.image-size", "data.classes", "data.split", "data.max-pixels",
     "privacy.target-epsilon", "privacy.delta", "privacy.accountant", "privacy.max-grad-norm",
     "privacy.max-epsilon-per-run", "privacy.max-epsilon-per-round", "privacy.max-rounds-per-run",
     "privacy.max-noise-multiplier",
     "tls.ca-cert",
     "auth.private-key", "auth.public-key",
+    "backbone.allowed-sha256", "backbone.max-weights-mb",
 )
-_TABLES = ("data", "privacy", "tls", "auth")
+_TABLES = ("data", "privacy", "tls", "auth", "backbone")
+
+# data.max-pixels: the largest image (width x height of one frame) a site decodes. 32 Mpx holds every
+# radiograph in use -- a 43x43 cm detector at 100 um is 18.5 Mpx, full-field mammography at 50 um at most
+# ~28 Mpx -- while a 33 KB file that claims 100 Mpx is refused from its header, before any pixel is decoded.
+# The ceiling is Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS), above which it refuses to open a file.
+DEFAULT_MAX_PIXELS = 32_000_000
+MAX_PIXELS_CEILING = 178_956_970
+# backbone.max-weights-mb: a received weights file larger than this is refused before it is hashed or
+# written; the largest registered backbone (ResNet-50) is 98 MB.
+DEFAULT_MAX_WEIGHTS_MB = 200
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -77,6 +94,7 @@ class SiteDataConfig:
     image_size: int = 0  # square side images are resized to; 0 = native (medmnist) or 224 (folder, dicom)
     classes: tuple[str, ...] = ()  # label names in class-index order; () = integer labels
     split: str = "train"  # the npz split a medmnist site uses
+    max_pixels: int = DEFAULT_MAX_PIXELS  # folder / dicom: larger images are skipped before decoding
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -99,6 +117,10 @@ class SiteDataConfig:
         if len(set(names)) != len(names):
             dupes = sorted({c for c in names if names.count(c) > 1})
             _fail("data.classes", names, f"must not repeat a name (repeated: {', '.join(dupes)})")
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) \
+                or not 4096 <= self.max_pixels <= MAX_PIXELS_CEILING:
+            _fail("data.max-pixels", self.max_pixels, f"must be an integer between 4096 and {MAX_PIXELS_CEILING} "
+                  f"(width x height of the largest image to decode; default {DEFAULT_MAX_PIXELS})")
 
 
 @dataclass(frozen=True)
@@ -155,6 +177,26 @@ class SiteAuthConfig:
 
 
 @dataclass(frozen=True)
+class SiteBackboneConfig:
+    """Which weights a server may send this site (it never replaces weights the site already holds)."""
+
+    allowed_sha256: tuple[str, ...] | None = None  # None: the registered backbones' published hashes; (): none
+    max_weights_mb: int = DEFAULT_MAX_WEIGHTS_MB
+
+    def __post_init__(self) -> None:
+        bad = [h for h in self.allowed_sha256 or () if not isinstance(h, str) or not _SHA256.fullmatch(h)]
+        if bad:
+            _fail("backbone.allowed-sha256", bad[0], "must list sha256 hashes of 64 hex digits each")
+        if isinstance(self.max_weights_mb, bool) or not isinstance(self.max_weights_mb, int) \
+                or not 1 <= self.max_weights_mb <= 4096:
+            _fail("backbone.max-weights-mb", self.max_weights_mb, "must be an integer between 1 and 4096 (MB)")
+
+    @property
+    def max_weights_bytes(self) -> int:
+        return self.max_weights_mb * 1_000_000
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     name: str
     data: SiteDataConfig
@@ -162,6 +204,7 @@ class SiteConfig:
     privacy: SitePrivacyConfig = field(default_factory=SitePrivacyConfig)
     tls: SiteTLSConfig = field(default_factory=SiteTLSConfig)
     auth: SiteAuthConfig = field(default_factory=SiteAuthConfig)
+    backbone: SiteBackboneConfig = field(default_factory=SiteBackboneConfig)
     source: Path | None = None  # the file it was loaded from
 
     def __post_init__(self) -> None:
@@ -239,6 +282,7 @@ def _from_mapping(flat: dict[str, Any], *, base: Path, source: Path) -> SiteConf
         image_size=_integer(flat, "data.image-size", 0),
         classes=_names(flat, "data.classes"),
         split=_text(flat, "data.split", "train"),
+        max_pixels=_integer(flat, "data.max-pixels", DEFAULT_MAX_PIXELS),
     )
     state = path_of("state-dir") or base / "state" / name
     return SiteConfig(
@@ -257,6 +301,10 @@ def _from_mapping(flat: dict[str, Any], *, base: Path, source: Path) -> SiteConf
         ),
         tls=SiteTLSConfig(ca_cert=path_of("tls.ca-cert")),
         auth=SiteAuthConfig(private_key=path_of("auth.private-key"), public_key=path_of("auth.public-key")),
+        backbone=SiteBackboneConfig(
+            allowed_sha256=_hashes(flat, "backbone.allowed-sha256"),
+            max_weights_mb=_integer(flat, "backbone.max-weights-mb", DEFAULT_MAX_WEIGHTS_MB),
+        ),
         source=source,
     )
 
@@ -292,3 +340,12 @@ def _names(flat: dict[str, Any], key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         _fail(key, value, 'must be a list of class names, e.g. ["normal", "pneumonia"]')
     return tuple(value)
+
+
+def _hashes(flat: dict[str, Any], key: str) -> tuple[str, ...] | None:
+    if key not in flat:
+        return None
+    value = flat[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        _fail(key, value, 'must be a list of sha256 hashes, e.g. ["5793…"] (or [] to accept no weights from a server)')
+    return tuple(v.strip().lower() for v in value)

@@ -5,21 +5,30 @@ the data folder; labels are integers, or class names when ``data.classes`` lists
 order). Every image becomes grayscale uint8 resized to ``image_size`` x ``image_size`` (PIL,
 bilinear, aspect ratio not kept), so a site yields one :class:`~fedtl.data.sources.ImageSet`.
 
-One bad file never stops a site: a missing, corrupt or undecodable image (or a CSV row with a bad
-label) is skipped and reported as a :class:`Problem`. :class:`~fedtl.errors.DataError` is raised
+One bad file never stops a site: a missing, corrupt, undecodable or oversized image (or a CSV row
+with a bad label) is skipped and reported as a :class:`Problem`. :class:`~fedtl.errors.DataError` is raised
 only when the CSV is missing or malformed, or when no image at all could be read.
 
 DICOM pixels go through the modality LUT (rescale slope / intercept), then the VOI LUT or window
 (center / width); the window's output range is mapped to 0-255. Without a VOI, data wider than
 8 bits is scaled from its own min-max. MONOCHROME1 is inverted so that bright is always dense
 tissue, and a multi-frame file contributes its first frame.
+
+Decompression bombs: an image's size is read from its header and checked against ``data.max-pixels``
+before any pixel is decoded (Pillow opens lazily; a DICOM header is parsed without its Pixel Data,
+and a deflate-compressed DICOM is inflated only as far as its header, then only to the size that
+header declares). Accepted DICOM frames are converted in chunks of ``_CHUNK`` pixels, so the float
+arithmetic of the LUTs never holds more than a few MB however large the frame.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
+import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +39,7 @@ from PIL import Image, ImageOps
 
 from fedtl.data.sources import ImageSet, load_medmnist
 from fedtl.errors import DataError
-from fedtl.site_config import SiteDataConfig
+from fedtl.site_config import DEFAULT_MAX_PIXELS, SiteDataConfig
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -39,6 +48,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = 224  # folder / DICOM images are brought to this square size unless data.image-size says
 _LOGGED_PROBLEMS = 20  # the warning names this many skipped files; SiteImages.problems holds them all
+_CHUNK = 1 << 20  # pixels converted at a time (DICOM LUTs, min-max stretching): bounds the float working set
+_DEFLATED_HEADER_LIMIT = 16 << 20  # inflated bytes searched for a deflated DICOM's header before giving up
+_PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float / Double Float Pixel Data
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than ``data.max-pixels``; it is not decoded."""
 
 
 class Problem(NamedTuple):
@@ -75,7 +91,8 @@ def load_site_data(cfg: SiteDataConfig, *, allow_empty: bool = False) -> SiteIma
         if labels is None:
             raise DataError(f"data.format {cfg.format!r} needs `data.labels`, a CSV with header `file,label`.")
         reader = read_dicom_image if cfg.format == "dicom" else read_image_file
-        result = load_labelled_files(folder, Path(labels), reader, cfg.image_size or DEFAULT_IMAGE_SIZE, cfg.classes)
+        result = load_labelled_files(folder, Path(labels), reader, cfg.image_size or DEFAULT_IMAGE_SIZE, cfg.classes,
+                                     max_pixels=cfg.max_pixels)
     if len(result.images) == 0 and not allow_empty:
         shown = "; ".join(f"{p.file}: {p.reason}" for p in result.problems[:5])
         more = f" (and {len(result.problems) - 5} more)" if len(result.problems) > 5 else ""
@@ -85,7 +102,7 @@ def load_site_data(cfg: SiteDataConfig, *, allow_empty: bool = False) -> SiteIma
 
 
 def _load_medmnist_split(cfg: SiteDataConfig) -> SiteImages:
-    src = load_medmnist(cfg.path)
+    src = load_medmnist(cfg.path, require=(cfg.split,))
     part = src.split(cfg.split)
     num_classes = src.num_classes
     if cfg.classes:
@@ -107,7 +124,7 @@ def _load_medmnist_split(cfg: SiteDataConfig) -> SiteImages:
 
 # ---- folder and DICOM sites: a CSV lists the files ---------------------------------------------------
 
-Reader = Callable[[Path, int], np.ndarray]
+Reader = Callable[..., np.ndarray]  # reader(path, image_size, max_pixels=...) -> (S, S) uint8
 
 
 class LabelRow(NamedTuple):
@@ -120,8 +137,9 @@ class LabelRow(NamedTuple):
 
 
 def load_labelled_files(folder: Path, labels_csv: Path, reader: Reader, image_size: int,
-                        classes: tuple[str, ...] = ()) -> SiteImages:
-    """Read every file the CSV lists with ``reader(path, image_size)``; skip and report the bad ones, in CSV order."""
+                        classes: tuple[str, ...] = (), *, max_pixels: int = DEFAULT_MAX_PIXELS) -> SiteImages:
+    """Read every file the CSV lists with ``reader(path, image_size, max_pixels=…)``; skip and report the bad
+    ones, in CSV order."""
     if not folder.is_dir():
         raise DataError(f"Image folder {folder} does not exist or is not a folder; set `data.path` to the folder "
                         "the labels CSV's paths are relative to.")
@@ -139,7 +157,7 @@ def load_labelled_files(folder: Path, labels_csv: Path, reader: Reader, image_si
             problems.append(Problem(row.file, "file does not exist" if not path.exists() else "not a regular file"))
             continue
         try:
-            images[kept] = reader(path, image_size)
+            images[kept] = reader(path, image_size, max_pixels=max_pixels)
         except Exception as exc:  # noqa: BLE001 - decoders raise many types; one bad file must not stop the site
             problems.append(Problem(row.file, _reason(exc)))
             continue
@@ -217,9 +235,15 @@ def _reason(exc: Exception) -> str:
 
 # ---- single files ---------------------------------------------------------------------------------------
 
-def read_image_file(path: Path, image_size: int) -> np.ndarray:
-    """A PNG / JPEG (or other Pillow-readable) image as ``(S, S)`` uint8 grayscale."""
-    with Image.open(path) as img:
+def read_image_file(path: Path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A PNG / JPEG (or other Pillow-readable) image as ``(S, S)`` uint8 grayscale; its size is checked first."""
+    with warnings.catch_warnings():
+        # Pillow warns of a possible bomb above its own 89 Mpx while reading the header; the size is
+        # checked against data.max-pixels (at most Pillow's hard limit) right below, before decoding.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(path)  # lazy: reads the header only
+    with img:
+        check_pixels(*img.size, max_pixels)
         img.load()  # decode now: truncated or corrupt data fails here, not later
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):  # 16/32-bit gray: stretch its own range
@@ -229,16 +253,119 @@ def read_image_file(path: Path, image_size: int) -> np.ndarray:
     return _to_square_uint8(arr, image_size)
 
 
-def read_dicom_image(path: Path, image_size: int) -> np.ndarray:
+def check_pixels(width: int, height: int, max_pixels: int, frames: int = 1) -> None:
+    """Raise :class:`ImageTooLarge` when ``frames`` frames of ``width`` x ``height`` exceed ``max_pixels``."""
+    width, height, frames = int(width), int(height), int(frames)
+    if width <= 0 or height <= 0 or frames <= 0:
+        raise ValueError(f"image header declares {width}x{height} pixels ({frames} frame(s)): no image")
+    pixels = width * height * frames
+    if pixels > max_pixels:
+        what = f"{width}x{height}" + (f" x {frames} frames" if frames > 1 else "")
+        raise ImageTooLarge(f"image is {what} = {pixels / 1e6:.1f} Mpx, above data.max-pixels = "
+                            f"{max_pixels / 1e6:.1f} Mpx; not decoded")
+
+
+def read_dicom_image(path: Path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A DICOM file's first frame as ``(S, S)`` uint8 grayscale (see the module notes)."""
+    return _to_square_uint8(dicom_to_uint8(read_dicom(path, max_pixels)), image_size)
+
+
+def read_dicom(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+    """A DICOM dataset whose image size was checked from its header before its Pixel Data was read."""
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     try:
-        ds = pydicom.dcmread(path)
+        meta = read_file_meta_info(path)
     except InvalidDicomError as exc:
         raise ValueError("not a DICOM file (no 128-byte preamble with the 'DICM' prefix)") from exc
-    return _to_square_uint8(dicom_to_uint8(ds), image_size)
+    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return _read_deflated_dicom(path, meta, max_pixels)
+    _check_dicom_size(pydicom.dcmread(path, stop_before_pixels=True), max_pixels, header_only=True)
+    ds = pydicom.dcmread(path)
+    _check_dicom_size(ds, max_pixels)  # the file read in full says the same
+    return ds
+
+
+def _check_dicom_size(ds: Dataset, max_pixels: int, header_only: bool = False) -> int:
+    """Check the frame size the header declares; returns the bytes of native (uncompressed) Pixel Data."""
+    from pydicom.uid import UID
+
+    if not header_only and not any(tag in ds for tag in _PIXEL_DATA_TAGS):
+        raise ValueError("no Pixel Data element: not an image")
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    frames, samples = int(ds.get("NumberOfFrames") or 1), int(ds.get("SamplesPerPixel") or 1)
+    bits = int(ds.get("BitsAllocated") or 8)
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    compressed = syntax is not None and UID(syntax).is_compressed
+    # compressed: only the first frame is decoded; native: every frame's bytes are read from the file
+    check_pixels(cols, rows, max_pixels, 1 if compressed else frames)
+    return rows * cols * frames * samples * -(-bits // 8)
+
+
+def _read_deflated_dicom(path: Path, meta, max_pixels: int) -> Dataset:
+    """Deflated Explicit VR Little Endian: inflate the header, check it, then inflate no more than it declares."""
+    from pydicom.filereader import read_dataset
+
+    group_length = meta.get("FileMetaInformationGroupLength")
+    if group_length is None:
+        raise ValueError("deflated DICOM without a File Meta Information Group Length (0002,0000)")
+    with open(path, "rb") as fh:
+        fh.seek(128 + 4 + 12 + int(group_length))  # preamble, 'DICM', (0002,0000) itself, the rest of group 2
+        stream = _BoundedInflate(fh)
+        limit = 64 << 10
+        while True:
+            reached: list[int] = []
+
+            def at_pixels(tag, vr, length) -> bool:
+                if tag in _PIXEL_DATA_TAGS:
+                    reached.append(tag)
+                    return True
+                return False
+
+            stream.fill(limit)
+            header = read_dataset(io.BytesIO(bytes(stream.out)), False, True, stop_when=at_pixels)
+            if reached or stream.ended:
+                break
+            if limit >= _DEFLATED_HEADER_LIMIT:
+                raise ValueError(f"deflated DICOM header is larger than {_DEFLATED_HEADER_LIMIT >> 20} MB inflated")
+            limit *= 2
+        if not reached:
+            raise ValueError("no Pixel Data element: not an image")
+        header.file_meta = meta
+        declared = len(stream.out) + _check_dicom_size(header, max_pixels, header_only=True) + (1 << 20)  # + 1 MB of trailing elements
+        stream.fill(declared + 1)
+        if len(stream.out) > declared:
+            raise ValueError(f"deflated DICOM inflates to more than the {declared} bytes its header declares")
+    data = bytes(stream.out)
+    del stream
+    ds = read_dataset(io.BytesIO(data), False, True)
+    del data
+    ds.file_meta = meta
+    ds.set_original_encoding(False, True, None)
+    _check_dicom_size(ds, max_pixels)
+    return ds
+
+
+class _BoundedInflate:
+    """A raw-deflate stream from ``fh``, inflated only as far as asked."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.out = fh, bytearray()
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self.ended = False  # the stream (or the file) has ended
+
+    def fill(self, limit: int) -> None:
+        """Inflate until ``out`` holds ``limit`` bytes or the stream ends; a corrupt stream raises zlib.error."""
+        while len(self.out) < limit and not self.ended:
+            data = self._inflater.unconsumed_tail or self.fh.read(1 << 16)
+            if not data:
+                self.ended = True
+                break
+            self.out += self._inflater.decompress(data, limit - len(self.out))
+            self.ended = self._inflater.eof
 
 
 def dicom_to_uint8(ds: Dataset) -> np.ndarray:
@@ -259,16 +386,18 @@ def dicom_to_uint8(ds: Dataset) -> np.ndarray:
             raise ValueError(f"unsupported PhotometricInterpretation {photometric!r} with shape {arr.shape}")
         rgb = arr if arr.dtype == np.uint8 else _minmax_uint8(arr)
         return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("L"))
-    arr = apply_modality_lut(arr, ds)
+
+    def modality(chunk: np.ndarray) -> np.ndarray:  # float64 when rescaled: only ever a chunk at a time
+        return apply_modality_lut(chunk, ds)
+
     window = _voi_output_range(ds)
     if window is not None:
         lo, hi = window
-        voi = np.asarray(apply_voi_lut(arr, ds), dtype=np.float64)
-        out = _scale_uint8(voi, lo, hi)
-    elif arr.dtype == np.uint8 and int(ds.get("BitsStored", 8)) == 8:
-        out = arr
+        out = _map_chunks(arr, lambda c: _scale_uint8(apply_voi_lut(modality(c), ds), lo, hi))
+    elif modality(arr.reshape(-1)[:1]).dtype == np.uint8 and int(ds.get("BitsStored", 8)) == 8:
+        out = _map_chunks(arr, modality)
     else:
-        out = _minmax_uint8(arr)
+        out = _minmax_uint8(arr, modality)
     if photometric == "MONOCHROME1":  # low values are bright: invert so that all sites agree
         out = 255 - out
     return np.ascontiguousarray(out, dtype=np.uint8)
@@ -289,19 +418,37 @@ def _voi_output_range(ds: Dataset) -> tuple[float, float] | None:
     return None
 
 
+def _map_chunks(arr: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``fn`` applied elementwise to ``arr`` a chunk at a time, into a uint8 array of ``arr``'s shape."""
+    flat = arr.reshape(-1)
+    out = np.empty(flat.shape, np.uint8)
+    for start in range(0, flat.size, _CHUNK):
+        out[start:start + _CHUNK] = fn(flat[start:start + _CHUNK])
+    return out.reshape(arr.shape)
+
+
 def _scale_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``[lo, hi]`` → 0-255; NaN maps to 0, values outside the range are clipped."""
     if not hi > lo:
         return np.zeros(arr.shape, np.uint8)
-    scaled = (arr.astype(np.float64) - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    scaled = (np.asarray(arr, dtype=np.float64) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(np.nan_to_num(scaled, nan=0.0)), 0, 255).astype(np.uint8)
 
 
-def _minmax_uint8(arr: np.ndarray) -> np.ndarray:
-    arr = np.asarray(arr, dtype=np.float64)
-    finite = arr[np.isfinite(arr)]
-    if finite.size == 0:
+def _minmax_uint8(arr: np.ndarray, fn: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Stretch ``fn(arr)`` (default: ``arr``) from its own finite min-max to 0-255, a chunk at a time."""
+    fn = fn or (lambda c: c)
+    lo, hi = np.inf, -np.inf
+    flat = arr.reshape(-1)
+    for start in range(0, flat.size, _CHUNK):
+        values = np.asarray(fn(flat[start:start + _CHUNK]))
+        if values.dtype.kind == "f":
+            values = values[np.isfinite(values)]
+        if values.size:
+            lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+    if lo > hi:
         raise ValueError("no finite pixel values")
-    return _scale_uint8(np.nan_to_num(arr, nan=float(finite.min())), float(finite.min()), float(finite.max()))
+    return _map_chunks(arr, lambda c: _scale_uint8(fn(c), lo, hi))
 
 
 def _to_square_uint8(arr: np.ndarray, size: int) -> np.ndarray:

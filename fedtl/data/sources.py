@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -72,9 +73,15 @@ def resolve_data_path(path: str) -> Path:
     return Path(path).expanduser() if path else BUNDLED_PNEUMONIAMNIST
 
 
-def load_medmnist(path: str | Path) -> MedMNISTSource:
-    """Load a MedMNIST-format npz (keys ``{split}_images`` / ``{split}_labels``), validated."""
+def load_medmnist(path: str | Path, require: tuple[str, ...] = SPLITS) -> MedMNISTSource:
+    """Load a MedMNIST-format npz (keys ``{split}_images`` / ``{split}_labels``), validated.
+
+    Every split in ``require`` must hold at least one image (a simulation or a server needs all three;
+    a data site only the split it trains on); the others may be empty.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"Data file {p} is a folder; `data.path` must name a MedMNIST-format .npz file.")
     if not p.is_file():
         raise DataError(
             f"Data file {p} does not exist. Pass a MedMNIST-format .npz via `data.path` "
@@ -83,8 +90,10 @@ def load_medmnist(path: str | Path) -> MedMNISTSource:
     try:
         with np.load(p, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise DataError(f"Data file {p} is not a readable .npz archive ({exc}); re-download it.") from exc
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError) as exc:
+        # zlib.error: a corrupt deflate stream; NotImplementedError: a compression zipfile cannot read
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"Data file {p} is not a readable .npz archive ({reason}); re-download it.") from exc
     missing = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels") if f"{s}_{kind}" not in arrays]
     if missing:
         raise DataError(f"Data file {p} lacks the MedMNIST keys {', '.join(missing)}; found {', '.join(sorted(arrays))}.")
@@ -95,7 +104,13 @@ def load_medmnist(path: str | Path) -> MedMNISTSource:
             raise DataError(
                 f"{p}: `{s}_images` must be uint8 of shape (N, H, W) or (N, H, W, C), got {images.dtype} {images.shape}."
             )
-        labels = labels.reshape(labels.shape[0], -1)
+        if labels.ndim == 0 or labels.dtype.kind not in "iub" \
+                and not (labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels))):
+            raise DataError(f"{p}: `{s}_labels` must hold integer class indices, got {labels.dtype} {labels.shape}.")
+        if len(images) == 0 and s in require:
+            raise DataError(f"{p}: the `{s}` split holds no images; it needs at least one "
+                            f"(`{s}_images` has shape {images.shape}).")
+        labels = labels.reshape(labels.shape[0], -1) if labels.size else labels.reshape(labels.shape[0], 1)
         if labels.shape[1] != 1:
             raise DataError(f"{p}: `{s}_labels` must hold one label per image (multi-label is not supported), got shape {labels.shape}.")
         sets[s] = ImageSet(images, labels[:, 0].astype(np.int64), f"{p.name}:{s}")

@@ -112,21 +112,18 @@ def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientA
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        """Backbone distribution: report whether this site holds the pinned weights, or install them."""
-        config = msg.content["config"]
-        backbone, pinned = str(config["backbone"]), str(config["sha256"])
+        """Backbone distribution: report whether this site holds the pinned weights, or install them.
+
+        The message is checked like a file from a stranger (see ``deployment.backbone_query``): a malformed
+        or refused one gets ``has = False`` with the reason, never an exception.
+        """
         status = {"site": str(context.node_id), "has": True, "error": ""}
         if "site-config" in context.node_config:
-            from fedtl.federation.deployment import check_pinned, install_backbone, load_site_config
+            from fedtl.federation.deployment import backbone_query, load_site_config
 
             site = load_site_config(str(context.node_config["site-config"]))
             status["site"] = site.name
-            try:
-                if config.get("action") == "backbone-install":
-                    install_backbone(site, backbone, pinned, msg.content["weights"]["file"].numpy())
-                problem = check_pinned(backbone, pinned)
-            except FedTLError as exc:
-                problem = str(exc)
+            problem = backbone_query(site, msg.content)
             status["has"] = not problem
             status["error"] = problem
         return Message(RecordDict({"status": ConfigRecord(status)}), reply_to=msg)

@@ -1,8 +1,14 @@
 """A deployed data site: its own policy file, data, feature cache and ledger; backbone distribution.
 
 The server pins the backbone by name and sha256. A site that holds the weights verifies the
-hash; one that lacks them receives the file once through Flower messages, verifies it and keeps
-it under ``<state-dir>/weights`` (looked up first from then on). A mismatch is refused.
+hash; one that lacks them receives the file once through Flower messages and keeps it under
+``<state-dir>/weights`` (looked up first from then on). A mismatch is refused.
+
+Received weights are a file from a stranger: they are accepted only when the pinned hash is on the
+site's own allow-list (``backbone.allowed-sha256`` in site.toml; by default the published hash of
+each registered backbone that has one), only below ``backbone.max-weights-mb`` (checked before the
+payload is deserialized or hashed), only when their sha256 equals the pin, and never in place of a
+file the site already holds (created with a hard link, which fails rather than replaces).
 """
 
 from __future__ import annotations
@@ -11,15 +17,18 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from fedtl.backbones import get_spec
+from fedtl.backbones import available, get_spec
 from fedtl.backbones.registry import file_sha256, weights_candidates
 from fedtl.config import FedTLConfig
-from fedtl.errors import BackboneError
+from fedtl.errors import BackboneError, FedTLError
 from fedtl.features import FeatureCache
 from fedtl.federation.site import SiteData, preprocessing_for
 from fedtl.model import TransferModel
@@ -27,6 +36,9 @@ from fedtl.privacy.policy import PrivacyPolicy, policy_for_site
 from fedtl.site_config import SiteConfig
 
 log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_NPY_HEADER_SLACK = 4096  # bytes a serialized 1-d uint8 array may carry beyond its payload (the .npy header)
 
 
 @functools.lru_cache(maxsize=4)
@@ -80,31 +92,116 @@ def local_backbone_sha256(backbone: str) -> str:
     return ""
 
 
-def install_backbone(site: SiteConfig, backbone: str, pinned_sha256: str, payload: np.ndarray) -> Path:
-    """Verify the received weights against the pinned hash and keep them (atomically) in the site's state."""
+def allowed_weights_sha256(site: SiteConfig) -> tuple[str, ...]:
+    """Hashes of weights this site accepts from a server: its ``backbone.allowed-sha256``, or, when the key is
+    absent, the published sha256 of every registered backbone that has one (``[]`` accepts none)."""
+    if site.backbone.allowed_sha256 is not None:
+        return site.backbone.allowed_sha256
+    return tuple(h for h in (get_spec(name).weights_sha256 for name in available()) if h)
+
+
+def backbone_query(site: SiteConfig, content: Mapping[str, Any]) -> str:
+    """Answer a server's backbone QUERY (status, or install the attached weights): '' when this site holds the
+    pinned weights afterwards, else the reason it does not. A malformed message is a reason, never an exception."""
+    config = content.get("config") if isinstance(content, Mapping) else None
+    if not isinstance(config, Mapping):
+        return "the query carries no `config` record"
+    backbone, pinned, action = config.get("backbone"), config.get("sha256", ""), config.get("action", "backbone-status")
+    if not isinstance(backbone, str) or not isinstance(pinned, str) or not (pinned == "" or _SHA256.fullmatch(pinned)):
+        return f"the query needs `backbone` (a name) and `sha256` (64 hex digits); got {backbone!r}, {pinned!r}"
+    try:
+        if action == "backbone-install":
+            install_backbone(site, backbone, pinned, content.get("weights"))
+        elif action != "backbone-status":
+            return f"unknown backbone action {action!r}; expected backbone-status or backbone-install"
+        return check_pinned(backbone, pinned)
+    except FedTLError as exc:
+        log.warning("Site %s refuses the server's `%s` weights: %s", site.name, backbone, exc)
+        return str(exc)
+    except OSError as exc:  # the site's own weights folder: full disk, permissions
+        log.error("Site %s cannot keep the `%s` weights: %s", site.name, backbone, exc)
+        return f"this site cannot keep the `{backbone}` weights ({exc})"
+
+
+def install_backbone(site: SiteConfig, backbone: str, pinned_sha256: str, payload: Any) -> Path:
+    """Keep weights a server sent, in the site's state (atomically), after every check in the module notes.
+
+    ``payload``: a 1-d uint8 array, or Flower's ``ArrayRecord`` holding one as ``file``. Returns the path; a file
+    already there with the pinned hash is kept as it is.
+    """
     spec = get_spec(backbone)
-    data = np.ascontiguousarray(payload, dtype=np.uint8).tobytes()
+    allowed = allowed_weights_sha256(site)
+    if pinned_sha256 not in allowed:
+        listed = ", ".join(h[:16] + "…" for h in allowed) or "empty: this site accepts no weights from a server"
+        raise BackboneError(
+            f"The server offers `{backbone}` weights with sha256 {pinned_sha256[:16]}…, which is not on this site's "
+            f"allow-list (`backbone.allowed-sha256` in {site.source}: {listed}); refusing them. Add the full hash "
+            "there to accept them, or install the weights yourself.")
+    if spec.weights_sha256 and pinned_sha256 != spec.weights_sha256:
+        raise BackboneError(f"`{backbone}`'s published weights have sha256 {spec.weights_sha256[:16]}…, the server "
+                            f"pinned {pinned_sha256[:16]}…; refusing them.")
+    data = _payload_bytes(payload, site.backbone.max_weights_bytes, site.backbone.max_weights_mb, backbone)
+    target_dir = site_weights_dir(site)
+    target = target_dir / spec.weights_file
+    if target.exists() or target.is_symlink():
+        return _kept(target, pinned_sha256)
     digest = hashlib.sha256(data).hexdigest()
     if digest != pinned_sha256:
         raise BackboneError(
             f"Received weights for `{backbone}` have sha256 {digest[:16]}…, but the server pinned "
             f"{pinned_sha256[:16]}…; refusing them."
         )
-    target_dir = site_weights_dir(site)
     target_dir.mkdir(parents=True, exist_ok=True)
-    target = target_dir / spec.weights_file
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target_dir)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
+        os.link(tmp, target)  # unlike os.replace, fails if the file appeared meanwhile: never replaces
+    except FileExistsError:
+        return _kept(target, pinned_sha256)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     log.info("Installed %s weights (%d bytes, sha256 %s…) at %s", backbone, len(data), digest[:16], target)
     return target
+
+
+def _kept(target: Path, pinned_sha256: str) -> Path:
+    """A weights file the site already holds: kept if it is the pinned one, else the server is refused."""
+    held = file_sha256(target) if target.is_file() else ""
+    if held == pinned_sha256:
+        log.info("Already holds %s (sha256 %s…); nothing written", target, held[:16])
+        return target
+    what = f"sha256 {held[:16]}…" if held else "not a regular file"
+    raise BackboneError(f"This site already holds {target} ({what}); weights from a server never replace it. "
+                        f"The server pinned {pinned_sha256[:16]}…: remove that file yourself to accept them.")
+
+
+def _payload_bytes(payload: Any, max_bytes: int, max_mb: int, backbone: str) -> bytes:
+    """The bytes of a 1-d uint8 payload, its size checked before it is deserialized."""
+    array = payload.get("file") if isinstance(payload, Mapping) else payload
+    if array is None:
+        raise BackboneError(f"The install message for `{backbone}` carries no weights (`weights` record, `file`).")
+
+    def too_big(size: int) -> BackboneError:
+        return BackboneError(f"Received weights for `{backbone}` are {size / 1e6:.1f} MB, above this site's "
+                             f"`backbone.max-weights-mb` = {max_mb}; refused before hashing.")
+
+    if not isinstance(array, np.ndarray):  # Flower's Array: dtype, shape and serialized bytes
+        shape, dtype = tuple(getattr(array, "shape", ()) or ()), str(getattr(array, "dtype", ""))
+        if getattr(array, "stype", "") != "numpy.ndarray" or dtype != "uint8" or len(shape) != 1:
+            raise BackboneError(f"Received weights for `{backbone}` must be a 1-d uint8 array, got {dtype or '?'} "
+                                f"{shape} ({getattr(array, 'stype', type(array).__name__)}).")
+        if shape[0] > max_bytes or len(getattr(array, "data", b"")) > max_bytes + _NPY_HEADER_SLACK:
+            raise too_big(max(shape[0], len(getattr(array, "data", b""))))
+        array = array.numpy()
+    if array.dtype != np.uint8 or array.ndim != 1:
+        raise BackboneError(f"Received weights for `{backbone}` must be a 1-d uint8 array, got {array.dtype} "
+                            f"{array.shape}.")
+    if array.nbytes > max_bytes:
+        raise too_big(array.nbytes)
+    return np.ascontiguousarray(array).tobytes()
 
 
 def check_pinned(backbone: str, pinned_sha256: str) -> str:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,13 @@ log = logging.getLogger(__name__)
 def check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory.")
+    parent = next(p for p in (out, *out.absolute().parents) if p.exists())  # the folder it will be created in
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out} cannot be created: {parent} is a file, not a folder.")
+    try:  # create and remove a probe where the run will be written: permissions, read-only or pseudo file systems
+        os.rmdir(tempfile.mkdtemp(prefix=".fedtl-probe-", dir=parent))
+    except OSError as exc:
+        raise ConfigError(f"--out {out} cannot be written: {parent} refuses new entries ({exc.strerror}).") from exc
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"Run directory {out} already exists and is not empty; choose another --out or pass --overwrite.")
 

@@ -29,8 +29,19 @@ def _run(capsys, argv):
     return code, captured.out, captured.err.strip().splitlines()
 
 
-def test_good_site_reports_counts_and_unreadable_files(site, capsys):
+def test_unreadable_files_exit_3_unless_allowed_and_are_always_named(site, capsys):
     code, out, err = _run(capsys, ["site", "check", str(site)])
+    assert code == 3 and "unreadable: 2" in out and "  gone.png: file does not exist" in out
+    assert err[-1] == ("error: 2 of 5 listed entries are unreadable (named above); fix them or remove them from the "
+                       "labels CSV, or pass --allow-bad to accept a site that skips them.")
+    assert not (site.parent / "state").exists()
+    (site.parent / "labels.csv").write_text("file,label\nn1.png,normal\np1.png,pneumonia\n")
+    code, out, err = _run(capsys, ["site", "check", str(site)])
+    assert code == 0 and err == [] and "unreadable: 0" in out
+
+
+def test_good_site_reports_counts_and_unreadable_files(site, capsys):
+    code, out, err = _run(capsys, ["site", "check", "--allow-bad", str(site)])
     assert code == 0 and not [line for line in err if line.startswith("error:")]
     assert "site: st-mary" in out
     assert "images read: 3 of 5 listed, 16x16 grayscale" in out
@@ -43,7 +54,7 @@ def test_good_site_reports_counts_and_unreadable_files(site, capsys):
 
 def test_missing_configured_file_exits_3(site, capsys):
     site.write_text(site.read_text().replace("[data]", '[tls]\nca-cert = "certs/ca.pem"\n[data]'))
-    code, out, err = _run(capsys, ["site", "check", str(site)])
+    code, out, err = _run(capsys, ["site", "check", "--allow-bad", str(site)])
     assert code == 3
     assert "missing file: `tls.ca-cert` = " in out and "images read: 3" in out
     assert err[-1].startswith("error: 1 configured file(s) do not exist (`tls.ca-cert`)")
@@ -80,3 +91,15 @@ def test_site_needs_a_subcommand(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["site"])
     assert exc.value.code == 2
+
+
+def test_an_oversized_image_is_named_with_the_limit_and_fails_the_check(site, capsys):
+    from tests.unit.data.test_decompression_bombs import png_bomb
+
+    png_bomb(site.parent / "images" / "bomb.png", 3000, 2000)  # 6 Mpx from a few KB
+    (site.parent / "labels.csv").write_text("file,label\nn1.png,normal\nbomb.png,pneumonia\np1.png,pneumonia\n")
+    site.write_text(site.read_text().replace("image-size = 16", "image-size = 16\nmax-pixels = 5000000"))
+    code, out, err = _run(capsys, ["site", "check", str(site)])
+    assert code == 3 and "images read: 2 of 3 listed" in out
+    assert "  bomb.png: ImageTooLarge: image is 3000x2000 = 6.0 Mpx, above data.max-pixels = 5.0 Mpx; not decoded" in out
+    assert err[-1].startswith("error: 1 of 3 listed entries are unreadable")

@@ -1,6 +1,8 @@
 import pytest
 
-from clients.site import main, start_command
+from flwr.common.config import parse_config_args
+
+from clients.site import main, node_config, start_command
 from fedtl.errors import ConfigError
 
 
@@ -19,7 +21,7 @@ def _site(tmp_path, with_keys=True):
 def test_start_command_runs_a_tls_authenticated_supernode_for_the_site(tmp_path):
     cmd = start_command(_site(tmp_path), "127.0.0.1:9093", 9100)
     assert "--root-certificates" in cmd and "--auth-supernode-private-key" in cmd
-    assert cmd[cmd.index("--node-config") + 1] == f"site-config='{(tmp_path / 'site.toml').resolve()}'"
+    assert cmd[cmd.index("--node-config") + 1] == f'site-config="{(tmp_path / "site.toml").resolve()}"'
     assert (tmp_path / "state").is_dir()
 
 
@@ -30,3 +32,18 @@ def test_a_site_without_keys_or_with_missing_files_is_refused(tmp_path, capsys):
     (tmp_path / "site.key").unlink()
     assert main(["start", str(conf), "--superlink", "127.0.0.1:9093", "--print-only"]) == 2
     assert "`auth.private-key`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder", ["it's", 'say "hi"', "both ' and \" \\ and a space", "tab\tand\nnewline"])
+def test_quotes_in_the_site_path_reach_the_supernode_intact(tmp_path, folder):
+    site_dir = tmp_path / folder
+    site_dir.mkdir()
+    cmd = start_command(_site(site_dir), "127.0.0.1:9093", 9100)
+    parsed = parse_config_args([cmd[cmd.index("--node-config") + 1]])  # exactly as flower-supernode reads it
+    assert parsed == {"site-config": str((site_dir / "site.toml").resolve())}
+
+
+def test_node_config_writes_every_value_as_an_escaped_toml_string():
+    text = node_config(site_config="/a\"b", partition_id="0")
+    assert text == 'site-config="/a\\u0022b" partition-id="0"'
+    assert parse_config_args([text]) == {"site-config": '/a"b', "partition-id": "0"}

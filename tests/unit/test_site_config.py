@@ -135,3 +135,44 @@ def test_missing_files_lists_configured_paths_that_do_not_exist(tmp_path):
     assert cfg.missing_files() == (("auth.public-key", Path("/etc/fedtl/site.pub")),)
     minimal = SiteConfig.load(write(tmp_path, MINIMAL, "m.toml"))
     assert minimal.missing_files() == (("data.path", tmp_path.resolve() / "m.npz"),)
+
+
+LITE0 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+def test_input_limits_and_weights_allow_list_default_and_validate(tmp_path):
+    cfg = SiteConfig.load(write(tmp_path, MINIMAL))
+    assert cfg.data.max_pixels == 32_000_000
+    assert cfg.backbone.allowed_sha256 is None and cfg.backbone.max_weights_bytes == 200_000_000  # None: published
+    text = MINIMAL + f'max-pixels = 5000000\n[backbone]\nallowed-sha256 = ["{LITE0.upper()}"]\nmax-weights-mb = 30\n'
+    cfg = SiteConfig.load(write(tmp_path, text, "b.toml"))
+    assert cfg.data.max_pixels == 5_000_000 and cfg.backbone.allowed_sha256 == (LITE0,)
+    assert cfg.backbone.max_weights_bytes == 30_000_000
+    none = SiteConfig.load(write(tmp_path, MINIMAL + "[backbone]\nallowed-sha256 = []\n", "c.toml"))
+    assert none.backbone.allowed_sha256 == ()  # accept no weights from a server
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("max-pixels = 100", "`data.max-pixels` must be an integer between 4096 and 178956970 (width x height of the "
+                         "largest image to decode; default 32000000), got 100"),
+    ("max-pixels = 1e9", "`data.max-pixels` must be an integer, got 1000000000.0"),
+    ('[backbone]\nallowed-sha256 = ["5793"]', "`backbone.allowed-sha256` must list sha256 hashes of 64 hex digits "
+                                               "each, got '5793'"),
+    (f'[backbone]\nallowed-sha256 = "{LITE0}"', "`backbone.allowed-sha256` must be a list of sha256 hashes"),
+    ("[backbone]\nmax-weights-mb = 0", "`backbone.max-weights-mb` must be an integer between 1 and 4096 (MB), got 0"),
+    ("[backbone]\nallowed = []", "Unknown key `backbone.allowed` (in site.toml); did you mean `backbone.allowed-sha256`?"),
+])
+def test_bad_limits_and_hashes_name_the_key_and_value(tmp_path, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, MINIMAL + extra + "\n")
+    with pytest.raises(ConfigError) as err:
+        SiteConfig.load("site.toml")
+    assert message in str(err.value) and "site.toml" in str(err.value)
+
+
+def test_a_folder_or_a_non_utf8_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"Site config file .* cannot be read \(.*Is a directory"):
+        SiteConfig.load(tmp_path)
+    (tmp_path / "latin1.toml").write_bytes('name = "s1"  # Zürich\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.toml cannot be read \(.*utf-8"):
+        SiteConfig.load(tmp_path / "latin1.toml")
