@@ -88,10 +88,10 @@ def test_an_update_with_a_bad_weight_is_rejected_and_left_out_of_the_average(num
     content = _hostile_reply(9, _state(1.0), num_examples).content
     assert any("`num-examples` must be a positive number" in p for p in validate_update(content, EXPECTED))
     strategy = SuffixFedAvg(expected=EXPECTED)
-    arrays, _ = strategy.aggregate_train(1, [_reply(1, _state(1.0), 10), _reply(2, _state(4.0), 30),
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, _state(1.0), 8), _reply(2, _state(4.0), 32),
                                              _hostile_reply(9, _state(1000.0), num_examples)])
     avg = arrays.to_torch_state_dict()
-    expected = (1.0 * 10 + 4.0 * 30) / 40  # the hostile reply's 1000s and weight have no part in it
+    expected = (1.0 * 8 + 4.0 * 32) / 40  # the hostile reply's 1000s and weight have no part in it
     assert torch.allclose(avg["suffix.head.0.weight"], torch.full((2, 4), expected))
     assert torch.allclose(avg["suffix.head.0.bias"], torch.full((2,), expected))
     stats = strategy.rounds[1]
