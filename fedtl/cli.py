@@ -61,14 +61,24 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedtl.federation.supervisor import CHILD_ENV, resumed_config, supervise
+
+    if args.resume and (args.out or args.overwrite or args.config or args.set or args.no_dp
+                        or any(v is not None for v in (args.sites, args.rounds, args.epsilon, args.data))):
+        raise ConfigError("--resume takes the run directory alone: the run continues with its own config.json.")
+    if not args.resume and not args.out:
+        raise ConfigError("simulate needs --out RUN_DIR (a new run) or --resume RUN_DIR (an interrupted one).")
+    out = Path(args.resume or args.out)
+    cfg = resumed_config(out) if args.resume else _load_config(args)  # bad config: refused before any process starts
+    if os.environ.get(CHILD_ENV) != "1" and not args.in_process:
+        return supervise(args.argv, out)
     from fedtl.federation.simulation import simulate
 
-    cfg = _load_config(args)
-    summary = simulate(cfg, args.out, overwrite=args.overwrite)
+    summary = simulate(cfg, out, overwrite=args.overwrite, resume=bool(args.resume))
     keys = ("test_auc", "test_acc", "selected_round", "rounds", "sites", "epsilon_max", "bytes_up_per_round",
             "bytes_per_site_round", "full_model_bytes", "wall_seconds", "cache_hit")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=1))
-    print(f"run directory: {args.out}")
+    print(f"run directory: {out}")
     return 0
 
 
@@ -170,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="run N sites through Flower's simulation runtime")
     config_args(p)
-    p.add_argument("--out", required=True, help="run directory to create (summary.json, metrics.jsonl, suffix.safetensors)")
+    p.add_argument("--out", help="run directory to create (summary.json, metrics.jsonl, suffix.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # no supervisor (tests, debugging)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("config", help="print the resolved configuration")
@@ -196,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedtl").setLevel(logging.INFO)

@@ -156,7 +156,9 @@ class FederationConfig:
     sites: int = 10
     rounds: int = 40
     fraction_train: float = 1.0  # fraction of connected sites sampled each round
-    min_sites: int = 1  # fewest sites a round needs
+    min_sites: int = 1  # quorum: the fewest replies (trained or declined) a round needs
+    round_timeout: float = 300.0  # seconds a round waits for the sites' replies (and for sites to connect)
+    round_retries: int = 2  # a round short of its quorum is retried this many times, then the run stops (resumable)
 
     def __post_init__(self) -> None:
         if self.sites < 1:
@@ -167,6 +169,12 @@ class FederationConfig:
             _fail("federation.fraction-train", self.fraction_train, "must be in (0, 1]")
         if self.min_sites < 1:
             _fail("federation.min-sites", self.min_sites, "must be >= 1")
+        if self.min_sites > self.sites:
+            _fail("federation.min-sites", self.min_sites, f"must be <= federation.sites ({self.sites})")
+        if not 0 < self.round_timeout <= 86400:
+            _fail("federation.round-timeout", self.round_timeout, "must be in (0, 86400] seconds")
+        if not 0 <= self.round_retries <= 100:
+            _fail("federation.round-retries", self.round_retries, "must be between 0 and 100")
 
 
 @dataclass(frozen=True)
@@ -197,6 +205,7 @@ class TrainConfig:
 class OutputConfig:
     dir: str = ""  # run directory; empty: runs/<timestamp>
     state_dir: str = ""  # per-site state (privacy ledgers); empty: <dir>/sites
+    resume: bool = False  # continue the interrupted run in `dir` from its last checkpoint
 
     def __post_init__(self) -> None:
         pass

@@ -63,3 +63,11 @@ def write_small_medmnist(path: Path, n_train: int = 240, n_val: int = 80, n_test
             arrays[f"{split}_labels"] = z[f"{split}_labels"][idx]
     np.savez_compressed(path, **arrays)
     return path
+
+
+@pytest.fixture(autouse=True)
+def simulate_in_process(monkeypatch, request):
+    """Unit tests call `fedtl simulate` in this process (its validation is the point); the supervisor
+    that runs it as a child process tree is exercised by the e2e tests."""
+    if request.node.get_closest_marker("e2e") is None:
+        monkeypatch.setenv("FEDTL_SIMULATE_CHILD", "1")

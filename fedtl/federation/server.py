@@ -26,16 +26,18 @@ from safetensors.torch import save_file
 
 from fedtl.config import FedTLConfig
 from fedtl.errors import ConfigError, FederationError
+from fedtl.federation.checkpoint import CHECKPOINT, Checkpoint
+from fedtl.federation.distribution import ensure_backbone
 from fedtl.federation.records import record_bytes, to_record, to_state
 from fedtl.federation.site import build_transfer_model, cached_features, load_source
-from fedtl.federation.strategy import SuffixFedAvg
+from fedtl.federation.strategy import RoundStats, SuffixFedAvg
 from fedtl.model import TransferModel
 from fedtl.training import evaluate_suffix
 
 log = logging.getLogger(__name__)
 
 
-RUN_FILES = ("summary.json", "metrics.jsonl", "suffix.safetensors", "config.json")
+RUN_FILES = ("summary.json", "metrics.jsonl", "suffix.safetensors", "config.json", "checkpoint.safetensors")
 
 
 def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
@@ -88,6 +90,19 @@ class Tracker:
     last_privacy: dict[str, dict] = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
 
+    def restore(self, ckpt) -> None:
+        """Continue from a checkpoint; ``metrics.jsonl`` is rewritten to its rounds (each round once)."""
+        self.history = list(ckpt.history)
+        self.best_round, self.best_score = ckpt.best_round, ckpt.best_score
+        self.selection_metric = ckpt.selection_metric
+        self.best_state = dict(ckpt.best_state)
+        self.last_privacy = dict(ckpt.privacy)
+        self.last_epsilon = {k: v["epsilon"] for k, v in self.last_privacy.items()}
+        body = "".join(json.dumps(row, default=_json_default) + "\n" for row in self.history)
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text(body)
+        tmp.replace(self.metrics_path)
+
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         state = to_state(arrays)
         self.model.load_trainable_state(state)
@@ -102,6 +117,7 @@ class Tracker:
             self.last_privacy.update(stats.privacy)
             row.update({"bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down, "sites_trained": sorted(stats.trained),
                         "declined": stats.declined, "rejected": stats.rejected, "failed": stats.failed,
+                        "timed_out": stats.timed_out, "attempts": stats.attempts,
                         "epsilon": dict(sorted(stats.epsilon.items())),
                         "privacy": dict(sorted(stats.privacy.items()))})
         self.history.append(row)
@@ -123,36 +139,136 @@ class Tracker:
 
 
 def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: bool = True) -> dict:
-    """Run the federation for ``cfg.federation.rounds`` rounds and write the run directory."""
+    """Run the federation for ``cfg.federation.rounds`` rounds and write the run directory.
+
+    Every completed round is checkpointed (``checkpoint.safetensors``); with ``output.resume`` the
+    run continues from the last checkpoint of ``output.dir`` and ends with the same files.
+    """
     t_start = time.perf_counter()
     source = load_source(cfg.data.path)  # validates the data before anything is written
     model = build_transfer_model(cfg, source.num_classes)
     val_f, val_hit = cached_features(cfg, model, source.val)
     test_f, test_hit = cached_features(cfg, model, source.test)
     out = Path(cfg.output.dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{run_id}")
-    if any((out / name).exists() for name in RUN_FILES):
-        raise ConfigError(f"Run directory {out} already holds a run; set `output.dir` to a new folder.")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_run_config(), indent=1, sort_keys=True))
-
     fed = cfg.federation
     strategy = SuffixFedAvg(
         expected=model.expected_state(), fraction_train=fed.fraction_train, min_train_nodes=fed.min_sites,
-        min_available_nodes=fed.sites,
+        min_available_nodes=fed.min_sites,  # the round loop waits (bounded) for the others
     )
     tracker = Tracker(model, (val_f, torch.as_tensor(source.val.labels)), (test_f, torch.as_tensor(source.test.labels)),
                       strategy, out / "metrics.jsonl")
-    initial = to_record(model.trainable_state())
+    if cfg.output.resume:
+        ckpt = load_for_resume(out, cfg)
+        fedtl_run, start = ckpt.run_id, ckpt.round + 1
+        tracker.restore(ckpt)
+        arrays = to_record(ckpt.global_state)
+        log.warning("Resuming run %s in %s after round %d of %d.", fedtl_run, out, ckpt.round, fed.rounds)
+    else:
+        if any((out / name).exists() for name in (*RUN_FILES, CHECKPOINT)):
+            raise ConfigError(f"Run directory {out} already holds a run; set `output.dir` to a new folder, or resume "
+                              "an interrupted one with `output.resume=true`.")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_run_config(), indent=1, sort_keys=True))
+        fedtl_run, start = str(run_id), 1
+        arrays = to_record(model.trainable_state())
+        tracker(0, arrays)
+        ckpt = Checkpoint(round=0, run_id=fedtl_run, config=cfg.to_run_config(), global_state=to_state(arrays))
+        _checkpoint(ckpt, tracker, arrays, 0, out)
     if distribute_backbone:
-        ensure_backbone(grid, cfg, model.weights_sha256, fed.sites)
-    train_config = ConfigRecord({"total-rounds": fed.rounds, "run-id": str(run_id), "num-classes": source.num_classes,
+        ensure_backbone(grid, cfg, model.weights_sha256, fed.sites, timeout=fed.round_timeout)
+    train_config = ConfigRecord({"total-rounds": fed.rounds, "run-id": fedtl_run, "num-classes": source.num_classes,
                                  "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256,
                                  "noise-multiplier": cfg.privacy.noise_multiplier})
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=fed.rounds, train_config=train_config,
-                   evaluate_fn=tracker)
+    for rnd in range(start, fed.rounds + 1):
+        replies = _train_round(grid, strategy, rnd, arrays, train_config, fed, out)
+        aggregated, _ = strategy.aggregate_train(rnd, replies)
+        if aggregated is not None:
+            arrays = aggregated
+        tracker(rnd, arrays)
+        _checkpoint(ckpt, tracker, arrays, rnd, out)
     if tracker.best_round < 0:
         raise FederationError("No round produced a global model; see the log for the sites' reasons.")
+    return _finish(cfg, out, model, tracker, to_record(model.trainable_state()), t_start, val_hit and test_hit)
 
+
+def _train_round(grid: Grid, strategy: SuffixFedAvg, rnd: int, arrays: ArrayRecord, train_config: ConfigRecord,
+                 fed, out: Path) -> list:
+    """Send round ``rnd`` and collect replies until a quorum answers; retry, then stop resumably.
+
+    Never waits without bound: each attempt waits at most ``round-timeout`` for sites to connect
+    and again for their replies. Sites asked again for a round they already trained return the
+    update they released (no second spend, see ``fedtl.federation.site``).
+    """
+    stats = strategy.rounds.setdefault(rnd, RoundStats())
+    attempts = fed.round_retries + 1
+    for attempt in range(1, attempts + 1):
+        connected = _wait_for_nodes(grid, fed.sites, fed.min_sites, fed.round_timeout)
+        if connected < fed.min_sites:
+            log.warning("Round %d, attempt %d/%d: %d of %d sites connected within %.0f s (quorum %d).", rnd, attempt,
+                        attempts, connected, fed.sites, fed.round_timeout, fed.min_sites)
+            continue
+        messages = list(strategy.configure_train(rnd, arrays, train_config, grid))
+        replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
+        sent = {m.metadata.dst_node_id for m in messages}
+        answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
+        stats.timed_out = sorted(strategy.site_name(n) for n in sent - {r.metadata.src_node_id for r in replies})
+        stats.attempts = attempt
+        if len(answered) >= fed.min_sites:
+            if stats.timed_out:
+                log.warning("Round %d: no reply within %.0f s from %s; going on with %d.", rnd, fed.round_timeout,
+                            ", ".join(stats.timed_out), len(answered))
+            return replies
+        log.warning("Round %d, attempt %d/%d: %d of %d sites replied within %.0f s (quorum %d).", rnd, attempt, attempts,
+                    len(answered), len(sent), fed.round_timeout, fed.min_sites)
+    raise FederationError(
+        f"Round {rnd}: fewer than {fed.min_sites} site(s) (federation.min-sites) replied within "
+        f"{fed.round_timeout:.0f} s in {attempts} attempt(s); the run stopped after round {rnd - 1}. "
+        f"{resume_hint(out)}")
+
+
+def resume_hint(out: Path) -> str:
+    return (f"Its checkpoint is in {out}: resume with `fedtl simulate --resume {out}`, or in a deployment "
+            f"`flwr run . <federation> --run-config \"output.dir='{out}' output.resume=true\"`.")
+
+
+def _wait_for_nodes(grid: Grid, expected: int, quorum: int, timeout: float) -> int:
+    """Wait (at most ``timeout``) for every expected site; return how many are connected."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = len(list(grid.get_node_ids()))
+        if n >= expected or time.monotonic() > deadline:
+            return n
+        time.sleep(0.5)
+
+
+def _checkpoint(ckpt: Checkpoint, tracker: Tracker, arrays: ArrayRecord, rnd: int, out: Path) -> None:
+    t0 = time.perf_counter()
+    ckpt.round = rnd
+    ckpt.global_state = to_state(arrays)
+    ckpt.best_state, ckpt.best_round, ckpt.best_score = tracker.best_state, tracker.best_round, tracker.best_score
+    ckpt.selection_metric = tracker.selection_metric or "val_auc"
+    ckpt.history, ckpt.privacy = tracker.history, tracker.last_privacy
+    size = ckpt.save(out)
+    log.debug("Checkpoint of round %d: %d bytes in %.1f ms", rnd, size, 1000 * (time.perf_counter() - t0))
+
+
+def load_for_resume(out: Path, cfg: FedTLConfig) -> Checkpoint:
+    """The checkpoint of an interrupted run in ``out``, after checking it is the same run."""
+    if (out / "summary.json").exists():
+        raise ConfigError(f"Run directory {out} holds a completed run (summary.json); there is nothing to resume.")
+    ckpt = Checkpoint.load(out)
+    mine = {k: v for k, v in cfg.to_run_config().items() if not k.startswith("output.")}
+    theirs = {k: v for k, v in ckpt.config.items() if not k.startswith("output.")}
+    changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if changed:
+        raise ConfigError(f"Cannot resume {out}: the configuration differs from the interrupted run's in "
+                          f"{', '.join(changed)}. Resume with the run's own config.json.")
+    return ckpt
+
+
+def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker, initial: ArrayRecord,
+            t_start: float, server_cache_hit: bool) -> dict:
+    fed = cfg.federation
     best = tracker.history[tracker.best_round]
     final = tracker.history[-1]
     rounds = [r for r in tracker.history if r["round"] > 0]
@@ -168,8 +284,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         "final_round_test_auc": final["test_auc"], "final_round_test_acc": final["test_acc"],
         "rounds": fed.rounds, "sites": fed.sites,
         "dp": dp,
-        "epsilon": dict(sorted(tracker.last_epsilon.items())) if dp else {},
-        "epsilon_max": max(tracker.last_epsilon.values(), default=0.0) if dp else None,
+        "epsilon": {k: v["epsilon"] for k, v in sorted(tracker.last_privacy.items())} if dp else {},
+        "epsilon_max": max((v["epsilon"] for v in tracker.last_privacy.values()), default=0.0) if dp else None,
         "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
         "delta": cfg.privacy.delta if cfg.privacy.enabled else None,
         # each site's ε, δ, accountant and budget as that site reported them (a deployed site's own policy)
@@ -184,58 +300,16 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         "total_params": counts["total_params"],
         "backbone": cfg.model.backbone, "weights_sha256": model.weights_sha256, "split_after": model.split_name,
         "wall_seconds": round(time.perf_counter() - t_start, 2),
-        "cache_hit": bool(val_hit and test_hit),  # the server's own; fedtl simulate adds the sites'
-
+        "cache_hit": bool(server_cache_hit),  # the server's own; fedtl simulate adds the sites'
         "declined": {str(k): v for r in rounds for k, v in r.get("declined", {}).items()},
         "rejected_updates": sum(len(r.get("rejected", {})) for r in rounds),
+        "timed_out": {str(r["round"]): r["timed_out"] for r in rounds if r.get("timed_out")},
     }
     summary["bytes_per_site_round_fraction_of_model"] = summary["bytes_per_site_round"] / summary["full_model_bytes"]
     _write_json(out / "summary.json", summary)
     log.info("Run directory: %s | selected round %d (by %s): test AUC %.4f, acc %.4f", out, tracker.best_round,
              tracker.selection_metric, summary["test_auc"], summary["test_acc"])
     return summary
-
-
-def ensure_backbone(grid: Grid, cfg: FedTLConfig, pinned_sha256: str, expected_sites: int,
-                    timeout: float = 600.0) -> dict[int, str]:
-    """Make every connected site hold the pinned backbone: ask each, send the file to those lacking it.
-
-    Returns ``{node_id: problem}`` for sites that still cannot use it (they will decline to train).
-    """
-    from flwr.app import Array, Message, MessageType, RecordDict
-
-    from fedtl.backbones import build_backbone
-
-    deadline = time.monotonic() + timeout
-    while len(list(grid.get_node_ids())) < expected_sites and time.monotonic() < deadline:
-        time.sleep(1.0)
-    nodes = list(grid.get_node_ids())
-    ask = ConfigRecord({"action": "backbone-status", "backbone": cfg.model.backbone, "sha256": pinned_sha256})
-    replies = grid.send_and_receive([Message(RecordDict({"config": ask}), dst_node_id=n, message_type=MessageType.QUERY)
-                                     for n in nodes], timeout=timeout)
-    lacking, problems = [], {}
-    for r in replies:
-        if r.has_error():
-            problems[r.metadata.src_node_id] = r.error.reason
-        elif not r.content["status"]["has"]:
-            lacking.append(r.metadata.src_node_id)
-    if lacking:
-        path = build_backbone(cfg.model.backbone).weights_path
-        payload = np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)
-        log.info("Sending %s weights (%d bytes) to %d site(s) lacking them.", cfg.model.backbone, payload.size, len(lacking))
-        send = ConfigRecord({"action": "backbone-install", "backbone": cfg.model.backbone, "sha256": pinned_sha256})
-        weights = ArrayRecord({"file": Array(payload)})
-        replies = grid.send_and_receive(
-            [Message(RecordDict({"config": send, "weights": weights}), dst_node_id=n, message_type=MessageType.QUERY)
-             for n in lacking], timeout=timeout)
-        for r in replies:
-            if r.has_error():
-                problems[r.metadata.src_node_id] = r.error.reason
-            elif not r.content["status"]["has"]:
-                problems[r.metadata.src_node_id] = str(r.content["status"]["error"])
-    for node, problem in problems.items():
-        log.warning("Node %d cannot use the pinned backbone: %s", node, problem)
-    return problems
 
 
 def _mean(values) -> float:

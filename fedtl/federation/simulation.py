@@ -7,13 +7,13 @@ import json
 import logging
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from fedtl.config import FedTLConfig
 from fedtl.errors import ConfigError, FederationError
-from fedtl.federation.server import prepare_run_dir
+from fedtl.federation.server import prepare_run_dir, resume_hint
+from fedtl.federation.supervisor import ProcessTreeWatcher
 from fedtl.federation.site import build_transfer_model, cached_features, load_source
 
 log = logging.getLogger(__name__)
@@ -33,15 +33,21 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"Run directory {out} already exists and is not empty; choose another --out or pass --overwrite.")
 
 
-def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False) -> dict:
+def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False) -> dict:
     """Run the federation in simulation and return ``summary.json``'s content.
 
     Everything that bad input can break (config, data file, backbone weights, output folder)
-    is checked before anything is written.
+    is checked before anything is written. With ``resume``, ``out`` is an interrupted run: it
+    continues from its last checkpoint (its own ``config.json`` is the configuration).
     """
     t0 = time.perf_counter()
     out = Path(out)
-    check_out_dir(out, overwrite)
+    if resume:
+        from fedtl.federation.server import load_for_resume
+
+        load_for_resume(out, cfg)  # a completed run, no checkpoint or another config: refused before anything
+    else:
+        check_out_dir(out, overwrite)
     source = load_source(cfg.data.path)
     from fedtl.federation.site import site_indices
 
@@ -49,9 +55,10 @@ def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False) -> d
         site_indices(cfg, s, cfg.federation.sites)
     model = build_transfer_model(cfg, source.num_classes)
     hits = [cached_features(cfg, model, split)[1] for split in (source.train, source.val, source.test)]
-    prepare_run_dir(out, overwrite=overwrite)
-    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out)))
-    watcher = _ProcessTreeWatcher()
+    if not resume:
+        prepare_run_dir(out, overwrite=overwrite)
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out), resume=resume))
+    watcher = ProcessTreeWatcher()
     watcher.start()
     try:
         _run_flower(cfg)
@@ -60,7 +67,8 @@ def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False) -> d
         watcher.stop_and_reap()
     summary_path = out / "summary.json"
     if not summary_path.is_file():
-        raise FederationError(f"The simulation ended without writing {summary_path}; see the log above.")
+        hint = resume_hint(out) if (out / "checkpoint.safetensors").exists() else ""
+        raise FederationError(f"The simulation ended without writing {summary_path}; see the log above. {hint}")
     summary = json.loads(summary_path.read_text())
     summary["cache_hit"] = bool(all(hits) and summary.get("cache_hit", True))
     summary["wall_seconds"] = round(time.perf_counter() - t0, 2)
@@ -89,53 +97,6 @@ def _run_flower(cfg: FedTLConfig) -> None:
         # simulated sites share this machine's weights: nothing to distribute
         run_simulation(server_app=make_server_app(cfg, distribute_backbone=False), client_app=make_client_app(cfg, threads=1),
                        num_supernodes=cfg.federation.sites, backend_config=backend_config)
-
-
-class _ProcessTreeWatcher(threading.Thread):
-    """Remembers every process this command starts (Ray's daemons and workers re-parent as they
-    exit), so that when the simulation ends none is left running: each gets a grace period to
-    exit on its own, then is terminated, then killed."""
-
-    def __init__(self, interval: float = 0.5) -> None:
-        super().__init__(daemon=True)
-        self.interval = interval
-        self.seen: dict[int, float] = {}
-        self._stop = threading.Event()
-
-    def _snapshot(self) -> None:
-        import psutil
-
-        try:
-            for child in psutil.Process().children(recursive=True):
-                self.seen.setdefault(child.pid, child.create_time())
-        except psutil.Error:
-            pass
-
-    def run(self) -> None:
-        while not self._stop.is_set():
-            self._snapshot()
-            self._stop.wait(self.interval)
-
-    def stop_and_reap(self, grace: float = 15.0) -> None:
-        import psutil
-
-        self._snapshot()
-        self._stop.set()
-        alive = []
-        for pid, created in self.seen.items():
-            try:
-                proc = psutil.Process(pid)
-                if proc.create_time() == created:
-                    alive.append(proc)
-            except psutil.Error:
-                continue
-        _, alive = psutil.wait_procs(alive, timeout=grace)
-        for proc in alive:
-            log.warning("Stopping leftover process %d (%s)", proc.pid, " ".join(proc.cmdline()[:2]))
-            proc.terminate()
-        _, alive = psutil.wait_procs(alive, timeout=5)
-        for proc in alive:
-            proc.kill()
 
 
 def _shutdown_ray() -> None:

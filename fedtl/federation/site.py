@@ -132,9 +132,12 @@ def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: P
         out.train = res
         return out
     out.delta, out.accountant, out.budget = policy.delta, policy.accountant, policy.target_epsilon
+    releases = Releases(policy.ledger_path.parent / "releases")
     try:
         with open_ledger(policy.ledger_path, site=policy.site, delta=policy.delta, accountant=policy.accountant,
                          target_epsilon=policy.target_epsilon) as ledger:
+            if server_round in ledger.rounds_in_run(run_id):  # asked again (the server restarted or retried)
+                return _replay(out, ledger, releases, model, run_id, server_round)
             plan = plan_round(policy, ledger, proposal, run_id=run_id, server_round=server_round, num_examples=n)
             if isinstance(plan, Decline):
                 out.declined, out.reason, out.epsilon = True, plan.reason, plan.epsilon
@@ -146,6 +149,7 @@ def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: P
             res = train_suffix(model, data.features, data.labels, cfg.train, lr_scale=cfg.adapters.effective_lr_scale(),
                                batch_size=plan.batch_size, epochs=plan.epochs, dp=dp,
                                generator=_generator(policy, run_id, server_round), reseed=not policy.seeded)
+            releases.save(run_id, server_round, model.trainable_state())  # kept to answer a repeated request
             ledger.append(run=run_id, round=server_round, noise_multiplier=plan.noise_multiplier,
                           sample_rate=plan.sample_rate, steps=res.steps)
             ledger.save()  # durable (and its anchor) before the update can leave the site
@@ -162,9 +166,71 @@ def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: P
 
 
 def _generator(policy: PrivacyPolicy, run_id: str, server_round: int) -> torch.Generator:
-    if policy.seeded:
-        return seeded_generator(policy.seed, policy.site, run_id, server_round)
+    if policy.seeded:  # simulations only: reproducible across runs and resumes of the same config
+        return seeded_generator(policy.seed, policy.site, server_round)
     return secret_generator()
+
+
+def _replay(out: SiteRound, ledger, releases: Releases, model: TransferModel, run_id: str,
+            server_round: int) -> SiteRound:
+    """The update this site already released for (run, round): sent again, nothing spent again."""
+    state = releases.load(run_id, server_round)
+    out.epsilon = ledger.epsilon()
+    if state is None:
+        out.declined = True
+        out.reason = (f"Site `{out.site}` already trained round {server_round} of this run and no longer holds that "
+                      "update; it will not spend privacy on the same round twice.")
+        log.warning("Site %s declines a repeated round %d: its released update is gone.", out.site, server_round)
+        return out
+    model.load_trainable_state(state)
+    log.warning("Site %s: round %d of run %s was already trained; sending the update it released then (ε=%.3f, "
+                "nothing spent again).", out.site, server_round, run_id, out.epsilon)
+    return out
+
+
+class Releases:
+    """Updates a site has released, by (run, round), so a repeated request is answered without a second
+    DP release. Written atomically before the ledger entry; only the latest few are kept."""
+
+    KEEP = 3
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _path(self, run_id: str, server_round: int) -> Path:
+        import hashlib
+
+        return self.folder / f"{hashlib.sha256(run_id.encode()).hexdigest()[:16]}-{int(server_round):06d}.safetensors"
+
+    def save(self, run_id: str, server_round: int, state: dict[str, torch.Tensor]) -> None:
+        import os
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self._path(run_id, server_round)
+        fd, tmp = tempfile.mkstemp(prefix=".release.", dir=self.folder)
+        os.close(fd)
+        try:
+            save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        for old in sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)[:-self.KEEP]:
+            old.unlink(missing_ok=True)
+
+    def load(self, run_id: str, server_round: int) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        path = self._path(run_id, server_round)
+        try:
+            return load_file(str(path)) if path.is_file() else None
+        except Exception:  # a damaged file: treated as gone
+            return None
 
 
 def ignored_privacy_settings(conf: FedTLConfig, policy: PrivacyPolicy) -> list[str]:

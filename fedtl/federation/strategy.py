@@ -25,6 +25,8 @@ class RoundStats:
     failed: dict[str, str] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, dict] = field(default_factory=dict)  # per site, as the site reported it
+    timed_out: list[str] = field(default_factory=list)  # sites asked that did not reply in time
+    attempts: int = 1
 
 
 class SuffixFedAvg(FedAvg):
@@ -40,6 +42,10 @@ class SuffixFedAvg(FedAvg):
         super().__init__(**kwargs)
         self.expected = expected
         self.rounds: dict[int, RoundStats] = {}
+        self.node_sites: dict[int, str] = {}  # node id -> the site name it last replied with
+
+    def site_name(self, node: int) -> str:
+        return self.node_sites.get(node, f"node-{node}")
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -60,6 +66,7 @@ class SuffixFedAvg(FedAvg):
             metrics = next(iter(content.metric_records.values()), None)
             info = content["info"] if "info" in content.config_records else {}
             site = str(info.get("site", "") or f"node-{node}")
+            self.node_sites[node] = site
             if metrics is not None and float(metrics.get("epsilon", -1.0)) >= 0:
                 stats.epsilon[site] = float(metrics["epsilon"])
                 stats.privacy[site] = {"epsilon": float(metrics["epsilon"]), "delta": float(metrics.get("delta", 0.0)),

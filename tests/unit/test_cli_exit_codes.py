@@ -52,7 +52,8 @@ def test_success_is_zero_and_usage_errors_are_two(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse: unknown command
         cli.main(["simulat"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:  # argparse: missing --out
-        cli.main(["simulate"])
-    assert exit_info.value.code == 2
+    assert cli.main(["simulate"]) == 2  # neither --out nor --resume
+    assert "needs --out RUN_DIR" in capsys.readouterr().err
+    assert cli.main(["simulate", "--resume", "r", "--sites", "3"]) == 2  # --resume takes the run's own config
+    assert "--resume takes the run directory alone" in capsys.readouterr().err
 

@@ -121,13 +121,12 @@ def _fake_run(monkeypatch, tmp_path, val, test, script) -> dict:
     monkeypatch.setattr(server, "build_transfer_model", lambda cfg, n: _tiny_model())
     monkeypatch.setattr(server, "cached_features", lambda cfg, model, data: (features[id(data)], True))
 
-    def start(self, grid, initial_arrays, num_rounds, train_config=None, evaluate_fn=None, **_):
-        evaluate_fn(0, initial_arrays)
-        for r, state in enumerate(script, start=1):
-            self.rounds[r] = RoundStats(trained=["site-0"], epsilon={"site-0": 0.1 * r})
-            evaluate_fn(r, to_record(state))
+    def aggregate(self, rnd, replies):
+        self.rounds[rnd] = RoundStats(trained=["site-0"], epsilon={"site-0": 0.1 * rnd})
+        return to_record(script[rnd - 1]), None
 
-    monkeypatch.setattr(SuffixFedAvg, "start", start)
+    monkeypatch.setattr(server, "_train_round", lambda grid, strategy, rnd, *args: [])
+    monkeypatch.setattr(SuffixFedAvg, "aggregate_train", aggregate)
     cfg = FedTLConfig().with_overrides({"federation.rounds": len(script), "federation.sites": 1,
                                         "output.dir": str(tmp_path / "run")})
     return server.run_server(None, cfg, "t", distribute_backbone=False)
