@@ -125,8 +125,9 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     tracker = Tracker(model, (val_f, torch.as_tensor(source.val.labels)), (test_f, torch.as_tensor(source.test.labels)),
                       strategy, out / "metrics.jsonl")
     initial = to_record(model.trainable_state())
+    transfer: dict = {}
     if distribute_backbone:
-        ensure_backbone(grid, cfg, model.weights_sha256, fed.sites)
+        ensure_backbone(grid, cfg, model.weights_sha256, fed.sites, report=transfer)
     train_config = ConfigRecord({"total-rounds": fed.rounds, "run-id": str(run_id), "num-classes": source.num_classes,
                                  "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256})
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=fed.rounds, train_config=train_config,
@@ -164,6 +165,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         "cache_hit": bool(val_hit and test_hit and sites_cache),
         "declined": {str(k): v for r in rounds for k, v in r.get("declined", {}).items()},
         "rejected_updates": sum(len(r.get("rejected", {})) for r in rounds),
+        "backbone_transfer": transfer or None,  # weights sent to sites lacking them: bytes, sites, seconds
     }
     summary["bytes_per_site_round_fraction_of_model"] = summary["bytes_per_site_round"] / summary["full_model_bytes"]
     _write_json(out / "summary.json", summary)
@@ -173,10 +175,11 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
 
 
 def ensure_backbone(grid: Grid, cfg: FedTLConfig, pinned_sha256: str, expected_sites: int,
-                    timeout: float = 600.0) -> dict[int, str]:
+                    timeout: float = 600.0, report: dict | None = None) -> dict[int, str]:
     """Make every connected site hold the pinned backbone: ask each, send the file to those lacking it.
 
-    Returns ``{node_id: problem}`` for sites that still cannot use it (they will decline to train).
+    Returns ``{node_id: problem}`` for sites that still cannot use it (they will decline to train);
+    ``report`` receives the transfer's ``bytes``, ``sites`` and ``seconds`` (until every reply) when one was sent.
     """
     from flwr.app import Array, Message, MessageType, RecordDict
 
@@ -201,9 +204,14 @@ def ensure_backbone(grid: Grid, cfg: FedTLConfig, pinned_sha256: str, expected_s
         log.info("Sending %s weights (%d bytes) to %d site(s) lacking them.", cfg.model.backbone, payload.size, len(lacking))
         send = ConfigRecord({"action": "backbone-install", "backbone": cfg.model.backbone, "sha256": pinned_sha256})
         weights = ArrayRecord({"file": Array(payload)})
+        t0 = time.perf_counter()
         replies = grid.send_and_receive(
             [Message(RecordDict({"config": send, "weights": weights}), dst_node_id=n, message_type=MessageType.QUERY)
              for n in lacking], timeout=timeout)
+        seconds = time.perf_counter() - t0
+        log.info("Backbone transfer: %d bytes to %d site(s), replies in %.2f s.", payload.size, len(lacking), seconds)
+        if report is not None:
+            report.update(bytes=int(payload.size), sites=len(lacking), seconds=round(seconds, 2))
         for r in replies:
             if r.has_error():
                 problems[r.metadata.src_node_id] = r.error.reason
