@@ -1,7 +1,8 @@
 """What the aggregation-server operator runs: TLS certificates, SuperNode keys, the SuperLink.
 
-A deployment is one SuperLink (Fleet, Control and Runtime APIs on one TLS port, SuperNode
-authentication on) and one SuperNode per data site. The operator
+A deployment is one SuperLink (SuperNode authentication on; the Fleet API on a public TLS port, the
+Control and Runtime APIs on a loopback or private one: see ``server/superlink.py``) and one SuperNode
+per data site. The operator
 
 1. creates a CA and a server certificate (``certs``) and gives ``ca.crt`` to every site;
 2. receives each site's public key (a site creates its pair with ``site-keys``) and registers it
@@ -44,6 +45,7 @@ import tomllib as tomli  # stdlib reader (Python 3.11+)
 import tomli_w  # tomli and tomli-w are dependencies of flwr
 
 from fedtl.errors import ConfigError, FedTLError, FederationError
+from server.superlink import DEFAULT_CONTROL_ADDRESS, check_control_host, split_address
 
 log = logging.getLogger(__name__)
 
@@ -249,25 +251,36 @@ def _check_port(port: int, what: str = "port") -> int:
 
 
 def superlink_command(certs_dir: str | os.PathLike[str], host: str, port: int,
-                      state_db: str | os.PathLike[str] | None = None) -> list[str]:
-    """The ``flower-superlink`` command line of a TLS deployment with SuperNode authentication.
+                      state_db: str | os.PathLike[str] | None = None, *,
+                      control_address: str = DEFAULT_CONTROL_ADDRESS) -> list[str]:
+    """The SuperLink command line of a TLS deployment with SuperNode authentication.
 
-    Fleet, Control and Runtime APIs share ``host:port`` (Flower 1.41). Uses ``certs_dir``'s
-    ``ca.crt``, ``server.crt`` and ``server.key``; ``state_db`` (a SQLite path) keeps runs and
-    registered SuperNodes across restarts (in memory when ``None``). Runtime dependency
-    installation stays off: fedtl is installed at the server in advance.
+    SuperNodes connect to ``host:port`` (the Fleet API, the only API served there);
+    ``control_address`` (loopback by default, or a private address) serves the Control API that
+    ``flwr`` and the connection written by ``write-connection`` use, and the Runtime API the
+    ServerApp uses. Flower 1.41 itself would serve all three on one port, the Control API
+    without authentication: ``server/superlink.py`` runs Flower's SuperLink app split this way.
+    Uses ``certs_dir``'s ``ca.crt``, ``server.crt`` and ``server.key`` (the certificate must name
+    both hosts); ``state_db`` (a SQLite path) keeps runs and registered SuperNodes across
+    restarts (in memory when ``None``). Runtime dependency installation stays off: fedtl is
+    installed at the server in advance.
     """
+    control_host, control_port = split_address(control_address, "control address")
+    check_control_host(control_host)
+    if control_port == _check_port(port):
+        raise ConfigError(f"The fleet port and the control port must differ, got {port} for both.")
     certs = Path(certs_dir)
+    fleet_host = f"[{host}]" if ":" in str(host) else str(host)
     cmd = [
-        _executable("flower-superlink"),
+        sys.executable, "-m", "server.superlink",
+        "--fleet-address", f"{fleet_host}:{port}",
+        "--control-address", control_address,
         "--ssl-ca-certfile", str(_existing_file(certs / CA_CERT, "CA certificate")),
         "--ssl-certfile", str(_existing_file(certs / SERVER_CERT, "Server certificate")),
         "--ssl-keyfile", str(_existing_file(certs / SERVER_KEY, "Server private key")),
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
         "--isolation", "subprocess",
-        "--host", str(host),
-        "--port", str(_check_port(port)),
     ]
     if state_db is not None:
         cmd += ["--database", str(Path(state_db).expanduser().resolve())]
@@ -635,8 +648,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("start-superlink", help="run the SuperLink (TLS, SuperNode auth) in the foreground")
     s.add_argument("--certs", required=True, help="folder with ca.crt, server.crt, server.key")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="address SuperNodes reach (Fleet API only), e.g. 0.0.0.0")
     s.add_argument("--port", type=int, default=9093)
+    s.add_argument("--control-address", default=DEFAULT_CONTROL_ADDRESS,
+                   help="loopback or private host:port of the unauthenticated Control API (flwr run, register) "
+                        f"and the Runtime API (default {DEFAULT_CONTROL_ADDRESS})")
     s.add_argument("--database", default=None, help="SQLite state file (default: in memory)")
 
     for name, helptext in (("register", "register a site's public key"),
@@ -693,7 +709,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = write_connection(args.flwr_home, args.name, args.address, args.ca)
             print(f"connection `{args.name}` -> {args.address} written to {path}")
         elif args.command == "start-superlink":
-            cmd = superlink_command(args.certs, args.host, args.port, args.database)
+            cmd = superlink_command(args.certs, args.host, args.port, args.database,
+                                    control_address=args.control_address)
             print(" ".join(cmd), file=sys.stderr, flush=True)
             return _run_foreground(cmd)
         elif args.command == "register":

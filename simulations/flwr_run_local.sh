@@ -48,7 +48,10 @@ for _ in $(seq 60); do
   sleep 0.5
 done
 cd "$here"
+# OUT_DIR as a TOML basic string (Flower reads --run-config with a regex, then as TOML): any quote survives
+out_toml=${out//\\/\\u005c}
+out_toml=${out_toml//\"/\\u0022}
 flwr run . fedtl-local --stream \
   --federation-config "num-supernodes=${sites}" \
-  --run-config "federation.sites=${sites} federation.rounds=${rounds} output.dir='${out}' ${extra}"
+  --run-config "federation.sites=${sites} federation.rounds=${rounds} output.dir=\"${out_toml}\" ${extra}"
 test -f "$out/summary.json" && cat "$out/summary.json"

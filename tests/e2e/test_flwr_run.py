@@ -34,7 +34,7 @@ def _flower_processes() -> set[int]:
 
 def test_flwr_run_two_sites_one_round(tmp_path):
     data = write_small_medmnist(tmp_path / "small.npz")
-    out = tmp_path / "run"
+    out = tmp_path / "it's a \"run\""  # both quote kinds: the script passes output.dir as an escaped TOML string
     before = _flower_processes()
     env = dict(os.environ, FEDTL_CACHE_DIR=str(tmp_path / "cache"), FLWR_HOME=str(tmp_path / "flwr"),
                FEDTL_SUPERLINK_PORT=str(_free_port()))

@@ -103,3 +103,23 @@ def test_an_oversized_image_is_named_with_the_limit_and_fails_the_check(site, ca
     assert code == 3 and "images read: 2 of 3 listed" in out
     assert "  bomb.png: ImageTooLarge: image is 3000x2000 = 6.0 Mpx, above data.max-pixels = 5.0 Mpx; not decoded" in out
     assert err[-1].startswith("error: 1 of 3 listed entries are unreadable")
+    assert not (site.parent / "state").exists()  # no ledger, cache or weights folder appears
+
+
+def test_a_deflated_dicom_bomb_is_named_and_fails_the_check(tmp_path, capsys):
+    import numpy as np
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from tests.unit.data.test_decompression_bombs import dicom_file
+
+    dicom_file(tmp_path / "ok.dcm", 8, 8, pixels=np.arange(64).reshape(8, 8) * 60)
+    dicom_file(tmp_path / "bomb.dcm", 3000, 3000, syntax=DeflatedExplicitVRLittleEndian)  # 18 MB from ~20 KB
+    (tmp_path / "labels.csv").write_text("file,label\nok.dcm,0\nbomb.dcm,1\n")
+    conf = tmp_path / "site.toml"
+    conf.write_text('name = "st-mary"\n[data]\nformat = "dicom"\npath = "."\nlabels = "labels.csv"\n'
+                    "image-size = 8\nmax-pixels = 5000000\n")
+    code, out, err = _run(capsys, ["site", "check", str(conf)])
+    assert code == 3 and "images read: 1 of 2 listed" in out
+    assert "  bomb.dcm: ImageTooLarge: image is 3000x3000 = 9.0 Mpx, above data.max-pixels = 5.0 Mpx" in out
+    assert err[-1].startswith("error: 1 of 2 listed entries are unreadable")
+    assert not (tmp_path / "state").exists()

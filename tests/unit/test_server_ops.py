@@ -195,12 +195,16 @@ def test_superlink_command_is_tls_with_supernode_auth(tmp_path, fake_bin):
     for name in ("ca.crt", "server.crt", "server.key"):
         (certs / name).write_text("x")
     cmd = ops.superlink_command(certs, "0.0.0.0", 9093, state_db=tmp_path / "state.db")
-    assert cmd == [str(fake_bin / "flower-superlink"),
-                   "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.crt"),
-                   "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth",
-                   "--disable-runtime-dependency-installation", "--isolation", "subprocess",
-                   "--host", "0.0.0.0", "--port", "9093", "--database", str(tmp_path / "state.db")]
-    assert "--insecure" not in cmd and "--database" not in ops.superlink_command(certs, "127.0.0.1", 1)
+    # Flower's SuperLink app split in two: the Fleet API alone on the public address, the Control and
+    # Runtime APIs on loopback (Flower 1.41 would serve all three, unauthenticated, on one port)
+    assert cmd[:7] == [sys.executable, "-m", "server.superlink", "--fleet-address", "0.0.0.0:9093",
+                       "--control-address", "127.0.0.1:9091"]
+    assert cmd[7:] == ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.crt"),
+                       "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth",
+                       "--disable-runtime-dependency-installation", "--isolation", "subprocess",
+                       "--database", str(tmp_path / "state.db")]
+    assert "--host" not in cmd and "--port" not in cmd and "--insecure" not in cmd
+    assert "--database" not in ops.superlink_command(certs, "127.0.0.1", 1)
     (certs / "server.key").unlink()
     with pytest.raises(ConfigError, match="Server private key `.*server.key` does not exist"):
         ops.superlink_command(certs, "0.0.0.0", 9093)
