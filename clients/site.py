@@ -14,14 +14,12 @@ value as a TOML basic string in which ``"``, ``\\`` and control characters are `
 from __future__ import annotations
 
 import argparse
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 from fedtl.errors import ConfigError, FedTLError
 from fedtl.site_config import SiteConfig
-from server.ops import supernode_command
+from server.ops import _run_foreground, supernode_command
 
 
 def start_command(site_config: str | Path, superlink: str, port: int) -> list[str]:
@@ -67,13 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_only:
         print(" ".join(cmd))
         return 0
-    proc = subprocess.Popen(cmd)
-    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        return proc.wait()
+    # SIGINT / SIGTERM / SIGHUP stop the SuperNode and every ClientApp process it started (SIGTERM, then
+    # SIGKILL), within 15 s; the site's ledger and released updates are on disk, so it simply rejoins.
+    return _run_foreground(cmd, "Start the site again with the same command: it rejoins the run and never "
+                                "spends privacy twice on a round it already trained.")
 
 
 if __name__ == "__main__":

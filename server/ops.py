@@ -572,9 +572,10 @@ def terminate_tree(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int | 
     if proc.poll() is None or descendants:
         _signal_group(proc.pid, signal.SIGTERM)
         _signal_all(descendants, signal.SIGTERM)
+        deadline = time.monotonic() + timeout  # one grace period for the whole tree, not one per process
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout)
-        descendants = _wait_all(descendants, timeout)
+        descendants = _wait_all(descendants, max(0.0, deadline - time.monotonic()))
         _signal_group(proc.pid, signal.SIGKILL)
         _signal_all(descendants, signal.SIGKILL)
         try:
@@ -670,22 +671,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_foreground(cmd: list[str]) -> int:
-    """Run ``cmd`` until it exits; SIGINT / SIGTERM to this process stop it and its children."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+RESTART_HINT = ("Start it again with the same command (pass --database to keep registered sites); a run it was "
+                "serving resumes from its checkpoint with: flwr run . <connection> --run-config "
+                "\"output.dir='<run dir>' output.resume=true\"")
+
+
+def _run_foreground(cmd: list[str], stopped: str = "", grace: float = 8.0) -> int:
+    """Run ``cmd`` until it exits. SIGINT, SIGTERM or SIGHUP to this process stop it and every
+    descendant within ``grace`` + 5 seconds (SIGTERM, then SIGKILL), print ``stopped`` and return
+    128 + the signal."""
     proc = subprocess.Popen(cmd, start_new_session=True)
 
     def forward(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
         code = proc.wait()
         return 128 - code if code < 0 else code  # killed by a signal: the shell's 128+N
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         for sig in previous:  # a second signal must not interrupt the shutdown
             signal.signal(sig, signal.SIG_IGN)
-        terminate_tree(proc, 15.0)
-        return 0  # stopped on request
+        terminate_tree(proc, grace)
+        signum = int(stop.args[0]) if stop.args and isinstance(stop.args[0], int) else int(signal.SIGINT)
+        print(f"error: stopped by {signal.Signals(signum).name}; every process it started was stopped. {stopped}".rstrip(),
+              file=sys.stderr)
+        return 128 + signum
     finally:
         if proc.poll() is None:
             terminate_tree(proc, 5.0)
@@ -712,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd = superlink_command(args.certs, args.host, args.port, args.database,
                                     control_address=args.control_address)
             print(" ".join(cmd), file=sys.stderr, flush=True)
-            return _run_foreground(cmd)
+            return _run_foreground(cmd, RESTART_HINT)
         elif args.command == "register":
             node_id = register_site(args.flwr_home, args.connection, args.public_key, args.name)
             print(json.dumps({"node-id": node_id}))

@@ -5,6 +5,7 @@
 #
 #   simulations/flwr_run_local.sh OUT_DIR [SITES] [ROUNDS] [extra run-config, e.g. "data.path='x.npz'"]
 set -euo pipefail
+script_args="$*"
 out=$(realpath -m "${1:?usage: $0 OUT_DIR [SITES] [ROUNDS] [RUN_CONFIG]}")
 sites=${2:-10}
 rounds=${3:-40}
@@ -33,7 +34,7 @@ marked() { grep -lsz "^FEDTL_RUN_MARKER=${FEDTL_RUN_MARKER}\$" /proc/[0-9]*/envi
 stop_all() {
   set +e
   kill -TERM -- "-$link_pid" 2>/dev/null
-  for _ in $(seq 40); do
+  for _ in $(seq 16); do  # 8 s of SIGTERM, then SIGKILL: stopped within 15 s
     pids=$(marked)
     [ -z "$pids" ] && return 0
     kill -TERM $pids 2>/dev/null
@@ -42,7 +43,20 @@ stop_all() {
   pids=$(marked); [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
   return 0
 }
+flwr_pid=
+on_signal() {  # SIGINT / SIGTERM / SIGHUP: stop `flwr run` and the SuperLink's whole tree, say how to resume
+  trap - EXIT INT TERM HUP
+  [ -n "$flwr_pid" ] && kill -TERM "$flwr_pid" 2>/dev/null
+  stop_all
+  [ -n "$flwr_pid" ] && kill -KILL "$flwr_pid" 2>/dev/null
+  echo "error: stopped by SIG$1; every process this script started was stopped. Resume the run from its checkpoint:" \
+       "$0 ${script_args} with RUN_CONFIG \"output.resume=true\" (same OUT_DIR, SITES and ROUNDS)" >&2
+  exit "$2"
+}
 trap stop_all EXIT
+trap 'on_signal INT 130' INT
+trap 'on_signal TERM 143' TERM
+trap 'on_signal HUP 129' HUP
 for _ in $(seq 60); do
   (echo > "/dev/tcp/127.0.0.1/${port}") 2>/dev/null && break
   sleep 0.5
@@ -51,7 +65,10 @@ cd "$here"
 # OUT_DIR as a TOML basic string (Flower reads --run-config with a regex, then as TOML): any quote survives
 out_toml=${out//\\/\\u005c}
 out_toml=${out_toml//\"/\\u0022}
+# in the background, so that a signal to this script is handled at once (bash runs traps between commands)
 flwr run . fedtl-local --stream \
   --federation-config "num-supernodes=${sites}" \
-  --run-config "federation.sites=${sites} federation.rounds=${rounds} output.dir=\"${out_toml}\" ${extra}"
+  --run-config "federation.sites=${sites} federation.rounds=${rounds} output.dir=\"${out_toml}\" ${extra}" &
+flwr_pid=$!
+wait "$flwr_pid"
 test -f "$out/summary.json" && cat "$out/summary.json"

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -58,3 +60,56 @@ def test_flwr_run_two_sites_one_round(tmp_path):
     assert set(saved) == set(initial)
     assert any(not torch.equal(saved[k], initial[k]) for k in initial), "the saved suffix is the initial one"
     assert _flower_processes() <= before, "flwr run left a SuperLink or its simulation running"
+
+
+def test_sigterm_stops_the_script_and_the_run_resumes_through_the_serverapp(tmp_path):
+    """SIGTERM to the launcher script stops `flwr run` and the SuperLink's tree within 15 s; the same
+    ServerApp started with output.resume=true continues the run from its checkpoint (each round once)."""
+    from fedtl.federation.supervisor import checkpoint_round
+
+    data = write_small_medmnist(tmp_path / "small.npz")
+    out = tmp_path / "run"
+    env = dict(os.environ, FEDTL_CACHE_DIR=str(tmp_path / "cache"), FLWR_HOME=str(tmp_path / "flwr"),
+               FEDTL_SUPERLINK_PORT=str(_free_port()))
+    (tmp_path / "flwr").mkdir()
+    script = ["bash", str(ROOT / "simulations" / "flwr_run_local.sh"), str(out), "2", "4"]
+    extra = f"data.path='{data}' data.partitioner='iid'"
+    proc = subprocess.Popen(script + [extra], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    family: set = set()
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        try:
+            family.update((p.pid, p.create_time()) for p in psutil.Process(proc.pid).children(recursive=True))
+        except psutil.Error:
+            pass
+        if (out / "checkpoint.safetensors").exists() and checkpoint_round(out) != "?" and checkpoint_round(out) >= 1:
+            break
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    else:
+        raise AssertionError("no checkpoint of round 1")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=40)
+    assert proc.returncode == 143 and time.monotonic() - t0 < 15, err[-2000:]
+    assert "error: stopped by SIGTERM" in err and "output.resume=true" in err
+    time.sleep(0.5)
+    alive = []
+    for pid, created in family:
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(" ".join(p.cmdline()[:3]))
+        except psutil.Error:
+            pass
+    assert alive == [], alive
+    assert not (out / "summary.json").exists()
+    resumed = subprocess.run(script + [extra + " output.resume=true"], env=env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=500)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    for site in ("site-0", "site-1"):
+        ledger = json.loads((out / "sites" / site / "privacy-ledger.json").read_text())
+        assert sorted(e["round"] for e in ledger["entries"]) == [1, 2, 3, 4]  # each round trained once

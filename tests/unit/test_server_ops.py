@@ -7,9 +7,13 @@ import ipaddress
 import json
 import os
 import stat
+import signal
 import subprocess
 import sys
+import time
 import tomllib
+
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -351,7 +355,7 @@ def test_cli_certs_default_hosts(tmp_path):
 def test_cli_start_superlink_runs_the_built_command(tmp_path, fake_bin, monkeypatch, capsys):
     ops.make_ca_and_server_cert(tmp_path / "certs")
     ran = []
-    monkeypatch.setattr(ops, "_run_foreground", lambda cmd: ran.append(cmd) or 7)
+    monkeypatch.setattr(ops, "_run_foreground", lambda cmd, *a: ran.append(cmd) or 7)
     assert ops.main(["start-superlink", "--certs", str(tmp_path / "certs"), "--port", "9999"]) == 7
     assert ran == [ops.superlink_command(tmp_path / "certs", "127.0.0.1", 9999)]
     assert capsys.readouterr().err.strip() == " ".join(ran[0])
@@ -416,3 +420,27 @@ def test_managed_process_that_exits_before_its_port_opens_is_a_federation_error(
     assert proc.returncode == 4
     with pytest.raises(FederationError, match="Could not start `/nonexistent/cmd`"):
         ops.ManagedProcess(["/nonexistent/cmd"], tmp_path / "q.log").start()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_to_a_launcher_stops_its_whole_tree_within_15_s(tmp_path, sig):
+    import psutil
+
+    ROOT = Path(__file__).resolve().parents[2]
+    script = ("import sys; from server.ops import _run_foreground; "
+              "sys.exit(_run_foreground(['sh', '-c', 'trap \"\" TERM; sleep 300 & sleep 300 & wait'], 'hint', grace=1.5))")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 20
+    family: list = []
+    while time.monotonic() < deadline and len([p for p in family if p.name() == "sleep"]) < 2:
+        family = psutil.Process(proc.pid).children(recursive=True)
+        time.sleep(0.1)
+    assert len([p for p in family if p.name() == "sleep"]) == 2
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 15
+    assert proc.returncode == 128 + sig
+    assert err.strip() == f"error: stopped by {sig.name}; every process it started was stopped. hint"
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
