@@ -302,3 +302,84 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
     transfer = summary["backbone_transfer"]
     assert transfer["bytes"] == received.stat().st_size and transfer["sites"] == 1, transfer
     print("weights transfer (send to every reply):", transfer)
+
+
+def _kill_tree(proc: ops.ManagedProcess) -> None:
+    """kill -9 of a process, its group and every descendant (a crash: nothing can clean up)."""
+    family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 9)
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, 9)
+    proc.wait(timeout=30)
+
+
+def _checkpoint_round(out: Path) -> int:
+    from fedtl.federation.supervisor import checkpoint_round
+
+    r = checkpoint_round(out) if (out / "checkpoint.safetensors").exists() else -1
+    return r if isinstance(r, int) else -1
+
+
+def test_a_site_drops_out_and_rejoins_and_a_crashed_server_resumes(deployment: Deployment, tmp_path: Path):
+    """One of three deployed sites is killed (kill -9) after round 1: round 2 completes with the other two
+    after the reply timeout and names it; restarted, it trains again. Then the SuperLink and the ServerApp
+    are killed (kill -9) mid-run, restarted on the same state, and the run resumes from its checkpoint:
+    every round once in metrics.jsonl, every site's ledger with each round at most once."""
+    dep = deployment
+    names = ("hospital-a", "hospital-b", "hospital-c")
+    paths, nodes = {}, {}
+    for i, name in enumerate(names):
+        paths[name] = _write_site(tmp_path, dep, f"site-{i}", name, i + 1, 3.0)
+        nodes[name] = dep.supernode(name, dep.keys[f"site-{i}"][0], dep.certs.ca_cert,
+                                    node_config(site_config=paths[name]))
+    _wait_until(lambda: set(dep.nodes().values()) == {"online"}, 90, "all sites to come online")
+    data = write_small_medmnist(tmp_path / "server.npz", n_train=8, n_val=60, n_test=60, seed=0)
+    out = tmp_path / "run"
+    base = (f"federation.sites={SITES} federation.rounds=5 federation.min-sites=2 federation.round-timeout=40 "
+            f"federation.round-retries=1 output.dir='{out}' data.path='{data}'")
+    flwr = [str(Path(sys.executable).parent / "flwr"), "run", ".", CONNECTION, "--stream", "--run-config"]
+    run = ops.ManagedProcess(flwr + [base], tmp_path / "logs" / "flwr-run-1.log", env=dep.env, cwd=ROOT)
+    dep.stack.enter_context(run)
+
+    _wait_until(lambda: _checkpoint_round(out) >= 1, 300, "round 1", interval=0.5)
+    _kill_tree(nodes["hospital-c"])  # the site drops out (kill -9)
+    _wait_until(lambda: _checkpoint_round(out) >= 2, 300, "round 2 without hospital-c", interval=0.5)
+    nodes["hospital-c"] = dep.supernode("hospital-c-again", dep.keys["site-2"][0], dep.certs.ca_cert,
+                                        node_config(site_config=paths["hospital-c"]))
+    _wait_until(lambda: _checkpoint_round(out) >= 4, 400, "round 4", interval=0.5)
+
+    # the server crashes: SuperLink and ServerApp killed; restarted on the same state database
+    link_cmd = dep.link.cmd
+    _kill_tree(dep.link)
+    _kill_tree(run)
+    assert not (out / "summary.json").exists() and _checkpoint_round(out) == 4
+    link = dep.stack.enter_context(ops.ManagedProcess(link_cmd, tmp_path / "logs" / "superlink-2.log",
+                                                      port=int(dep.address.rsplit(":", 1)[1]), env=dep.env,
+                                                      start_timeout=90, cwd=tmp_path))
+    assert link.poll() is None
+    for i, name in enumerate(names):  # a SuperNode that gave up while its SuperLink was down is started again
+        if nodes[name].poll() is not None:
+            nodes[name] = dep.supernode(f"{name}-restarted", dep.keys[f"site-{i}"][0], dep.certs.ca_cert,
+                                        node_config(site_config=paths[name]))
+    _wait_until(lambda: list(dep.nodes().values()).count("online") == SITES, 120,
+                f"the sites to reconnect ({[n.poll() for n in nodes.values()]})")
+    resumed = subprocess.run(flwr + [base + " output.resume=true"], env=dep.env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=500)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert (out / "summary.json").exists(), (resumed.stdout + resumed.stderr)[-3000:]
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert rows[2]["timed_out"] == ["hospital-c"] and set(rows[2]["sites_trained"]) == {"hospital-a", "hospital-b"}
+    assert "hospital-c" in rows[4]["sites_trained"] or "hospital-c" in rows[5]["sites_trained"], rows[3:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["timed_out"]["2"] == ["hospital-c"]
+    for name in names:
+        ledger = json.loads((paths[name].parent / "state" / "privacy-ledger.json").read_text())
+        rounds = [e["round"] for e in ledger["entries"]]
+        assert len(rounds) == len(set(rounds)), (name, rounds)  # no round spent twice
+        assert summary["epsilon"][name] == pytest.approx(ledger["epsilon"])
+    assert [e["round"] for e in json.loads((paths["hospital-a"].parent / "state" / "privacy-ledger.json")
+                                           .read_text())["entries"]] == [1, 2, 3, 4, 5]

@@ -1,0 +1,65 @@
+"""The round loop never waits without bound: a quorum that cannot be met stops the run, resumably."""
+
+
+import pytest
+from flwr.app import ConfigRecord
+
+from fedtl.config import FederationConfig
+from fedtl.errors import FederationError
+from fedtl.federation import server
+from fedtl.federation.records import to_record
+from fedtl.federation.strategy import SuffixFedAvg
+
+from tests.unit.federation.test_strategy import EXPECTED, _reply, _state, task_identity  # noqa: F401
+
+
+class FakeGrid:
+    """Nodes 1..n connected; only ``answering`` nodes reply."""
+
+    def __init__(self, n: int, answering: set[int]) -> None:
+        self.n, self.answering, self.sent = n, answering, []
+
+    def get_node_ids(self):
+        return list(range(1, self.n + 1))
+
+    def send_and_receive(self, messages, timeout):
+        self.sent.append((len(messages), timeout))
+        return [_reply(m.metadata.dst_node_id, _state(1.0), 8) for m in messages
+                if m.metadata.dst_node_id in self.answering]
+
+
+def _round(grid, fed, tmp_path):
+    strategy = SuffixFedAvg(expected=EXPECTED, min_available_nodes=fed.min_sites, min_train_nodes=fed.min_sites)
+    return strategy, server._train_round(grid, strategy, 3, to_record(_state(0.0)), ConfigRecord({}), fed, tmp_path)
+
+
+def test_a_round_with_its_quorum_goes_on_and_names_the_silent_sites(tmp_path):
+    fed = FederationConfig(sites=3, min_sites=2, round_timeout=0.2, round_retries=1)
+    strategy, replies = _round(FakeGrid(3, {1, 2}), fed, tmp_path)
+    assert len(replies) == 2 and strategy.rounds[3].timed_out == ["node-3"] and strategy.rounds[3].attempts == 1
+
+
+def test_a_quorum_that_cannot_be_met_is_retried_then_stops_the_run_with_how_to_resume(tmp_path):
+    fed = FederationConfig(sites=3, min_sites=3, round_timeout=0.2, round_retries=2)
+    grid = FakeGrid(3, {1})
+    with pytest.raises(FederationError) as err:
+        _round(grid, fed, tmp_path)
+    assert len(grid.sent) == 3 and all(t == 0.2 for _, t in grid.sent)  # 1 try + 2 retries, each bounded
+    msg = str(err.value)
+    assert "Round 3: fewer than 3 site(s) (federation.min-sites) replied within 0 s in 3 attempt(s)" in msg
+    assert "stopped after round 2" in msg and f"fedtl simulate --resume {tmp_path}" in msg
+
+
+def test_too_few_connected_sites_is_bounded_too(tmp_path):
+    fed = FederationConfig(sites=3, min_sites=3, round_timeout=0.2, round_retries=0)
+    grid = FakeGrid(2, {1, 2})
+    with pytest.raises(FederationError, match="fewer than 3 site"):
+        _round(grid, fed, tmp_path)
+    assert grid.sent == []  # nothing sent while the quorum could not even connect
+
+
+def test_federation_settings_are_validated():
+    with pytest.raises(Exception, match="federation.min-sites"):
+        FederationConfig(sites=2, min_sites=3)
+    with pytest.raises(Exception, match="federation.round-timeout"):
+        FederationConfig(round_timeout=0)
