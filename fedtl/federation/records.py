@@ -7,6 +7,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -87,6 +88,56 @@ def train_reply(arrays: ArrayRecord, metrics: dict[str, float], *, site: str = "
     values["num-examples"] = coarse_count(int(values["num-examples"]))
     return RecordDict({"arrays": arrays, "metrics": MetricRecord(values),
                        "info": ConfigRecord({"site": site, "reason": reason, "accountant": accountant})})
+
+
+MAGNITUDE_FACTOR = 1e3  # a reply whose largest value exceeds 1e3 × (largest global value + 1) is rejected
+
+
+def validate_reply(content: RecordDict, expected: dict[str, tuple[tuple[int, ...], str]],
+                   current: dict | None = None) -> tuple[list[str], dict[str, float] | None]:
+    """Everything wrong with a train reply, and its metrics as checked floats (None if unusable).
+
+    Exactly :data:`TRAIN_METRIC_KEYS`, each a finite number (``declined`` 0 or 1, ``epsilon`` ≥ 0 or
+    −1, ``num-examples`` > 0 unless declined); the info record's values strings; then, unless the
+    site declined, the tensors (:func:`validate_update`) and their magnitude against ``current``.
+    """
+    if len(content.metric_records) != 1:
+        return [f"expected one MetricRecord, got {len(content.metric_records)}"], None
+    raw = next(iter(content.metric_records.values()))
+    keys = set(raw.keys())
+    if keys != set(TRAIN_METRIC_KEYS):
+        extra, missing = sorted(keys - set(TRAIN_METRIC_KEYS)), sorted(set(TRAIN_METRIC_KEYS) - keys)
+        return [f"metric keys differ from the protocol's (unexpected: {extra[:5]}, missing: {missing})"], None
+    metrics, problems = {}, []
+    for key in TRAIN_METRIC_KEYS:
+        value = raw[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            problems.append(f"`{key}` must be a finite number, got {value!r:.60}")
+        else:
+            metrics[key] = float(value)
+    if problems:
+        return problems, None
+    if metrics["declined"] not in (0.0, 1.0):
+        problems.append(f"`declined` must be 0 or 1, got {metrics['declined']!r}")
+    if not (metrics["epsilon"] >= 0 or metrics["epsilon"] == -1):
+        problems.append(f"`epsilon` must be >= 0 (or -1: not reported), got {metrics['epsilon']!r}")
+    if "info" in content.config_records:
+        for key, value in content["info"].items():
+            if key not in TRAIN_INFO_KEYS or not isinstance(value, str):
+                problems.append(f"info `{key}` is not part of the protocol or not a string")
+    if problems:
+        return problems, None
+    if metrics["declined"]:
+        return [], metrics
+    problems = validate_update(content, expected)
+    if not problems and current is not None:
+        arrays = next(iter(content.array_records.values()))
+        scale = max((float(np.abs(v).max()) for v in current.values() if v.size), default=0.0) + 1.0
+        top = max(float(np.abs(arrays[k].numpy()).max()) for k in expected if arrays[k].numpy().size)
+        if top > MAGNITUDE_FACTOR * scale:
+            problems.append(f"values up to {top:.3g}, more than {MAGNITUDE_FACTOR:g} × the global suffix's "
+                            f"{scale - 1:.3g} (+1)")
+    return problems, metrics
 
 
 def validate_update(content: RecordDict, expected: dict[str, tuple[tuple[int, ...], str]]) -> list[str]:

@@ -30,7 +30,7 @@ from fedtl.federation.checkpoint import CHECKPOINT, Checkpoint
 from fedtl.federation.distribution import ensure_backbone
 from fedtl.federation.records import record_bytes, to_record, to_state
 from fedtl.federation.site import build_transfer_model, cached_features, load_source
-from fedtl.federation.strategy import RoundStats, SuffixFedAvg
+from fedtl.federation.strategy import RoundStats, SuffixFedAvg, make_strategy
 from fedtl.model import TransferModel
 from fedtl.training import evaluate_suffix
 
@@ -117,7 +117,7 @@ class Tracker:
             self.last_privacy.update(stats.privacy)
             row.update({"bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down, "sites_trained": sorted(stats.trained),
                         "declined": stats.declined, "rejected": stats.rejected, "failed": stats.failed,
-                        "timed_out": stats.timed_out, "attempts": stats.attempts,
+                        "timed_out": stats.timed_out, "attempts": stats.attempts, "bounded": stats.bounded,
                         "epsilon": dict(sorted(stats.epsilon.items())),
                         "privacy": dict(sorted(stats.privacy.items()))})
         self.history.append(row)
@@ -151,9 +151,10 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     test_f, test_hit = cached_features(cfg, model, source.test)
     out = Path(cfg.output.dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{run_id}")
     fed = cfg.federation
-    strategy = SuffixFedAvg(
-        expected=model.expected_state(), fraction_train=fed.fraction_train, min_train_nodes=fed.min_sites,
-        min_available_nodes=fed.min_sites,  # the round loop waits (bounded) for the others
+    strategy = make_strategy(
+        fed.aggregation, model.expected_state(), max_hostile=fed.max_hostile, sites=fed.sites,
+        update_clip=fed.update_clip, weight_cap=fed.weight_cap, fraction_train=fed.fraction_train,
+        min_train_nodes=fed.min_sites, min_available_nodes=fed.min_sites,  # the round loop waits (bounded)
     )
     tracker = Tracker(model, (val_f, torch.as_tensor(source.val.labels)), (test_f, torch.as_tensor(source.test.labels)),
                       strategy, out / "metrics.jsonl")
@@ -306,6 +307,8 @@ def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker,
         "declined": {str(k): v for r in rounds for k, v in r.get("declined", {}).items()},
         "rejected_updates": sum(len(r.get("rejected", {})) for r in rounds),
         "timed_out": {str(r["round"]): r["timed_out"] for r in rounds if r.get("timed_out")},
+        "aggregation": fed.aggregation,
+        "rejected": {str(r["round"]): r["rejected"] for r in rounds if r.get("rejected")},
         "backbone_transfer": transfer or None,  # weights sent to sites lacking them: bytes, sites, seconds
     }
     summary["bytes_per_site_round_fraction_of_model"] = summary["bytes_per_site_round"] / summary["full_model_bytes"]

@@ -1,18 +1,37 @@
-"""Weighted FedAvg over suffix tensors only, with every reply validated first."""
+"""Aggregation of suffix tensors: every reply validated and bounded, then one of Flower's strategies.
+
+Every reply goes through the same gate, whatever the aggregation:
+
+1. **Validated completely** (:func:`fedtl.federation.records.validate_reply`): record layout, exactly
+   the expected metric keys with finite numbers of the right kind, tensor names, shapes, dtypes,
+   finite values, and a magnitude bound relative to the current global suffix. Any exception while
+   looking at one reply is that reply's rejection (with its reason in ``metrics.jsonl``), never
+   the round's end.
+2. **Bounded**: the update ``Δ = w_site − w_global`` is clipped to ``update_clip`` × the median
+   update norm of the round, and the FedAvg weight (``num-examples``) to ``weight_cap`` × the
+   median weight: one site can neither scale its update nor claim a huge data set.
+3. **Aggregated** by Flower's own strategy, chosen by ``federation.aggregation``: FedAvg, FedMedian,
+   FedTrimmedAvg, Krum, MultiKrum or Bulyan (``flwr.serverapp.strategy``; not rewritten here).
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
-from fedtl.federation.records import record_bytes, validate_update
+from fedtl.federation.records import record_bytes, validate_reply
 
 log = logging.getLogger(__name__)
+
+AGGREGATIONS = {"fedavg": FedAvg, "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum,
+                "multikrum": MultiKrum, "bulyan": Bulyan}
 
 
 @dataclass
@@ -26,23 +45,22 @@ class RoundStats:
     epsilon: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, dict] = field(default_factory=dict)  # per site, as the site reported it
     timed_out: list[str] = field(default_factory=list)  # sites asked that did not reply in time
+    bounded: dict[str, str] = field(default_factory=dict)  # sites whose update or weight was clipped
     attempts: int = 1
 
 
-class SuffixFedAvg(FedAvg):
-    """FedAvg (weighted by ``num-examples``) that accepts only well-formed suffix updates.
+class BoundedSuffixAggregation:
+    """Mixin over a Flower strategy: only validated, bounded suffix updates reach its ``aggregate_train``."""
 
-    A reply is dropped, with its reason logged, when it carries an error, when the site declined
-    (e.g. its privacy budget is spent), or when its tensors do not match the expected names,
-    shapes and dtypes or hold non-finite values. The round goes on with the remaining sites.
-    """
-
-    def __init__(self, expected: dict[str, tuple[tuple[int, ...], str]], **kwargs) -> None:
+    def __init__(self, expected: dict[str, tuple[tuple[int, ...], str]], *, update_clip: float = 3.0,
+                 weight_cap: float = 4.0, **kwargs) -> None:
         kwargs.setdefault("fraction_evaluate", 0.0)  # the server evaluates centrally
         super().__init__(**kwargs)
         self.expected = expected
+        self.update_clip, self.weight_cap = update_clip, weight_cap
         self.rounds: dict[int, RoundStats] = {}
         self.node_sites: dict[int, str] = {}  # node id -> the site name it last replied with
+        self.current: dict[str, np.ndarray] | None = None  # the global suffix sent this round
 
     def site_name(self, node: int) -> str:
         return self.node_sites.get(node, f"node-{node}")
@@ -51,42 +69,113 @@ class SuffixFedAvg(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         stats = self.rounds.setdefault(server_round, RoundStats())
         stats.bytes_down = record_bytes(arrays) * len(messages)
+        self.current = {k: v.numpy() for k, v in arrays.items()}
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())
         accepted = []
         for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                stats.failed[f"node-{node}"] = msg.error.reason
-                log.warning("Round %d: node %d failed: %s", server_round, node, msg.error.reason)
+            try:
+                ok = self._admit(server_round, msg, stats)
+            except Exception as exc:  # noqa: BLE001 - a reply must never end the round
+                site = self.site_name(msg.metadata.src_node_id)
+                stats.rejected[site] = f"the reply could not be processed ({type(exc).__name__}: {exc})"[:500]
+                log.warning("Round %d: update from %s rejected: %s", server_round, site, stats.rejected[site])
                 continue
-            content = msg.content
-            metrics = next(iter(content.metric_records.values()), None)
-            info = content["info"] if "info" in content.config_records else {}
-            site = str(info.get("site", "") or f"node-{node}")
-            self.node_sites[node] = site
-            if metrics is not None and float(metrics.get("epsilon", -1.0)) >= 0:
-                stats.epsilon[site] = float(metrics["epsilon"])
-                stats.privacy[site] = {"epsilon": float(metrics["epsilon"]), "delta": float(metrics.get("delta", 0.0)),
-                                       "accountant": str(info.get("accountant", "")),
-                                       "budget": float(metrics.get("target-epsilon", 0.0))}
-            if metrics is not None and metrics.get("declined", 0.0):
-                reason = str(info.get("reason", "") or "declined")
-                stats.declined[site] = reason
-                log.warning("Round %d: site %s declined: %s", server_round, site, reason)
-                continue
-            problems = validate_update(content, self.expected)
-            if problems:
-                stats.rejected[site] = "; ".join(problems)
-                log.warning("Round %d: update from site %s (node %d) rejected: %s", server_round, site, node,
-                            "; ".join(problems))
-                continue
-            stats.bytes_up += record_bytes(next(iter(content.array_records.values())))
-            stats.trained.append(site)
-            accepted.append(msg)
+            if ok is not None:
+                accepted.append(ok)
         if not accepted:
             log.warning("Round %d: no valid update; the global suffix is unchanged.", server_round)
             return None, None
-        return super().aggregate_train(server_round, accepted)
+        self._bound(accepted, stats)
+        try:
+            arrays, metrics = super().aggregate_train(server_round, [m for _, m in accepted])
+        except Exception as exc:  # noqa: BLE001 - e.g. Bulyan with too few replies: keep the model
+            log.warning("Round %d: %s could not aggregate (%s); the global suffix is unchanged.", server_round,
+                        type(self).__name__, exc)
+            return None, None
+        if arrays is not None and not all(np.isfinite(a.numpy()).all() for a in arrays.values()):
+            log.warning("Round %d: the aggregate is not finite; the global suffix is unchanged.", server_round)
+            return None, None
+        return arrays, metrics
+
+    # ---- one reply ---------------------------------------------------------------------
+    def _admit(self, server_round: int, msg: Message, stats: RoundStats):
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            stats.failed[self.site_name(node)] = str(msg.error.reason)[:500]
+            log.warning("Round %d: node %d failed: %s", server_round, node, msg.error.reason)
+            return None
+        content = msg.content
+        info = content["info"] if "info" in content.config_records else {}
+        raw_site = info.get("site", "")
+        site = raw_site if isinstance(raw_site, str) and 0 < len(raw_site) <= 64 else f"node-{node}"
+        self.node_sites[node] = site
+        problems, metrics = validate_reply(content, self.expected, self.current)
+        if metrics is not None and metrics["epsilon"] >= 0:
+            stats.epsilon[site] = metrics["epsilon"]
+            accountant = info.get("accountant", "")
+            stats.privacy[site] = {"epsilon": metrics["epsilon"], "delta": metrics["delta"],
+                                   "accountant": accountant if isinstance(accountant, str) else "",
+                                   "budget": metrics["target-epsilon"]}
+        if metrics is not None and metrics["declined"] and not problems[1:]:
+            reason = info.get("reason", "")
+            stats.declined[site] = (reason if isinstance(reason, str) and reason else "declined")[:1000]
+            log.warning("Round %d: site %s declined: %s", server_round, site, stats.declined[site])
+            return None
+        if problems:
+            stats.rejected[site] = "; ".join(problems)[:1000]
+            log.warning("Round %d: update from site %s (node %d) rejected: %s", server_round, site, node,
+                        stats.rejected[site])
+            return None
+        stats.bytes_up += record_bytes(next(iter(content.array_records.values())))
+        stats.trained.append(site)
+        return site, msg
+
+    # ---- bounded influence -------------------------------------------------------------
+    def _bound(self, accepted: list, stats: RoundStats) -> None:
+        """Clip each update to ``update_clip`` × the round's median update norm and each weight to
+        ``weight_cap`` × the median weight (in place; noted in ``stats.bounded``)."""
+        if self.current is None:
+            return
+        names = list(self.expected)
+        deltas = []
+        for _, msg in accepted:
+            arrays = next(iter(msg.content.array_records.values()))
+            deltas.append({k: arrays[k].numpy().astype(np.float64) - self.current[k] for k in names})
+        norms = [math.sqrt(sum(float((d[k] ** 2).sum()) for k in names)) for d in deltas]
+        weights = [float(next(iter(m.content.metric_records.values()))["num-examples"]) for _, m in accepted]
+        bound = self.update_clip * float(np.median(norms)) if self.update_clip > 0 else math.inf
+        cap = self.weight_cap * float(np.median(weights)) if self.weight_cap > 0 else math.inf
+        for (site, msg), delta, norm, weight in zip(accepted, deltas, norms, weights):
+            notes = []
+            if norm > bound and norm > 0:
+                scale = bound / norm
+                key = next(iter(msg.content.array_records))
+                msg.content[key] = ArrayRecord({k: Array((self.current[k] + delta[k] * scale).astype(self.expected[k][1]))
+                                                for k in names})
+                notes.append(f"update norm {norm:.3g} clipped to {bound:.3g}")
+            if weight > cap:
+                metrics = next(iter(msg.content.metric_records.values()))
+                metrics["num-examples"] = cap
+                notes.append(f"weight {weight:.4g} capped to {cap:.4g}")
+            if notes:
+                stats.bounded[site] = "; ".join(notes)
+                log.warning("Site %s bounded: %s", site, stats.bounded[site])
+
+
+def make_strategy(aggregation: str, expected: dict[str, tuple[tuple[int, ...], str]], *, max_hostile: int = 1,
+                  sites: int = 10, update_clip: float = 3.0, weight_cap: float = 4.0, **kwargs):
+    """The validated, bounded version of Flower's strategy ``aggregation`` (see :data:`AGGREGATIONS`)."""
+    base = AGGREGATIONS[aggregation]
+    cls = type(f"BoundedSuffix{base.__name__}", (BoundedSuffixAggregation, base), {})
+    if base in (Krum, MultiKrum, Bulyan):
+        kwargs["num_malicious_nodes"] = max_hostile
+    if base is MultiKrum:
+        kwargs.setdefault("num_nodes_to_select", max(1, sites - max_hostile))  # average all but f
+    return cls(expected, update_clip=update_clip, weight_cap=weight_cap, **kwargs)
+
+
+class SuffixFedAvg(BoundedSuffixAggregation, FedAvg):
+    """FedAvg (weighted by ``num-examples``) over validated, bounded suffix updates."""

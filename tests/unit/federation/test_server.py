@@ -14,7 +14,7 @@ from fedtl.errors import ConfigError
 from fedtl.federation import server
 from fedtl.federation.records import to_record
 from fedtl.federation.server import prepare_run_dir
-from fedtl.federation.strategy import RoundStats, SuffixFedAvg
+from fedtl.federation.strategy import BoundedSuffixAggregation, RoundStats, SuffixFedAvg
 from fedtl.model import TransferModel
 from tests.conftest import make_tiny_backbone
 
@@ -126,7 +126,7 @@ def _fake_run(monkeypatch, tmp_path, val, test, script) -> dict:
         return to_record(script[rnd - 1]), None
 
     monkeypatch.setattr(server, "_train_round", lambda grid, strategy, rnd, *args: [])
-    monkeypatch.setattr(SuffixFedAvg, "aggregate_train", aggregate)
+    monkeypatch.setattr(BoundedSuffixAggregation, "aggregate_train", aggregate)
     cfg = FedTLConfig().with_overrides({"federation.rounds": len(script), "federation.sites": 1,
                                         "output.dir": str(tmp_path / "run")})
     return server.run_server(None, cfg, "t", distribute_backbone=False)

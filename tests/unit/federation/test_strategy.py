@@ -70,7 +70,7 @@ def test_a_round_with_no_valid_update_keeps_the_model():
 
 def _hostile_reply(node: int, state: dict, num_examples) -> Message:
     """Built by hand, as a hostile ClientApp would: ``train_reply`` would sanitize the weight."""
-    metrics = {"declined": 0.0, "epsilon": 1.0}
+    metrics = {"declined": 0.0, "epsilon": 1.0, "delta": 1e-5, "target-epsilon": 3.0}
     if num_examples is not _MISSING:
         metrics["num-examples"] = num_examples
     content = RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics),
