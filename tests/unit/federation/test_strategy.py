@@ -4,9 +4,9 @@ import logging
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
-from fedtl.federation.records import to_record, train_reply, validate_update
+from fedtl.federation.records import TRAIN_METRIC_KEYS, to_record, train_reply, validate_update
 from fedtl.federation.strategy import SuffixFedAvg
 
 
@@ -102,3 +102,67 @@ def test_an_update_with_a_bad_weight_is_rejected_and_left_out_of_the_average(num
 @pytest.mark.parametrize("num_examples", [1, 3, 2.5, 10_000])
 def test_a_positive_finite_weight_is_accepted(num_examples):
     assert validate_update(_hostile_reply(9, _state(1.0), num_examples).content, EXPECTED) == []
+
+
+def _error_reply(node: int, reason: str) -> Message:
+    instruction = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(error=Error(code=0, reason=reason), reply_to=instruction)
+
+
+def test_a_failed_node_is_recorded_with_its_reason_and_the_round_goes_on(caplog):
+    strategy = SuffixFedAvg(expected=EXPECTED)
+    with caplog.at_level(logging.WARNING, logger="fedtl.federation.strategy"):
+        arrays, _ = strategy.aggregate_train(3, [_error_reply(9, "ClientApp crashed"), _reply(1, _state(2.0), 10)])
+    assert torch.equal(arrays.to_torch_state_dict()["suffix.head.0.weight"], torch.full((2, 4), 2.0))
+    stats = strategy.rounds[3]
+    assert stats.failed == {"node-9": "ClientApp crashed"} and stats.trained == ["s1"]
+    assert "Round 3: node 9 failed: ClientApp crashed" in caplog.text
+
+
+def test_what_a_round_records_about_each_site():
+    strategy = SuffixFedAvg(expected=EXPECTED)
+    unnamed = Message(train_reply(to_record(_state(3.0)), {"num-examples": 5, "epsilon": 0.0, "train-loss": 0.25}),
+                      reply_to=Message(content=RecordDict(), dst_node_id=4, message_type=MessageType.TRAIN))
+    nameless_decline = Message(train_reply(ArrayRecord(), {"declined": 1.0, "epsilon": 2.9}),
+                               reply_to=Message(content=RecordDict(), dst_node_id=6, message_type=MessageType.TRAIN))
+    cold = Message(train_reply(to_record(_state(1.0)), {"num-examples": 5, "epsilon": -1.0, "cache-hit": 0.0,
+                                                         "train-loss": 0.5}, site="cold"),
+                   reply_to=Message(content=RecordDict(), dst_node_id=8, message_type=MessageType.TRAIN))
+    strategy.aggregate_train(1, [unnamed, nameless_decline, cold])
+    stats = strategy.rounds[1]
+    # A site without a name is known by its node; ε = 0 is a figure, ε = -1 (unknown) is not.
+    assert stats.trained == ["node-4", "cold"] and stats.epsilon == {"node-4": 0.0, "node-6": 2.9}
+    assert stats.declined == {"node-6": "declined"}  # no reason given: still a reason
+    assert stats.train_loss == {"node-4": 0.25, "cold": 0.5}
+    assert stats.cache_hit is False and stats.bytes_up == 2 * to_record(_state(0.0)).count_bytes()
+    warm = SuffixFedAvg(expected=EXPECTED)
+    warm.aggregate_train(1, [_reply(1, _state(1.0), 10)])  # cache-hit 0.0 is train_reply's default: a miss
+    hit = Message(train_reply(to_record(_state(1.0)), {"num-examples": 5, "cache-hit": 1.0}, site="h"),
+                  reply_to=Message(content=RecordDict(), dst_node_id=2, message_type=MessageType.TRAIN))
+    warm2 = SuffixFedAvg(expected=EXPECTED)
+    warm2.aggregate_train(1, [hit])
+    assert warm.rounds[1].cache_hit is False and warm2.rounds[1].cache_hit is True
+
+
+def test_the_server_evaluates_centrally_unless_told_otherwise():
+    assert SuffixFedAvg(expected=EXPECTED).fraction_evaluate == 0.0
+    assert SuffixFedAvg(expected=EXPECTED, fraction_evaluate=0.5).fraction_evaluate == 0.5
+
+
+def test_train_reply_has_fixed_keys_and_sanitizes_values():
+    content = train_reply(to_record(_state(1.0)), {"num-examples": 12.7, "epsilon": float("nan"),
+                                                   "train-loss": float("inf")}, site="s", reason="r")
+    assert set(content.array_records) == {"arrays"} and set(content.metric_records) == {"metrics"}
+    metrics = dict(content["metrics"])
+    assert set(metrics) == set(TRAIN_METRIC_KEYS)
+    assert metrics["num-examples"] == 12 and isinstance(metrics["num-examples"], int)
+    assert metrics["epsilon"] == -1.0 and metrics["train-loss"] == -1.0  # non-finite becomes "unknown"
+    assert metrics["declined"] == 0.0 and metrics["steps"] == 0.0  # absent keys are 0
+    assert dict(content["info"]) == {"site": "s", "reason": "r"}
+
+
+def test_an_undeserializable_tensor_is_one_problem_not_a_cascade():
+    content = train_reply(to_record(_state(1.0)), {"num-examples": 3})
+    content["arrays"]["suffix.head.0.bias"].data = b"not a numpy file"
+    problems = validate_update(content, EXPECTED)
+    assert len(problems) == 1 and problems[0].startswith("`suffix.head.0.bias` cannot be deserialized")
