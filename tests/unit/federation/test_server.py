@@ -1,6 +1,7 @@
 import json
 import logging
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fedtl.config import AdaptersConfig, FedTLConfig, ModelConfig
-from fedtl.errors import ConfigError
+from fedtl.errors import ConfigError, FederationError
 from fedtl.federation import server
 from fedtl.federation.records import to_record
 from fedtl.federation.server import prepare_run_dir
@@ -183,7 +184,8 @@ def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkey
                               rejected={"site-2": "x", "node-9": "y"})}[r]
 
     calls = []
-    overrides = {"federation.sites": 3, "federation.fraction-train": 0.5, "federation.min-sites": 2,
+    # min-sites 1, not FedAvg's own default of 2, so that a dropped argument shows
+    overrides = {"federation.sites": 3, "federation.fraction-train": 0.5, "federation.min-sites": 1,
                  "privacy.target-epsilon": 2.5, "privacy.delta": 1e-6}
     summary = _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:3], stats=stats,
                         overrides=overrides, calls=calls)
@@ -199,7 +201,7 @@ def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkey
     assert call["train_config"] == {"total-rounds": 3, "run-id": "t", "num-classes": 2,
                                     "backbone": "efficientnet_lite0", "backbone-sha256": model.weights_sha256}
     assert strategy.expected == model.expected_state()
-    assert (strategy.fraction_train, strategy.min_train_nodes, strategy.min_available_nodes) == (0.5, 2, 3)
+    assert (strategy.fraction_train, strategy.min_train_nodes, strategy.min_available_nodes) == (0.5, 1, 3)
     assert strategy.fraction_evaluate == 0.0  # the server evaluates centrally
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -313,7 +315,7 @@ class FakeGrid:
         for m in messages:
             node, action = m.metadata.dst_node_id, m.content["config"]["action"]
             kind = self.behaviour[node]
-            if kind == "error":
+            if kind == "error" or (kind == "install-error" and action == "backbone-install"):
                 replies.append(Message(error=Error(code=1, reason=f"node {node} unreachable"), reply_to=m))
                 continue
             has = kind == "has" or (action == "backbone-install" and kind == "installs")
@@ -328,18 +330,21 @@ def test_the_backbone_goes_only_to_sites_lacking_it_and_problems_are_reported(ta
 
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"the weights")
-    monkeypatch.setattr(fedtl.backbones, "build_backbone", lambda name: SimpleNamespace(weights_path=weights))
-    grid = FakeGrid([[1, 2, 3, 4]], {1: "has", 2: "installs", 3: "refuses", 4: "error"})
+    built = []
+    monkeypatch.setattr(fedtl.backbones, "build_backbone",
+                        lambda name: built.append(name) or SimpleNamespace(weights_path=weights))
+    grid = FakeGrid([[1, 2, 3, 4, 5]], {1: "has", 2: "installs", 3: "refuses", 4: "error", 5: "install-error"})
     cfg = FedTLConfig()
     with caplog.at_level(logging.WARNING, logger="fedtl.federation.server"):
-        problems = server.ensure_backbone(grid, cfg, "abc123", expected_sites=4, timeout=7.0)
-    assert problems == {3: "hash mismatch", 4: "node 4 unreachable"}
+        problems = server.ensure_backbone(grid, cfg, "abc123", expected_sites=5, timeout=7.0)
+    assert problems == {3: "hash mismatch", 4: "node 4 unreachable", 5: "node 5 unreachable"}
+    assert built == ["efficientnet_lite0"]
     (asked, t1), (sent, t2) = grid.sent
     assert (t1, t2) == (7.0, 7.0)
-    assert sorted(m.metadata.dst_node_id for m in asked) == [1, 2, 3, 4]
+    assert sorted(m.metadata.dst_node_id for m in asked) == [1, 2, 3, 4, 5]
     assert all(dict(m.content["config"]) == {"action": "backbone-status", "backbone": "efficientnet_lite0", "sha256": "abc123"}
                for m in asked)
-    assert sorted(m.metadata.dst_node_id for m in sent) == [2, 3]
+    assert sorted(m.metadata.dst_node_id for m in sent) == [2, 3, 5]
     for m in sent:
         assert dict(m.content["config"]) == {"action": "backbone-install", "backbone": "efficientnet_lite0", "sha256": "abc123"}
         assert m.content["weights"]["file"].numpy().tobytes() == b"the weights"
@@ -355,7 +360,56 @@ def test_the_server_waits_for_the_expected_sites_then_sends_nothing_when_all_hav
     monkeypatch.setattr(server.time, "sleep", sleeps.append)
     grid = FakeGrid([[], [5], [5, 6]], {5: "has", 6: "has"})
     assert server.ensure_backbone(grid, FedTLConfig(), "abc", expected_sites=2, timeout=60) == {}
-    assert len(sleeps) == 2 and len(grid.sent) == 1
+    assert sleeps == [1.0, 1.0] and len(grid.sent) == 1
     late = FakeGrid([[5]], {5: "has"})
     assert server.ensure_backbone(late, FedTLConfig(), "abc", expected_sites=3, timeout=0) == {}  # gives up waiting
     assert [m.metadata.dst_node_id for m in late.sent[0][0]] == [5]
+
+
+def test_run_server_asks_every_site_for_the_pinned_backbone_first(monkeypatch, tmp_path):
+    asked = []
+    monkeypatch.setattr(server, "ensure_backbone", lambda grid, cfg, sha, sites: asked.append((grid, cfg, sha, sites)))
+    source = SimpleNamespace(num_classes=2, val=SimpleNamespace(labels=_split(0)[1].numpy()),
+                             test=SimpleNamespace(labels=_split(1)[1].numpy()))
+    monkeypatch.setattr(server, "load_source", lambda path: source)
+    monkeypatch.setattr(server, "build_transfer_model", lambda cfg, n: _tiny_model())
+    monkeypatch.setattr(server, "cached_features", lambda cfg, model, data: (_split(0)[0], True))
+    monkeypatch.setattr(SuffixFedAvg, "start", lambda self, grid, initial_arrays, num_rounds, train_config, evaluate_fn:
+                        [evaluate_fn(r, initial_arrays) for r in range(num_rounds + 1)])
+    cfg = FedTLConfig().with_overrides({"federation.rounds": 1, "federation.sites": 4, "output.dir": str(tmp_path / "r")})
+    server.run_server(GRID, cfg, "t")
+    assert asked == [(GRID, cfg, _tiny_model().weights_sha256, 4)]
+
+
+def test_a_run_in_which_no_round_was_evaluated_fails_with_a_reason(monkeypatch, tmp_path):
+    def start(self, grid, initial_arrays, num_rounds, train_config=None, evaluate_fn=None, **_):
+        evaluate_fn(0, initial_arrays)  # e.g. Flower gave up before round 1
+
+    _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:1])  # installs the fakes
+    monkeypatch.setattr(SuffixFedAvg, "start", start)
+    cfg = FedTLConfig().with_overrides({"federation.rounds": 1, "output.dir": str(tmp_path / "r2")})
+    with pytest.raises(FederationError, match="No round produced a global model; see the log for the sites' reasons."):
+        server.run_server(GRID, cfg, "t", distribute_backbone=False)
+    assert not (tmp_path / "r2" / "summary.json").exists()
+
+
+def test_output_folders_nested_existing_or_by_default_timestamped(monkeypatch, tmp_path):
+    nested = tmp_path / "a" / "b" / "run"
+    _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:1], overrides={"output.dir": str(nested)})
+    assert (nested / "summary.json").is_file()
+    (tmp_path / "empty").mkdir()
+    _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:1], overrides={"output.dir": str(tmp_path / "empty")})
+    assert (tmp_path / "empty" / "summary.json").is_file()
+    monkeypatch.chdir(tmp_path)
+    _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:1], overrides={"output.dir": ""})
+    (made,) = list((tmp_path / "runs").iterdir())
+    assert re.fullmatch(r"20\d{6}-\d{6}-t", made.name) and (made / "summary.json").is_file()
+
+
+def test_prepare_run_dir_creates_nested_folders_and_names_what_it_found(tmp_path):
+    assert prepare_run_dir(tmp_path / "x" / "y").is_dir()
+    (tmp_path / "x" / "y" / "summary.json").write_text("{}")
+    (tmp_path / "x" / "y" / "sites").mkdir()
+    with pytest.raises(ConfigError, match=r"already holds a run \(summary.json, sites\); choose another output "
+                                          r"directory or pass --overwrite."):
+        prepare_run_dir(tmp_path / "x" / "y")

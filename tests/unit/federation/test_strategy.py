@@ -166,3 +166,33 @@ def test_an_undeserializable_tensor_is_one_problem_not_a_cascade():
     content["arrays"]["suffix.head.0.bias"].data = b"not a numpy file"
     problems = validate_update(content, EXPECTED)
     assert len(problems) == 1 and problems[0].startswith("`suffix.head.0.bias` cannot be deserialized")
+
+
+def _bare_reply(node: int, metrics: dict, state: dict | None = None, info: dict | None = None) -> Message:
+    """A reply with only what a (non-fedtl) ClientApp might send: no info record, few metric keys."""
+    records = {"arrays": to_record(state) if state is not None else ArrayRecord(), "metrics": MetricRecord(metrics)}
+    if info is not None:
+        records["info"] = ConfigRecord(info)
+    instruction = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(RecordDict(records), reply_to=instruction)
+
+
+def test_absent_metrics_and_info_have_safe_meanings():
+    strategy = SuffixFedAvg(expected=EXPECTED)
+    arrays, _ = strategy.aggregate_train(1, [_bare_reply(4, {"num-examples": 5}, _state(2.0)),
+                                             _bare_reply(6, {"declined": 1.0}, info={"site": "quiet"})])
+    stats = strategy.rounds[1]
+    assert stats.trained == ["node-4"] and stats.declined == {"quiet": "declined"}  # no info, no reason
+    assert stats.epsilon == {} and stats.train_loss == {"node-4": -1.0} and stats.cache_hit is True
+    assert torch.equal(arrays.to_torch_state_dict()["suffix.head.0.bias"], torch.full((2,), 2.0))
+
+
+def test_every_problem_of_a_rejected_update_is_named():
+    content = train_reply(to_record(_state(1.0)), {"num-examples": 3})
+    content["metrics"]["num-examples"] = -3
+    content["arrays"]["suffix.head.0.bias"].data = b"garbage"
+    strategy = SuffixFedAvg(expected=EXPECTED)
+    strategy.aggregate_train(1, [Message(content, reply_to=Message(content=RecordDict(), dst_node_id=2,
+                                                                   message_type=MessageType.TRAIN))])
+    reason = strategy.rounds[1].rejected["node-2"]
+    assert reason.startswith("`num-examples` must be a positive number, got -3; `suffix.head.0.bias` cannot be deserialized")
