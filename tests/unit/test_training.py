@@ -92,3 +92,14 @@ def test_a_site_without_examples_declines_and_changes_nothing(tiny_backbone):
 @pytest.mark.parametrize("n,batch,steps", [(10, 4, 3), (8, 4, 2), (3, 64, 1), (1, 64, 1), (5, 1, 5), (0, 4, 1)])
 def test_steps_per_epoch(n, batch, steps):
     assert steps_per_epoch(n, batch) == steps
+
+
+def test_a_single_example_is_a_real_step_not_an_empty_batch(tiny_backbone):
+    model = _model(tiny_backbone)
+    x, y = _data(n=1)
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.5, momentum=0.0)
+    expected, losses = _reference(model, x, y, cfg)
+    result = train_suffix(model, x, y, cfg)
+    assert result.steps == 1 and result.loss == pytest.approx(losses[0])
+    assert torch.allclose(model.trainable_state()["suffix.head.0.weight"], expected["suffix.head.0.weight"])
+    assert model.trainable_state()["suffix.head.0.weight"].abs().sum() > 0

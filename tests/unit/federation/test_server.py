@@ -413,3 +413,10 @@ def test_prepare_run_dir_creates_nested_folders_and_names_what_it_found(tmp_path
     with pytest.raises(ConfigError, match=r"already holds a run \(summary.json, sites\); choose another output "
                                           r"directory or pass --overwrite."):
         prepare_run_dir(tmp_path / "x" / "y")
+
+
+def test_a_file_where_the_run_directory_should_be_is_refused(tmp_path):
+    (tmp_path / "run").write_text("mine")
+    with pytest.raises(ConfigError, match="`output.dir` .*run exists and is not a directory."):
+        prepare_run_dir(tmp_path / "run")
+    assert (tmp_path / "run").read_text() == "mine"
