@@ -18,7 +18,7 @@ from fedtl.backbones.efficientnet import LITE0_SHA256
 from fedtl.errors import BackboneError
 from fedtl.federation import deployment
 from fedtl.federation.deployment import (allowed_weights_sha256, backbone_query, check_pinned, install_backbone,
-                                         site_weights_dir)
+                                         local_backbone_sha256, site_weights_dir)
 from fedtl.site_config import SiteConfig
 
 PRETEND = b"pretend weights"
@@ -180,3 +180,11 @@ def test_the_client_app_answers_a_hostile_install_with_a_refusal(site, monkeypat
                           ArrayRecord({"file": Array(_payload())})))
     assert make_client_app()(msg, context).content["status"]["has"] is True
     assert _files(site) == {RESNET18.weights_file: PRETEND}
+
+
+def test_the_pip_packaged_lite0_weights_are_found_and_match_the_pin(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("FEDTL_WEIGHTS_DIR", str(tmp_path / "none"))
+    registry._sha256_cached.cache_clear()
+    assert local_backbone_sha256("efficientnet_lite0") == LITE0_SHA256
+    assert check_pinned("efficientnet_lite0", LITE0_SHA256) == ""

@@ -1,6 +1,7 @@
 import json
 import logging
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fedtl.config import AdaptersConfig, FedTLConfig, ModelConfig
-from fedtl.errors import ConfigError
+from fedtl.errors import ConfigError, FederationError
 from fedtl.federation import server
 from fedtl.federation.records import to_record
 from fedtl.federation.server import prepare_run_dir
@@ -112,24 +113,42 @@ def test_an_undefined_figure_never_leaves_a_trained_run_without_a_model(tmp_path
     assert tracker.best_round == 1  # an undefined figure does not beat the kept round
 
 
-def _fake_run(monkeypatch, tmp_path, val, test, script) -> dict:
-    """run_server end to end with a tiny model, given features and a scripted sequence of global suffixes."""
+def _fake_run(monkeypatch, tmp_path, val, test, script, *, stats=None, overrides=None, hits=(True, True),
+              calls=None) -> dict:
+    """run_server end to end with a tiny model, given features and a scripted sequence of global suffixes.
+
+    ``stats(r)`` gives round r's RoundStats (default: site-0 trained, ε = 0.1 r); ``calls`` collects what
+    the strategy was built and started with.
+    """
     source = SimpleNamespace(num_classes=2, val=SimpleNamespace(labels=val[1].numpy()),
                              test=SimpleNamespace(labels=test[1].numpy()))
-    features = {id(source.val): val[0], id(source.test): test[0]}
+    features = {id(source.val): (val[0], hits[0]), id(source.test): (test[0], hits[1])}
     monkeypatch.setattr(server, "load_source", lambda path: source)
     monkeypatch.setattr(server, "build_transfer_model", lambda cfg, n: _tiny_model())
-    monkeypatch.setattr(server, "cached_features", lambda cfg, model, data: (features[id(data)], True))
+    monkeypatch.setattr(server, "cached_features", lambda cfg, model, data: features[id(data)])
+    stats = stats or (lambda r: RoundStats(trained=["site-0"], epsilon={"site-0": 0.1 * r}))
+
+    def train_round(grid, strategy, rnd, arrays, train_config, fed, out):
+        if calls is not None and rnd == 1:
+            calls.append({"grid": grid, "num_rounds": train_config["total-rounds"],
+                          "train_config": dict(train_config), "strategy": strategy})
+        return []
 
     def aggregate(self, rnd, replies):
-        self.rounds[rnd] = RoundStats(trained=["site-0"], epsilon={"site-0": 0.1 * rnd})
+        st = stats(rnd)
+        st.privacy = st.privacy or {site: {"epsilon": eps, "delta": 1e-5, "accountant": "rdp", "budget": 3.0}
+                                    for site, eps in st.epsilon.items()}
+        self.rounds[rnd] = st
         return to_record(script[rnd - 1]), None
 
-    monkeypatch.setattr(server, "_train_round", lambda grid, strategy, rnd, *args: [])
+    monkeypatch.setattr(server, "_train_round", train_round)
     monkeypatch.setattr(BoundedSuffixAggregation, "aggregate_train", aggregate)
     cfg = FedTLConfig().with_overrides({"federation.rounds": len(script), "federation.sites": 1,
-                                        "output.dir": str(tmp_path / "run")})
-    return server.run_server(None, cfg, "t", distribute_backbone=False)
+                                        "output.dir": str(tmp_path / "run"), **(overrides or {})})
+    return server.run_server(GRID, cfg, "t", distribute_backbone=False)
+
+
+GRID = object()  # stands in for Flower's Grid: run_server only hands it to the strategy
 
 
 def test_summary_and_saved_suffix_come_from_the_best_validation_round(monkeypatch, tmp_path):
@@ -158,3 +177,251 @@ def test_a_one_class_validation_split_finishes_the_run_selected_by_loss(monkeypa
     assert on_disk["selection_metric"] == "val_loss" and math.isnan(on_disk["val_auc"])
     assert summary["selected_round"] == best["round"] == 2 and summary["test_auc"] == best["test_auc"]
     assert np.array_equal(load_file(tmp_path / "run" / "suffix.safetensors")[W].numpy(), script[1][W].numpy())
+
+
+def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkeypatch, tmp_path):
+    def stats(r):
+        return {1: RoundStats(bytes_down=300, bytes_up=200, trained=["site-0", "site-1"], epsilon={"site-0": 0.5, "site-1": 0.4},
+                              rejected={"site-2": "NaN"}),
+                2: RoundStats(bytes_down=300, bytes_up=100, trained=["site-1"], epsilon={"site-0": 0.5, "site-1": 0.9},
+                              declined={"site-0": "budget spent"}, failed={"node-7": "timeout"}, rejected={"site-2": "x"}),
+                3: RoundStats(bytes_down=150, bytes_up=0, epsilon={"site-1": 1.2}, declined={"site-1": "budget"},
+                              rejected={"site-2": "x", "node-9": "y"})}[r]
+
+    calls = []
+    # min-sites 1, not FedAvg's own default of 2, so that a dropped argument shows
+    overrides = {"federation.sites": 3, "federation.fraction-train": 0.5, "federation.min-sites": 1,
+                 "privacy.target-epsilon": 2.5, "privacy.delta": 1e-6}
+    summary = _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:3], stats=stats,
+                        overrides=overrides, calls=calls)
+    out = tmp_path / "run"
+    cfg = FedTLConfig().with_overrides({"federation.rounds": 3, "output.dir": str(out), **overrides})
+    assert json.loads((out / "config.json").read_text()) == cfg.to_run_config()
+
+    # What the strategy was built and started with.
+    (call,) = calls
+    strategy = call["strategy"]
+    model = _tiny_model()
+    assert call["grid"] is GRID and call["num_rounds"] == 3
+    assert call["train_config"] == {"total-rounds": 3, "run-id": "t", "num-classes": 2,
+                                    "backbone": "efficientnet_lite0", "backbone-sha256": model.weights_sha256,
+                                    "noise-multiplier": 0.0}
+    assert strategy.expected == model.expected_state()
+    # min-available is the quorum: the round loop waits (bounded) for the others itself
+    assert (strategy.fraction_train, strategy.min_train_nodes, strategy.min_available_nodes) == (0.5, 1, 1)
+    assert strategy.fraction_evaluate == 0.0  # the server evaluates centrally
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert set(rows[0]) == {"round", "val_auc", "val_acc", "val_loss", "test_auc", "test_acc", "test_loss", "seconds"}
+    assert rows[2]["bytes_up"] == 100 and rows[2]["bytes_down"] == 300
+    assert rows[2]["sites_trained"] == ["site-1"] and rows[2]["declined"] == {"site-0": "budget spent"}
+    assert rows[2]["rejected"] == {"site-2": "x"} and rows[2]["failed"] == {"node-7": "timeout"}
+    assert rows[1]["sites_trained"] == ["site-0", "site-1"] and rows[1]["epsilon"] == {"site-0": 0.5, "site-1": 0.4}
+    assert all(0 <= r["seconds"] < 60 and r["seconds"] == round(r["seconds"], 3) for r in rows)
+    assert [r["seconds"] for r in rows] == sorted(r["seconds"] for r in rows)
+
+    # ε: each site's latest figure; a site missing from a round keeps its earlier one.
+    assert summary["epsilon"] == {"site-0": 0.5, "site-1": 1.2} and summary["epsilon_max"] == 1.2
+    assert (summary["dp"], summary["target_epsilon"], summary["delta"]) == (True, 2.5, 1e-6)
+    assert (summary["rounds"], summary["sites"]) == (3, 3)
+    assert summary["bytes_up_per_round"] == 100.0 and summary["bytes_down_per_round"] == 250.0
+    assert summary["declined"] == {"site-0": "budget spent", "site-1": "budget"}
+    assert summary["rejected_updates"] == 4
+    counts = model.param_counts()
+    assert summary["bytes_per_site_round"] == to_record(model.trainable_state()).count_bytes()
+    assert summary["full_model_bytes"] == counts["full_model_bytes"]
+    assert (summary["trainable_params"], summary["total_params"]) == (counts["trainable_params"], counts["total_params"])
+    assert summary["bytes_per_site_round_fraction_of_model"] == summary["bytes_per_site_round"] / counts["full_model_bytes"]
+    assert (summary["backbone"], summary["weights_sha256"], summary["split_after"]) == (
+        "efficientnet_lite0", model.weights_sha256, model.split_name)
+    assert summary["final_round_test_auc"] == rows[3]["test_auc"] and summary["final_round_test_acc"] == rows[3]["test_acc"]
+    assert summary["cache_hit"] is True and 0 < summary["wall_seconds"] < 60
+    with safe_open(out / "suffix.safetensors", "pt") as fh:
+        assert fh.metadata() == {"backbone": "efficientnet_lite0", "weights_sha256": model.weights_sha256,
+                                 "round": str(summary["selected_round"]), "split": model.split_name}
+
+
+@pytest.mark.parametrize("hits,expected", [((True, True), True), ((False, True), False), ((True, False), False)])
+def test_cache_hit_means_the_servers_feature_sets_came_from_the_cache(monkeypatch, tmp_path, hits, expected):
+    # a site's cache state no longer leaves the site; `fedtl simulate` adds its own sites' caches
+    summary = _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:2], hits=hits)
+    assert summary["cache_hit"] is expected
+
+
+def test_without_dp_the_summary_has_no_privacy_figures(monkeypatch, tmp_path):
+    summary = _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:1],
+                        overrides={"privacy.enabled": False}, stats=lambda r: RoundStats(trained=["site-0"]))
+    assert summary["dp"] is False and summary["epsilon"] == {}
+    assert summary["epsilon_max"] is None and summary["target_epsilon"] is None and summary["delta"] is None
+
+
+def test_a_run_directory_holding_a_run_is_refused_before_anything_is_written(monkeypatch, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("mine\n")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:1])
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"] and (out / "metrics.jsonl").read_text() == "mine\n"
+
+
+def test_the_initial_model_is_never_selected_even_when_training_made_it_worse(tmp_path):
+    tracker = _tracker(tmp_path, _split(0), _split(1, seed=1))
+    tracker(0, to_record(_head({0: 1.0})))  # a good round-0 model (as a resumed or warm-started one could be)
+    tracker(1, to_record(_head({0: -1.0})))
+    tracker(2, to_record(_head({0: -0.5, 1: 1.0})))
+    assert tracker.history[0]["val_auc"] > max(r["val_auc"] for r in tracker.history[1:])
+    assert tracker.best_round == 2
+
+
+def test_a_round_with_undefined_auc_never_replaces_a_defined_one(tmp_path):
+    tracker = _tracker(tmp_path, _split(0), _split(1, seed=1))
+    tracker(0, to_record(_tiny_model().trainable_state()))
+    tracker(1, to_record(_head({0: 0.1, 1: 1.0})))
+    two_classes, tracker.val = tracker.val, _one_class()  # as if round 2's validation figures were undefined
+    tracker(2, to_record(_head({0: 1.0})))
+    tracker.val = two_classes
+    assert math.isnan(tracker.history[2]["val_auc"]) and tracker.best_round == 1
+
+
+def test_the_tracker_reports_its_figures_to_flower(tmp_path):
+    tracker = _tracker(tmp_path, _split(0), _split(1, seed=1))
+    reported = tracker(1, to_record(_head({0: 1.0})))
+    row = tracker.history[0]
+    assert dict(reported) == {"val-auc": row["val_auc"], "val-acc": row["val_acc"], "test-auc": row["test_auc"],
+                              "test-acc": row["test_acc"]}
+
+
+# ---- backbone distribution ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower stamps messages with the running task's identity; give the test process one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+class FakeGrid:
+    """Sites answer the backbone queries as scripted: has it, installs it (or fails to), or errors."""
+
+    def __init__(self, nodes_seen: list[list[int]], behaviour: dict[int, str]):
+        self.nodes_seen, self.behaviour, self.sent = list(nodes_seen), behaviour, []
+
+    def get_node_ids(self):
+        return self.nodes_seen.pop(0) if len(self.nodes_seen) > 1 else self.nodes_seen[0]
+
+    def send_and_receive(self, messages, timeout):
+        from flwr.app import ConfigRecord, Error, Message, RecordDict
+
+        messages = list(messages)
+        self.sent.append((messages, timeout))
+        replies = []
+        for m in messages:
+            node, action = m.metadata.dst_node_id, m.content["config"]["action"]
+            kind = self.behaviour[node]
+            if kind == "error" or (kind == "install-error" and action == "backbone-install"):
+                replies.append(Message(error=Error(code=1, reason=f"node {node} unreachable"), reply_to=m))
+                continue
+            has = kind == "has" or (action == "backbone-install" and kind == "installs")
+            error = "hash mismatch" if action == "backbone-install" and kind == "refuses" else ""
+            replies.append(Message(RecordDict({"status": ConfigRecord({"has": has, "error": error})}), reply_to=m))
+        assert [r.metadata.src_node_id for r in replies] == [m.metadata.dst_node_id for m in messages]
+        return replies
+
+
+def test_the_backbone_goes_only_to_sites_lacking_it_and_problems_are_reported(task_identity, monkeypatch, tmp_path, caplog):
+    import fedtl.backbones
+
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"the weights")
+    built = []
+    monkeypatch.setattr(fedtl.backbones, "build_backbone",
+                        lambda name: built.append(name) or SimpleNamespace(weights_path=weights))
+    grid = FakeGrid([[1, 2, 3, 4, 5]], {1: "has", 2: "installs", 3: "refuses", 4: "error", 5: "install-error"})
+    cfg = FedTLConfig()
+    with caplog.at_level(logging.WARNING, logger="fedtl.federation.server"):
+        problems = server.ensure_backbone(grid, cfg, "abc123", expected_sites=5, timeout=7.0)
+    assert problems == {3: "hash mismatch", 4: "node 4 unreachable", 5: "node 5 unreachable"}
+    assert built == ["efficientnet_lite0"]
+    (asked, t1), (sent, t2) = grid.sent
+    assert (t1, t2) == (7.0, 7.0)
+    assert sorted(m.metadata.dst_node_id for m in asked) == [1, 2, 3, 4, 5]
+    assert all(dict(m.content["config"]) == {"action": "backbone-status", "backbone": "efficientnet_lite0", "sha256": "abc123"}
+               for m in asked)
+    assert sorted(m.metadata.dst_node_id for m in sent) == [2, 3, 5]
+    for m in sent:
+        assert dict(m.content["config"]) == {"action": "backbone-install", "backbone": "efficientnet_lite0", "sha256": "abc123"}
+        assert m.content["weights"]["file"].numpy().tobytes() == b"the weights"
+        assert m.metadata.message_type == "query"
+    assert "Node 3 cannot use the pinned backbone: hash mismatch" in caplog.text
+
+
+def test_the_server_waits_for_the_expected_sites_then_sends_nothing_when_all_have_it(task_identity, monkeypatch):
+    import fedtl.backbones
+
+    monkeypatch.setattr(fedtl.backbones, "build_backbone", lambda name: pytest.fail("no site lacks the weights"))
+    sleeps = []
+    monkeypatch.setattr(server.time, "sleep", sleeps.append)
+    grid = FakeGrid([[], [5], [5, 6]], {5: "has", 6: "has"})
+    assert server.ensure_backbone(grid, FedTLConfig(), "abc", expected_sites=2, timeout=60) == {}
+    assert sleeps == [1.0, 1.0] and len(grid.sent) == 1
+    late = FakeGrid([[5]], {5: "has"})
+    assert server.ensure_backbone(late, FedTLConfig(), "abc", expected_sites=3, timeout=0) == {}  # gives up waiting
+    assert [m.metadata.dst_node_id for m in late.sent[0][0]] == [5]
+
+
+def test_run_server_asks_every_site_for_the_pinned_backbone_first(monkeypatch, tmp_path):
+    asked = []
+    monkeypatch.setattr(server, "ensure_backbone",
+                        lambda grid, cfg, sha, sites, **kw: asked.append((grid, cfg, sha, sites, kw["timeout"])))
+    source = SimpleNamespace(num_classes=2, val=SimpleNamespace(labels=_split(0)[1].numpy()),
+                             test=SimpleNamespace(labels=_split(1)[1].numpy()))
+    monkeypatch.setattr(server, "load_source", lambda path: source)
+    monkeypatch.setattr(server, "build_transfer_model", lambda cfg, n: _tiny_model())
+    monkeypatch.setattr(server, "cached_features", lambda cfg, model, data: (_split(0)[0], True))
+    monkeypatch.setattr(server, "_train_round", lambda *args: [])
+    monkeypatch.setattr(BoundedSuffixAggregation, "aggregate_train",
+                        lambda self, rnd, replies: (to_record(_tiny_model().trainable_state()), None))
+    cfg = FedTLConfig().with_overrides({"federation.rounds": 1, "federation.sites": 4, "output.dir": str(tmp_path / "r")})
+    server.run_server(GRID, cfg, "t")
+    assert asked == [(GRID, cfg, _tiny_model().weights_sha256, 4, 300.0)]
+
+
+def test_a_run_in_which_no_round_was_evaluated_fails_with_a_reason(monkeypatch, tmp_path):
+    _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:1])  # installs the fakes
+    monkeypatch.setattr(server.Tracker, "__call__", lambda self, rnd, arrays: self.history.append({"round": rnd}))
+    cfg = FedTLConfig().with_overrides({"federation.rounds": 1, "output.dir": str(tmp_path / "r2")})
+    with pytest.raises(FederationError, match="No round produced a global model; see the log for the sites' reasons."):
+        server.run_server(GRID, cfg, "t", distribute_backbone=False)
+    assert not (tmp_path / "r2" / "summary.json").exists()
+
+
+def test_output_folders_nested_existing_or_by_default_timestamped(monkeypatch, tmp_path):
+    nested = tmp_path / "a" / "b" / "run"
+    _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:1], overrides={"output.dir": str(nested)})
+    assert (nested / "summary.json").is_file()
+    (tmp_path / "empty").mkdir()
+    _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:1], overrides={"output.dir": str(tmp_path / "empty")})
+    assert (tmp_path / "empty" / "summary.json").is_file()
+    monkeypatch.chdir(tmp_path)
+    _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:1], overrides={"output.dir": ""})
+    (made,) = list((tmp_path / "runs").iterdir())
+    assert re.fullmatch(r"20\d{6}-\d{6}-t", made.name) and (made / "summary.json").is_file()
+
+
+def test_prepare_run_dir_creates_nested_folders_and_names_what_it_found(tmp_path):
+    assert prepare_run_dir(tmp_path / "x" / "y").is_dir()
+    (tmp_path / "x" / "y" / "summary.json").write_text("{}")
+    (tmp_path / "x" / "y" / "sites").mkdir()
+    with pytest.raises(ConfigError, match=r"already holds a run \(summary.json, sites\); choose another output "
+                                          r"directory or pass --overwrite."):
+        prepare_run_dir(tmp_path / "x" / "y")
+
+
+def test_a_file_where_the_run_directory_should_be_is_refused(tmp_path):
+    (tmp_path / "run").write_text("mine")
+    with pytest.raises(ConfigError, match="`output.dir` .*run exists and is not a directory."):
+        prepare_run_dir(tmp_path / "run")
+    assert (tmp_path / "run").read_text() == "mine"
