@@ -170,6 +170,7 @@ def make_strategy(aggregation: str, expected: dict[str, tuple[tuple[int, ...], s
     """The validated, bounded version of Flower's strategy ``aggregation`` (see :data:`AGGREGATIONS`)."""
     base = AGGREGATIONS[aggregation]
     cls = type(f"BoundedSuffix{base.__name__}", (BoundedSuffixAggregation, base), {})
+    max_hostile = min(max_hostile, max(0, sites - 1))  # a federation of one site has nobody to out-vote
     if base in (Krum, MultiKrum, Bulyan):
         kwargs["num_malicious_nodes"] = max_hostile
     if base is MultiKrum:
