@@ -409,6 +409,9 @@ def test_wait_for_port_sees_a_listener_and_gives_up_on_a_closed_port():
 def test_managed_process_is_stopped_on_leaving_the_block(tmp_path):
     with ops.ManagedProcess(["sh", "-c", "echo started; exec sleep 30"], tmp_path / "p.log", stop_timeout=2) as p:
         assert p.returncode is None
+        deadline = time.monotonic() + 10  # no port to wait for: start() returns before sh has run (a loaded CI)
+        while "started" not in p.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
     assert p.returncode == -15  # SIGTERM
     assert "started" in p.log_text()
 
