@@ -52,21 +52,7 @@ class Checkpoint:
                 "selection_metric": self.selection_metric, "history": self.history, "privacy": self.privacy,
                 "started": self.started, "saved": time.time()}
         target = Path(run_dir) / CHECKPOINT
-        fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=run_dir)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"fedtl": json.dumps(meta, default=_json_default)})
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(run_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        save_tensors_atomically(tensors, target, metadata={"fedtl": json.dumps(meta)})
         return target.stat().st_size
 
     @classmethod
@@ -92,11 +78,25 @@ class Checkpoint:
                    privacy=dict(meta.get("privacy") or {}), started=float(meta.get("started", time.time())))
 
 
+def save_tensors_atomically(tensors: dict[str, torch.Tensor], target: Path, metadata: dict | None = None) -> None:
+    """Write a safetensors file so that a crash leaves the old file or the new one: a temporary file in
+    the same folder, fsync'd, renamed over ``target``, then the folder fsync'd."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _finite_or_none(x: float):
     return x if x == x and abs(x) != float("inf") else None
-
-
-def _json_default(value):
-    if isinstance(value, float):
-        return None
-    raise TypeError(type(value))

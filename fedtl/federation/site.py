@@ -203,23 +203,10 @@ class Releases:
         return self.folder / f"{hashlib.sha256(run_id.encode()).hexdigest()[:16]}-{int(server_round):06d}.safetensors"
 
     def save(self, run_id: str, server_round: int, state: dict[str, torch.Tensor]) -> None:
-        import os
-        import tempfile
-
-        from safetensors.torch import save_file
+        from fedtl.federation.checkpoint import save_tensors_atomically
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        target = self._path(run_id, server_round)
-        fd, tmp = tempfile.mkstemp(prefix=".release.", dir=self.folder)
-        os.close(fd)
-        try:
-            save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_tensors_atomically(state, self._path(run_id, server_round))
         for old in sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)[:-self.KEEP]:
             old.unlink(missing_ok=True)
 
