@@ -1,0 +1,102 @@
+"""The decision rule that turns class probabilities into a label, as a run records it.
+
+A run's ``suffix.safetensors`` may carry a calibrated rule in its metadata under ``fedtl.decision``
+(JSON); without one the rule is the argmax. Two rules exist:
+
+    {"rule": "argmax"}                                                  any number of classes
+    {"rule": "threshold", "positive-class": 1, "threshold": 0.42}       binary only: label = positive
+                                                                        class iff P(positive) >= threshold
+
+``fedtl predict``, ``fedtl export`` and whatever calibrates a run share this one reader and writer, so
+a rule is applied the same way everywhere. A malformed entry is a :class:`~fedtl.errors.ConfigError`
+naming the value, never a silent fall-back to the argmax.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedtl.errors import ConfigError
+
+METADATA_KEY = "fedtl.decision"
+RULES = ("argmax", "threshold")
+
+
+@dataclass(frozen=True)
+class Decision:
+    rule: str = "argmax"
+    positive_class: int = 1  # threshold rule only
+    threshold: float = 0.5  # threshold rule only: P(positive_class) >= threshold -> positive_class
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ConfigError(f"Decision rule must be one of {', '.join(RULES)}, got {self.rule!r}.")
+        if self.rule == "threshold":
+            if isinstance(self.positive_class, bool) or not isinstance(self.positive_class, int) \
+                    or self.positive_class not in (0, 1):
+                raise ConfigError(f"Decision `positive-class` must be 0 or 1 (binary tasks only), got {self.positive_class!r}.")
+            if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                    or not math.isfinite(self.threshold) or not 0.0 <= self.threshold <= 1.0:
+                raise ConfigError(f"Decision `threshold` must be a number in [0, 1], got {self.threshold!r}.")
+            object.__setattr__(self, "threshold", float(self.threshold))
+
+    def check_classes(self, num_classes: int) -> None:
+        """Refuse a threshold rule for a model that is not binary."""
+        if self.rule == "threshold" and num_classes != 2:
+            raise ConfigError(f"A threshold decision rule needs a binary model; this one has {num_classes} classes.")
+
+    def apply(self, probs: np.ndarray) -> np.ndarray:
+        """``(N, C)`` probabilities → ``(N,)`` int64 labels."""
+        p = np.asarray(probs)
+        if p.ndim != 2 or p.shape[1] < 1:
+            raise ValueError(f"expected probabilities of shape (N, C), got {p.shape}")
+        if self.rule == "argmax":
+            return p.argmax(axis=1).astype(np.int64)
+        self.check_classes(p.shape[1])
+        positive = p[:, self.positive_class] >= self.threshold
+        return np.where(positive, self.positive_class, 1 - self.positive_class).astype(np.int64)
+
+    def to_dict(self) -> dict:
+        if self.rule == "argmax":
+            return {"rule": "argmax"}
+        return {"rule": "threshold", "positive-class": self.positive_class, "threshold": self.threshold}
+
+    def to_metadata(self) -> dict[str, str]:
+        """The safetensors metadata entry (``{"fedtl.decision": "<json>"}``) that :func:`decision_from_metadata` reads."""
+        return {METADATA_KEY: json.dumps(self.to_dict(), sort_keys=True)}
+
+    def describe(self) -> str:
+        if self.rule == "argmax":
+            return "argmax"
+        return f"class {self.positive_class} iff P(class {self.positive_class}) >= {self.threshold:g}"
+
+
+def decision_from_metadata(meta: Mapping[str, str] | None) -> Decision:
+    """The rule recorded in safetensors metadata; the argmax when ``fedtl.decision`` is absent."""
+    if not meta or METADATA_KEY not in meta:
+        return Decision()
+    text = meta[METADATA_KEY]
+    try:
+        body = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"`{METADATA_KEY}` metadata must be a JSON object, got {text!r}.") from exc
+    if not isinstance(body, dict):
+        raise ConfigError(f"`{METADATA_KEY}` metadata must be a JSON object, got {text!r}.")
+    rule = body.get("rule")
+    allowed = {"argmax": {"rule"}, "threshold": {"rule", "positive-class", "threshold"}}.get(rule)
+    if allowed is None:
+        raise ConfigError(f"`{METADATA_KEY}` `rule` must be one of {', '.join(RULES)}, got {rule!r}.")
+    extra = sorted(set(body) - allowed)
+    if extra:
+        raise ConfigError(f"`{METADATA_KEY}` has unknown key(s) {', '.join(extra)} for rule {rule!r}; "
+                          f"allowed: {', '.join(sorted(allowed))}.")
+    if rule == "threshold":
+        if "threshold" not in body:
+            raise ConfigError(f"`{METADATA_KEY}` rule 'threshold' needs a `threshold`, got {text!r}.")
+        return Decision("threshold", body.get("positive-class", 1), body["threshold"])
+    return Decision()
