@@ -19,7 +19,8 @@ from pathlib import Path
 
 from fedtl.errors import ConfigError, FedTLError
 from fedtl.site_config import SiteConfig
-from server.ops import _run_foreground, supernode_command
+from server.flwr_cli import supernode_command
+from server.processes import _run_foreground
 
 
 def start_command(site_config: str | Path, superlink: str, port: int) -> list[str]:

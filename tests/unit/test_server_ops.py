@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedtl.errors import ConfigError, FederationError
-from server import ops
+from server import flwr_cli, ops
 
 
 def _mode(path) -> int:
@@ -271,7 +271,7 @@ class FakeFlwr:
 def flwr(monkeypatch, fake_bin):
     def install(**kwargs) -> FakeFlwr:
         fake = FakeFlwr(**kwargs)
-        monkeypatch.setattr(ops.subprocess, "run", fake)
+        monkeypatch.setattr(flwr_cli.subprocess, "run", fake)  # where the flwr wrappers live since the split
         return fake
     return install
 
