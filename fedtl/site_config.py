@@ -9,6 +9,7 @@ The site operator writes it (``site.toml``), never the server::
     format = "folder"              # medmnist | folder | dicom
     path = "images"                # .npz for medmnist, a folder for folder / dicom
     labels = "labels.csv"          # header `file,label`; folder / dicom only
+    labels-column = "label"        # the CSV column holding the labels (default `label`)
     image-size = 224               # 0 / omitted: native size (medmnist), 224 (folder, dicom)
     classes = ["normal", "pneumonia"]   # optional: label names in class-index order
     max-pixels = 32000000          # larger images are skipped unread (decompression bombs)
@@ -61,6 +62,7 @@ _DEFAULTS = PrivacyConfig()
 KNOWN_KEYS = (
     "name", "state-dir",
     "data.format", "data.path", "data.labels", "data.image-size", "data.classes", "data.split", "data.max-pixels",
+    "data.labels-column",
     "privacy.target-epsilon", "privacy.delta", "privacy.accountant", "privacy.max-grad-norm",
     "privacy.max-epsilon-per-run", "privacy.max-epsilon-per-round", "privacy.max-rounds-per-run",
     "privacy.max-noise-multiplier",
@@ -95,6 +97,7 @@ class SiteDataConfig:
     classes: tuple[str, ...] = ()  # label names in class-index order; () = integer labels
     split: str = "train"  # the npz split a medmnist site uses
     max_pixels: int = DEFAULT_MAX_PIXELS  # folder / dicom: larger images are skipped before decoding
+    labels_column: str = "label"  # folder / dicom: the labels CSV's column of labels (the file column is `file`)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -111,6 +114,11 @@ class SiteDataConfig:
             _fail("data.split", self.split, "must be one of " + ", ".join(SPLITS))
         if self.format != "medmnist" and self.split != "train":
             _fail("data.split", self.split, "is only used with data.format \"medmnist\"; remove it")
+        if not isinstance(self.labels_column, str) or not self.labels_column.strip() or self.labels_column.strip() == "file":
+            _fail("data.labels-column", self.labels_column, "must name the labels CSV's column of labels (not `file`)")
+        if self.format == "medmnist" and self.labels_column != "label":
+            _fail("data.labels-column", self.labels_column, "is only used with data.format \"folder\" or \"dicom\"; remove it")
+        object.__setattr__(self, "labels_column", self.labels_column.strip())
         names = list(self.classes)
         if names and (len(names) < 2 or any(not isinstance(c, str) or not c.strip() for c in names)):
             _fail("data.classes", names, "must list at least two non-empty class names (or be left out)")
@@ -283,6 +291,7 @@ def _from_mapping(flat: dict[str, Any], *, base: Path, source: Path) -> SiteConf
         classes=_names(flat, "data.classes"),
         split=_text(flat, "data.split", "train"),
         max_pixels=_integer(flat, "data.max-pixels", DEFAULT_MAX_PIXELS),
+        labels_column=_text(flat, "data.labels-column", "label"),
     )
     state = path_of("state-dir") or base / "state" / name
     return SiteConfig(

@@ -2,7 +2,8 @@
 
 Folder and DICOM sites list their images in a CSV with header ``file,label`` (paths relative to
 the data folder; labels are integers, or class names when ``data.classes`` lists them in class-index
-order). Every image becomes grayscale uint8 resized to ``image_size`` x ``image_size`` (PIL,
+order); ``data.labels-column`` names another label column (``file,abnormal,site``: ``"abnormal"``), and
+other columns are ignored. Every image becomes grayscale uint8 resized to ``image_size`` x ``image_size`` (PIL,
 bilinear, aspect ratio not kept), so a site yields one :class:`~fedtl.data.sources.ImageSet`.
 
 One bad file never stops a site: a missing, corrupt, undecodable or oversized image (or a CSV row
@@ -92,7 +93,7 @@ def load_site_data(cfg: SiteDataConfig, *, allow_empty: bool = False) -> SiteIma
             raise DataError(f"data.format {cfg.format!r} needs `data.labels`, a CSV with header `file,label`.")
         reader = read_dicom_image if cfg.format == "dicom" else read_image_file
         result = load_labelled_files(folder, Path(labels), reader, cfg.image_size or DEFAULT_IMAGE_SIZE, cfg.classes,
-                                     max_pixels=cfg.max_pixels)
+                                     max_pixels=cfg.max_pixels, label_column=cfg.labels_column)
     if len(result.images) == 0 and not allow_empty:
         shown = "; ".join(f"{p.file}: {p.reason}" for p in result.problems[:5])
         more = f" (and {len(result.problems) - 5} more)" if len(result.problems) > 5 else ""
@@ -137,13 +138,14 @@ class LabelRow(NamedTuple):
 
 
 def load_labelled_files(folder: Path, labels_csv: Path, reader: Reader, image_size: int,
-                        classes: tuple[str, ...] = (), *, max_pixels: int = DEFAULT_MAX_PIXELS) -> SiteImages:
+                        classes: tuple[str, ...] = (), *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                        label_column: str = "label") -> SiteImages:
     """Read every file the CSV lists with ``reader(path, image_size, max_pixels=…)``; skip and report the bad
     ones, in CSV order."""
     if not folder.is_dir():
         raise DataError(f"Image folder {folder} does not exist or is not a folder; set `data.path` to the folder "
                         "the labels CSV's paths are relative to.")
-    rows = read_labels_csv(labels_csv, classes)
+    rows = read_labels_csv(labels_csv, classes, label_column)
     images = np.empty((len(rows), image_size, image_size), np.uint8)
     labels = np.empty(len(rows), np.int64)
     problems: list[Problem] = []
@@ -173,8 +175,9 @@ def load_labelled_files(folder: Path, labels_csv: Path, reader: Reader, image_si
                       tuple(problems), len(rows))
 
 
-def read_labels_csv(path: Path, classes: tuple[str, ...] = ()) -> list[LabelRow]:
-    """Every data row of a CSV with header ``file,label``; rows with a bad label, path or a repeat carry a problem."""
+def read_labels_csv(path: Path, classes: tuple[str, ...] = (), label_column: str = "label") -> list[LabelRow]:
+    """Every data row of a CSV with columns ``file`` and ``label_column`` (``label`` by default; others are
+    ignored); rows with a bad label, path or a repeat carry a problem."""
     if not path.is_file():
         raise DataError(f"Labels file {path} does not exist; set `data.labels` to a CSV with header `file,label`.")
     index = {name: i for i, name in enumerate(classes)}
@@ -184,14 +187,16 @@ def read_labels_csv(path: Path, classes: tuple[str, ...] = ()) -> list[LabelRow]
         with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh, skipinitialspace=True)
             header = [h.strip() for h in (reader.fieldnames or [])]
-            missing = [c for c in ("file", "label") if c not in header]
+            missing = [c for c in ("file", label_column) if c not in header]
             if missing:
+                hint = "" if label_column != "label" else \
+                    "; if another column holds the labels, name it with `data.labels-column` in site.toml"
                 raise DataError(f"Labels file {path} has no {' and no '.join(f'`{c}`' for c in missing)} column; "
-                                f"its header is {','.join(header) or '(empty)'!r}, expected `file,label`.")
+                                f"its header is {','.join(header) or '(empty)'!r}, expected `file,{label_column}`{hint}.")
             reader.fieldnames = header
             for record in reader:
                 line = reader.line_num
-                name, text = (record.get("file") or "").strip(), (record.get("label") or "").strip()
+                name, text = (record.get("file") or "").strip(), (record.get(label_column) or "").strip()
                 label = _parse_label(text, classes, index)
                 problem = None
                 if not name:

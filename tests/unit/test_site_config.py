@@ -176,3 +176,16 @@ def test_a_folder_or_a_non_utf8_file_is_a_config_error(tmp_path):
     (tmp_path / "latin1.toml").write_bytes('name = "s1"  # Zürich\n'.encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin1\.toml cannot be read \(.*utf-8"):
         SiteConfig.load(tmp_path / "latin1.toml")
+
+
+def test_labels_column_is_read_and_validated(tmp_path):
+    site = SiteConfig.load(write(tmp_path, FULL.replace('labels = "labels.csv"',
+                                                        'labels = "labels.csv"\nlabels-column = " abnormal "')))
+    assert site.data.labels_column == "abnormal"
+    assert SiteConfig.load(write(tmp_path, FULL)).data.labels_column == "label"
+    for bad, message in (('""', "got ''"), ('"file"', "not `file`"), ("3", "must be a string")):
+        with pytest.raises(ConfigError, match="data.labels-column") as err:
+            SiteConfig.load(write(tmp_path, FULL.replace('labels = "labels.csv"', f'labels = "labels.csv"\nlabels-column = {bad}')))
+        assert message in str(err.value)
+    with pytest.raises(ConfigError, match="labels-column.*only used with data.format"):
+        SiteConfig.load(write(tmp_path, MINIMAL + 'labels-column = "abnormal"\n'))

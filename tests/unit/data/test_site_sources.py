@@ -1,5 +1,6 @@
 """A site's own images: folders of PNG/JPEG, DICOM, MedMNIST; bad files are skipped and named."""
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -226,3 +227,20 @@ def test_medmnist_site_keeps_native_size_by_default(tmp_path):
 
     site = load_site_data(SiteDataConfig(format="medmnist", path=BUNDLED_PNEUMONIAMNIST, split="test"))
     assert site.images.images.shape == (624, 28, 28) and site.class_counts() == {"0": 234, "1": 390}
+
+
+def test_labels_column_names_the_csv_column_that_holds_the_labels(tmp_path):
+    """A hospital's export `file,abnormal,site`: `data.labels-column = "abnormal"` reads it as it is."""
+    for name, value in (("a.png", 30), ("b.png", 220)):
+        Image.fromarray(np.full((8, 8), value, np.uint8)).save(tmp_path / name)
+    csv_path = tmp_path / "export.csv"
+    csv_path.write_text("file,abnormal,site\na.png,0,3\nb.png,1,7\n")
+    cfg = dataclasses.replace(folder_cfg(tmp_path, csv_path, size=8, classes=()), labels_column="abnormal")
+    site = load_site_data(cfg)
+    assert site.images.labels.tolist() == [0, 1] and site.images.images[:, 0, 0].tolist() == [30, 220]
+    # the default column `label` is absent: the error names the setting that fixes it
+    with pytest.raises(DataError, match="no `label` column.*`data.labels-column`"):
+        load_site_data(folder_cfg(tmp_path, csv_path, size=8, classes=()))
+    # a named column that is absent is named too
+    with pytest.raises(DataError, match="no `finding` column; its header is 'file,abnormal,site'"):
+        load_site_data(dataclasses.replace(cfg, labels_column="finding"))
