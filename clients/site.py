@@ -1,10 +1,16 @@
 """What a data site runs: validate its site.toml, then start its SuperNode (TLS + node auth).
 
-    python -m clients.site start site.toml --superlink server.example.org:9093 [--port 9094]
+    fedtl-site start site.toml --superlink server.example.org:9093 [--port 9094]
+    (the same as: python -m clients.site start …)
 
 The SuperNode gets ``--node-config 'site-config="<site.toml>"'``, so the ClientApp trains on this
 site's own data with this site's own privacy budget and ledger (``<state-dir>``). Checking the
 data without connecting: ``fedtl site check site.toml``.
+
+The SuperNode runs with ``FLWR_HOME=<state-dir>/flwr``: the Flower app files it receives (and Flower's other
+files) live under the site's own state, not in a ``~/.flwr`` shared by every site on the host. Its output is
+copied to the launcher's and watched: when Flower refuses the site's key ("Exit Code: 305 … Failed to
+activate SuperNode") the launcher says that the key is not registered and which operator command fixes it.
 
 Flower reads ``--node-config`` with a regular expression (``key='…'``, ``key="…"`` or a bare word) and
 then as TOML, so a path holding ``'`` or ``"`` cannot simply be quoted: :func:`node_config` writes each
@@ -14,6 +20,8 @@ value as a TOML basic string in which ``"``, ``\\`` and control characters are `
 from __future__ import annotations
 
 import argparse
+import collections
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +44,35 @@ def start_command(site_config: str | Path, superlink: str, port: int) -> list[st
     return supernode_command(superlink, site.tls.ca_cert, site.auth.private_key, port, node_config(site_config=path))
 
 
+def site_env(site: SiteConfig, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The SuperNode's environment: ``FLWR_HOME`` under the site's state dir (created), Flower's telemetry off."""
+    home = Path(site.state_dir).resolve() / "flwr"
+    home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ if base is None else base)
+    env["FLWR_HOME"] = str(home)
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    return env
+
+
+def explain_exit(output: str, site: SiteConfig, superlink: str) -> str | None:
+    """A message a site operator can act on for a SuperNode that failed to join, from its output; None if unknown."""
+    if "Exit Code: 305" not in output:
+        return None
+    if "Failed to activate SuperNode" in output:
+        pub = site.auth.public_key
+        key = pub.name if pub is not None else f"{site.name}.pub"
+        return (f"the SuperLink at {superlink} does not know this site's key: it is not registered (Flower: \"Failed "
+                f"to activate SuperNode\", exit code 305). Send the public key {pub or key} (never the .key file) to "
+                f"the server operator, who registers it with\n"
+                f"    fedtl-server register --connection <connection> {key} --name {site.name}\n"
+                "(or `python -m server.ops register …`), then start this site again with the same command.")
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    opened = [i for i, line in enumerate(lines) if line.startswith("Failed to initialize the connection")]
+    detail = lines[opened[-1] + 1] if opened and opened[-1] + 1 < len(lines) else (lines[-1] if lines else "")
+    return (f"could not connect to the SuperLink at {superlink} (Flower exit code 305: {detail}). Check the address "
+            "and port, that the SuperLink is running, and that `tls.ca-cert` is the operator's ca.crt.")
+
+
 def node_config(**values: str | Path) -> str:
     """``--node-config`` text for string values (``site_config`` → ``site-config``), any characters allowed."""
     def quoted(text: str) -> str:
@@ -46,7 +83,7 @@ def node_config(**values: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clients.site", description=__doc__,
+    parser = argparse.ArgumentParser(prog="fedtl-site", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,10 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_only:
         print(" ".join(cmd))
         return 0
+    site = SiteConfig.load(args.site_config)
+    tail: collections.deque[str] = collections.deque(maxlen=400)  # the SuperNode's last lines, for explain_exit
     # SIGINT / SIGTERM / SIGHUP stop the SuperNode and every ClientApp process it started (SIGTERM, then
     # SIGKILL), within 15 s; the site's ledger and released updates are on disk, so it simply rejoins.
-    return _run_foreground(cmd, "Start the site again with the same command: it rejoins the run and never "
-                                "spends privacy twice on a round it already trained.")
+    code = _run_foreground(cmd, "Start the site again with the same command: it rejoins the run and never "
+                                "spends privacy twice on a round it already trained.",
+                           env=site_env(site), on_output=tail.append)
+    if code != 0 and (why := explain_exit("".join(tail), site, args.superlink)):
+        print(f"error: {why}", file=sys.stderr)
+        return ConfigError.exit_code
+    return code
 
 
 if __name__ == "__main__":

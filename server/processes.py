@@ -10,8 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -200,11 +201,21 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _run_foreground(cmd: list[str], stopped: str = "", grace: float = 8.0) -> int:
+def _run_foreground(cmd: list[str], stopped: str = "", grace: float = 8.0, *, env: Mapping[str, str] | None = None,
+                    on_output: Callable[[str], None] | None = None) -> int:
     """Run ``cmd`` until it exits. SIGINT, SIGTERM or SIGHUP to this process stop it and every
     descendant within ``grace`` + 5 seconds (SIGTERM, then SIGKILL), print ``stopped`` and return
-    128 + the signal."""
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    128 + the signal. With ``on_output`` the command's stdout and stderr are copied to this process's
+    stdout line by line and each line is passed to ``on_output`` as well (a launcher that explains
+    the command's failures)."""
+    if on_output is None:
+        proc = subprocess.Popen(cmd, start_new_session=True, env=env)
+        reader = None
+    else:
+        proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1)
+        reader = threading.Thread(target=_copy_lines, args=(proc.stdout, on_output), daemon=True)
+        reader.start()
 
     def forward(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(signum)
@@ -212,6 +223,8 @@ def _run_foreground(cmd: list[str], stopped: str = "", grace: float = 8.0) -> in
     previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
         code = proc.wait()
+        if reader is not None:
+            reader.join(5.0)  # the rest of its output (a ClientApp that outlives it may hold the pipe: bounded)
         return 128 - code if code < 0 else code  # killed by a signal: the shell's 128+N
     except KeyboardInterrupt as stop:
         for sig in previous:  # a second signal must not interrupt the shutdown
@@ -227,3 +240,9 @@ def _run_foreground(cmd: list[str], stopped: str = "", grace: float = 8.0) -> in
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
+
+def _copy_lines(stream: IO[str], on_output: Callable[[str], None]) -> None:
+    for line in stream:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        on_output(line)

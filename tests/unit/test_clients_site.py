@@ -47,3 +47,49 @@ def test_node_config_writes_every_value_as_an_escaped_toml_string():
     text = node_config(site_config="/a\"b", partition_id="0")
     assert text == 'site-config="/a\\u0022b" partition-id="0"'
     assert parse_config_args([text]) == {"site-config": '/a"b', "partition-id": "0"}
+
+
+# What flower-supernode 1.41 logs when the SuperLink refuses a key it does not know (flwr_exit with
+# ExitCode.SUPERNODE_CONNECTION_ERROR and the Fleet API's FLEET_NODE_ACTIVATION_FAILED error), and when the
+# SuperLink cannot be reached at all.
+UNREGISTERED = ("\x1b[91mERROR \x1b[0m:     Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n"
+                "[code: 2004] Failed to activate SuperNode.\n"
+                "The SuperNode could not establish a connection to the SuperLink.\n\n"
+                "For more information, visit: <https://flower.ai/docs/framework/1.41/en/ref-exit-codes/305.html>\n")
+UNREACHABLE = ("\x1b[91mERROR \x1b[0m:     Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n"
+               "[Errno 111] Connection refused\n"
+               "The SuperNode could not establish a connection to the SuperLink.\n")
+
+
+def test_unregistered_key_is_named_with_the_operator_command_that_fixes_it(tmp_path):
+    from clients.site import explain_exit
+    from fedtl.site_config import SiteConfig
+
+    site = SiteConfig.load(_site(tmp_path))
+    why = explain_exit("INFO: Starting Flower SuperNode\n" + UNREGISTERED, site, "server.example.org:9093")
+    assert "does not know this site's key: it is not registered" in why
+    assert "fedtl-server register --connection <connection> site.pub --name st-mary" in why
+    assert str(tmp_path / "site.pub") in why and "never the .key file" in why
+    other = explain_exit(UNREACHABLE, site, "server.example.org:9093")
+    assert "could not connect to the SuperLink at server.example.org:9093" in other and "not registered" not in other
+    assert "Connection refused" in other
+    assert explain_exit("INFO: stopped\n", site, "x:1") is None
+
+
+def test_the_launcher_watches_the_supernode_and_gives_it_the_sites_own_flwr_home(tmp_path, monkeypatch, capfd):
+    import sys
+
+    import clients.site as launcher
+
+    script = ("import os, sys; print('FLWR_HOME=' + os.environ['FLWR_HOME'], flush=True); "
+              f"sys.stdout.write({UNREGISTERED!r}); sys.exit(1)")
+    monkeypatch.setattr(launcher, "start_command", lambda *a: [sys.executable, "-c", script])
+    monkeypatch.delenv("FLWR_HOME", raising=False)
+    conf = _site(tmp_path)
+    assert main(["start", str(conf), "--superlink", "127.0.0.1:9093"]) == ConfigError.exit_code
+    out, err = capfd.readouterr()
+    home = (tmp_path / "state" / "flwr").resolve()
+    assert f"FLWR_HOME={home}" in out and home.is_dir()  # Flower's app files stay under the site's state dir
+    assert "Failed to activate SuperNode" in out  # the SuperNode's own output still reaches the operator
+    assert err.startswith("error: the SuperLink at 127.0.0.1:9093 does not know this site's key")
+    assert "fedtl-server register --connection <connection> site.pub --name st-mary" in err
