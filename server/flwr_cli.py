@@ -21,6 +21,7 @@ import tomllib as tomli  # stdlib reader (Python 3.11+)
 import tomli_w  # tomli and tomli-w are dependencies of flwr
 
 from fedtl.errors import ConfigError, FederationError
+from server import site_names
 from server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, _check_name
 from server.superlink import DEFAULT_CONTROL_ADDRESS, check_control_host, split_address
 
@@ -207,13 +208,17 @@ def register_site(flwr_home: str | os.PathLike[str] | None, connection: str,
     Wraps ``flwr supernode register <public-key> <connection> [--name NAME]``. Only SuperNodes
     whose key is registered can connect when the SuperLink runs with ``--enable-supernode-auth``.
     Raises FederationError (with flwr's message) when the SuperLink refuses or is unreachable.
+    The key's fingerprint, the site's name (``name``, else the key's comment, else the file's stem) and
+    the node id are recorded in ``$FLWR_HOME/fedtl-sites.json`` for :func:`list_sites`.
     """
     key = _existing_file(public_key_path, "Public key")
     args = ["supernode", "register", str(key), connection]
     if name is not None:
         args += ["--name", _check_name(name)]
     reply = _flwr_json(flwr_home, args, f"Registering `{key.name}` at `{connection}`")
-    return int(reply["node-id"])
+    node_id = int(reply["node-id"])
+    site_names.record(_flwr_home(flwr_home), connection, key, node_id, name)
+    return node_id
 
 
 def unregister_site(flwr_home: str | os.PathLike[str] | None, connection: str, node_id: int) -> None:
@@ -223,16 +228,18 @@ def unregister_site(flwr_home: str | os.PathLike[str] | None, connection: str, n
     """
     _flwr_json(flwr_home, ["supernode", "unregister", str(int(node_id)), connection],
                f"Unregistering node {node_id} at `{connection}`")
+    site_names.forget(_flwr_home(flwr_home), connection, node_id)
 
 
 def list_sites(flwr_home: str | os.PathLike[str] | None, connection: str) -> list[dict[str, Any]]:
     """The SuperNodes known to the SuperLink (``flwr supernode list --format json``).
 
     Each entry has ``node-id``, ``status`` (``registered``, ``online``, ``offline``,
-    ``unregistered``), ``online-at``, ``offline-at``, ...
+    ``unregistered``), ``online-at``, ``offline-at``, ..., and ``site-name`` / ``key-fingerprint`` for
+    nodes registered through :func:`register_site` from this ``$FLWR_HOME``.
     """
     reply = _flwr_json(flwr_home, ["supernode", "list", connection], f"Listing SuperNodes at `{connection}`")
-    return list(reply.get("nodes", []))
+    return site_names.annotate(_flwr_home(flwr_home), connection, list(reply.get("nodes", [])))
 
 
 def run_status(flwr_home: str | os.PathLike[str] | None, connection: str) -> list[dict[str, Any]]:

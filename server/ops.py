@@ -15,10 +15,10 @@ format -- ``<name>.key`` is an unencrypted OpenSSH private key (``--auth-superno
 A TLS connection in ``$FLWR_HOME/config.toml`` is ``address`` plus an absolute
 ``root-certificates`` path (no ``insecure``).
 
-Usage: ``python -m server.ops {certs,site-keys,write-connection,start-superlink,register,
-unregister,sites,status} ...`` (``--help`` on each).
+Usage: ``fedtl-server {certs,site-keys,write-connection,start-superlink,register,
+unregister,sites,status} ...`` (``--help`` on each), or the same as ``python -m server.ops …``.
+``sites`` shows each node's site name (``$FLWR_HOME/fedtl-sites.json``, kept by ``register``).
 """
-
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m server.ops", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="fedtl-server", description=__doc__.split("\n\n")[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, helptext in (("register", "register a site's public key"),
                            ("unregister", "unregister a SuperNode by node id"),
-                           ("sites", "list registered SuperNodes (JSON)"),
+                           ("sites", "list registered SuperNodes with their site names (JSON)"),
                            ("status", "list runs (JSON)")):
         r = sub.add_parser(name, help=helptext)
         if name == "register":

@@ -326,6 +326,33 @@ def test_register_refuses_a_missing_key_or_bad_name_before_calling_flwr(tmp_path
     assert fake.calls == []
 
 
+def test_sites_lists_each_registered_node_with_its_site_name(tmp_path, flwr, capsys):
+    """Flower lists node ids only; the name recorded at registration (by key fingerprint) is shown beside each."""
+    home = tmp_path / "home"
+    _, mary = ops.make_site_keypair(tmp_path / "keys", "st-mary")
+    _, john = ops.make_site_keypair(tmp_path / "keys", "st-john")
+    # the fingerprint an operator compares with `ssh-keygen -lf st-mary.pub` (before subprocess.run is faked)
+    fingerprint = subprocess.run(["ssh-keygen", "-lf", str(mary)], capture_output=True, text=True).stdout.split()
+    flwr(stdout='{"success": true, "node-id": 42}')
+    assert ops.register_site(home, "c", mary) == 42  # no --name: the key's comment (site-keys writes the name)
+    flwr(stdout='{"success": true, "node-id": 7}')
+    ops.register_site(home, "c", john, name="john-hospital")
+    flwr(stdout='{"success": true, "nodes": [{"node-id": "42", "status": "online"}, {"node-id": "7", "status": "offline"},'
+                ' {"node-id": "9", "status": "online"}]}')
+    assert ops.main(["sites", "--connection", "c", "--flwr-home", str(home)]) == 0
+    nodes = json.loads(capsys.readouterr().out)
+    assert [(n["node-id"], n.get("site-name")) for n in nodes] == [("42", "st-mary"), ("7", "john-hospital"), ("9", None)]
+    if fingerprint:
+        assert nodes[0]["key-fingerprint"] == fingerprint[1]
+    assert ops.list_sites(home, "other-connection") == [{"node-id": "42", "status": "online"},
+                                                        {"node-id": "7", "status": "offline"},
+                                                        {"node-id": "9", "status": "online"}]  # per SuperLink
+    flwr(stdout='{"success": true}')
+    ops.unregister_site(home, "c", 42)
+    recorded = json.loads((home / "fedtl-sites.json").read_text())["connections"]["c"]
+    assert [e["name"] for e in recorded.values()] == ["john-hospital"]
+
+
 # ---- the command line --------------------------------------------------------------------------
 
 
