@@ -9,6 +9,7 @@ process of that tree, and on SIGINT, SIGTERM or SIGHUP stops all of them within 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from fedtl.config import FedTLConfig
 from fedtl.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def resumed_config(run_dir: Path) -> FedTLConfig:
