@@ -6,6 +6,7 @@ A run's ``suffix.safetensors`` may carry a calibrated rule in its metadata under
     {"rule": "argmax"}                                                  any number of classes
     {"rule": "threshold", "positive-class": 1, "threshold": 0.42}       binary only: label = positive
                                                                         class iff P(positive) >= threshold
+    (a threshold rule may say what it was chosen on: "chosen-on": "central validation (524 images)")
 
 ``fedtl predict``, ``fedtl export`` and whatever calibrates a run share this one reader and writer, so
 a rule is applied the same way everywhere. A malformed entry is a :class:`~fedtl.errors.ConfigError`
@@ -30,8 +31,9 @@ RULES = ("argmax", "threshold")
 @dataclass(frozen=True)
 class Decision:
     rule: str = "argmax"
-    positive_class: int = 1  # threshold rule only
     threshold: float = 0.5  # threshold rule only: P(positive_class) >= threshold -> positive_class
+    positive_class: int = 1  # threshold rule only
+    chosen_on: str = ""  # threshold rule only: what it was calibrated on (shown to people, never used)
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -44,6 +46,8 @@ class Decision:
                     or not math.isfinite(self.threshold) or not 0.0 <= self.threshold <= 1.0:
                 raise ConfigError(f"Decision `threshold` must be a number in [0, 1], got {self.threshold!r}.")
             object.__setattr__(self, "threshold", float(self.threshold))
+            if not isinstance(self.chosen_on, str):
+                raise ConfigError(f"Decision `chosen-on` must be a string, got {self.chosen_on!r}.")
 
     def check_classes(self, num_classes: int) -> None:
         """Refuse a threshold rule for a model that is not binary."""
@@ -64,7 +68,8 @@ class Decision:
     def to_dict(self) -> dict:
         if self.rule == "argmax":
             return {"rule": "argmax"}
-        return {"rule": "threshold", "positive-class": self.positive_class, "threshold": self.threshold}
+        body = {"rule": "threshold", "positive-class": self.positive_class, "threshold": self.threshold}
+        return {**body, "chosen-on": self.chosen_on} if self.chosen_on else body
 
     def to_metadata(self) -> dict[str, str]:
         """The safetensors metadata entry (``{"fedtl.decision": "<json>"}``) that :func:`decision_from_metadata` reads."""
@@ -73,7 +78,8 @@ class Decision:
     def describe(self) -> str:
         if self.rule == "argmax":
             return "argmax"
-        return f"class {self.positive_class} iff P(class {self.positive_class}) >= {self.threshold:g}"
+        chosen = f" (chosen on {self.chosen_on})" if self.chosen_on else ""
+        return f"class {self.positive_class} iff P(class {self.positive_class}) >= {self.threshold:g}{chosen}"
 
 
 def decision_from_metadata(meta: Mapping[str, str] | None) -> Decision:
@@ -88,7 +94,7 @@ def decision_from_metadata(meta: Mapping[str, str] | None) -> Decision:
     if not isinstance(body, dict):
         raise ConfigError(f"`{METADATA_KEY}` metadata must be a JSON object, got {text!r}.")
     rule = body.get("rule")
-    allowed = {"argmax": {"rule"}, "threshold": {"rule", "positive-class", "threshold"}}.get(rule)
+    allowed = {"argmax": {"rule"}, "threshold": {"rule", "positive-class", "threshold", "chosen-on"}}.get(rule)
     if allowed is None:
         raise ConfigError(f"`{METADATA_KEY}` `rule` must be one of {', '.join(RULES)}, got {rule!r}.")
     extra = sorted(set(body) - allowed)
@@ -98,5 +104,5 @@ def decision_from_metadata(meta: Mapping[str, str] | None) -> Decision:
     if rule == "threshold":
         if "threshold" not in body:
             raise ConfigError(f"`{METADATA_KEY}` rule 'threshold' needs a `threshold`, got {text!r}.")
-        return Decision("threshold", body.get("positive-class", 1), body["threshold"])
+        return Decision("threshold", body["threshold"], body.get("positive-class", 1), body.get("chosen-on", ""))
     return Decision()

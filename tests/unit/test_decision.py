@@ -33,7 +33,17 @@ def test_argmax_works_for_many_classes_and_threshold_refuses_them():
     probs = np.array([[0.1, 0.2, 0.7], [0.5, 0.3, 0.2]])
     assert Decision().apply(probs).tolist() == [2, 0]
     with pytest.raises(ConfigError, match="binary model; this one has 3 classes"):
-        Decision("threshold", 1, 0.3).apply(probs)
+        Decision("threshold", 0.3, 1).apply(probs)
+
+
+def test_the_servers_calibrated_rule_with_what_it_was_chosen_on_is_read():
+    """As the ServerApp stores it: the threshold chosen on validation, and where."""
+    meta = {METADATA_KEY: '{"chosen-on": "central validation (524 images)", "positive-class": 1, "rule": "threshold", '
+                          '"threshold": 0.7321}', "num_classes": "2"}
+    d = decision_from_metadata(meta)
+    assert (d.rule, d.threshold, d.positive_class, d.chosen_on) == ("threshold", 0.7321, 1, "central validation (524 images)")
+    assert d.describe() == "class 1 iff P(class 1) >= 0.7321 (chosen on central validation (524 images))"
+    assert decision_from_metadata(d.to_metadata()) == d
 
 
 def test_round_trip_through_safetensors_metadata(tmp_path):
