@@ -25,6 +25,16 @@ class Preprocessing:
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, H, W)`` / ``(B, H, W, C)`` → float ``(B, 3, R, R)``, normalized."""
+        return self.normalize(self.to_unit(images))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, R, R)`` in [0, 1] → the backbone's normalization (what an exported model does first)."""
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def to_unit(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, H, W)`` / ``(B, H, W, C)`` → float ``(B, 3, R, R)`` in [0, 1], not yet normalized."""
         x = torch.as_tensor(np.array(images, copy=True)) if isinstance(images, np.ndarray) and not images.flags.writeable else torch.as_tensor(images)
         if x.ndim == 3:  # (B, H, W) grayscale
             x = x.unsqueeze(1)
@@ -40,6 +50,4 @@ class Preprocessing:
         if x.shape[-2:] != (self.resolution, self.resolution):
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode=self.interpolation,
                               align_corners=False, antialias=True)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return x

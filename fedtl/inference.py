@@ -1,0 +1,231 @@
+"""Predictions from a finished run: the pinned backbone, the selected suffix, the run's decision rule.
+
+    run dir ─► config.json (backbone, resolution, cut, adapters) + suffix.safetensors (tensors, metadata)
+    image file ─► grayscale uint8 (S, S) as a data site reads it ─► backbone preprocessing ─► prefix ─► suffix
+              ─► softmax (N, C) ─► decision rule ─► label
+
+Files are read exactly as a data site reads its training images (:func:`fedtl.data.site_sources.read_image_file`
+for PNG / JPEG, :func:`~fedtl.data.site_sources.read_dicom_image` for DICOM: LUTs, windowing, MONOCHROME1),
+then go through the same :class:`~fedtl.data.preprocess.Preprocessing` and :class:`~fedtl.model.TransferModel`
+as training and evaluation. The backbone's weights are checked against the sha256 the run recorded.
+An unreadable file is skipped and reported by name; it never stops the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedtl.config import FedTLConfig
+from fedtl.data.preprocess import Preprocessing
+from fedtl.data.site_sources import (DEFAULT_IMAGE_SIZE, Problem, _reason, read_dicom_image, read_image_file)
+from fedtl.decision import Decision, decision_from_metadata
+from fedtl.errors import BackboneError, ConfigError
+from fedtl.model import TransferModel
+from fedtl.site_config import DEFAULT_MAX_PIXELS
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+_HEAD_BIAS = re.compile(r"^suffix\.head\.(\d+)\.bias$")
+
+
+@dataclass(frozen=True, eq=False)
+class RunModel:
+    """A finished run's model, ready to predict: everything comes from the run directory."""
+
+    run_dir: Path
+    config: FedTLConfig
+    model: TransferModel  # eval mode, the selected suffix loaded
+    preprocessing: Preprocessing
+    decision: Decision
+    metadata: dict[str, str]  # suffix.safetensors metadata (backbone, weights_sha256, round, split, …)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def resolution(self) -> int:
+        return self.preprocessing.resolution
+
+    @torch.no_grad()
+    def probabilities(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """uint8 ``(N, H, W)`` grayscale → float32 ``(N, C)`` class probabilities."""
+        self.model.eval()
+        out = [self.model(self.preprocessing(images[i:i + batch_size])).softmax(-1)
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.num_classes), np.float32)
+
+
+def load_run(run_dir: str | Path) -> RunModel:
+    """The model of a finished run: config.json's architecture, the pinned weights (hash checked), the selected suffix."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    from fedtl.backbones import build_backbone
+
+    run = check_run_dir(run_dir)
+    suffix_path, config_path = run / "suffix.safetensors", run / "config.json"
+    try:
+        values = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{config_path} is not readable JSON ({exc}).") from exc
+    cfg = FedTLConfig.from_run_config(values)
+    try:
+        with safe_open(str(suffix_path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{suffix_path} is not a readable safetensors file ({exc}).") from exc
+    if meta.get("backbone", cfg.model.backbone) != cfg.model.backbone:
+        raise ConfigError(f"{suffix_path} was trained on backbone `{meta['backbone']}` but config.json names "
+                          f"`{cfg.model.backbone}`; the run directory is inconsistent.")
+    backbone = build_backbone(cfg.model.backbone)
+    pinned = meta.get("weights_sha256", "")
+    if not pinned:
+        raise BackboneError(f"{suffix_path} records no `weights_sha256`; cannot prove the backbone is the run's.")
+    if backbone.weights_sha256 != pinned:
+        raise BackboneError(f"The local `{cfg.model.backbone}` weights have sha256 {backbone.weights_sha256[:16]}…, "
+                            f"but the run pinned {pinned[:16]}…: a different prefix. Install the run's weights "
+                            "(TORCH_HOME / FEDTL_WEIGHTS_DIR) before predicting.")
+    model = TransferModel(backbone, _num_classes(state, suffix_path), cfg.model, cfg.adapters, seed=cfg.train.seed)
+    model.load_trainable_state(state)  # names, shapes, dtypes, finite values checked
+    model.eval()
+    decision = decision_from_metadata(meta)
+    decision.check_classes(model.num_classes)
+    from fedtl.backbones import get_spec
+
+    pre = Preprocessing.for_backbone(get_spec(cfg.model.backbone), cfg.model.resolution)
+    return RunModel(run, cfg, model, pre, decision, meta)
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """The run directory, if it holds what a prediction needs (config.json, suffix.safetensors); cheap."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ConfigError(f"Run directory {run} does not exist; pass the --out folder of a finished `fedtl simulate` "
+                          "(or a deployment's output.dir).")
+    for name in ("config.json", "suffix.safetensors"):
+        if not (run / name).is_file():
+            raise ConfigError(f"{run} holds no {name}; it is not a finished run (summary.json is written last).")
+    return run
+
+
+def _num_classes(state: dict[str, torch.Tensor], path: Path) -> int:
+    layers = sorted((int(m.group(1)), k) for k in state if (m := _HEAD_BIAS.match(k)))
+    if not layers:
+        raise ConfigError(f"{path} holds no head (`suffix.head.N.bias`); it is not a fedtl suffix.")
+    return int(state[layers[-1][1]].shape[0])
+
+
+# ---- inputs -----------------------------------------------------------------------------------------------
+
+def is_dicom(path: Path) -> bool:
+    """By suffix, else by the DICOM preamble (``DICM`` at byte 128), as PACS exports often have no suffix."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Problem]]:
+    """Files named, and the image / DICOM files under folders named (sorted, recursively); missing inputs are problems.
+
+    A file named on the command line is always tried; inside a folder only PNG / JPEG / DICOM files are taken
+    (DICOM also without a suffix, by its preamble), so a folder's notes or CSVs are not reported as unreadable.
+    """
+    files: list[Path] = []
+    problems: list[Problem] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and (
+                q.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES or (q.suffix == "" and is_dicom(q))))
+            if not found:
+                problems.append(Problem(str(p), "folder holds no PNG, JPEG or DICOM file"))
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            problems.append(Problem(str(p), "does not exist" if not p.exists() else "not a regular file"))
+    return files, problems
+
+
+def read_inputs(files: Iterable[Path], image_size: int = DEFAULT_IMAGE_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS
+                ) -> tuple[list[Path], np.ndarray, list[Problem]]:
+    """Read each file as a data site would: ``(read files, (N, S, S) uint8, problems)``."""
+    read: list[Path] = []
+    arrays: list[np.ndarray] = []
+    problems: list[Problem] = []
+    for path in files:
+        reader = read_dicom_image if is_dicom(path) else read_image_file
+        try:
+            arrays.append(reader(path, image_size, max_pixels=max_pixels))
+        except Exception as exc:  # noqa: BLE001 - decoders raise many types; one bad file must not stop the rest
+            problems.append(Problem(str(path), _reason(exc)))
+            continue
+        read.append(path)
+    images = np.stack(arrays) if arrays else np.zeros((0, image_size, image_size), np.uint8)
+    return read, images, problems
+
+
+# ---- predictions ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Predictions:
+    files: list[Path]
+    probabilities: np.ndarray  # (N, C) float32
+    labels: np.ndarray  # (N,) int64, by the run's decision rule
+    problems: list[Problem]
+
+    def csv_rows(self) -> list[list[str]]:
+        header = ["file", *(f"prob_{c}" for c in range(self.probabilities.shape[1])), "label"]
+        rows = [[str(f), *(f"{p:.8f}" for p in probs), str(int(label))]
+                for f, probs, label in zip(self.files, self.probabilities, self.labels)]
+        return [header, *rows]
+
+
+def predict_files(run: RunModel, inputs: Sequence[str | Path], image_size: int = DEFAULT_IMAGE_SIZE,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Predictions:
+    files, problems = collect_inputs(inputs)
+    read, images, bad = read_inputs(files, image_size, max_pixels)
+    return predict_images(run, read, images, problems + bad)
+
+
+def predict_images(run: RunModel, files: list[Path], images: np.ndarray, problems: list[Problem]) -> Predictions:
+    """Predictions for images already read (``files[i]`` holds ``images[i]``)."""
+    probs = run.probabilities(images)
+    return Predictions(files, probs, run.decision.apply(probs) if len(files) else np.zeros(0, np.int64), problems)
+
+
+def write_csv(rows: list[list[str]], out: Path | None) -> None:
+    """The CSV to ``out`` (atomically: a complete file or none) or to stdout."""
+    import csv
+    import sys
+
+    if out is None:
+        csv.writer(sys.stdout, lineterminator="\n").writerows(rows)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh, lineterminator="\n").writerows(rows)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
