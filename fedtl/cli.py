@@ -217,7 +217,7 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"`probabilities` float32 (N, {run.num_classes}), `label` int64 (N,) by decision {run.decision.describe()}")
     print(f"checked on {where}: max |difference| to `fedtl predict` {report.max_abs_diff:.2e} (allowed 1e-4); "
           f"labels agree on {report.labels_agree} of {report.checked_images}")
-    print(f"CPU latency: {report.latency_ms:.2f} ms per image (batch 1, median of 30, {report.threads} thread(s))")
+    print(f"CPU latency: {report.latency_ms:.2f} ms per image (batch 1, one thread, median of 30)")
     return 0
 
 
