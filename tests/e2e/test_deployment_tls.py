@@ -169,9 +169,23 @@ def test_tls_deployment_admits_only_registered_nodes_that_trust_the_ca(deploymen
     for proc in (wrong_ca, no_ca):
         assert "CERTIFICATE_VERIFY_FAILED" in proc.log_text(), proc.log_text()[-1500:]
     assert "Using system certificates" in no_ca.log_text()
+    # what `fedtl-site` tells each of them, read from Flower's real output
+    from clients.site import explain_exit
+    from fedtl.site_config import SiteAuthConfig, SiteConfig, SiteDataConfig
+
+    intruder_site = SiteConfig("intruder", SiteDataConfig("medmnist", tmp_path / "d.npz"), tmp_path / "state",
+                               auth=SiteAuthConfig(intruder_key, intruder_key.with_suffix(".pub")))
+    told = explain_exit(intruder.log_text(), intruder_site, dep.address)
+    assert "does not know this site's key: it is not registered" in told
+    assert "fedtl-server register --connection <connection> intruder.pub --name intruder" in told
+    told = explain_exit(wrong_ca.log_text(), intruder_site, dep.address)
+    assert told is None or ("not registered" not in told and "could not connect" in told), told
 
     nodes = dep.nodes()
     assert nodes[str(dep.node_ids["site-0"])] == "online"
+    # the operator's site list names each node (recorded when its key was registered)
+    assert {n["node-id"]: n.get("site-name") for n in ops.list_sites(dep.flwr_home, CONNECTION)} == \
+        {str(node_id): name for name, node_id in dep.node_ids.items()}
     assert nodes[str(dep.node_ids["site-1"])] == nodes[str(dep.node_ids["site-2"])] == "registered"
     assert len(nodes) == SITES, nodes  # the intruder never became a node
     assert good.poll() is None
