@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fedtl.config import FedTLConfig
 from fedtl.errors import ConfigError, FederationError
-from fedtl.federation.server import prepare_run_dir, resume_hint
+from fedtl.federation.server import jsonable, prepare_run_dir, resume_hint
 from fedtl.federation.supervisor import ProcessTreeWatcher
 from fedtl.federation.site import build_transfer_model, cached_features, load_source
 
@@ -73,7 +73,7 @@ def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False, resu
     summary["cache_hit"] = bool(all(hits) and summary.get("cache_hit", True))
     summary["wall_seconds"] = round(time.perf_counter() - t0, 2)
     tmp = summary_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.write_text(json.dumps(jsonable(summary), indent=1))
     tmp.replace(summary_path)
     return summary
 
