@@ -225,8 +225,20 @@ class EvaluationConfig:
     #                      (auto = every round when the server has no data, else once at the end)
     select_by: str = "auto"  # central | federated | auto (central when the server has data)
     decision: str = "threshold"  # threshold (binary: chosen on validation data) | argmax
+    # the server's own evaluation data as image files (instead of data.path's npz): folder | dicom | medmnist
+    data_format: str = ""
+    data_path: str = ""  # a folder of images (or an .npz)
+    data_labels: str = ""  # CSV `file,label` listing them (folder / dicom)
+    data_classes: str = ""  # label names in class-index order, comma-separated ("" = integer labels)
+    validation_fraction: float = 0.5  # share of those images for validation; the rest is the test split
 
     def __post_init__(self) -> None:
+        if self.data_format:
+            _choice("evaluation.data-format", self.data_format, ("folder", "dicom", "medmnist"))
+        if bool(self.data_format) != bool(self.data_path):
+            _fail("evaluation.data-path", self.data_path, "and `evaluation.data-format` must be set together")
+        if not 0 < self.validation_fraction < 1:
+            _fail("evaluation.validation-fraction", self.validation_fraction, "must be in (0, 1)")
         _choice("evaluation.central", self.central, ("auto", "on", "off"))
         _choice("evaluation.sites", self.sites, ("auto", "every-round", "final", "off"))
         _choice("evaluation.select-by", self.select_by, ("auto", "central", "federated"))

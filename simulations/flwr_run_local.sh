@@ -90,6 +90,11 @@ cd "$here"
 # OUT_DIR as a TOML basic string (Flower reads --run-config with a regex, then as TOML): any quote survives
 out_toml=${out//\\/\\u005c}
 out_toml=${out_toml//\"/\\u0022}
+# a simulation's demo data is asked for here, explicitly: a ServerApp never falls back to it on its own
+case " $extra" in
+  *" data.path="*) ;;
+  *) extra="data.path=\"$(python -c 'from fedtl.data import BUNDLED_PNEUMONIAMNIST as p; print(p)')\" $extra" ;;
+esac
 # in the background, so that a signal to this script is handled at once (bash runs traps between commands)
 flwr run . fedtl-local --stream \
   --federation-config "num-supernodes=${sites}" \

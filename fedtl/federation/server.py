@@ -244,14 +244,18 @@ def plan_evaluation(cfg: FedTLConfig, demo_data: bool) -> EvaluationPlan:
     """Resolve ``evaluation.*``. The bundled demo data is used only where ``demo_data`` (``fedtl simulate``):
     a deployed server without ``data.path`` never falls back to it; it evaluates at the sites."""
     ev = cfg.evaluation
-    has_data = bool(cfg.data.path) or demo_data
+    has_data = bool(cfg.data.path) or bool(ev.data_path) or demo_data
     central = ev.central == "on" or (ev.central == "auto" and has_data)
     if central and not has_data:
         raise ConfigError("`evaluation.central=on` needs the server's evaluation data: set `data.path` to a "
-                          "MedMNIST-format .npz (its val and test splits are used).")
-    source = load_source(cfg.data.path) if central else None
+                          "MedMNIST-format .npz (its val and test splits are used), or `evaluation.data-format` "
+                          "and `evaluation.data-path` (image files with a labels CSV).")
+    source = None
+    if central:
+        source = server_image_source(cfg) if ev.data_path else load_source(cfg.data.path)
     if source is not None:
-        what = str(cfg.data.path) if cfg.data.path else "the bundled PneumoniaMNIST (demo data)"
+        what = (f"{ev.data_path} ({ev.data_format})" if ev.data_path else
+                str(cfg.data.path) if cfg.data.path else "the bundled PneumoniaMNIST (demo data)")
     else:
         what = "none (federated evaluation at the sites)"
         if not cfg.data.path and ev.central == "auto":
@@ -276,6 +280,30 @@ def plan_evaluation(cfg: FedTLConfig, demo_data: bool) -> EvaluationPlan:
         select_by = "last"
         log.warning("Nothing evaluates this run (no server data, evaluation.sites=off): the last round's suffix is kept.")
     return EvaluationPlan(source, what, sites, select_by, num_classes)
+
+
+def server_image_source(cfg: FedTLConfig):
+    """The server's evaluation images from files (folder / DICOM with a labels CSV, or an npz split),
+    read and checked like a site's, split into validation and test (stratified, by ``data.seed``)."""
+    from types import SimpleNamespace
+
+    from fedtl.data.site_sources import load_site_data
+    from fedtl.evaluation import stratified_split
+    from fedtl.site_config import SiteDataConfig
+
+    ev = cfg.evaluation
+    classes = tuple(c.strip() for c in ev.data_classes.split(",") if c.strip())
+    try:
+        data_cfg = SiteDataConfig(format=ev.data_format, path=Path(ev.data_path).expanduser(),
+                                  labels=Path(ev.data_labels).expanduser() if ev.data_labels else None,
+                                  classes=classes, split="test" if ev.data_format == "medmnist" else "train")
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("`data.", "`evaluation.data-")) from None
+    images = load_site_data(data_cfg).images
+    num_classes = len(classes) or int(images.labels.max()) + 1
+    val, test = stratified_split(images.labels, ev.validation_fraction, cfg.data.seed)
+    return SimpleNamespace(val=images.subset(val, "server-val"), test=images.subset(test, "server-test"),
+                           num_classes=max(num_classes, 2))
 
 
 def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: bool = True,

@@ -262,3 +262,24 @@ def test_a_deployed_server_without_data_or_class_count_says_what_to_set(monkeypa
         server.plan_evaluation(FedTLConfig().with_overrides({"evaluation.central": "on"}), demo_data=False)
     plan = server.plan_evaluation(FedTLConfig().with_overrides({"model.num-classes": 3}), demo_data=False)
     assert (plan.source, plan.sites, plan.select_by, plan.num_classes) == (None, "every-round", "federated", 3)
+
+
+def test_the_servers_evaluation_data_may_be_an_image_folder_with_a_csv(tmp_path):
+    from fedtl.config import FedTLConfig
+    from fedtl.errors import ConfigError
+    from tests.unit.test_site_evaluation import _folder_site
+
+    _folder_site(tmp_path, 30, "srv")
+    (tmp_path / "named.csv").write_text("file,label\n" + "".join(f"{i}.png,{'ab'[i % 2]}\n" for i in range(30)))
+    cfg = FedTLConfig().with_overrides({"evaluation.data-format": "folder", "evaluation.data-path": str(tmp_path / "srv"),
+                                        "evaluation.data-labels": str(tmp_path / "srv.csv")})
+    plan = server.plan_evaluation(cfg, demo_data=False)
+    assert plan.num_classes == 2 and plan.data.endswith("(folder)") and plan.select_by == "central"
+    assert len(plan.source.val) + len(plan.source.test) == 30
+    assert all(c in (7, 8) for c in np.bincount(plan.source.val.labels).tolist())  # half of each class
+    named = cfg.with_overrides({"evaluation.data-labels": str(tmp_path / "named.csv"), "evaluation.data-classes": "a,b"})
+    assert server.plan_evaluation(named, demo_data=False).num_classes == 2
+    with pytest.raises(ConfigError, match="evaluation.data-labels"):
+        server.plan_evaluation(cfg.with_overrides({"evaluation.data-labels": ""}), demo_data=False)
+    with pytest.raises(ConfigError, match="evaluation.data-format"):
+        FedTLConfig().with_overrides({"evaluation.data-path": "x"})
