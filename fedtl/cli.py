@@ -109,6 +109,28 @@ def print_summary(summary: dict) -> None:
         print(f"{'pooled':<14}{pooled.get('test_n', 0):>7}{f(pooled.get('test_auc')):>8}{f(pooled.get('test_acc')):>8}")
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from fedtl.planning import format_plans, plan_simulation, plan_sizes
+
+    cfg = _load_config(args)
+    if args.site_sizes:
+        try:
+            sizes = [int(x) for x in args.site_sizes.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--site-sizes must be comma-separated image counts, got {args.site_sizes!r}.") from None
+        if not sizes or min(sizes) < 1:
+            raise ConfigError(f"--site-sizes must be positive image counts, got {args.site_sizes!r}.")
+        from fedtl.federation.site import build_transfer_model
+
+        params = build_transfer_model(cfg, cfg.model.num_classes or 2).param_counts()["trainable_params"]
+        plans = plan_sizes(cfg, sizes, params)
+    else:
+        plans, params = plan_simulation(cfg)
+    for line in format_plans(plans, params):
+        print(line)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fedtl.report import write_report
 
@@ -219,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # no supervisor (tests, debugging)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("plan", help="predict each site's noise multiplier, ε per round and noise-to-signal ratio")
+    config_args(p)
+    p.add_argument("--site-sizes", metavar="N,N,…", help="plan sites of these sizes (e.g. a deployment's) instead of "
+                   "the simulation's partitions")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html: figures per round, per-site results, privacy spent")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (fedtl simulate --out, or a deployment's output.dir)")
