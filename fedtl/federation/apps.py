@@ -70,6 +70,9 @@ def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientA
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        from fedtl.federation.logs import quiet_flower
+
+        quiet_flower()  # in a simulation's Ray worker too (idempotent)
         if threads:
             torch.set_num_threads(threads)
         deployed = "site-config" in context.node_config

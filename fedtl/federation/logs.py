@@ -12,7 +12,7 @@ import os
 # banner, and the note that its own federated evaluation is off (fedtl runs its own).
 FLOWER_NOISE = ("fraction_evaluate is set to 0.0", "DEPRECATED FEATURE", "deprecated feature",
                 "configure_train: Sampled", "aggregate_train: Received", "configure_evaluate: Sampled",
-                "aggregate_evaluate: Received")
+                "aggregate_evaluate: Received", "Manually terminating ClientAppActor")
 
 
 class _DropNoise(logging.Filter):
