@@ -181,8 +181,10 @@ def warnings_for(plans: list[SitePlan]) -> list[str]:
     bad = [p for p in plans if p.verdict in ("noise", "declines")]
     if bad:
         names = ", ".join(f"{p.site} ({p.n} images, NSR {p.nsr:.1f})" for p in bad[:6]) + (" …" if len(bad) > 6 else "")
+        fed = federation_nsr(plans)
+        after = (f" The aggregate's NSR is {fed:.2f}: the federation learns from the others." if fed < NOISY else "")
         out.append(f"{len(bad)} of {len(plans)} sites will send updates that are mostly noise or decline: {names}. "
-                   "`fedtl plan` shows what would help.")
+                   f"`fedtl plan` shows what would help.{after}")
     fed = federation_nsr(plans)
     if fed >= NOISY:
         out.append(f"The aggregate update of a round has a noise-to-signal ratio of {fed:.2f}: expect "

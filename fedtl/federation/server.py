@@ -226,7 +226,7 @@ class Tracker:
                             for k in ("declined", "rejected", "timed_out", "bounded") if getattr(stats, k))
             eps = max(stats.epsilon.values(), default=0.0)
             parts.append(f"{len(stats.trained)} trained{extra} | max ε {eps:.2f}")
-        log.info(" | ".join(parts))
+        (log.debug if server_round == 0 and self.total_rounds > 20 else log.info)(" | ".join(parts))
 
 
 @dataclass(frozen=True)
@@ -394,7 +394,7 @@ def _site_table(tracker: Tracker, plan: EvaluationPlan, site_eval) -> dict | Non
         ev = site_eval(tracker.best_round, to_record(tracker.best_state))
         ev.apply(tracker.best_decision)
         sites, skipped, pooled = ev.sites, ev.skipped, ev.pooled(tracker.weight_cap)
-        log.info("Federated evaluation of the selected round at %d site(s): pooled test AUC %.4f acc %.4f",
+        log.debug("Federated evaluation of the selected round at %d site(s): pooled test AUC %.4f acc %.4f",
                  len(sites), pooled["test_auc"], pooled["test_acc"])
     return {"sites": dict(sorted(sites.items())), "pooled": pooled, "skipped": dict(sorted(skipped.items()))}
 
