@@ -296,6 +296,7 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
     for name, row in summary["per_site"]["sites"].items():
         assert row["test_n"] == 8 and row["val_n"] == 8 and 0 <= row["test_acc"] <= 1, (name, row)
     assert summary["per_site"]["pooled"]["test_n"] == 24 and summary["test_auc"] == summary["per_site"]["pooled"]["test_auc"]
+    print("per-site table (image folders, no server data):", json.dumps(summary["per_site"]))
     trained, declining = {"hospital-a", "hospital-b"}, "hospital-c"
     # ε is each site's own cumulative spend, within its own budget (not the run config's 3.0)
     assert set(summary["epsilon"]) == set(sites), summary["epsilon"]
