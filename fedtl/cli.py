@@ -77,10 +77,66 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedtl.federation.simulation import simulate
 
     summary = simulate(cfg, out, overwrite=args.overwrite, resume=bool(args.resume))
-    keys = ("test_auc", "test_acc", "selected_round", "rounds", "sites", "epsilon_max", "bytes_up_per_round",
-            "bytes_per_site_round", "full_model_bytes", "wall_seconds", "cache_hit")
-    print(json.dumps({k: summary.get(k) for k in keys}, indent=1))
-    print(f"run directory: {out}")
+    from fedtl.report import write_report
+
+    report = write_report(out)
+    print_summary(summary)
+    print(f"run directory: {out} (report: {report})")
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    """The run's headline in a few lines, and each site's figures for the selected suffix."""
+    def f(v, d=4):
+        return "–" if v is None else f"{v:.{d}f}"
+
+    ev, dec = summary.get("evaluation") or {}, summary.get("decision") or {}
+    rule = f"threshold {dec['threshold']:.2f}" if dec.get("rule") == "threshold" else "argmax"
+    print(f"test AUC {f(summary.get('test_auc'))}, accuracy {f(summary.get('test_acc'))} ({rule}; argmax "
+          f"{f(summary.get('test_acc_argmax'))}) — {ev.get('headline', '')}, round {summary.get('selected_round')} "
+          f"of {summary.get('rounds')} selected by {ev.get('selected_by', '')} validation")
+    eps = summary.get("epsilon_max")
+    print(f"privacy: max ε {f(eps, 2)} of {summary.get('target_epsilon')} (δ={summary.get('delta')}) | "
+          f"{summary.get('bytes_per_site_round')} bytes per site per round | {summary.get('wall_seconds')} s, "
+          f"cache {'hit' if summary.get('cache_hit') else 'built'}")
+    table = summary.get("per_site") or {}
+    sites = table.get("sites") or {}
+    if sites:
+        print(f"{'site':<14}{'test n':>7}{'AUC':>8}{'acc':>8}")
+        for name, row in list(sites.items())[:12]:
+            print(f"{name[:14]:<14}{row.get('test_n', 0):>7}{f(row.get('test_auc')):>8}{f(row.get('test_acc')):>8}")
+        if len(sites) > 12:
+            print(f"… and {len(sites) - 12} more sites (summary.json, report.html)")
+        pooled = table.get("pooled") or {}
+        print(f"{'pooled':<14}{pooled.get('test_n', 0):>7}{f(pooled.get('test_auc')):>8}{f(pooled.get('test_acc')):>8}")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from fedtl.planning import format_plans, plan_simulation, plan_sizes
+
+    cfg = _load_config(args)
+    if args.site_sizes:
+        try:
+            sizes = [int(x) for x in args.site_sizes.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--site-sizes must be comma-separated image counts, got {args.site_sizes!r}.") from None
+        if not sizes or min(sizes) < 1:
+            raise ConfigError(f"--site-sizes must be positive image counts, got {args.site_sizes!r}.")
+        from fedtl.federation.site import build_transfer_model
+
+        params = build_transfer_model(cfg, cfg.model.num_classes or 2).param_counts()["trainable_params"]
+        plans = plan_sizes(cfg, sizes, params)
+    else:
+        plans, params = plan_simulation(cfg)
+    for line in format_plans(plans, params):
+        print(line)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedtl.report import write_report
+
+    print(write_report(args.run_dir, args.out))
     return 0
 
 
@@ -224,7 +280,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtl", description="Federated transfer learning: frozen prefix, private suffix.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (Flower's round log)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def config_args(p: argparse.ArgumentParser) -> None:
@@ -243,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # no supervisor (tests, debugging)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("plan", help="predict each site's noise multiplier, ε per round and noise-to-signal ratio")
+    config_args(p)
+    p.add_argument("--site-sizes", metavar="N,N,…", help="plan sites of these sizes (e.g. a deployment's) instead of "
+                   "the simulation's partitions")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: figures per round, per-site results, privacy spent")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (fedtl simulate --out, or a deployment's output.dir)")
+    p.add_argument("--out", help="the HTML file to write (default RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config", help="print the resolved configuration")
     config_args(p)
@@ -294,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedtl").setLevel(logging.INFO)
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
+    if args.verbose:
+        os.environ["FEDTL_VERBOSE"] = "1"  # also for `fedtl simulate`'s supervised child
+    from fedtl.federation.logs import quiet_flower
+
+    quiet_flower(args.verbose)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
         return args.func(args)

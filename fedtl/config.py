@@ -36,8 +36,11 @@ class ModelConfig:
     head_hidden: int = 256  # width of the MLP head's hidden layer
     cut_after: str = "auto"  # last backbone unit kept ("" = the whole backbone, "auto" = the backbone's recommendation)
     feature_norm: str = "none"  # none | layernorm (per-sample, parameter-free: safe under DP)
+    num_classes: int = 0  # 0: from the server's evaluation data (required when the server has none)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.num_classes <= 1000 or self.num_classes == 1:
+            _fail("model.num-classes", self.num_classes, "must be 0 (from the server's data) or between 2 and 1000")
         if not 32 <= self.resolution <= 1024:
             _fail("model.resolution", self.resolution, "must be between 32 and 1024 pixels")
         _choice("model.head", self.head, ("linear", "mlp"))
@@ -214,6 +217,35 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """Where the global model is scored, how a round is selected and how a label is decided."""
+
+    central: str = "auto"  # on | off | auto: the server's own data (data.path); auto = on when it has data
+    sites: str = "auto"  # every-round | final | off | auto: federated evaluation at the sites
+    #                      (auto = every round when the server has no data, else once at the end)
+    select_by: str = "auto"  # central | federated | auto (central when the server has data)
+    decision: str = "threshold"  # threshold (binary: chosen on validation data) | argmax
+    # the server's own evaluation data as image files (instead of data.path's npz): folder | dicom | medmnist
+    data_format: str = ""
+    data_path: str = ""  # a folder of images (or an .npz)
+    data_labels: str = ""  # CSV `file,label` listing them (folder / dicom)
+    data_classes: str = ""  # label names in class-index order, comma-separated ("" = integer labels)
+    validation_fraction: float = 0.5  # share of those images for validation; the rest is the test split
+
+    def __post_init__(self) -> None:
+        if self.data_format:
+            _choice("evaluation.data-format", self.data_format, ("folder", "dicom", "medmnist"))
+        if bool(self.data_format) != bool(self.data_path):
+            _fail("evaluation.data-path", self.data_path, "and `evaluation.data-format` must be set together")
+        if not 0 < self.validation_fraction < 1:
+            _fail("evaluation.validation-fraction", self.validation_fraction, "must be in (0, 1)")
+        _choice("evaluation.central", self.central, ("auto", "on", "off"))
+        _choice("evaluation.sites", self.sites, ("auto", "every-round", "final", "off"))
+        _choice("evaluation.select-by", self.select_by, ("auto", "central", "federated"))
+        _choice("evaluation.decision", self.decision, ("threshold", "argmax"))
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     dir: str = ""  # run directory; empty: runs/<timestamp>
     state_dir: str = ""  # per-site state (privacy ledgers); empty: <dir>/sites
@@ -230,6 +262,7 @@ _SECTIONS = {
     "data": DataConfig,
     "federation": FederationConfig,
     "train": TrainConfig,
+    "evaluation": EvaluationConfig,
     "output": OutputConfig,
 }
 
@@ -242,6 +275,7 @@ class FedTLConfig:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:

@@ -14,6 +14,14 @@ The site operator writes it (``site.toml``), never the server::
     classes = ["normal", "pneumonia"]   # optional: label names in class-index order
     max-pixels = 32000000          # larger images are skipped unread (decompression bombs)
 
+    [evaluation]                   # optional: the site scores the global model on its own labelled data
+    format = "folder"              # a separate evaluation set, keys as in [data] …
+    path = "test-images"
+    labels = "test-labels.csv"
+    # holdout = 0.2                # … or this fraction of [data] held out of training (stored split)
+    validation-fraction = 0.5      # share used for validation (model selection, threshold); the rest is test
+    # enabled = false              # opt out: the site answers evaluation requests with no figures
+
     [privacy]                      # the site's policy: a run's config cannot change any of it
     target-epsilon = 3.0           # lifetime budget
     delta = 1e-5
@@ -66,11 +74,14 @@ KNOWN_KEYS = (
     "privacy.target-epsilon", "privacy.delta", "privacy.accountant", "privacy.max-grad-norm",
     "privacy.max-epsilon-per-run", "privacy.max-epsilon-per-round", "privacy.max-rounds-per-run",
     "privacy.max-noise-multiplier",
+    "evaluation.enabled", "evaluation.holdout", "evaluation.validation-fraction", "evaluation.format",
+    "evaluation.path", "evaluation.labels", "evaluation.image-size", "evaluation.classes", "evaluation.split",
+    "evaluation.max-pixels",
     "tls.ca-cert",
     "auth.private-key", "auth.public-key",
     "backbone.allowed-sha256", "backbone.max-weights-mb",
 )
-_TABLES = ("data", "privacy", "tls", "auth", "backbone")
+_TABLES = ("data", "evaluation", "privacy", "tls", "auth", "backbone")
 
 # data.max-pixels: the largest image (width x height of one frame) a site decodes. 32 Mpx holds every
 # radiograph in use -- a 43x43 cm detector at 100 um is 18.5 Mpx, full-field mammography at 50 um at most
@@ -129,6 +140,29 @@ class SiteDataConfig:
                 or not 4096 <= self.max_pixels <= MAX_PIXELS_CEILING:
             _fail("data.max-pixels", self.max_pixels, f"must be an integer between 4096 and {MAX_PIXELS_CEILING} "
                   f"(width x height of the largest image to decode; default {DEFAULT_MAX_PIXELS})")
+
+
+@dataclass(frozen=True)
+class SiteEvaluationConfig:
+    """Where a site's evaluation figures come from: a separate labelled set (``data``), or ``holdout``, a
+    fraction of its training data kept out of training by a split stored in its state dir. Either is
+    split into validation and test by ``validation_fraction`` (stratified, stored)."""
+
+    enabled: bool = False  # False: no [evaluation] table, or `enabled = false` (opt out)
+    data: SiteDataConfig | None = None
+    holdout: float = 0.0
+    validation_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.holdout, (int, float)) or isinstance(self.holdout, bool) \
+                or not (self.holdout == 0 or 0.02 <= self.holdout <= 0.5):
+            _fail("evaluation.holdout", self.holdout, "must be 0 (off) or a fraction between 0.02 and 0.5")
+        if not isinstance(self.validation_fraction, (int, float)) or isinstance(self.validation_fraction, bool) \
+                or not 0 <= self.validation_fraction <= 1:
+            _fail("evaluation.validation-fraction", self.validation_fraction, "must be a fraction in [0, 1]")
+        if self.enabled and (self.data is None) == (self.holdout == 0):
+            _fail("evaluation", "", "needs either its own data (`format` and `path`, as in [data]) or `holdout`, "
+                  "not both and not neither")
 
 
 @dataclass(frozen=True)
@@ -210,6 +244,7 @@ class SiteConfig:
     data: SiteDataConfig
     state_dir: Path
     privacy: SitePrivacyConfig = field(default_factory=SitePrivacyConfig)
+    evaluation: SiteEvaluationConfig = field(default_factory=SiteEvaluationConfig)
     tls: SiteTLSConfig = field(default_factory=SiteTLSConfig)
     auth: SiteAuthConfig = field(default_factory=SiteAuthConfig)
     backbone: SiteBackboneConfig = field(default_factory=SiteBackboneConfig)
@@ -242,7 +277,10 @@ class SiteConfig:
 
     def configured_paths(self) -> tuple[tuple[str, Path], ...]:
         """``(key, path)`` for every file or folder the site file names (state-dir excluded: it is created)."""
-        pairs = [("data.path", self.data.path), ("data.labels", self.data.labels), ("tls.ca-cert", self.tls.ca_cert),
+        ev = self.evaluation.data
+        pairs = [("data.path", self.data.path), ("data.labels", self.data.labels),
+                 ("evaluation.path", ev.path if ev else None), ("evaluation.labels", ev.labels if ev else None),
+                 ("tls.ca-cert", self.tls.ca_cert),
                  ("auth.private-key", self.auth.private_key), ("auth.public-key", self.auth.public_key)]
         return tuple((key, p) for key, p in pairs if p is not None)
 
@@ -295,6 +333,7 @@ def _from_mapping(flat: dict[str, Any], *, base: Path, source: Path) -> SiteConf
     )
     state = path_of("state-dir") or base / "state" / name
     return SiteConfig(
+        evaluation=_evaluation(flat, path_of, data),
         name=name,
         data=data,
         state_dir=state,
@@ -316,6 +355,36 @@ def _from_mapping(flat: dict[str, Any], *, base: Path, source: Path) -> SiteConf
         ),
         source=source,
     )
+
+
+def _evaluation(flat: dict[str, Any], path_of, data: SiteDataConfig) -> SiteEvaluationConfig:
+    keys = [k for k in flat if k.startswith("evaluation.")]
+    if not keys:
+        return SiteEvaluationConfig()
+    enabled = flat.get("evaluation.enabled", True)
+    if not isinstance(enabled, bool):
+        _fail("evaluation.enabled", enabled, "must be true or false")
+    own = None
+    if "evaluation.path" in flat or "evaluation.format" in flat:
+        for key in ("evaluation.format", "evaluation.path"):
+            if key not in flat:
+                raise ConfigError(f"`{key}` is required when [evaluation] names its own data; add it to the site file.")
+        ev_path = path_of("evaluation.path")
+        if ev_path is None:
+            _fail("evaluation.path", flat["evaluation.path"], "must name the evaluation data (an .npz file or a folder)")
+        try:
+            own = SiteDataConfig(
+                format=_text(flat, "evaluation.format"), path=ev_path, labels=path_of("evaluation.labels"),
+                image_size=_integer(flat, "evaluation.image-size", data.image_size),
+                classes=_names(flat, "evaluation.classes") or data.classes,
+                split=_text(flat, "evaluation.split", "test" if _text(flat, "evaluation.format") == "medmnist" else "train"),
+                max_pixels=_integer(flat, "evaluation.max-pixels", data.max_pixels))
+        except ConfigError as exc:  # the same checks as [data], named as [evaluation]'s keys
+            raise ConfigError(str(exc).replace("`data.", "`evaluation.")) from None
+    return SiteEvaluationConfig(enabled=enabled,
+                                data=own if enabled else None,
+                                holdout=_number(flat, "evaluation.holdout", 0.0) if enabled else 0.0,
+                                validation_fraction=_number(flat, "evaluation.validation-fraction", 0.5))
 
 
 def _resolve(text: str, base: Path) -> Path:

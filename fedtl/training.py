@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -130,14 +129,15 @@ def _run_epochs(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
 
 @torch.no_grad()
 def evaluate_suffix(model: TransferModel, feats: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> EvalResult:
+    """Loss, argmax accuracy and AUC (macro one-vs-rest for more than two classes; NaN with one class)."""
+    from fedtl.evaluation import auc_of
+
     model.eval()
+    if feats.shape[0] == 0:
+        return EvalResult(0, float("nan"), float("nan"), float("nan"), np.empty((0, 0)))
     logits = torch.cat([model.suffix(feats[i:i + batch_size]) for i in range(0, feats.shape[0], batch_size)])
     loss = float(F.cross_entropy(logits, labels))
     probs = logits.softmax(-1).numpy()
     y = labels.numpy()
-    acc = float(accuracy_score(y, probs.argmax(1)))
-    auc = float("nan")
-    if len(np.unique(y)) > 1:
-        auc = float(roc_auc_score(y, probs[:, 1]) if probs.shape[1] == 2 else
-                    roc_auc_score(y, probs, multi_class="ovr", labels=list(range(probs.shape[1]))))
-    return EvalResult(int(y.shape[0]), loss, acc, auc, probs)
+    acc = float(np.mean(probs.argmax(1) == y))
+    return EvalResult(int(y.shape[0]), loss, acc, auc_of(probs, y), probs)

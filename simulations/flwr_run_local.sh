@@ -31,16 +31,41 @@ export -n FEDTL_RUN_MARKER  # only the SuperLink's tree carries it, not this scr
 # Every process started from here inherits this marker; at exit all of them are stopped,
 # including those (Ray's) that leave the SuperLink's process group.
 marked() { grep -lsz "^FEDTL_RUN_MARKER=${FEDTL_RUN_MARKER}\$" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 || true; }
+# Ray's agents rename themselves (setproctitle overwrites /proc/PID/environ, so the marker is
+# gone) and outlive the raylet for seconds: the SuperLink's descendants are also remembered by
+# PID and start time before anything is stopped.
+descendants() {
+  ps -e -o pid= -o ppid= | awk -v root="$1" '{ up[$1] = $2 }
+    END { for (p in up) { q = p; n = 0; while ((q in up) && q != root && n++ < 64) q = up[q]; if (q == root) print p } }'
+}
+started() {  # start time of a live (non-zombie) process, empty otherwise
+  local stat; stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+  set -- ${stat##*) }
+  [ "$1" = Z ] || echo "${20}"
+}
+tracked=""
+track() {
+  local p t
+  for p in "$link_pid" $(descendants "$link_pid") $(marked); do
+    t=$(started "$p"); [ -n "$t" ] && tracked="$tracked $p:$t"
+  done
+}
+alive() {
+  local e
+  for e in $tracked; do [ "$(started "${e%%:*}")" = "${e#*:}" ] && echo "${e%%:*}"; done | sort -u
+}
 stop_all() {
   set +e
+  track
   kill -TERM -- "-$link_pid" 2>/dev/null
   for _ in $(seq 16); do  # 8 s of SIGTERM, then SIGKILL: stopped within 15 s
-    pids=$(marked)
+    track
+    pids=$(alive)
     [ -z "$pids" ] && return 0
     kill -TERM $pids 2>/dev/null
     sleep 0.5
   done
-  pids=$(marked); [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
+  pids=$(alive); [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
   return 0
 }
 flwr_pid=
@@ -65,6 +90,11 @@ cd "$here"
 # OUT_DIR as a TOML basic string (Flower reads --run-config with a regex, then as TOML): any quote survives
 out_toml=${out//\\/\\u005c}
 out_toml=${out_toml//\"/\\u0022}
+# a simulation's demo data is asked for here, explicitly: a ServerApp never falls back to it on its own
+case " $extra" in
+  *" data.path="*) ;;
+  *) extra="data.path=\"$(python -c 'from fedtl.data import BUNDLED_PNEUMONIAMNIST as p; print(p)')\" $extra" ;;
+esac
 # in the background, so that a signal to this script is handled at once (bash runs traps between commands)
 flwr run . fedtl-local --stream \
   --federation-config "num-supernodes=${sites}" \

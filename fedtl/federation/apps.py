@@ -21,8 +21,8 @@ from fedtl.config import FedTLConfig
 from fedtl.errors import FedTLError
 from fedtl.federation.records import TrainRequest, to_record, to_state, train_reply
 from fedtl.federation.server import run_server
-from fedtl.federation.site import (build_transfer_model, ignored_privacy_settings, load_source, simulated_policy,
-                                   simulated_site_data, train_site)
+from fedtl.federation.site import (build_transfer_model, evaluate_site, ignored_privacy_settings, load_source,
+                                   simulated_eval_data, simulated_policy, simulated_site_data, train_site)
 from fedtl.privacy import Proposal
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,11 @@ def make_server_app(cfg: FedTLConfig | None = None, distribute_backbone: bool = 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from fedtl.federation.logs import quiet_flower
+
+        quiet_flower()  # FEDTL_VERBOSE=1 keeps Flower's own lines
         run_server(grid, config_from_context(context, cfg), run_id=str(context.run_id),
-                   distribute_backbone=distribute_backbone)
+                   distribute_backbone=distribute_backbone, demo_data=cfg is not None)
 
     return app
 
@@ -67,6 +70,9 @@ def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientA
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        from fedtl.federation.logs import quiet_flower
+
+        quiet_flower()  # in a simulation's Ray worker too (idempotent)
         if threads:
             torch.set_num_threads(threads)
         deployed = "site-config" in context.node_config
@@ -109,6 +115,52 @@ def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientA
         arrays = ArrayRecord() if result.declined else to_record(model.trainable_state())
         return Message(train_reply(arrays, metrics, site=policy.site, reason=result.reason,
                                    accountant=result.accountant), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        """Score the server's suffix on this site's own evaluation data (``[evaluation]`` in site.toml;
+        a simulated site: its shares of the validation and test splits). Released statistics only."""
+        from fedtl.federation.fedeval import EvalRequest, eval_reply
+
+        if threads:
+            torch.set_num_threads(threads)
+        node = context.node_config
+        deployed = "site-config" in node
+        site = f"site-{int(node['partition-id'])}" if "partition-id" in node else str(context.node_id)
+        try:
+            conf = config_from_context(context, cfg)
+            if deployed:
+                from fedtl.federation.deployment import load_site_config
+
+                site = load_site_config(str(node["site-config"])).name
+            request = EvalRequest.parse(msg.content["config"])
+            if deployed and not request.num_classes:
+                raise ValueError("`num-classes` is required by a deployed site")
+        except (FedTLError, ValueError, KeyError, TypeError) as exc:
+            log.error("Evaluate request refused: %s", exc)
+            return Message(eval_reply(None, site=site, reason=f"invalid evaluate request: {exc}"), reply_to=msg)
+        num_classes = request.num_classes or load_source(conf.data.path).num_classes
+        model = build_transfer_model(conf, num_classes)
+        if request.backbone_sha256 and model.weights_sha256 != request.backbone_sha256:
+            return Message(eval_reply(None, site=site, reason="the server pinned other backbone weights"), reply_to=msg)
+        try:
+            model.load_trainable_state(to_state(msg.content["arrays"]))
+        except Exception as exc:  # a malformed suffix from the server: refuse, never crash the site
+            log.error("Site %s refused the server's suffix for evaluation: %s", site, exc)
+            return Message(eval_reply(None, site=site, reason="the server's suffix tensors do not match the model"),
+                           reply_to=msg)
+        if deployed:
+            from fedtl.federation.deployment import deployed_eval_data
+
+            data = deployed_eval_data(conf, model, str(node["site-config"]))
+            if data is None:
+                return Message(eval_reply(None, site=site, reason="this site does not evaluate"), reply_to=msg)
+        else:
+            data = simulated_eval_data(conf, model, int(node["partition-id"]), int(node["num-partitions"]))
+        labels = torch.cat([y for _, y in data.splits.values()])
+        if len(labels) and int(labels.max()) >= num_classes:
+            return Message(eval_reply(None, site=site, reason="labels outside the federation's classes"), reply_to=msg)
+        return Message(eval_reply(evaluate_site(model, data), site=site), reply_to=msg)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

@@ -65,13 +65,91 @@ def _site_images(path: str):
 
 
 def deployed_site_data(cfg: FedTLConfig, model: TransferModel, site_config_path: str) -> SiteData:
+    """The site's training data as prefix features, without the images it holds out for evaluation."""
+    import torch
+
     site = load_site_config(site_config_path)
     images = _site_images(site_config_path).images
     cache = FeatureCache(Path(site.state_dir) / "features")
     feats, hit = cache.get_or_build(model, preprocessing_for(cfg), images)
+    labels = torch.as_tensor(images.labels)
+    if site.evaluation.enabled and site.evaluation.holdout:
+        keep = torch.as_tensor(evaluation_split(site, images)["train"])
+        feats, labels = feats[keep], labels[keep]
+    return SiteData(site.name, feats, labels, hit)
+
+
+@functools.lru_cache(maxsize=2)
+def _site_eval_images(path: str):
+    from fedtl.data.site_sources import load_site_data
+
+    return load_site_data(load_site_config(path).evaluation.data)
+
+
+SPLIT_FILE = "evaluation-split.json"
+
+
+def evaluation_split(site: SiteConfig, images) -> dict[str, list[int]]:
+    """The site's stored evaluation split (``<state-dir>/evaluation-split.json``), made once.
+
+    With ``holdout``: ``train`` (training indices) and ``val``/``test`` (held-out indices) of the training
+    images; with its own evaluation set: ``val``/``test`` indices of those images. Kept while the images
+    are the same (sha256 fingerprint), so held-out images never reach training across runs and resumes;
+    when they change, a new split is made and logged.
+    """
+    import json
+    import secrets
+
+    from fedtl.evaluation import stratified_split
+
+    ev = site.evaluation
+    path = Path(site.state_dir) / SPLIT_FILE
+    key = {"fingerprint": images.fingerprint, "holdout": ev.holdout, "validation-fraction": ev.validation_fraction}
+    try:
+        stored = json.loads(path.read_text())
+        if all(stored.get(k) == v for k, v in key.items()):
+            return stored
+        log.warning("Site %s: its evaluation images or settings changed; making a new evaluation split.", site.name)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        log.warning("Site %s: %s is unreadable (%s); making a new evaluation split.", site.name, path, exc)
+    labels = images.labels
+    seed = secrets.randbits(63)  # stored below: the split, not the seed, is what must stay fixed
+    split: dict = dict(key)
+    if ev.holdout:
+        held, train = stratified_split(labels, ev.holdout, seed)
+        split["train"] = train.tolist()
+    else:
+        held = np.arange(len(labels))
+    val, test = stratified_split(labels[held], ev.validation_fraction, seed + 1)
+    split["val"], split["test"] = held[val].tolist(), held[test].tolist()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".split-")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(split, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return split
+
+
+def deployed_eval_data(cfg: FedTLConfig, model: TransferModel, site_config_path: str):
+    """The site's evaluation splits as prefix features, or None when it does not evaluate."""
     import torch
 
-    return SiteData(site.name, feats, torch.as_tensor(images.labels), hit)
+    from fedtl.federation.site import SiteEvalData
+
+    site = load_site_config(site_config_path)
+    if not site.evaluation.enabled:
+        return None
+    images = (_site_images if site.evaluation.holdout else _site_eval_images)(site_config_path).images
+    cache = FeatureCache(Path(site.state_dir) / "features")
+    feats, _ = cache.get_or_build(model, preprocessing_for(cfg), images)
+    split = evaluation_split(site, images)
+    labels = torch.as_tensor(images.labels)
+    return SiteEvalData(site.name, {s: (feats[torch.as_tensor(split[s], dtype=torch.long)],
+                                        labels[torch.as_tensor(split[s], dtype=torch.long)]) for s in ("val", "test")})
 
 
 # ---- backbone distribution -------------------------------------------------------------

@@ -89,6 +89,72 @@ def simulated_site_data(cfg: FedTLConfig, model: TransferModel, site: int, num_s
     return SiteData(f"site-{site}", feats[idx], torch.as_tensor(source.train.labels)[idx], hit)
 
 
+@dataclass
+class SiteEvalData:
+    """A site's evaluation splits as prefix features: ``{"val": (features, labels), "test": (…)}``."""
+
+    name: str
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def share_like(site_labels: list[np.ndarray], labels: np.ndarray, seed: int) -> list[np.ndarray]:
+    """Split ``labels``' indices across sites so that each site's share of every class follows its share
+    of that class in ``site_labels`` (its training data): each site is evaluated on data drawn like its own."""
+    num_classes = int(max([labels.max(initial=0), *(s.max(initial=0) for s in site_labels)])) + 1
+    counts = np.stack([np.bincount(s, minlength=num_classes) for s in site_labels]).astype(float)  # (sites, classes)
+    rng = np.random.default_rng(seed)
+    out: list[list[int]] = [[] for _ in site_labels]
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        share = counts[:, c] / counts[:, c].sum() if counts[:, c].sum() else np.full(len(site_labels), 1 / len(site_labels))
+        cuts = np.round(np.cumsum(share) * len(idx)).astype(int)
+        for site, (a, b) in enumerate(zip(np.concatenate([[0], cuts[:-1]]), cuts)):
+            out[site].extend(idx[a:b].tolist())
+    return [np.sort(np.asarray(o, dtype=np.int64)) for o in out]
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_partitions(path: str, sites: int, kind: str, alpha: float, classes_per_site: int, seed: int,
+                     split: str) -> tuple[np.ndarray, ...]:
+    source = load_source(path)
+    train = source.train.labels
+    parts = _partitions(path, sites, kind, alpha, classes_per_site, seed)
+    return tuple(share_like([train[p] for p in parts], source.split(split).labels, seed + 1))
+
+
+def simulated_eval_data(cfg: FedTLConfig, model: TransferModel, site: int, num_sites: int) -> SiteEvalData:
+    """A simulated site's evaluation data: shares of the source's validation and test splits with the
+    class mix of its training partition (cached prefix features, like its training data)."""
+    source = load_source(cfg.data.path)
+    d = cfg.data
+    splits = {}
+    for split in ("val", "test"):
+        feats, _ = cached_features(cfg, model, source.split(split), progress=False)
+        idx = _eval_partitions(d.path, num_sites, d.partitioner, d.alpha, d.classes_per_site, d.seed, split)[site]
+        t = torch.as_tensor(idx)
+        splits[split] = (feats[t], torch.as_tensor(source.split(split).labels)[t])
+    return SiteEvalData(f"site-{site}", splits)
+
+
+def evaluate_site(model: TransferModel, data: SiteEvalData) -> dict[str, dict]:
+    """Figures of the loaded suffix on each of the site's evaluation splits (what :func:`eval_reply` sends)."""
+    from fedtl.evaluation import score_histograms
+    from fedtl.training import evaluate_suffix
+
+    out = {}
+    for split, (feats, labels) in data.splits.items():
+        if len(labels) == 0:
+            out[split] = {"n": 0}
+            continue
+        r = evaluate_suffix(model, feats, labels)
+        fig = {"n": r.num_examples, "auc": r.auc, "acc": r.accuracy, "loss": r.loss}
+        if r.probabilities.shape[1] == 2:
+            fig["hist_neg"], fig["hist_pos"] = score_histograms(r.probabilities[:, 1], labels.numpy())
+        out[split] = fig
+    return out
+
+
 def ledger_path(cfg: FedTLConfig, site_name: str) -> Path:
     base = Path(cfg.output.state_dir) if cfg.output.state_dir else Path(cfg.output.dir or ".") / "sites"
     return base / site_name / "privacy-ledger.json"

@@ -61,6 +61,7 @@ class BoundedSuffixAggregation:
         self.rounds: dict[int, RoundStats] = {}
         self.node_sites: dict[int, str] = {}  # node id -> the site name it last replied with
         self.current: dict[str, np.ndarray] | None = None  # the global suffix sent this round
+        self._said: set[tuple[str, str]] = set()  # (site, decline reason) already logged
 
     def site_name(self, node: int) -> str:
         return self.node_sites.get(node, f"node-{node}")
@@ -122,7 +123,10 @@ class BoundedSuffixAggregation:
         if metrics is not None and metrics["declined"] and not problems[1:]:
             reason = info.get("reason", "")
             stats.declined[site] = (reason if isinstance(reason, str) and reason else "declined")[:1000]
-            log.warning("Round %d: site %s declined: %s", server_round, site, stats.declined[site])
+            said = (site, stats.declined[site])  # a site's reason once at WARNING; the round line counts repeats
+            (log.debug if said in self._said else log.warning)("Round %d: site %s declined: %s", server_round, site,
+                                                               stats.declined[site])
+            self._said.add(said)
             return None
         if problems:
             stats.rejected[site] = "; ".join(problems)[:1000]
@@ -162,7 +166,7 @@ class BoundedSuffixAggregation:
                 notes.append(f"weight {weight:.4g} capped to {cap:.4g}")
             if notes:
                 stats.bounded[site] = "; ".join(notes)
-                log.warning("Site %s bounded: %s", site, stats.bounded[site])
+                log.debug("Site %s bounded: %s", site, stats.bounded[site])  # counted in the round's line
 
 
 def make_strategy(aggregation: str, expected: dict[str, tuple[tuple[int, ...], str]], *, max_hostile: int = 1,

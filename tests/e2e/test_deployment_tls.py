@@ -215,19 +215,48 @@ DEPLOYED_SITES = (("hospital-a", 1, 3.0), ("hospital-b", 2, 2.0), ("hospital-c",
 DELTA = 1e-5
 
 
+def _write_folder(folder: Path, images, labels) -> Path:
+    """Images as PNG files in ``folder`` and ``folder.csv`` listing them (`file,label`)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rows = ["file,label"]
+    for i, (image, label) in enumerate(zip(images, labels)):
+        Image.fromarray(image).save(folder / f"img{i:04d}.png")
+        rows.append(f"img{i:04d}.png,{int(label)}")
+    csv = folder.parent / f"{folder.name}.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv
+
+
 def _write_site(tmp_path: Path, dep: Deployment, key: str, name: str, seed: int, epsilon: float,
-                folder_name: str = "") -> Path:
-    """A data site's own folder: its MedMNIST-format images and its site.toml (absolute paths)."""
+                folder_name: str = "", image_folders: bool = False) -> Path:
+    """A data site's own folder: its images (a MedMNIST-format npz, or PNG folders with labels CSVs and a
+    labelled evaluation folder of its own) and its site.toml (absolute paths)."""
+    import numpy as np
+
     from fedtl.site_config import SiteConfig
 
     folder = tmp_path / "sites" / (folder_name or name)
     folder.mkdir(parents=True)
-    images = write_small_medmnist(folder / "images.npz", n_train=100, n_val=8, n_test=8, seed=seed)
+    images = write_small_medmnist(folder / "images.npz", n_train=100, n_val=8, n_test=30, seed=seed)
+    data: dict = {"format": "medmnist", "path": str(images), "image-size": 28}
+    extra: dict = {}
+    if image_folders:
+        with np.load(images) as z:
+            train_csv = _write_folder(folder / "images", z["train_images"], z["train_labels"].ravel())
+            test_labels = z["test_labels"].ravel()
+            keep = np.concatenate([np.flatnonzero(test_labels == c)[:8] for c in (0, 1)])  # both classes
+            test_csv = _write_folder(folder / "test-images", z["test_images"][keep], test_labels[keep])
+        data = {"format": "folder", "path": str(folder / "images"), "labels": str(train_csv), "image-size": 28}
+        extra = {"evaluation": {"format": "folder", "path": str(folder / "test-images"), "labels": str(test_csv),
+                                "validation-fraction": 0.5}}
     private_key, public_key = dep.keys[key]
     body = {
         "name": name,
         "state-dir": str(folder / "state"),
-        "data": {"format": "medmnist", "path": str(images), "image-size": 28},
+        "data": data,
+        **extra,
         "privacy": {"target-epsilon": epsilon, "delta": DELTA},
         "tls": {"ca-cert": str(dep.certs.ca_cert)},
         "auth": {"private-key": str(private_key), "public-key": str(public_key)},
@@ -250,21 +279,22 @@ def _without_packaged_weights(dep: Deployment) -> dict[str, str]:
 
 
 def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
-    """Three SuperNodes, each a deployed data site with its own data, budget and ledger, train 2 rounds;
-    hospital-a (in a folder named with both quote characters) starts without the backbone's weights."""
+    """Three SuperNodes, each a deployed data site with its own image folders, budget and ledger, train 2
+    rounds; hospital-a (in a folder named with both quote characters) starts without the backbone's weights.
+    The server holds no data at all: every site evaluates on its own labelled folder, and the round is
+    selected by the sites' pooled validation figures."""
     dep = deployment
     sites = {}
     folders = {"hospital-a": "hospital-a's \"main\" site"}
     for i, (name, seed, epsilon) in enumerate(DEPLOYED_SITES):
-        path = _write_site(tmp_path, dep, f"site-{i}", name, seed, epsilon, folders.get(name, ""))
+        path = _write_site(tmp_path, dep, f"site-{i}", name, seed, epsilon, folders.get(name, ""), image_folders=True)
         sites[name] = (path.parent / "state", epsilon)
         env = _without_packaged_weights(dep) if name == "hospital-a" else None
         dep.supernode(name, dep.keys[f"site-{i}"][0], dep.certs.ca_cert, node_config(site_config=path), env=env)
     _wait_until(lambda: set(dep.nodes().values()) == {"online"}, 90, "all sites to come online")
 
-    data = write_small_medmnist(tmp_path / "server.npz", n_train=8, n_val=60, n_test=60, seed=0)  # val / test only
     out = tmp_path / "run"
-    run_config = f"federation.sites={SITES} federation.rounds=2 output.dir='{out}' data.path='{data}'"
+    run_config = f"federation.sites={SITES} federation.rounds=2 output.dir='{out}' model.num-classes=2"
     proc = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", ".", CONNECTION, "--stream",
                            "--run-config", run_config],
                           env=dep.env, cwd=ROOT, capture_output=True, text=True, timeout=500)
@@ -273,6 +303,14 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
     assert (out / "summary.json").exists(), logs
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sites"] == SITES and summary["rounds"] == 2
+    # no server data: no demo-data fallback; the sites' federated validation selected the round
+    assert summary["evaluation"]["server_data"].startswith("none") and summary["evaluation"]["selected_by"] == "federated"
+    assert "federated evaluation" in proc.stdout + proc.stderr
+    assert summary["per_site"]["sites"].keys() == {name for name, _, _ in DEPLOYED_SITES}, summary["per_site"]
+    for name, row in summary["per_site"]["sites"].items():
+        assert row["test_n"] == 8 and row["val_n"] == 8 and 0 <= row["test_acc"] <= 1, (name, row)
+    assert summary["per_site"]["pooled"]["test_n"] == 24 and summary["test_auc"] == summary["per_site"]["pooled"]["test_auc"]
+    print("per-site table (image folders, no server data):", json.dumps(summary["per_site"]))
     trained, declining = {"hospital-a", "hospital-b"}, "hospital-c"
     # ε is each site's own cumulative spend, within its own budget (not the run config's 3.0)
     assert set(summary["epsilon"]) == set(sites), summary["epsilon"]
@@ -286,6 +324,7 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
     assert [r["round"] for r in rounds] == [0, 1, 2]  # round 0: the initial evaluation
     for r in rounds[1:]:
         assert set(r["sites_trained"]) == trained and set(r["declined"]) == {declining}, r
+        assert set(r["sites_eval"]) == set(sites) and "fed_val_auc" in r and "val_auc" not in r, r  # every site scored it
         assert not r["rejected"] and not r["failed"], r
     assert (out / "suffix.safetensors").exists()
 

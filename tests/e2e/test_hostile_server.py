@@ -236,3 +236,45 @@ def test_only_what_the_policy_allows_leaves_the_site(tmp_path, images, initial):
     n = reply.content["metrics"]["num-examples"]
     assert n != 96 and abs(n - 96) / 96 < 0.1  # a coarsened weight, not the exact count
     assert math.isfinite(reply.content["metrics"]["epsilon"])
+
+
+def _evaluate(site: Site, arrays: ArrayRecord, evaluation: dict | None, **config) -> Message:
+    if evaluation is not None:
+        body = {"name": "st-mary", "state-dir": str(site.state),
+                "data": {"format": "medmnist", "path": str(site.data), "image-size": 28},
+                "evaluation": evaluation, "privacy": {"target-epsilon": BUDGET, "delta": DELTA}}
+        site.toml.write_text(tomli_w.dumps(body))
+    from fedtl.federation.deployment import load_site_config
+
+    load_site_config.cache_clear()
+    ctx = Context(run_id=7, node_id=1, node_config={"site-config": str(site.toml)}, state=RecordDict(),
+                  run_config=FedTLConfig().to_run_config())
+    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, "num-classes": 2, **config})}),
+                  dst_node_id=1, message_type=MessageType.EVALUATE)
+    reply = APP(msg, ctx)
+    assert not reply.has_error(), reply.error
+    return reply
+
+
+def test_evaluation_requests_get_only_the_sites_released_figures_and_spend_nothing(tmp_path, images, initial):
+    """A server asks for evaluation: a site without [evaluation] sends no figures; with a hold-out it sends
+    exactly the protocol's figures for its held-out images; malformed requests or suffixes are refused
+    with a reason and never crash it; nothing is ever written to the privacy ledger."""
+    from fedtl.federation.fedeval import EVAL_METRIC_KEYS, parse_eval_reply
+
+    site = Site(tmp_path, images[1])
+    site.data = images[1]
+    reply = _evaluate(site, initial, None)  # no [evaluation] table: the site does not evaluate
+    assert parse_eval_reply(reply.content, 2)[1] is None and "does not evaluate" in reply.content["info"]["reason"]
+    reply = _evaluate(site, initial, {"holdout": 0.25})
+    assert set(reply.content["metrics"].keys()) == set(EVAL_METRIC_KEYS)
+    name, figs, _ = parse_eval_reply(reply.content, 2)
+    assert name == "st-mary" and figs["val"]["n"] + figs["test"]["n"] == 24  # a quarter of its 96 images
+    assert set(reply.content.array_records) == set()  # nothing but figures leaves the site
+    bad_suffix = ArrayRecord({k: Array(np.zeros((3, 3), dtype=np.float32)) for k in initial})
+    for arrays, config, reason in ((bad_suffix, {}, "do not match"), (initial, {"num-classes": 1}, "invalid"),
+                                   (initial, {"server-round": -5}, "invalid"),
+                                   (initial, {"backbone-sha256": "0" * 64}, "other backbone")):
+        reply = _evaluate(site, arrays, None, **config)
+        assert parse_eval_reply(reply.content, 2)[1] is None and reason in reply.content["info"]["reason"], reason
+    assert not site.ledger.exists()  # evaluation never touches the privacy ledger

@@ -58,6 +58,26 @@ def test_three_sites_two_rounds_with_dp_and_a_site_out_of_budget(tmp_path):
     assert rows[1]["privacy"]["site-1"]["accountant"] == "rdp"
     assert _ray_processes() <= before, "the simulation left Ray processes running"
 
+    # the per-site table (each simulated site scored the selected suffix on its shares of val / test) and
+    # the decision rule chosen on validation, stored with the suffix
+    per_site = summary["per_site"]
+    assert set(per_site["sites"]) == {"site-0", "site-1", "site-2"}
+    assert sum(r["test_n"] for r in per_site["sites"].values()) == per_site["pooled"]["test_n"] == 80
+    assert summary["evaluation"] == {"server_data": str(data), "sites": "final", "selected_by": "central",
+                                     "headline": "central test split"}
+    from safetensors import safe_open
+
+    with safe_open(out / "suffix.safetensors", "pt") as fh:
+        assert json.loads(fh.metadata()["fedtl.decision"]) == summary["decision"]
+    # quiet output: one line per round and a short summary, none of Flower's or Ray's routine lines
+    output = proc.stdout + proc.stderr
+    assert len(output.splitlines()) < 25, output
+    assert sum("Round " in line and "/2 |" in line for line in output.splitlines()) == 3, output
+    for noise in ("configure_train", "aggregate_train", "DEPRECATED", "fraction_evaluate", "FutureWarning", "Traceback"):
+        assert noise not in output, noise
+    report = (out / "report.html").read_text()
+    assert report.count("<svg") == 4 and "site-2" in report  # written at the end of the run
+
     # the same command again reuses the prefix cache
     proc = subprocess.run(cmd + ["--overwrite", "--set", "privacy.site-epsilons="], env=env, capture_output=True,
                           text=True, timeout=600)

@@ -144,8 +144,9 @@ def _fake_run(monkeypatch, tmp_path, val, test, script, *, stats=None, overrides
     monkeypatch.setattr(server, "_train_round", train_round)
     monkeypatch.setattr(BoundedSuffixAggregation, "aggregate_train", aggregate)
     cfg = FedTLConfig().with_overrides({"federation.rounds": len(script), "federation.sites": 1,
-                                        "output.dir": str(tmp_path / "run"), **(overrides or {})})
-    return server.run_server(GRID, cfg, "t", distribute_backbone=False)
+                                        "output.dir": str(tmp_path / "run"), "evaluation.sites": "off",
+                                        **(overrides or {})})
+    return server.run_server(GRID, cfg, "t", distribute_backbone=False, demo_data=True)
 
 
 GRID = object()  # stands in for Flower's Grid: run_server only hands it to the strategy
@@ -195,7 +196,8 @@ def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkey
     summary = _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:3], stats=stats,
                         overrides=overrides, calls=calls)
     out = tmp_path / "run"
-    cfg = FedTLConfig().with_overrides({"federation.rounds": 3, "output.dir": str(out), **overrides})
+    cfg = FedTLConfig().with_overrides({"federation.rounds": 3, "output.dir": str(out), "evaluation.sites": "off",
+                                        **overrides})
     assert json.loads((out / "config.json").read_text()) == cfg.to_run_config()
 
     # What the strategy was built and started with.
@@ -212,7 +214,8 @@ def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkey
     assert strategy.fraction_evaluate == 0.0  # the server evaluates centrally
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert set(rows[0]) == {"round", "val_auc", "val_acc", "val_loss", "test_auc", "test_acc", "test_loss", "seconds"}
+    assert set(rows[0]) == {"round", "val_auc", "val_acc", "val_loss", "test_auc", "test_acc", "test_loss", "seconds",
+                            "val_acc_argmax", "test_acc_argmax", "decision"}
     assert rows[2]["bytes_up"] == 100 and rows[2]["bytes_down"] == 300
     assert rows[2]["sites_trained"] == ["site-1"] and rows[2]["declined"] == {"site-0": "budget spent"}
     assert rows[2]["rejected"] == {"site-2": "x"} and rows[2]["failed"] == {"node-7": "timeout"}
@@ -238,7 +241,9 @@ def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkey
     assert summary["cache_hit"] is True and 0 < summary["wall_seconds"] < 60
     with safe_open(out / "suffix.safetensors", "pt") as fh:
         assert fh.metadata() == {"backbone": "efficientnet_lite0", "weights_sha256": model.weights_sha256,
-                                 "round": str(summary["selected_round"]), "split": model.split_name}
+                                 "round": str(summary["selected_round"]), "split": model.split_name,
+                                 "num_classes": "2", "fedtl.decision": rows[summary["selected_round"]]["decision"]}
+    assert summary["decision"] == json.loads(rows[summary["selected_round"]]["decision"])
 
 
 @pytest.mark.parametrize("hits,expected", [((True, True), True), ((False, True), False), ((True, False), False)])
@@ -384,17 +389,19 @@ def test_run_server_asks_every_site_for_the_pinned_backbone_first(monkeypatch, t
     monkeypatch.setattr(server, "_train_round", lambda *args: [])
     monkeypatch.setattr(BoundedSuffixAggregation, "aggregate_train",
                         lambda self, rnd, replies: (to_record(_tiny_model().trainable_state()), None))
-    cfg = FedTLConfig().with_overrides({"federation.rounds": 1, "federation.sites": 4, "output.dir": str(tmp_path / "r")})
-    server.run_server(GRID, cfg, "t")
+    cfg = FedTLConfig().with_overrides({"federation.rounds": 1, "federation.sites": 4, "output.dir": str(tmp_path / "r"),
+                                        "evaluation.sites": "off"})
+    server.run_server(GRID, cfg, "t", demo_data=True)
     assert asked == [(GRID, cfg, _tiny_model().weights_sha256, 4, 300.0)]
 
 
 def test_a_run_in_which_no_round_was_evaluated_fails_with_a_reason(monkeypatch, tmp_path):
     _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:1])  # installs the fakes
     monkeypatch.setattr(server.Tracker, "__call__", lambda self, rnd, arrays: self.history.append({"round": rnd}))
-    cfg = FedTLConfig().with_overrides({"federation.rounds": 1, "output.dir": str(tmp_path / "r2")})
+    cfg = FedTLConfig().with_overrides({"federation.rounds": 1, "output.dir": str(tmp_path / "r2"),
+                                        "evaluation.sites": "off"})
     with pytest.raises(FederationError, match="No round produced a global model; see the log for the sites' reasons."):
-        server.run_server(GRID, cfg, "t", distribute_backbone=False)
+        server.run_server(GRID, cfg, "t", distribute_backbone=False, demo_data=True)
     assert not (tmp_path / "r2" / "summary.json").exists()
 
 

@@ -1,0 +1,169 @@
+"""Evaluation figures shared by the server and the sites: AUC/accuracy/loss, decision thresholds,
+score histograms (what a site releases to calibrate a threshold), pooled figures, a site's
+validation/test split.
+
+Binary tasks: accuracy is taken at a decision threshold chosen on *validation* data (never on
+test data), because a suffix trained on one class mix puts its argmax in the wrong place for
+another. The threshold is chosen either from validation probabilities (central evaluation) or
+from the sites' released score histograms (federated evaluation); both maximise balanced
+accuracy (Youden's J), which does not depend on the validation split's class mix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+HIST_BINS = 50  # score histogram bins a site releases per class (binary tasks), on [0, 1]
+DECISION_KEY = "fedtl.decision"  # safetensors metadata key of the suffix's decision rule
+
+
+@dataclass(frozen=True)
+class Figures:
+    n: int
+    auc: float  # NaN when undefined (one class)
+    acc: float  # at the decision rule
+    loss: float
+
+    def as_row(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}_auc": self.auc, f"{prefix}_acc": self.acc, f"{prefix}_loss": self.loss, f"{prefix}_n": self.n}
+
+
+def auc_of(probs: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC (binary) or macro one-vs-rest AUC (multi-class, as MedMNIST reports it); NaN with one class."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(labels, probs[:, 1]))
+    present = np.unique(labels)
+    if len(present) < probs.shape[1]:  # OvR per present class; absent classes have no AUC
+        return float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present]))
+    return float(roc_auc_score(labels, probs, multi_class="ovr", labels=list(range(probs.shape[1]))))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How probabilities become a label: argmax, or (binary) a threshold on the positive class."""
+
+    rule: str = "argmax"  # argmax | threshold
+    threshold: float = 0.5
+    positive_class: int = 1
+    chosen_on: str = ""  # what the threshold was chosen on, e.g. "central validation (n=524)"
+
+    def apply(self, probs: np.ndarray) -> np.ndarray:
+        probs = np.asarray(probs)
+        if self.rule == "threshold" and probs.shape[1] == 2:
+            positive = probs[:, self.positive_class] >= self.threshold
+            return np.where(positive, self.positive_class, 1 - self.positive_class).astype(np.int64)
+        return probs.argmax(1).astype(np.int64)
+
+    def to_metadata(self) -> str:
+        body = {"rule": self.rule}
+        if self.rule == "threshold":
+            body.update({"threshold": self.threshold, "positive-class": self.positive_class, "chosen-on": self.chosen_on})
+        return json.dumps(body, sort_keys=True)
+
+    @classmethod
+    def from_metadata(cls, text: str | None) -> Decision:
+        """The rule stored with a suffix; a missing or unreadable entry means argmax."""
+        if not text:
+            return cls()
+        try:
+            body = json.loads(text)
+            if body.get("rule") == "threshold":
+                t = float(body["threshold"])
+                pos = int(body.get("positive-class", 1))
+                if math.isfinite(t) and 0.0 <= t <= 1.0 and pos in (0, 1):
+                    return cls("threshold", t, pos, str(body.get("chosen-on", "")))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            pass
+        return cls()
+
+
+def figures(probs: np.ndarray, labels: np.ndarray, loss: float, decision: Decision = Decision()) -> Figures:
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        return Figures(0, float("nan"), float("nan"), float("nan"))
+    acc = float(np.mean(decision.apply(probs) == labels))
+    return Figures(int(len(labels)), auc_of(probs, labels), acc, float(loss))
+
+
+def choose_threshold(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """The threshold on the positive-class score with the best balanced accuracy on validation data
+    (Youden's J; ties go to the threshold nearest 0.5). ``None`` when a class is missing."""
+    from sklearn.metrics import roc_curve
+
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        return None
+    fpr, tpr, thr = roc_curve(labels, scores)
+    thr = np.clip(thr, 0.0, 1.0)
+    j = tpr - fpr
+    best = np.flatnonzero(np.isclose(j, j.max()))
+    return float(thr[best[np.argmin(np.abs(thr[best] - 0.5))]])
+
+
+def score_histograms(scores: np.ndarray, labels: np.ndarray, bins: int = HIST_BINS) -> tuple[list[int], list[int]]:
+    """Per-class counts of positive-class scores over ``bins`` equal bins of [0, 1]: (negatives, positives)."""
+    idx = np.clip((np.asarray(scores) * bins).astype(np.int64), 0, bins - 1)
+    labels = np.asarray(labels)
+    neg = np.bincount(idx[labels == 0], minlength=bins)[:bins]
+    pos = np.bincount(idx[labels == 1], minlength=bins)[:bins]
+    return neg.astype(int).tolist(), pos.astype(int).tolist()
+
+
+def threshold_from_histograms(neg: np.ndarray, pos: np.ndarray) -> float | None:
+    """The bin edge with the best balanced accuracy for pooled score histograms (ties nearest 0.5);
+    ``None`` when either class is empty. Edge k predicts positive for scores ≥ k / bins."""
+    neg, pos = np.asarray(neg, dtype=float), np.asarray(pos, dtype=float)
+    if neg.sum() <= 0 or pos.sum() <= 0:
+        return None
+    bins = len(neg)
+    edges = np.arange(bins + 1) / bins
+    tpr = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]]) / pos.sum()  # P(score >= edge | positive)
+    tnr = np.concatenate([[0.0], np.cumsum(neg)]) / neg.sum()  # P(score < edge | negative)
+    j = tpr + tnr
+    best = np.flatnonzero(np.isclose(j, j.max()))
+    return float(edges[best[np.argmin(np.abs(edges[best] - 0.5))]])
+
+
+def pooled(rows: list[dict], prefix: str, weight_cap: float = 4.0) -> dict[str, float]:
+    """Example-weighted means of the sites' figures; each site's weight capped at ``weight_cap`` × the
+    median weight (0: no cap), so one site claiming a huge n cannot decide the pooled figure alone.
+    A site's undefined AUC (one class) is left out of the AUC mean."""
+    out: dict[str, float] = {}
+    sized = [r for r in rows if r.get(f"{prefix}_n", 0) > 0]
+    if not sized:
+        return {f"{prefix}_auc": float("nan"), f"{prefix}_acc": float("nan"), f"{prefix}_loss": float("nan"), f"{prefix}_n": 0}
+    w = np.array([float(r[f"{prefix}_n"]) for r in sized])
+    if weight_cap > 0:
+        w = np.minimum(w, weight_cap * float(np.median(w)))
+    for key in ("auc", "acc", "loss"):
+        vals = np.array([float(r[f"{prefix}_{key}"]) for r in sized])
+        ok = np.isfinite(vals)
+        out[f"{prefix}_{key}"] = float(np.average(vals[ok], weights=w[ok])) if ok.any() and w[ok].sum() > 0 else float("nan")
+    out[f"{prefix}_n"] = int(sum(r[f"{prefix}_n"] for r in sized))
+    return out
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (first, rest) with ``fraction`` of each class in ``first`` (at least one of a class with
+    two or more examples), reproducible from ``seed``."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    first: list[int] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = int(round(fraction * len(idx)))
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        first.extend(idx[:k].tolist())
+    first_arr = np.array(sorted(first), dtype=np.int64)
+    rest = np.setdiff1d(np.arange(len(labels)), first_arr)
+    return first_arr, rest

@@ -1,0 +1,217 @@
+"""Federated evaluation: the server sends a suffix, each site scores it on its own labelled data.
+
+Protocol (both directions are untrusted input for the receiver):
+
+- request (``MessageType.EVALUATE``): ``arrays`` (the suffix) and ``config`` with ``server-round``,
+  ``run-id``, ``num-classes``, ``backbone``, ``backbone-sha256``;
+- reply: exactly :data:`EVAL_METRIC_KEYS` — for the site's validation and test splits the number of
+  examples, AUC (−1: undefined), argmax accuracy, loss, and for binary tasks per-class histograms
+  of the positive-class score over :data:`fedtl.evaluation.HIST_BINS` bins (all zeros otherwise) —
+  and ``info`` (``site``, ``reason``). A site that does not evaluate replies ``evaluated = 0``.
+
+These are released statistics of the site's evaluation images (no DP; ``docs/privacy.md``). The
+histograms let the server choose a decision threshold and compute accuracy at it exactly (the
+threshold is a bin edge) without a second message and without touching training data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from fedtl.evaluation import HIST_BINS, Decision, pooled, threshold_from_histograms
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("val", "test")
+_FIGS = ("n", "auc", "acc", "loss")
+EVAL_METRIC_KEYS = ("evaluated", *(f"{s}-{k}" for s in SPLITS for k in (*_FIGS, "hist-neg", "hist-pos")))
+EVAL_INFO_KEYS = ("site", "reason")
+MAX_EVAL_EXAMPLES = 10_000_000
+MAX_LOSS = 1e4
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """A server's evaluate message, validated at the site like a file from a stranger."""
+
+    server_round: int
+    num_classes: int  # 0: not given (simulation: the data set's)
+    backbone_sha256: str
+
+    @classmethod
+    def parse(cls, config) -> EvalRequest:
+        import re
+
+        from fedtl.federation.records import MAX_CLASSES, MAX_ROUNDS
+
+        def integer(key: str, low: int, high: int, default: int) -> int:
+            value = config.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or int(value) != value or not low <= int(value) <= high:
+                raise ValueError(f"`{key}` must be an integer in [{low}, {high}], got {value!r:.60}")
+            return int(value)
+
+        rnd = integer("server-round", 0, MAX_ROUNDS, 0)
+        num_classes = integer("num-classes", 0, MAX_CLASSES, 0)
+        if num_classes == 1:
+            raise ValueError("`num-classes` must be at least 2, got 1")
+        sha = config.get("backbone-sha256", "")
+        if not isinstance(sha, str) or (sha and not re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise ValueError(f"`backbone-sha256` must be 64 lowercase hex digits, got {sha!r:.80}")
+        return cls(rnd, num_classes, sha)
+
+
+def eval_reply(split_figures: dict[str, dict] | None, *, site: str, reason: str = "") -> RecordDict:
+    """A site's evaluation reply. ``split_figures[split]`` holds n, auc, acc, loss, hist_neg, hist_pos."""
+    values: dict = {"evaluated": 1 if split_figures else 0}
+    for s in SPLITS:
+        f = (split_figures or {}).get(s) or {}
+        n = int(f.get("n", 0))
+        values[f"{s}-n"] = n
+        for k in ("auc", "acc", "loss"):
+            v = float(f.get(k, float("nan")))
+            values[f"{s}-{k}"] = round(v, 6) if math.isfinite(v) and n else -1.0
+        for k in ("hist-neg", "hist-pos"):
+            h = list(f.get(k.replace("-", "_"), ()) or ())
+            values[f"{s}-{k}"] = [int(x) for x in h] if len(h) == HIST_BINS else [0] * HIST_BINS
+    return RecordDict({"metrics": MetricRecord(values), "info": ConfigRecord({"site": site[:64], "reason": reason[:1000]})})
+
+
+def parse_eval_reply(content: RecordDict, num_classes: int) -> tuple[str, dict | None, str]:
+    """(site name claimed, {split: figures} or None if it did not evaluate, reason). Raises ValueError
+    naming every problem of a malformed reply."""
+    if len(content.metric_records) != 1:
+        raise ValueError(f"expected one MetricRecord, got {len(content.metric_records)}")
+    raw = next(iter(content.metric_records.values()))
+    keys = set(raw.keys())
+    if keys != set(EVAL_METRIC_KEYS):
+        extra, missing = sorted(keys - set(EVAL_METRIC_KEYS)), sorted(set(EVAL_METRIC_KEYS) - keys)
+        raise ValueError(f"metric keys differ from the protocol's (unexpected: {extra[:5]}, missing: {missing[:5]})")
+    info = content["info"] if "info" in content.config_records else {}
+    for key, value in info.items():
+        if key not in EVAL_INFO_KEYS or not isinstance(value, str):
+            raise ValueError(f"info `{key}` is not part of the protocol or not a string")
+    site, reason = str(info.get("site", ""))[:64], str(info.get("reason", ""))[:1000]
+
+    def number(key: str, low: float, high: float, integer: bool = False) -> float:
+        v = raw[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) \
+                or not low <= float(v) <= high or (integer and int(v) != v):
+            raise ValueError(f"`{key}` must be {'an integer' if integer else 'a number'} in [{low:g}, {high:g}], got {v!r:.60}")
+        return float(v)
+
+    if number("evaluated", 0, 1, integer=True) == 0:
+        return site, None, reason
+    out: dict[str, dict] = {}
+    for s in SPLITS:
+        n = int(number(f"{s}-n", 0, MAX_EVAL_EXAMPLES, integer=True))
+        fig = {"n": n}
+        for k, high in (("auc", 1.0), ("acc", 1.0), ("loss", MAX_LOSS)):
+            v = number(f"{s}-{k}", -1.0, high)
+            if v < 0 and v != -1.0:
+                raise ValueError(f"`{s}-{k}` must be >= 0 or -1 (undefined), got {v!r}")
+            fig[k] = float("nan") if v == -1.0 else v
+        if n and (math.isnan(fig["acc"]) or math.isnan(fig["loss"])):
+            raise ValueError(f"`{s}`: accuracy and loss are required when n > 0")
+        hists = []
+        for k in ("hist-neg", "hist-pos"):
+            h = raw[f"{s}-{k}"]
+            if not isinstance(h, list) or len(h) != HIST_BINS or any(
+                    isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= MAX_EVAL_EXAMPLES for x in h):
+                raise ValueError(f"`{s}-{k}` must be {HIST_BINS} non-negative integer counts")
+            hists.append(np.asarray(h, dtype=np.int64))
+        total = int(hists[0].sum() + hists[1].sum())
+        if num_classes == 2 and n and total != n:
+            raise ValueError(f"`{s}` histograms count {total} examples, not n = {n}")
+        if num_classes == 2 and n:
+            fig["hist_neg"], fig["hist_pos"] = hists
+        out[s] = fig
+    return site, out, reason
+
+
+def accuracy_at(fig: dict, threshold: float) -> float:
+    """Accuracy at a bin-edge threshold from a split's histograms (exact)."""
+    k = int(round(threshold * HIST_BINS))
+    neg, pos = fig["hist_neg"], fig["hist_pos"]
+    return float((neg[:k].sum() + pos[k:].sum()) / max(1, neg.sum() + pos.sum()))
+
+
+@dataclass
+class SiteEvaluation:
+    """One federated evaluation: each site's figures, the pooled ones, and who did not answer."""
+
+    sites: dict[str, dict] = field(default_factory=dict)  # site -> {"val_auc": …, "test_acc": …, "val_n": …}
+    skipped: dict[str, str] = field(default_factory=dict)  # site -> why it has no figures
+    timed_out: list[str] = field(default_factory=list)
+    raw: dict[str, dict] = field(default_factory=dict)  # site -> parsed figures incl. histograms
+    decision: Decision = field(default_factory=Decision)
+
+    def pooled(self, weight_cap: float) -> dict:
+        rows = list(self.sites.values())
+        return {**pooled(rows, "val", weight_cap), **pooled(rows, "test", weight_cap)}
+
+    def choose_threshold(self, binary: bool) -> Decision:
+        """Threshold from the pooled validation histograms (Youden's J); argmax when not binary or undefined."""
+        figs = [f["val"] for f in self.raw.values() if "hist_neg" in f.get("val", {})]
+        if not binary or not figs:
+            return Decision()
+        neg, pos = sum(f["hist_neg"] for f in figs), sum(f["hist_pos"] for f in figs)
+        t = threshold_from_histograms(neg, pos)
+        if t is None:
+            return Decision()
+        return Decision("threshold", t, 1, f"federated validation ({int(neg.sum() + pos.sum())} images, {len(figs)} sites)")
+
+    def apply(self, decision: Decision) -> None:
+        """Per-site accuracy at ``decision`` (binary threshold: exact, from the histograms)."""
+        self.decision = decision
+        for site, figs in self.raw.items():
+            row = self.sites[site]
+            for s in SPLITS:
+                f = figs.get(s, {})
+                row[f"{s}_acc_argmax"] = f.get("acc", float("nan"))
+                if decision.rule == "threshold" and "hist_neg" in f:
+                    row[f"{s}_acc"] = accuracy_at(f, decision.threshold)
+
+
+def evaluate_at_sites(grid, strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                      timeout: float, num_classes: int) -> SiteEvaluation:
+    """Send ``arrays`` to every connected site for evaluation; collect validated figures within ``timeout``."""
+    node_ids = sorted(grid.get_node_ids())
+    config = ConfigRecord({**dict(config), "server-round": server_round})
+    messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                        message_type=MessageType.EVALUATE) for node in node_ids]
+    t0 = time.perf_counter()
+    replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+    result = SiteEvaluation()
+    answered = set()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        fallback = strategy.site_name(node)
+        if reply.has_error():
+            result.skipped[fallback] = f"failed: {reply.error.reason}"[:500]
+            continue
+        try:
+            site, figs, reason = parse_eval_reply(reply.content, num_classes)
+        except Exception as exc:  # any malformed reply is that reply's rejection, never the run's end
+            result.skipped[fallback] = f"rejected: {exc}"[:500]
+            log.warning("Round %d: evaluation reply from %s rejected: %s", server_round, fallback, exc)
+            continue
+        site = site or fallback
+        if site in result.sites or site in result.skipped:  # two nodes claiming one name: keep neither silently
+            site = f"{site} (node {node})"
+        if figs is None:
+            result.skipped[site] = reason or "does not evaluate"
+            continue
+        result.raw[site] = figs
+        result.sites[site] = {f"{s}_{k}": figs[s][k] for s in SPLITS for k in _FIGS}
+    result.timed_out = sorted(strategy.site_name(n) for n in set(node_ids) - answered)
+    log.debug("Round %d: federated evaluation at %d sites in %.2f s", server_round, len(result.sites),
+              time.perf_counter() - t0)
+    return result

@@ -1,0 +1,56 @@
+"""`fedtl plan`: σ, ε and the noise-to-signal ratio each site's schedule implies, and what would help."""
+
+import math
+
+import pytest
+
+from fedtl.cli import main
+from fedtl.config import FedTLConfig
+from fedtl.planning import Budget, federation_nsr, nsr, plan_site, plan_sizes, warnings_for
+from fedtl.privacy.accounting import epsilon_of
+
+BUDGET = Budget(3.0, 1e-5, 0.75, 3.0, 10.0)
+
+
+def test_a_plan_is_what_the_accountant_says_and_the_nsr_formula():
+    p = plan_site("s", 500, rounds=20, batch_size=64, epochs=1, params=226, budget=BUDGET)
+    assert (p.batch, p.steps_per_round, p.sample_rate) == (64, 8, 1 / 8)
+    assert p.epsilon_total <= 3.0 + 1e-6 and p.epsilon_per_round <= 0.75 + 1e-6
+    assert math.isclose(p.epsilon_total, epsilon_of([(p.sigma, 1 / 8, 8 * 20)], 1e-5), rel_tol=1e-9)
+    assert math.isclose(p.nsr, p.sigma * math.sqrt(226) / (62.5 * math.sqrt(8)))
+    assert p.verdict == "ok" and p.advice == []
+
+
+def test_a_tiny_site_is_told_it_sends_noise_and_every_alternative_is_measured():
+    tiny = plan_site("tiny", 15, rounds=40, batch_size=64, epochs=1, params=226, budget=BUDGET)
+    assert tiny.verdict == "noise" and tiny.nsr > 1
+    fewer = [a for a in tiny.advice if a.startswith("10 rounds")]
+    assert fewer and float(fewer[0].rsplit("NSR ", 1)[1]) < tiny.nsr  # fewer rounds: less noise per round
+    assert any("twice the budget" in a for a in tiny.advice) and any("pooling" in a for a in tiny.advice)
+    impossible = plan_site("x", 15, rounds=40, batch_size=64, epochs=1, params=226,
+                           budget=Budget(3.0, 1e-5, 0.75, 3.0, max_noise_multiplier=2.0))
+    assert impossible.verdict == "declines"
+
+
+def test_the_federation_weighs_sites_like_fedavg():
+    big = plan_site("big", 2000, rounds=40, batch_size=64, epochs=1, params=226, budget=BUDGET)
+    tiny = plan_site("tiny", 15, rounds=40, batch_size=64, epochs=1, params=226, budget=BUDGET)
+    fed = federation_nsr([big, tiny])
+    assert big.nsr < fed < tiny.nsr and fed < 2 * big.nsr  # the tiny site's noise weighs by its n
+    assert warnings_for([big, tiny])[0].startswith("1 of 2 sites") and "tiny (15 images" in warnings_for([big, tiny])[0]
+    assert nsr(math.inf, 10, 5, 1) == math.inf
+
+
+def test_ten_sites_of_fifty_images_are_told_before_the_run(capsys):
+    assert main(["plan", "--site-sizes", ",".join(["50"] * 10)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" 50 ") >= 10 and "will send updates that are mostly noise" in out
+    assert "federation NSR" in out
+    for bad in ("0,5", "a,b", ""):
+        assert main(["plan", "--site-sizes", bad]) == 2 if bad else True
+
+
+def test_per_site_budgets_are_planned_each_with_its_own():
+    cfg = FedTLConfig().with_overrides({"privacy.site-epsilons": "3,1", "federation.sites": 2, "federation.rounds": 10})
+    a, b = plan_sizes(cfg, [300, 300], 226)
+    assert b.sigma > a.sigma and b.epsilon_total <= 1.0 + 1e-6

@@ -1,0 +1,81 @@
+"""`fedtl report`: every figure embedded, every site string escaped, nothing loaded from the network."""
+
+import json
+import re
+
+import pytest
+
+from fedtl.cli import main
+from fedtl.report import FIGURES, render, write_report
+
+EVIL = '<script>alert("x")</script><img src=http://evil.example/x.png>'
+
+
+def _run_dir(tmp_path, complete=True):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"round": 0, "val_auc": 0.5, "test_auc": 0.5, "val_acc": 0.6, "test_acc": 0.62, "seconds": 0.1}]
+    for r in (1, 2, 3):
+        rows.append({"round": r, "val_auc": 0.8 + r / 100, "test_auc": 0.79 + r / 100, "val_acc": 0.7, "test_acc": 0.71,
+                     "fed_val_auc": 0.81, "fed_test_auc": 0.8, "fed_val_acc": 0.7, "fed_test_acc": 0.72,
+                     "sites_eval": {"site-a": {"test_auc": 0.9, "test_acc": 0.8, "test_n": 10}, EVIL: {"test_auc": 0.1}},
+                     "privacy": {"site-a": {"epsilon": 0.5 * r, "budget": 3.0}, EVIL: {"epsilon": 0.4 * r, "budget": 2.0}},
+                     "bytes_up": 2396, "bytes_down": 2396, "declined": {EVIL: EVIL} if r == 2 else {},
+                     "rejected": {"site-b": "values up to 1e+30"} if r == 3 else {}, "timed_out": ["site-c"] if r == 1 else []})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "config.json").write_text(json.dumps({"model.backbone": "efficientnet_lite0", "federation.rounds": 3}))
+    if complete:
+        summary = {"test_auc": 0.8123, "test_acc": 0.7345, "test_acc_argmax": 0.7001, "selected_round": 2,
+                   "selection_metric": "val_auc", "rounds": 3, "epsilon_max": 1.5, "delta": 1e-5,
+                   "decision": {"rule": "threshold", "threshold": 0.62, "chosen-on": "central validation (524 images)"},
+                   "evaluation": {"server_data": "x.npz", "selected_by": "central", "headline": "central test split"},
+                   "per_site": {"sites": {"site-a": {"test_n": 10, "test_auc": 0.9, "test_acc": 0.8},
+                                          EVIL: {"test_n": 3, "test_auc": None}},
+                                "pooled": {"test_n": 13, "test_auc": 0.85, "test_acc": 0.75}, "skipped": {"site-z": EVIL}},
+                   "backbone": "efficientnet_lite0", "weights_sha256": "57934424" + "0" * 56, "split_after": "blocks.5",
+                   "bytes_per_site_round": 1198, "bytes_per_site_round_fraction_of_model": 0.0004}
+        (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_the_report_holds_every_figure_and_table(tmp_path):
+    page = render(_run_dir(tmp_path))
+    for name in FIGURES:
+        assert re.search(rf"<figure id='fig-{name}'><svg[^>]*>.*?</svg>\s*</figure>", page, re.S), name
+    for text in ("0.8123", "0.7345", "threshold 0.62", "central validation (524 images)", "selected round",
+                 "57934424" + "0" * 56, "pooled (example-weighted)", "values up to 1e+30", "timed out", "site-c",
+                 "federation.rounds", "efficientnet_lite0"):
+        assert text in page, text
+
+
+def test_site_strings_are_escaped_and_nothing_is_fetched(tmp_path):
+    page = render(_run_dir(tmp_path))
+    assert "<script" not in page and "<img" not in page  # a hostile site's name or reason is only text
+    assert "&lt;script&gt;" in page
+    assert not re.search(r"""<[^>]*\b(src|href)\s*=\s*["']?(https?:)?//""", page)  # no tag loads a URL
+    assert "<link" not in page and "@import" not in page and not re.search(r"url\((?!#)", page)  # only url(#local)
+    assert "default-src 'none'" in page  # and the browser is told not to fetch anything
+
+
+def test_an_interrupted_run_still_gets_a_report(tmp_path):
+    page = render(_run_dir(tmp_path, complete=False))
+    assert "incomplete" in page and page.count("<svg") == len(FIGURES)
+
+
+def test_the_cli_writes_the_report_and_refuses_what_is_not_a_run(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert (run / "report.html").stat().st_mode & 0o044  # readable by others, not private
+    assert main(["report", str(tmp_path / "nope")]) == 2 and "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2 and "no metrics.jsonl" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text('{"round": 0}\n{broken\n')
+    before = (run / "report.html").read_text()
+    assert main(["report", str(run)]) == 2 and "line 2 is not JSON" in capsys.readouterr().err
+    assert (run / "report.html").read_text() == before  # a failed render leaves the old report whole
+
+
+@pytest.mark.parametrize("bad", ["--out=/nonexistent-folder/r.html"])
+def test_an_unwritable_target_is_a_clear_error(tmp_path, capsys, bad):
+    assert main(["report", str(_run_dir(tmp_path)), bad]) == 2 and "does not exist" in capsys.readouterr().err

@@ -1,0 +1,115 @@
+"""A site's `[evaluation]`: its own labelled set or a stored hold-out; held-out images never reach training."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedtl.errors import ConfigError
+from fedtl.federation import deployment
+from fedtl.site_config import SiteConfig
+from tests.unit.test_site_config import MINIMAL, write
+
+
+def test_no_evaluation_table_means_the_site_does_not_evaluate(tmp_path):
+    site = SiteConfig.load(write(tmp_path, MINIMAL))
+    assert not site.evaluation.enabled and site.evaluation.data is None
+
+
+def test_an_own_evaluation_set_takes_the_keys_of_data_and_resolves_its_paths(tmp_path):
+    text = MINIMAL.replace('format = "medmnist"\npath = "m.npz"\n', 'format = "folder"\npath = "imgs"\nlabels = "l.csv"\n'
+                                                                       'classes = ["a", "b"]\n')
+    text += '[evaluation]\nformat = "folder"\npath = "test-imgs"\nlabels = "test.csv"\nvalidation-fraction = 0.3\n'
+    site = SiteConfig.load(write(tmp_path, text))
+    ev = site.evaluation
+    assert ev.enabled and ev.data.path == tmp_path / "test-imgs" and ev.data.labels == tmp_path / "test.csv"
+    assert ev.data.classes == ("a", "b") and ev.validation_fraction == 0.3 and ev.holdout == 0
+    assert ("evaluation.labels", tmp_path / "test.csv") in site.configured_paths()
+
+
+@pytest.mark.parametrize("table,message", [
+    ("validation-fraction = 0.5\n", "either its own data"),
+    ('holdout = 0.2\nformat = "medmnist"\npath = "t.npz"\n', "not both"),
+    ("holdout = 0.9\n", "evaluation.holdout"),
+    ("holdout = nan\n", "evaluation.holdout"),
+    ("holdout = 0.2\nvalidation-fraction = 2\n", "evaluation.validation-fraction"),
+    ('format = "folder"\npath = "t"\n', "evaluation.labels"),
+    ('path = "t.npz"\n', "evaluation.format"),
+    ('enabled = "yes"\nholdout = 0.2\n', "evaluation.enabled"),
+    ("holdot = 0.2\n", "did you mean `evaluation.holdout`"),
+])
+def test_bad_evaluation_tables_name_the_key(tmp_path, table, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        SiteConfig.load(write(tmp_path, MINIMAL + "[evaluation]\n" + table))
+
+
+def test_opting_out_needs_no_data(tmp_path):
+    site = SiteConfig.load(write(tmp_path, MINIMAL + "[evaluation]\nenabled = false\n"))
+    assert not site.evaluation.enabled
+
+
+class _Images:
+    def __init__(self, labels, fingerprint):
+        self.labels, self.fingerprint = np.asarray(labels), fingerprint
+
+
+def test_held_out_images_never_reach_training_and_the_split_is_kept(tmp_path):
+    site = SiteConfig.load(write(tmp_path, MINIMAL + "[evaluation]\nholdout = 0.25\n"))
+    images = _Images([0] * 60 + [1] * 40, "f1")
+    split = deployment.evaluation_split(site, images)
+    train, val, test = set(split["train"]), set(split["val"]), set(split["test"])
+    assert not train & (val | test) and not val & test and train | val | test == set(range(100))
+    assert len(val | test) == 25 and np.bincount(images.labels[sorted(val | test)]).tolist() == [15, 10]
+    stored = json.loads((site.state_dir / deployment.SPLIT_FILE).read_text())
+    assert stored["train"] == split["train"]
+    assert deployment.evaluation_split(site, images) == split  # the same split on every later run and resume
+    changed = deployment.evaluation_split(site, _Images([0] * 60 + [1] * 41, "f2"))  # new images: a new split
+    assert changed["fingerprint"] == "f2" and len(changed["train"]) + len(changed["val"]) + len(changed["test"]) == 101
+
+
+def test_a_damaged_split_file_is_replaced_not_trusted(tmp_path, caplog):
+    site = SiteConfig.load(write(tmp_path, MINIMAL + "[evaluation]\nholdout = 0.2\n"))
+    site.state_dir.mkdir(parents=True)
+    (site.state_dir / deployment.SPLIT_FILE).write_text("{broken")
+    split = deployment.evaluation_split(site, _Images([0, 1] * 20, "f"))
+    assert len(split["train"]) == 32 and "unreadable" in caplog.text
+
+
+def _folder_site(tmp_path, n, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    rows = ["file,label"]
+    rng = np.random.default_rng(len(name))
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(folder / f"{i}.png")
+        rows.append(f"{i}.png,{i % 2}")
+    (tmp_path / f"{name}.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_a_deployed_site_trains_without_its_hold_out_and_evaluates_on_it(tmp_path, monkeypatch):
+    from fedtl.config import FedTLConfig
+    from tests.unit.federation.test_server import _tiny_model
+
+    _folder_site(tmp_path, 40, "imgs")
+    toml = ('name = "s"\n[data]\nformat = "folder"\npath = "imgs"\nlabels = "imgs.csv"\nimage-size = 12\n'
+            '[evaluation]\nholdout = 0.25\n')
+    path = str(write(tmp_path, toml))
+    deployment.load_site_config.cache_clear()
+    deployment._site_images.cache_clear()
+    model = _tiny_model()
+    cfg = FedTLConfig().with_overrides({"model.resolution": 32, "data.cache-dir": str(tmp_path / "cache")})
+    monkeypatch.setattr(deployment, "preprocessing_for", lambda conf: _identity_preprocessing())
+    train = deployment.deployed_site_data(cfg, model, path)
+    ev = deployment.deployed_eval_data(cfg, model, path)
+    assert len(train.labels) == 30 and len(ev.splits["val"][1]) + len(ev.splits["test"][1]) == 10
+    all_feats = {tuple(r.tolist()) for r in train.features.flatten(1)}
+    held = {tuple(r.tolist()) for s in ("val", "test") for r in ev.splits[s][0].flatten(1)}
+    assert not all_feats & held  # no held-out image's features are in the training set
+
+
+def _identity_preprocessing():
+    from fedtl.backbones import get_spec
+    from fedtl.data import Preprocessing
+
+    return Preprocessing.for_backbone(get_spec("efficientnet_lite0"), 32)
