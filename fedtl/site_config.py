@@ -76,7 +76,7 @@ KNOWN_KEYS = (
     "privacy.max-noise-multiplier",
     "evaluation.enabled", "evaluation.holdout", "evaluation.validation-fraction", "evaluation.format",
     "evaluation.path", "evaluation.labels", "evaluation.image-size", "evaluation.classes", "evaluation.split",
-    "evaluation.max-pixels",
+    "evaluation.max-pixels", "evaluation.labels-column",
     "tls.ca-cert",
     "auth.private-key", "auth.public-key",
     "backbone.allowed-sha256", "backbone.max-weights-mb",
@@ -378,7 +378,9 @@ def _evaluation(flat: dict[str, Any], path_of, data: SiteDataConfig) -> SiteEval
                 image_size=_integer(flat, "evaluation.image-size", data.image_size),
                 classes=_names(flat, "evaluation.classes") or data.classes,
                 split=_text(flat, "evaluation.split", "test" if _text(flat, "evaluation.format") == "medmnist" else "train"),
-                max_pixels=_integer(flat, "evaluation.max-pixels", data.max_pixels))
+                max_pixels=_integer(flat, "evaluation.max-pixels", data.max_pixels),
+                labels_column=_text(flat, "evaluation.labels-column",
+                                    "label" if _text(flat, "evaluation.format") == "medmnist" else data.labels_column))
         except ConfigError as exc:  # the same checks as [data], named as [evaluation]'s keys
             raise ConfigError(str(exc).replace("`data.", "`evaluation.")) from None
     return SiteEvaluationConfig(enabled=enabled,

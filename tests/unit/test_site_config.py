@@ -189,3 +189,15 @@ def test_labels_column_is_read_and_validated(tmp_path):
         assert message in str(err.value)
     with pytest.raises(ConfigError, match="labels-column.*only used with data.format"):
         SiteConfig.load(write(tmp_path, MINIMAL + 'labels-column = "abnormal"\n'))
+
+
+def test_an_evaluation_set_reads_its_labels_column_like_data(tmp_path):
+    text = FULL.replace('labels = "labels.csv"', 'labels = "labels.csv"\nlabels-column = "abnormal"')
+    own = text + '[evaluation]\nformat = "folder"\npath = "t"\nlabels = "t.csv"\n'
+    assert SiteConfig.load(write(tmp_path, own)).evaluation.data.labels_column == "abnormal"  # [data]'s by default
+    other = own + 'labels-column = "finding"\n'
+    assert SiteConfig.load(write(tmp_path, other)).evaluation.data.labels_column == "finding"
+    npz = text + '[evaluation]\nformat = "medmnist"\npath = "t.npz"\n'
+    assert SiteConfig.load(write(tmp_path, npz)).evaluation.data.labels_column == "label"  # an npz has no CSV
+    with pytest.raises(ConfigError, match="`evaluation.labels-column` must name"):
+        SiteConfig.load(write(tmp_path, own + 'labels-column = "file"\n'))
