@@ -248,6 +248,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fedtl.export import export_run
     from fedtl.inference import collect_inputs, load_run, read_inputs
 
+    if args.check_count < 1:
+        raise ConfigError(f"--check-count must be >= 1, got {args.check_count}.")
     run = load_run(args.run_dir)
     if args.check:
         files, missing = collect_inputs(args.check)

@@ -183,3 +183,20 @@ def test_torchscript_export_and_a_failed_check_leaves_no_file(run):
     with pytest.raises(ExportError, match="differs from `fedtl predict`.*nothing was written"):
         export_run(model, "torchscript", failed, images, tolerance=-1.0, latency_runs=1)  # no model can pass
     assert sorted(p.name for p in failed.parent.iterdir()) == ["model.pt"]  # no partial or temporary file
+
+
+def test_a_run_pinned_to_other_weights_is_refused(run, capsys):
+    """The backbone's sha256 is checked against the run's pin before anything is predicted."""
+    from safetensors.torch import safe_open, save_file
+
+    from fedtl.cli import main
+
+    other = run["root"] / "run-other-weights"
+    shutil.copytree(run["dir"], other)
+    with safe_open(str(other / "suffix.safetensors"), framework="pt") as fh:
+        meta, tensors = dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}
+    save_file(tensors, str(other / "suffix.safetensors"), metadata={**meta, "weights_sha256": "ab" * 32})
+    assert main(["predict", str(other), str(run["folder"] / "000.png"), "--image-size", "28"]) == 5
+    out, err = capsys.readouterr()
+    assert out == "" and "but the run pinned abababababababab…: a different prefix" in err
+
