@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedtl.decision import METADATA_KEY, Decision, decision_from_metadata
+
 HIST_BINS = 50  # score histogram bins a site releases per class (binary tasks), on [0, 1]
-DECISION_KEY = "fedtl.decision"  # safetensors metadata key of the suffix's decision rule
+DECISION_KEY = METADATA_KEY  # safetensors metadata key of the suffix's decision rule (fedtl.decision)
 
 
 @dataclass(frozen=True)
@@ -46,43 +48,9 @@ def auc_of(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(labels, probs, multi_class="ovr", labels=list(range(probs.shape[1]))))
 
 
-@dataclass(frozen=True)
-class Decision:
-    """How probabilities become a label: argmax, or (binary) a threshold on the positive class."""
-
-    rule: str = "argmax"  # argmax | threshold
-    threshold: float = 0.5
-    positive_class: int = 1
-    chosen_on: str = ""  # what the threshold was chosen on, e.g. "central validation (n=524)"
-
-    def apply(self, probs: np.ndarray) -> np.ndarray:
-        probs = np.asarray(probs)
-        if self.rule == "threshold" and probs.shape[1] == 2:
-            positive = probs[:, self.positive_class] >= self.threshold
-            return np.where(positive, self.positive_class, 1 - self.positive_class).astype(np.int64)
-        return probs.argmax(1).astype(np.int64)
-
-    def to_metadata(self) -> str:
-        body = {"rule": self.rule}
-        if self.rule == "threshold":
-            body.update({"threshold": self.threshold, "positive-class": self.positive_class, "chosen-on": self.chosen_on})
-        return json.dumps(body, sort_keys=True)
-
-    @classmethod
-    def from_metadata(cls, text: str | None) -> Decision:
-        """The rule stored with a suffix; a missing or unreadable entry means argmax."""
-        if not text:
-            return cls()
-        try:
-            body = json.loads(text)
-            if body.get("rule") == "threshold":
-                t = float(body["threshold"])
-                pos = int(body.get("positive-class", 1))
-                if math.isfinite(t) and 0.0 <= t <= 1.0 and pos in (0, 1):
-                    return cls("threshold", t, pos, str(body.get("chosen-on", "")))
-        except (ValueError, TypeError, KeyError, AttributeError):
-            pass
-        return cls()
+def decision_of(body: dict | None) -> Decision:
+    """The rule a run recorded as a JSON object (``metrics.jsonl``'s ``decision``); none recorded: argmax."""
+    return decision_from_metadata({METADATA_KEY: json.dumps(body)}) if body else Decision()
 
 
 def figures(probs: np.ndarray, labels: np.ndarray, loss: float, decision: Decision = Decision()) -> Figures:

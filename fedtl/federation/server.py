@@ -33,7 +33,7 @@ from fedtl.federation.records import record_bytes, to_record, to_state
 from fedtl.federation.site import build_transfer_model, cached_features, load_source
 from fedtl.federation.strategy import RoundStats, SuffixFedAvg, make_strategy
 from fedtl.model import TransferModel
-from fedtl.evaluation import DECISION_KEY, Decision, score_histograms, threshold_from_histograms
+from fedtl.evaluation import Decision, decision_of, score_histograms, threshold_from_histograms
 from fedtl.training import evaluate_suffix
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class Tracker:
         self.selection_metric = ckpt.selection_metric
         self.best_state = dict(ckpt.best_state)
         if 0 <= self.best_round < len(self.history):
-            self.best_decision = Decision.from_metadata(self.history[self.best_round].get("decision"))
+            self.best_decision = decision_of(self.history[self.best_round].get("decision"))
         self.last_privacy = dict(ckpt.privacy)
         self.last_epsilon = {k: v["epsilon"] for k, v in self.last_privacy.items()}
         body = "".join(json.dumps(jsonable(row)) + "\n" for row in self.history)
@@ -139,7 +139,7 @@ class Tracker:
             th = threshold_from_histograms(*score_histograms(v.probabilities[:, 1], self.val[1].numpy()))
             if th is not None:
                 decision = Decision("threshold", th, 1, f"central validation ({v.num_examples} images)")
-        row["decision"] = decision.to_metadata()
+        row["decision"] = decision.to_dict()
         for name, r, (_, y) in (("val", v, self.val), ("test", t, self.test)):
             acc = float(np.mean(decision.apply(r.probabilities) == y.numpy())) if r.num_examples else float("nan")
             row.update({f"{name}_auc": r.auc, f"{name}_acc": acc, f"{name}_acc_argmax": r.accuracy,
@@ -148,10 +148,10 @@ class Tracker:
 
     def _federated(self, server_round: int, arrays: ArrayRecord, row: dict, central_decision: bool) -> tuple[float, float]:
         ev = self.site_eval(server_round, arrays)
-        decision = Decision.from_metadata(row.get("decision")) if central_decision else \
+        decision = decision_of(row.get("decision")) if central_decision else \
             (ev.choose_threshold(self.num_classes == 2) if self.binary_threshold else Decision())
         if not central_decision:
-            row["decision"] = decision.to_metadata()
+            row["decision"] = decision.to_dict()
         ev.apply(decision)
         pooled = ev.pooled(self.weight_cap)
         row.update({f"fed_{k}": v for k, v in pooled.items()})
@@ -212,7 +212,7 @@ class Tracker:
         if self.best_round < 0 or score > self.best_score:
             self.best_round, self.best_score = server_round, score
             self.best_state = {k: x.clone() for k, x in state.items()}
-            self.best_decision = Decision.from_metadata(row.get("decision"))
+            self.best_decision = decision_of(row.get("decision"))
 
     def _log(self, server_round: int, row: dict, stats) -> None:
         """One line per round: figures, sites trained / declined / rejected / timed out, the largest ε."""
@@ -486,7 +486,7 @@ def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker,
     save_file({k: v.contiguous() for k, v in tracker.best_state.items()}, out / "suffix.safetensors",
               metadata={"backbone": cfg.model.backbone, "weights_sha256": model.weights_sha256,
                         "round": str(tracker.best_round), "split": model.split_name,
-                        "num_classes": str(plan.num_classes), DECISION_KEY: decision.to_metadata()})
+                        "num_classes": str(plan.num_classes), **decision.to_metadata()})
     dp = cfg.privacy.enabled or bool(tracker.last_privacy)  # deployed sites always report their DP spend
     # headline figures: the server's test data when it has any, else the sites' pooled test figures
     pre = "" if plan.source is not None else "fed_"
@@ -498,7 +498,7 @@ def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker,
         "selected_round": tracker.best_round, "selection_metric": tracker.selection_metric,
         "evaluation": {"server_data": plan.data, "sites": plan.sites, "selected_by": plan.select_by,
                        "headline": "central test split" if plan.source is not None else "sites' pooled test splits"},
-        "decision": json.loads(decision.to_metadata()),
+        "decision": decision.to_dict(),
         "per_site": site_table,
         "final_round_test_auc": final.get(pre + "test_auc", float("nan")),
         "final_round_test_acc": final.get(pre + "test_acc", float("nan")),
