@@ -260,6 +260,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         from fedtl.data.sources import load_medmnist, resolve_data_path
 
+        if not run.config.data.path and (Path(args.run_dir) / "summary.json").is_file() and str(
+                json.loads((Path(args.run_dir) / "summary.json").read_text()).get("evaluation", {}).get("server_data", "")
+        ).startswith("none"):
+            raise ConfigError("This run's server held no images (federated evaluation), so there is no test split to "
+                              "check the export on: pass images of the task with --check FILE_OR_FOLDER.")
         path = resolve_data_path(run.config.data.path)
         try:
             test = load_medmnist(path, require=("test",)).test
