@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -130,6 +129,8 @@ def _run_epochs(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
 
 @torch.no_grad()
 def evaluate_suffix(model: TransferModel, feats: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> EvalResult:
+    from sklearn.metrics import accuracy_score, roc_auc_score  # evaluation only: a training site never imports it
+
     model.eval()
     logits = torch.cat([model.suffix(feats[i:i + batch_size]) for i in range(0, feats.shape[0], batch_size)])
     loss = float(F.cross_entropy(logits, labels))

@@ -29,9 +29,9 @@ from fedtl.backbones import available, get_spec
 from fedtl.backbones.registry import file_sha256, weights_candidates
 from fedtl.config import FedTLConfig
 from fedtl.errors import BackboneError, FedTLError
-from fedtl.features import FeatureCache
+from fedtl.features import CacheKey, FeatureCache
 from fedtl.federation.site import SiteData, preprocessing_for
-from fedtl.model import TransferModel
+from fedtl.model import SuffixModel, TransferModel
 from fedtl.privacy.policy import PrivacyPolicy, policy_for_site
 from fedtl.site_config import SiteConfig
 
@@ -72,6 +72,37 @@ def deployed_site_data(cfg: FedTLConfig, model: TransferModel, site_config_path:
     import torch
 
     return SiteData(site.name, feats, torch.as_tensor(images.labels), hit)
+
+
+def cached_site(cfg: FedTLConfig, site_config_path: str, num_classes: int) -> tuple[SuffixModel, SiteData] | None:
+    """A site whose prefix features are cached and whose suffix is the head alone: the suffix model and its
+    data, without building (or importing) the backbone; ``None`` when the backbone is needed (no cache entry
+    yet, adapters on, the whole network as prefix), and the caller builds it as a cold site does.
+
+    The cache key is the one a build would compute: the backbone's name, the sha256 of the weights file this
+    site would load (the same file and hash a build checks, so the server's pin is compared with it exactly as
+    before), the preprocessing, the split point and the data's fingerprint. An entry exists only for a key a
+    build produced, so a hit means these weights, this split and these images; the feature width is the
+    entry's.
+    """
+    if cfg.adapters.kind != "none":  # the suffix holds backbone blocks (and PEFT's adapters)
+        return None
+    spec = get_spec(cfg.model.backbone)
+    split = spec.recommended_cut if cfg.model.cut_after == "auto" else cfg.model.cut_after
+    weights_sha256 = local_backbone_sha256(spec.name) if split else ""
+    if not weights_sha256:  # the whole network's last unit is named by the build; a site without weights is cold
+        return None
+    site = load_site_config(site_config_path)
+    images = _site_images(site_config_path).images
+    key = CacheKey(spec.name, weights_sha256, preprocessing_for(cfg).key(), f"{split}:pooled", images.fingerprint)
+    feats = FeatureCache(Path(site.state_dir) / "features").load(key, len(images))
+    if feats is None or feats.ndim != 2:
+        return None
+    import torch
+
+    model = SuffixModel(spec.name, weights_sha256, split, int(feats.shape[1]), num_classes, cfg.model,
+                        seed=cfg.train.seed)
+    return model, SiteData(site.name, feats, torch.as_tensor(images.labels), True)
 
 
 # ---- backbone distribution -------------------------------------------------------------
