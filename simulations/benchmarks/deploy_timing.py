@@ -164,11 +164,11 @@ def _small_medmnist(path: Path, n_train: int, n_val: int, n_test: int, seed: int
     return path
 
 
-def _loadavg() -> str:
+def _loadavg() -> list[str]:
     try:
-        return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
+        return Path("/proc/loadavg").read_text().split()[:3]
     except OSError:
-        return ""
+        return []
 
 
 def _marked(marker: str) -> list:
@@ -356,14 +356,44 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def _as_list(load) -> list[str]:  # a list, or the string an earlier version of this script wrote
+    return load if isinstance(load, list) else [x.strip(" '") for x in str(load).strip("[]").split(",")]
+
+
+STEP_COLUMNS = ("dispatch", "start_to_call", "call_to_first_step", "train", "after_train", "reply", "server")
+
+
+def markdown(results: list[tuple[str, dict]]) -> str:
+    """The table of docs/deployment-timing.md from this script's JSON lines (``--table LABEL=FILE ...``)."""
+    rounds = max(r["rounds"] for _, r in results)
+    head = ["run"] + [f"round {i}" for i in range(rounds + 1)] + ["median 2..N", "start → first step"] + \
+        [c.replace("_", " ") for c in STEP_COLUMNS] + ["load before / after"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in results:
+        rs = r["round_seconds"]
+        first = r.get("start_to_first_step") or {}
+        cells = [label] + [f"{rs[str(i)]:.1f}" if str(i) in rs else "" for i in range(rounds + 1)]
+        cells += [f"**{r['median_s']:.1f} s**", f"{first.get('median', float('nan')):.1f} (max {first.get('max', float('nan')):.1f})"]
+        cells += [f"{r['steps'][c]:.2f}" if c in r["steps"] else "" for c in STEP_COLUMNS]
+        cells += [" / ".join(", ".join(_as_list(r[k])) for k in ("load_before", "load_after"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", nargs="+", metavar="LABEL=FILE",
+                        help="print the markdown table of earlier results (one JSON line per file) and exit")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--keep", default="", help="work folder to keep (logs, timestamps); default: a temporary one")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment of the deployment's processes (e.g. Flower's polling settings)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds the run may take")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown([(label, json.loads(Path(path).read_text().strip().splitlines()[-1]))
+                        for label, path in (item.split("=", 1) for item in args.table)]))
+        return 0
 
     def stop(signum, _frame):
         raise KeyboardInterrupt(signum)
