@@ -83,7 +83,6 @@ class _TrainableSuffix:
         return {"trainable_params": trainable, "total_params": total, "full_model_bytes": nbytes}
 
 
-
 class TransferModel(_TrainableSuffix, nn.Module):
     def __init__(self, backbone: Backbone, num_classes: int, model_cfg: ModelConfig, adapters_cfg: AdaptersConfig,
                  seed: int = 0):
@@ -137,6 +136,7 @@ class TransferModel(_TrainableSuffix, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.suffix(self.prefix_features(x))
+
 
 class SuffixModel(_TrainableSuffix, nn.Module):
     """The trainable suffix alone, for a site whose prefix features are cached and whose suffix is the head.

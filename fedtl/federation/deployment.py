@@ -87,12 +87,12 @@ def cached_site(cfg: FedTLConfig, site_config_path: str, num_classes: int) -> tu
     """
     if cfg.adapters.kind != "none":  # the suffix holds backbone blocks (and PEFT's adapters)
         return None
+    site = load_site_config(site_config_path)  # first: its weights dir is where the weights are looked up first
     spec = get_spec(cfg.model.backbone)
     split = spec.recommended_cut if cfg.model.cut_after == "auto" else cfg.model.cut_after
     weights_sha256 = local_backbone_sha256(spec.name) if split else ""
     if not weights_sha256:  # the whole network's last unit is named by the build; a site without weights is cold
         return None
-    site = load_site_config(site_config_path)
     images = _site_images(site_config_path).images
     key = CacheKey(spec.name, weights_sha256, preprocessing_for(cfg).key(), f"{split}:pooled", images.fingerprint)
     feats = FeatureCache(Path(site.state_dir) / "features").load(key, len(images))
