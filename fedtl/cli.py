@@ -76,7 +76,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return supervise(args.argv, out)
     from fedtl.federation.simulation import simulate
 
-    summary = simulate(cfg, out, overwrite=args.overwrite, resume=bool(args.resume))
+    summary = simulate(cfg, out, overwrite=args.overwrite, resume=bool(args.resume), ray_address=args.ray_address)
     from fedtl.report import write_report
 
     report = write_report(out)
@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory to create (summary.json, metrics.jsonl, suffix.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="run the sites on an existing Ray cluster (`auto`, HOST:PORT or ray://HOST:PORT; default "
+                        "$RAY_ADDRESS, else a private Ray instance on this machine)")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # no supervisor (tests, debugging)
     p.set_defaults(func=cmd_simulate)
 

@@ -21,11 +21,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+
+from typing import TYPE_CHECKING
 
 from fedtl.data.preprocess import Preprocessing
 from fedtl.data.sources import ImageSet
-from fedtl.model import TransferModel
+
+if TYPE_CHECKING:
+    from fedtl.model import TransferModel
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,8 @@ class FeatureCache:
 def compute_prefix_features(model: TransferModel, pre: Preprocessing, data: ImageSet, *, batch_size: int = 64,
                             progress: bool = False) -> torch.Tensor:
     """Run the frozen prefix over ``data`` once: ``(N, ...)`` float32."""
+    from tqdm.auto import tqdm
+
     out = []
     model.eval()
     show = progress and sys.stderr.isatty()

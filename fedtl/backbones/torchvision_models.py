@@ -11,10 +11,7 @@ import os
 from collections.abc import Callable
 from urllib.error import URLError
 
-import torchvision.models as tvm
 from torch import nn
-
-import torch
 
 from fedtl.backbones.registry import (Backbone, BackboneSpec, file_sha256, hub_checkpoint_dir, register,
                                      weights_candidates)
@@ -26,7 +23,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# torchvision's ImageNet-1k V1 weight files (``get_model_weights(arch).IMAGENET1K_V1.url``), written out so that
+# listing or looking up a spec never imports torchvision.models; tests/unit/test_backbones.py checks them.
+WEIGHTS_URLS = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "densenet121": "https://download.pytorch.org/models/densenet121-a639ec97.pth",
+    "mobilenet_v3_small": "https://download.pytorch.org/models/mobilenet_v3_small-047dcff4.pth",
+}
+
+
 def _weights_enum(arch: str):
+    import torchvision.models as tvm
+
     return tvm.get_model_weights(arch).IMAGENET1K_V1
 
 
@@ -54,6 +63,9 @@ def _mobilenet_units(m: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _builder(arch: str, cut: Callable[[nn.Module], list[tuple[str, nn.Module]]], head: Callable[[nn.Module], nn.Module]):
     def build(spec: BackboneSpec) -> Backbone:
+        import torch
+        import torchvision.models as tvm
+
         weights = _weights_enum(arch)
         filename = os.path.basename(weights.url)
         local = next((p for p in weights_candidates(spec) if p.is_file()), None)
@@ -85,7 +97,7 @@ def _unavailable(spec: BackboneSpec, filename: str, why: str) -> WeightsUnavaila
 
 
 def _spec(name: str, arch: str, feature_dim: int, description: str) -> BackboneSpec:
-    url = _weights_enum(arch).url
+    url = WEIGHTS_URLS[arch]
     return BackboneSpec(
         name=name,
         library="torchvision",

@@ -20,7 +20,6 @@ from flwr.serverapp import Grid, ServerApp
 from fedtl.config import FedTLConfig
 from fedtl.errors import FedTLError
 from fedtl.federation.records import TrainRequest, to_record, to_state, train_reply
-from fedtl.federation.server import run_server
 from fedtl.federation.site import (build_transfer_model, evaluate_site, ignored_privacy_settings, load_source,
                                    simulated_eval_data, simulated_policy, simulated_site_data, train_site)
 from fedtl.privacy import Proposal
@@ -42,14 +41,16 @@ def make_server_app(cfg: FedTLConfig | None = None, distribute_backbone: bool = 
         from fedtl.federation.logs import quiet_flower
 
         quiet_flower()  # FEDTL_VERBOSE=1 keeps Flower's own lines
+        from fedtl.federation.server import run_server  # the ServerApp's alone: a ClientApp never imports it
+
         run_server(grid, config_from_context(context, cfg), run_id=str(context.run_id),
                    distribute_backbone=distribute_backbone, demo_data=cfg is not None)
 
     return app
 
 
-def _site_of(conf: FedTLConfig, context: Context, model):
-    """(policy, data) for this node: a deployed site's own, or a simulated partition."""
+def _site_of(conf: FedTLConfig, context: Context, model, data=None):
+    """(policy, data) for this node: a deployed site's own, or a simulated partition (``data``: already loaded)."""
     node = context.node_config
     if "site-config" in node:
         from fedtl.federation.deployment import deployed_site_data, load_site_config, site_policy
@@ -60,9 +61,24 @@ def _site_of(conf: FedTLConfig, context: Context, model):
         if ignored:
             log.warning("Site %s ignores the run's privacy settings (its site.toml is the authority): %s",
                         policy.site, ", ".join(ignored))
-        return policy, deployed_site_data(conf, model, path)
+        return policy, data if data is not None else deployed_site_data(conf, model, path)
     site, num_sites = int(node["partition-id"]), int(node["num-partitions"])
     return simulated_policy(conf, site), simulated_site_data(conf, model, site, num_sites)
+
+
+def _train_site_of(conf: FedTLConfig, context: Context, num_classes: int):
+    """(model, policy, data) for a train message. A deployed site whose features are cached gets the suffix
+    alone (no backbone is built or imported: ``deployment.cached_site``); any other builds the model."""
+    if "site-config" in context.node_config:
+        from fedtl.federation.deployment import cached_site
+
+        warm = cached_site(conf, str(context.node_config["site-config"]), num_classes)
+        if warm is not None:
+            model, data = warm
+            policy, _ = _site_of(conf, context, model, data=data)
+            return model, policy, data
+    model = build_transfer_model(conf, num_classes)
+    return (model, *_site_of(conf, context, model))
 
 
 def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientApp:
@@ -90,8 +106,7 @@ def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientA
             log.error("Train request refused: %s", exc)
             return Message(train_reply(ArrayRecord(), base, reason=f"invalid train request: {exc}"), reply_to=msg)
         num_classes = request.num_classes or load_source(conf.data.path).num_classes
-        model = build_transfer_model(conf, num_classes)
-        policy, data = _site_of(conf, context, model)
+        model, policy, data = _train_site_of(conf, context, num_classes)
         base.update({"num-examples": len(data.labels), "delta": policy.delta, "target-epsilon": policy.target_epsilon})
         refuse = functools.partial(train_reply, ArrayRecord(), base, site=policy.site, accountant=policy.accountant)
         if request.backbone_sha256 and model.weights_sha256 != request.backbone_sha256:
@@ -121,7 +136,9 @@ def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientA
         """Score the server's suffix on this site's own evaluation data (``[evaluation]`` in site.toml;
         a simulated site: its shares of the validation and test splits). Released statistics only."""
         from fedtl.federation.fedeval import EvalRequest, eval_reply
+        from fedtl.federation.logs import quiet_flower
 
+        quiet_flower()
         if threads:
             torch.set_num_threads(threads)
         node = context.node_config
@@ -140,7 +157,14 @@ def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientA
             log.error("Evaluate request refused: %s", exc)
             return Message(eval_reply(None, site=site, reason=f"invalid evaluate request: {exc}"), reply_to=msg)
         num_classes = request.num_classes or load_source(conf.data.path).num_classes
-        model = build_transfer_model(conf, num_classes)
+        warm = None
+        if deployed:
+            from fedtl.federation.deployment import cached_eval_site
+
+            if not load_site_config(str(node["site-config"])).evaluation.enabled:  # before any model is built
+                return Message(eval_reply(None, site=site, reason="this site does not evaluate"), reply_to=msg)
+            warm = cached_eval_site(conf, str(node["site-config"]), num_classes)
+        model = warm[0] if warm is not None else build_transfer_model(conf, num_classes)
         if request.backbone_sha256 and model.weights_sha256 != request.backbone_sha256:
             return Message(eval_reply(None, site=site, reason="the server pinned other backbone weights"), reply_to=msg)
         try:
@@ -149,12 +173,12 @@ def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientA
             log.error("Site %s refused the server's suffix for evaluation: %s", site, exc)
             return Message(eval_reply(None, site=site, reason="the server's suffix tensors do not match the model"),
                            reply_to=msg)
-        if deployed:
+        if warm is not None:
+            data = warm[1]
+        elif deployed:
             from fedtl.federation.deployment import deployed_eval_data
 
             data = deployed_eval_data(conf, model, str(node["site-config"]))
-            if data is None:
-                return Message(eval_reply(None, site=site, reason="this site does not evaluate"), reply_to=msg)
         else:
             data = simulated_eval_data(conf, model, int(node["partition-id"]), int(node["num-partitions"]))
         labels = torch.cat([y for _, y in data.splits.values()])

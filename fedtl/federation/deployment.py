@@ -29,9 +29,9 @@ from fedtl.backbones import available, get_spec
 from fedtl.backbones.registry import file_sha256, weights_candidates
 from fedtl.config import FedTLConfig
 from fedtl.errors import BackboneError, FedTLError
-from fedtl.features import FeatureCache
+from fedtl.features import CacheKey, FeatureCache
 from fedtl.federation.site import SiteData, preprocessing_for
-from fedtl.model import TransferModel
+from fedtl.model import SuffixModel, TransferModel
 from fedtl.privacy.policy import PrivacyPolicy, policy_for_site
 from fedtl.site_config import SiteConfig
 
@@ -72,11 +72,18 @@ def deployed_site_data(cfg: FedTLConfig, model: TransferModel, site_config_path:
     images = _site_images(site_config_path).images
     cache = FeatureCache(Path(site.state_dir) / "features")
     feats, hit = cache.get_or_build(model, preprocessing_for(cfg), images)
-    labels = torch.as_tensor(images.labels)
-    if site.evaluation.enabled and site.evaluation.holdout:
-        keep = torch.as_tensor(evaluation_split(site, images)["train"])
-        feats, labels = feats[keep], labels[keep]
+    feats, labels = _without_holdout(site, images, feats, torch.as_tensor(images.labels))
     return SiteData(site.name, feats, labels, hit)
+
+
+def _without_holdout(site: SiteConfig, images, feats, labels):
+    """Training features and labels: every image but those the site holds out for evaluation."""
+    if site.evaluation.enabled and site.evaluation.holdout:
+        import torch
+
+        keep = torch.as_tensor(evaluation_split(site, images)["train"], dtype=torch.long)
+        return feats[keep], labels[keep]
+    return feats, labels
 
 
 @functools.lru_cache(maxsize=2)
@@ -136,20 +143,79 @@ def evaluation_split(site: SiteConfig, images) -> dict[str, list[int]]:
 
 def deployed_eval_data(cfg: FedTLConfig, model: TransferModel, site_config_path: str):
     """The site's evaluation splits as prefix features, or None when it does not evaluate."""
-    import torch
-
-    from fedtl.federation.site import SiteEvalData
-
     site = load_site_config(site_config_path)
     if not site.evaluation.enabled:
         return None
     images = (_site_images if site.evaluation.holdout else _site_eval_images)(site_config_path).images
     cache = FeatureCache(Path(site.state_dir) / "features")
     feats, _ = cache.get_or_build(model, preprocessing_for(cfg), images)
+    return _eval_splits(site, images, feats)
+
+
+def _eval_splits(site: SiteConfig, images, feats):
+    import torch
+
+    from fedtl.federation.site import SiteEvalData
+
     split = evaluation_split(site, images)
     labels = torch.as_tensor(images.labels)
     return SiteEvalData(site.name, {s: (feats[torch.as_tensor(split[s], dtype=torch.long)],
                                         labels[torch.as_tensor(split[s], dtype=torch.long)]) for s in ("val", "test")})
+
+
+def _warm(cfg: FedTLConfig, site: SiteConfig, images, num_classes: int):
+    """(SuffixModel, features of ``images``) from the site's feature cache without the backbone, or None.
+
+    The cache key is the one a build would compute: the backbone's name, the sha256 of the weights file this
+    site would load (the same file and hash a build checks, so the server's pin is compared with it exactly as
+    before), the preprocessing, the split point and the data's fingerprint. An entry exists only for a key a
+    build produced, so a hit means these weights, this split and these images; the feature width is the
+    entry's.
+    """
+    if cfg.adapters.kind != "none":  # the suffix holds backbone blocks (and PEFT's adapters)
+        return None
+    spec = get_spec(cfg.model.backbone)
+    split = spec.recommended_cut if cfg.model.cut_after == "auto" else cfg.model.cut_after
+    weights_sha256 = local_backbone_sha256(spec.name) if split else ""
+    if not weights_sha256:  # the whole network's last unit is named by the build; a site without weights is cold
+        return None
+    key = CacheKey(spec.name, weights_sha256, preprocessing_for(cfg).key(), f"{split}:pooled", images.fingerprint)
+    feats = FeatureCache(Path(site.state_dir) / "features").load(key, len(images))
+    if feats is None or feats.ndim != 2:
+        return None
+    model = SuffixModel(spec.name, weights_sha256, split, int(feats.shape[1]), num_classes, cfg.model,
+                        seed=cfg.train.seed)
+    return model, feats
+
+
+def cached_site(cfg: FedTLConfig, site_config_path: str, num_classes: int) -> tuple[SuffixModel, SiteData] | None:
+    """A site whose prefix features are cached and whose suffix is the head alone: the suffix model and its
+    training data (hold-out removed), without building (or importing) the backbone; ``None`` when the
+    backbone is needed (no cache entry yet, adapters on, the whole network as prefix), and the caller builds
+    it as a cold site does."""
+    import torch
+
+    site = load_site_config(site_config_path)  # first: its weights dir is where the weights are looked up first
+    images = _site_images(site_config_path).images
+    warm = _warm(cfg, site, images, num_classes)
+    if warm is None:
+        return None
+    model, feats = warm
+    feats, labels = _without_holdout(site, images, feats, torch.as_tensor(images.labels))
+    return model, SiteData(site.name, feats, labels, True)
+
+
+def cached_eval_site(cfg: FedTLConfig, site_config_path: str, num_classes: int):
+    """Like :func:`cached_site` for an evaluation request: (SuffixModel, SiteEvalData) or None."""
+    site = load_site_config(site_config_path)
+    if not site.evaluation.enabled:
+        return None
+    images = (_site_images if site.evaluation.holdout else _site_eval_images)(site_config_path).images
+    warm = _warm(cfg, site, images, num_classes)
+    if warm is None:
+        return None
+    model, feats = warm
+    return model, _eval_splits(site, images, feats)
 
 
 # ---- backbone distribution -------------------------------------------------------------

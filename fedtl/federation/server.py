@@ -29,6 +29,7 @@ from fedtl.errors import ConfigError, FederationError
 from fedtl.federation.checkpoint import CHECKPOINT, Checkpoint
 from fedtl.federation.distribution import ensure_backbone
 from fedtl.federation.fedeval import evaluate_at_sites
+from fedtl.federation.polling import send_and_receive
 from fedtl.federation.records import record_bytes, to_record, to_state
 from fedtl.federation.site import build_transfer_model, cached_features, load_source
 from fedtl.federation.strategy import RoundStats, SuffixFedAvg, make_strategy
@@ -416,7 +417,7 @@ def _train_round(grid: Grid, strategy: SuffixFedAvg, rnd: int, arrays: ArrayReco
                         attempts, connected, fed.sites, fed.round_timeout, fed.min_sites)
             continue
         messages = list(strategy.configure_train(rnd, arrays, train_config, grid))
-        replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
+        replies = send_and_receive(grid, messages, timeout=fed.round_timeout)  # polled every 0.2 s, not 3 s
         sent = {m.metadata.dst_node_id for m in messages}
         answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
         stats.timed_out = sorted(strategy.site_name(n) for n in sent - {r.metadata.src_node_id for r in replies})

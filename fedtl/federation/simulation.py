@@ -33,12 +33,15 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"Run directory {out} already exists and is not empty; choose another --out or pass --overwrite.")
 
 
-def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False) -> dict:
+def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
+             ray_address: str | None = None) -> dict:
     """Run the federation in simulation and return ``summary.json``'s content.
 
     Everything that bad input can break (config, data file, backbone weights, output folder)
     is checked before anything is written. With ``resume``, ``out`` is an interrupted run: it
     continues from its last checkpoint (its own ``config.json`` is the configuration).
+    ``ray_address`` (default ``$RAY_ADDRESS``): an existing Ray cluster to run the sites on (see
+    :func:`backend_config`); empty: a private Ray instance on this machine, stopped afterwards.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -63,7 +66,7 @@ def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False, resu
     watcher = ProcessTreeWatcher()
     watcher.start()
     try:
-        _run_flower(cfg)
+        _run_flower(cfg, os.environ.get("RAY_ADDRESS", "") if ray_address is None else ray_address)
     finally:
         _shutdown_ray()
         watcher.stop_and_reap()
@@ -100,25 +103,39 @@ def _check_plan_in_background(cfg: FedTLConfig) -> None:
     threading.Thread(target=check, name="fedtl-plan-check", daemon=True).start()
 
 
-def _run_flower(cfg: FedTLConfig) -> None:
+def backend_config(cfg: FedTLConfig, ray_address: str = "") -> dict:
+    """Flower's simulation backend settings: each site an actor needing one CPU; Ray's ``init_args``.
+
+    Without ``ray_address`` Ray starts privately on this machine with at most one CPU per site. With one
+    (``auto``, ``127.0.0.1:6379``, ``ray://host:10001``) the driver joins that cluster (``ray.init(address=…)``,
+    through Flower's ``init_args``) and uses the cluster's own resources: a study that outgrows one machine runs
+    its sites on every node of the cluster. Each node needs fedtl installed (``pip install -e .``) and the
+    data and weights paths of the run config.
+    """
+    if ray_address:
+        init_args = {"address": ray_address, "logging_level": "error"}  # the cluster's CPUs, not ours
+    else:
+        cpus = max(1, min(os.cpu_count() or 1, cfg.federation.sites))
+        init_args = {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False, "logging_level": "error"}
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
+
+
+def _run_flower(cfg: FedTLConfig, ray_address: str = "") -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 
     from fedtl.federation.apps import make_client_app, make_server_app
 
-    cpus = max(1, min(os.cpu_count() or 1, cfg.federation.sites))
-    backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False, "logging_level": "error"},
-    }
+    if ray_address:
+        log.info("Running the sites on the Ray cluster at %s", ray_address)
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
         # simulated sites share this machine's weights: nothing to distribute
         run_simulation(server_app=make_server_app(cfg, distribute_backbone=False), client_app=make_client_app(cfg, threads=1),
-                       num_supernodes=cfg.federation.sites, backend_config=backend_config)
+                       num_supernodes=cfg.federation.sites, backend_config=backend_config(cfg, ray_address))
 
 
 def _shutdown_ray() -> None:

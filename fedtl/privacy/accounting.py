@@ -35,11 +35,15 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant
         return float(make_accountant(accountant, history).get_epsilon(delta=delta))
 
 
+MAX_SIGMA = 100.0  # beyond this ε no longer falls (the δ term of the RDP conversion dominates)
+
+
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     prior: list[tuple[float, float, int]] | None = None, accountant: str = "rdp",
-                    tolerance: float = 0.01) -> float:
+                    tolerance: float = 0.01, max_sigma: float = MAX_SIGMA) -> float:
     """Smallest noise multiplier (within ``tolerance`` in ε) such that the prior history plus
-    ``steps`` more steps at ``sample_rate`` stays within ``target_epsilon``."""
+    ``steps`` more steps at ``sample_rate`` stays within ``target_epsilon``; searched in ``(0, max_sigma]``,
+    :class:`PrivacyBudgetError` when even ``max_sigma`` does not reach it (one bound check, no search)."""
     prior = list(prior or [])
     spent = epsilon_of(prior, delta, accountant)
     if spent >= target_epsilon:
@@ -48,12 +52,12 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     def eps(sigma: float) -> float:
         return epsilon_of(prior + [(sigma, sample_rate, steps)], delta, accountant)
 
-    max_sigma = 100.0  # beyond this ε no longer falls (the δ term of the RDP conversion dominates)
+    max_sigma = min(float(max_sigma), MAX_SIGMA)
     if eps(max_sigma) > target_epsilon:  # an impossible budget: say so at once, not after a long search
         raise PrivacyBudgetError(
             f"No noise multiplier reaches ε ≤ {target_epsilon} for {steps} steps at sample rate {sample_rate:.4f}."
         )
-    low, high = 0.0, 10.0
+    low, high = 0.0, min(10.0, max_sigma)
     while eps(high) > target_epsilon:
         low, high = high, min(high * 2, max_sigma)
     while True:

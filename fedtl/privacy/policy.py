@@ -183,7 +183,7 @@ def plan_round(policy: PrivacyPolicy, ledger, proposal: Proposal, *, run_id: str
         return Decline(f"Site `{name}` has spent ε={spent:.2f} of its budget {policy.target_epsilon:g}; it will not "
                        "train another round.", spent)
     if not math.isfinite(sigma) or sigma > policy.max_noise_multiplier:
-        needed = f"σ={sigma:.1f}" if math.isfinite(sigma) else "σ>100"
+        needed = f"σ={sigma:.1f}" if math.isfinite(sigma) else f"σ>{policy.max_noise_multiplier:g}"
         return Decline(
             f"Site `{name}` would need noise multiplier {needed} to stay within its policy (spent ε={spent:.2f} of "
             f"{policy.target_epsilon:g}, at most {policy.round_cap:g} per round), above its policy's max-noise-multiplier "
@@ -206,18 +206,24 @@ def plan_round(policy: PrivacyPolicy, ledger, proposal: Proposal, *, run_id: str
 
 
 def _calibrate(policy: PrivacyPolicy, ledger, run_id: str, q: float, round_steps: int, remaining: int) -> float:
-    """Smallest σ meeting every cap for the ``remaining`` rounds; ``inf`` when none does."""
+    """Smallest σ meeting every cap for the ``remaining`` rounds; ``inf`` when none does.
+
+    One bound check first: if even the policy's ``max_noise_multiplier`` breaks a cap, the round will be
+    declined whatever σ a search would find, so none is run (one accountant curve, at that σ). Otherwise
+    each cap's σ is searched below it.
+    """
     acc, delta = policy.accountant, policy.delta
+    bound = policy.max_noise_multiplier
+    checks = [(policy.target_epsilon, remaining * round_steps, ledger.history), (policy.round_cap, round_steps, [])]
+    if policy.run_cap < policy.target_epsilon:
+        checks.append((policy.run_cap, remaining * round_steps, ledger.run_history(run_id)))
+    if any(epsilon_of(prior + [(bound, q, steps)], delta, acc) > cap for cap, steps, prior in checks):
+        return math.inf
     try:
-        sigmas = [calibrate_noise(policy.target_epsilon, delta, q, remaining * round_steps, prior=ledger.history,
-                                  accountant=acc),
-                  calibrate_noise(policy.round_cap, delta, q, round_steps, accountant=acc)]
-        if policy.run_cap < policy.target_epsilon:
-            sigmas.append(calibrate_noise(policy.run_cap, delta, q, remaining * round_steps,
-                                          prior=ledger.run_history(run_id), accountant=acc))
+        return max(calibrate_noise(cap, delta, q, steps, prior=prior, accountant=acc, max_sigma=bound)
+                   for cap, steps, prior in checks)
     except PrivacyBudgetError:
         return math.inf
-    return max(sigmas)
 
 
 def policy_for_site(site_config) -> PrivacyPolicy:

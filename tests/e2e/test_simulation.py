@@ -1,9 +1,11 @@
 """A real Flower simulation (Ray backend) through the `fedtl` command, on a small real data set."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -83,3 +85,69 @@ def test_three_sites_two_rounds_with_dp_and_a_site_out_of_budget(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["cache_hit"] is True
+
+
+@pytest.fixture
+def ray_cluster():
+    """A Ray head of its own on loopback (`ray start --head`), stopped afterwards: every process whose command
+    line names its temporary folder (never `ray stop`, which would stop any other Ray of this user)."""
+    import shutil
+    import socket
+    import tempfile
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="fedtl-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    ray = str(Path(sys.executable).parent / "ray")
+
+    def ours() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            if any(temp in arg for arg in (p.info["cmdline"] or [])):
+                found.append(p)
+        return found
+
+    try:
+        subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                        "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                       check=True, capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+        yield f"127.0.0.1:{port}", Path(temp)
+    finally:
+        procs = ours()
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=10)
+        time.sleep(0.5)
+        left = ours()
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not left, f"Ray processes of the test's cluster left running: {[p.pid for p in left]}"
+
+
+def test_simulate_attaches_to_an_existing_ray_cluster(tmp_path, ray_cluster):
+    """`fedtl simulate --ray-address` runs the sites as actors of that cluster (Flower's `init_args`), starts no
+    Ray of its own, and leaves the cluster running for the next study."""
+    address, temp = ray_cluster
+    data = write_small_medmnist(tmp_path / "small.npz", n_train=60, n_val=30, n_test=30)
+    out = tmp_path / "run"
+    env = dict(os.environ, FEDTL_CACHE_DIR=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "fedtl.cli", "simulate", "--out", str(out), "--data", str(data), "--sites", "2",
+           "--rounds", "1", "--set", "data.partitioner=iid", "--ray-address", address]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["sites"] == 2 and set(summary["epsilon"]) == {"site-0", "site-1"}
+    sessions = list(temp.glob("session_2*/logs"))  # session_latest is a link to it
+    assert len(sessions) == 1, sessions  # one cluster: the driver joined it instead of starting another
+    workers = [p for p in sessions[0].glob("worker-*") if "ClientAppActor" in p.read_text(errors="replace")]
+    assert workers, sorted(p.name for p in sessions[0].iterdir())  # the sites ran as actors of this cluster
+    raylets = [p for p in psutil.process_iter(["cmdline"]) if "raylet" in " ".join(p.info["cmdline"] or [])
+               and str(temp) in " ".join(p.info["cmdline"] or [])]
+    assert raylets, "the cluster was stopped by the simulation"

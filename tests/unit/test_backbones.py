@@ -107,3 +107,24 @@ def test_torchvision_reads_the_hub_cache_offline_and_units_compose(tmp_path, mon
         assert pooled.shape == (2, spec.feature_dim)
         assert torch.allclose(bb.classifier(pooled), reference(x), atol=1e-5)
     assert len(bb.weights_sha256) == 64
+
+
+def test_torchvision_weight_files_written_out_in_the_specs_are_torchvision_s_own():
+    """The specs name torchvision's weight files without importing torchvision.models; they must stay its own."""
+    from fedtl.backbones.torchvision_models import WEIGHTS_URLS
+
+    for arch, url in WEIGHTS_URLS.items():
+        assert tvm.get_model_weights(arch).IMAGENET1K_V1.url == url
+        assert get_spec(arch).weights_file == url.rsplit("/", 1)[1]
+
+
+def test_looking_up_specs_imports_no_backbone_library():
+    """Listing backbones or reading a spec (what a site with cached features needs) imports neither timm nor
+    torchvision.models: they are imported by a build only."""
+    import subprocess
+
+    code = ("import sys; from fedtl.backbones import available, get_spec; "
+            "[get_spec(n) for n in available()]; "
+            "print(sorted(m for m in ('timm', 'torchvision', 'torchvision.models') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

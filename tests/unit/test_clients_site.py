@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from flwr.common.config import parse_config_args
@@ -93,3 +95,17 @@ def test_the_launcher_watches_the_supernode_and_gives_it_the_sites_own_flwr_home
     assert "Failed to activate SuperNode" in out  # the SuperNode's own output still reaches the operator
     assert err.startswith("error: the SuperLink at 127.0.0.1:9093 does not know this site's key")
     assert "fedtl-server register --connection <connection> site.pub --name st-mary" in err
+
+def test_the_supernode_starts_with_a_short_superexec_poll_unless_the_operator_set_one(tmp_path, monkeypatch):
+    """The SuperExec that starts a ClientApp per message polls every 0.1 s, not Flower's default 1 s; an
+    operator's own value is kept. Checked on the environment the SuperNode process is started with."""
+    import clients.site as site_module
+
+    seen = []
+    monkeypatch.setattr(site_module, "_run_foreground",
+                        lambda cmd, hint, env, **kw: seen.append(env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL")) or 0)
+    monkeypatch.delenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", raising=False)
+    assert main(["start", str(_site(tmp_path)), "--superlink", "127.0.0.1:9093"]) == 0
+    monkeypatch.setenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5")
+    assert main(["start", str(_site(tmp_path)), "--superlink", "127.0.0.1:9093"]) == 0
+    assert seen == ["0.1", "0.5"]

@@ -113,3 +113,24 @@ def _identity_preprocessing():
     from fedtl.data import Preprocessing
 
     return Preprocessing.for_backbone(get_spec("efficientnet_lite0"), 32)
+
+
+def test_the_warm_path_without_a_backbone_also_keeps_the_hold_out_out_of_training(tmp_path, monkeypatch):
+    """A site whose features are cached trains through `cached_site` (no backbone): the held-out images must be
+    removed there too, and its evaluation requests get exactly the held-out ones."""
+    import torch
+
+    from fedtl.config import FedTLConfig
+
+    _folder_site(tmp_path, 40, "imgs")
+    path = str(write(tmp_path, 'name = "s"\n[data]\nformat = "folder"\npath = "imgs"\nlabels = "imgs.csv"\n'
+                               'image-size = 12\n[evaluation]\nholdout = 0.25\n'))
+    deployment.load_site_config.cache_clear()
+    deployment._site_images.cache_clear()
+    feats = torch.arange(40, dtype=torch.float32)[:, None].repeat(1, 4)  # row i: image i
+    monkeypatch.setattr(deployment, "_warm", lambda cfg, site, images, n: ("suffix-model", feats[: len(images)]))
+    model, train = deployment.cached_site(FedTLConfig(), path, 2)
+    _, ev = deployment.cached_eval_site(FedTLConfig(), path, 2)
+    trained = {int(r[0]) for r in train.features}
+    held = {int(r[0]) for s in ("val", "test") for r in ev.splits[s][0]}
+    assert len(trained) == 30 and len(held) == 10 and not trained & held and trained | held == set(range(40))

@@ -22,10 +22,23 @@ class FakeGrid:
     def get_node_ids(self):
         return list(range(1, self.n + 1))
 
-    def send_and_receive(self, messages, timeout):
-        self.sent.append((len(messages), timeout))
-        return [_reply(m.metadata.dst_node_id, _state(1.0), 8) for m in messages
-                if m.metadata.dst_node_id in self.answering]
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.sent.append(len(messages))
+        self.pending = {f"msg-{m.metadata.dst_node_id}": m.metadata.dst_node_id for m in messages}
+        self.pulls = 0
+        return list(self.pending)
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        replies = []
+        for mid in message_ids:
+            node = self.pending[mid]
+            if node in self.answering:
+                reply = _reply(node, _state(1.0), 8)
+                reply.metadata.__dict__["_reply_to_message_id"] = mid
+                replies.append(reply)
+        return replies
 
 
 def _round(grid, fed, tmp_path):
@@ -44,7 +57,8 @@ def test_a_quorum_that_cannot_be_met_is_retried_then_stops_the_run_with_how_to_r
     grid = FakeGrid(3, {1})
     with pytest.raises(FederationError) as err:
         _round(grid, fed, tmp_path)
-    assert len(grid.sent) == 3 and all(t == 0.2 for _, t in grid.sent)  # 1 try + 2 retries, each bounded
+    assert grid.sent == [3, 3, 3]  # 1 try + 2 retries, each bounded by the round timeout (0.2 s)
+    assert 1 < grid.pulls <= 3  # replies polled every 0.2 s at most, not Flower's 3 s
     msg = str(err.value)
     assert "Round 3: fewer than 3 site(s) (federation.min-sites) replied within 0 s in 3 attempt(s)" in msg
     assert "stopped after round 2" in msg and f"fedtl simulate --resume {tmp_path}" in msg
@@ -63,3 +77,14 @@ def test_federation_settings_are_validated():
         FederationConfig(sites=2, min_sites=3)
     with pytest.raises(Exception, match="federation.round-timeout"):
         FederationConfig(round_timeout=0)
+
+
+def test_replies_are_collected_as_soon_as_they_arrive(tmp_path):
+    """Every reply in: the round returns at once, without waiting out the poll interval or the timeout."""
+    import time
+
+    fed = FederationConfig(sites=3, min_sites=3, round_timeout=60, round_retries=0)
+    grid = FakeGrid(3, {1, 2, 3})
+    t0 = time.monotonic()
+    _, replies = _round(grid, fed, tmp_path)
+    assert len(replies) == 3 and grid.pulls == 1 and time.monotonic() - t0 < 5

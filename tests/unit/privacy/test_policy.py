@@ -5,7 +5,7 @@ import math
 import pytest
 
 from fedtl.config import PrivacyConfig
-from fedtl.errors import ConfigError
+from fedtl.errors import ConfigError, PrivacyBudgetError
 from fedtl.privacy import PrivacyPolicy, Proposal, epsilon_of, open_ledger, plan_round
 from fedtl.privacy.policy import Decline, RoundPlan, policy_for_simulation
 
@@ -109,3 +109,37 @@ def test_simulation_policy_comes_from_the_run_config(tmp_path):
     privacy = PrivacyConfig(site_epsilons="3,1", randomness="seeded", accountant="prv")
     pol = policy_for_simulation(privacy, "site-1", 1, tmp_path / "l.json", seed=7)
     assert pol.target_epsilon == 1.0 and pol.seeded and pol.accountant == "prv" and not pol.deployed
+
+
+def test_a_site_that_cannot_afford_a_round_declines_after_one_bound_check(tmp_path, monkeypatch):
+    """The declining site of a deployment pays this every round in a fresh process: one accountant curve, at the
+    policy's max-noise-multiplier, and no search."""
+    from fedtl.privacy import accounting, policy as policy_module
+
+    monkeypatch.setattr(policy_module, "calibrate_noise", lambda *a, **k: pytest.fail("searched for σ"))
+    accounting._rdp_curve.cache_clear()
+    policy = _policy(tmp_path, target_epsilon=0.05)
+    plan = _plan(policy, Proposal(total_rounds=5, batch_size=64), n=100)
+    assert isinstance(plan, Decline) and "σ>10 to stay within its policy" in plan.reason, plan
+    assert accounting._rdp_curve.cache_info().misses == 1  # the curve at (σ=10, q) only
+    assert not policy.ledger_path.exists()
+
+
+def test_the_calibration_is_kept_in_the_ledger_plan_and_reused_by_the_next_round(tmp_path, monkeypatch):
+    from fedtl.privacy import policy as policy_module
+
+    policy = _policy(tmp_path)
+    first = _plan(policy, Proposal(total_rounds=10, batch_size=64), rnd=1)
+    with open_ledger(policy.ledger_path, site=policy.site, delta=policy.delta, accountant=policy.accountant) as ledger:
+        assert ledger.plan["noise_multiplier"] == first.noise_multiplier  # saved with the round's entry
+    monkeypatch.setattr(policy_module, "_calibrate", lambda *a, **k: pytest.fail("calibrated again"))
+    second = _plan(policy, Proposal(total_rounds=10, batch_size=64), rnd=2)
+    assert isinstance(second, RoundPlan) and second.noise_multiplier == first.noise_multiplier
+    # the bounded search finds the same σ as the unbounded one whenever one exists
+    monkeypatch.undo()
+    free = policy_module.calibrate_noise(3.0, 1e-5, 0.16, 60)
+    for bound in (free * 1.05, 10.0):
+        sigma = policy_module.calibrate_noise(3.0, 1e-5, 0.16, 60, max_sigma=bound)
+        assert sigma == pytest.approx(free, rel=0.02) and sigma <= bound
+    with pytest.raises(PrivacyBudgetError, match="No noise multiplier reaches"):
+        policy_module.calibrate_noise(3.0, 1e-5, 0.16, 60, max_sigma=free * 0.9)
