@@ -187,7 +187,9 @@ def evaluate_at_sites(grid, strategy, server_round: int, arrays: ArrayRecord, co
     messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
                         message_type=MessageType.EVALUATE) for node in node_ids]
     t0 = time.perf_counter()
-    replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+    from fedtl.federation.polling import send_and_receive
+
+    replies = send_and_receive(grid, messages, timeout=timeout) if messages else []  # polled every 0.2 s
     result = SiteEvaluation()
     answered = set()
     for reply in replies:

@@ -167,17 +167,21 @@ class EvalGrid:
     def get_node_ids(self):
         return list(self.replies)
 
-    def send_and_receive(self, messages, timeout):
+    def push_messages(self, messages):  # Flower's Grid: push, then pull by message id
         from flwr.app import Error
 
-        out = []
-        for m in messages:
+        self.out = {}
+        for i, m in enumerate(messages, 1):
             self.sent.append(m)
+            m.metadata.__dict__["_message_id"] = str(i)  # what a real grid assigns on push
             r = self.replies[m.metadata.dst_node_id]
-            if r == "silent":
-                continue
-            out.append(Message(error=Error(code=1, reason="boom"), reply_to=m) if r == "error" else Message(r, reply_to=m))
-        return out
+            if r != "silent":
+                self.out[str(i)] = Message(error=Error(code=1, reason="boom"), reply_to=m) if r == "error" \
+                    else Message(r, reply_to=m)
+        return [str(i) for i in range(1, len(self.sent) + 1)]
+
+    def pull_messages(self, ids):
+        return [self.out.pop(i) for i in list(ids) if i in self.out]
 
 
 def test_every_reply_is_recorded_or_skipped_with_its_reason_and_none_ends_the_round(task_identity):  # noqa: F811
@@ -187,7 +191,7 @@ def test_every_reply_is_recorded_or_skipped_with_its_reason_and_none_ends_the_ro
                      7: RecordDict({"metrics": MetricRecord({"evaluated": 1})})})
     strategy = SuffixFedAvg(expected=_tiny_model().expected_state())
     arrays = to_record(_tiny_model().trainable_state())
-    ev = evaluate_at_sites(grid, strategy, 4, arrays, ConfigRecord({"num-classes": 2}), 30.0, 2)
+    ev = evaluate_at_sites(grid, strategy, 4, arrays, ConfigRecord({"num-classes": 2}), 0.5, 2)
     assert sorted(ev.sites) == ["a", "b"] and ev.sites["a"]["test_n"] == 60
     assert "rejected" in ev.skipped["node-3"] and "val-auc" in ev.skipped["node-3"]
     assert ev.skipped["d"] == "this site does not evaluate" and "boom" in ev.skipped["node-5"]
