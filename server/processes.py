@@ -246,3 +246,19 @@ def _copy_lines(stream: IO[str], on_output: Callable[[str], None]) -> None:
         sys.stdout.write(line)
         sys.stdout.flush()
         on_output(line)
+
+
+def free_loopback_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now (all held open together while they are chosen)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

@@ -52,17 +52,9 @@ def toy_images() -> tuple[np.ndarray, np.ndarray]:
 
 def write_small_medmnist(path: Path, n_train: int = 240, n_val: int = 80, n_test: int = 80, seed: int = 0) -> Path:
     """A MedMNIST-format npz cut from the bundled PneumoniaMNIST (real images, fewer of them)."""
-    from fedtl.data import BUNDLED_PNEUMONIAMNIST
+    from fedtl.data.sources import write_medmnist_sample
 
-    rng = np.random.default_rng(seed)
-    with np.load(BUNDLED_PNEUMONIAMNIST) as z:
-        arrays = {}
-        for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-            idx = rng.choice(z[f"{split}_images"].shape[0], size=n, replace=False)
-            arrays[f"{split}_images"] = z[f"{split}_images"][idx]
-            arrays[f"{split}_labels"] = z[f"{split}_labels"][idx]
-    np.savez_compressed(path, **arrays)
-    return path
+    return write_medmnist_sample(path, n_train, n_val, n_test, seed)
 
 
 @pytest.fixture(autouse=True)

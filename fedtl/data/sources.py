@@ -120,3 +120,18 @@ def load_medmnist(path: str | Path, require: tuple[str, ...] = SPLITS) -> MedMNI
     if any(int(sets[s].labels.min(initial=0)) < 0 for s in SPLITS):
         raise DataError(f"{p}: labels must be >= 0.")
     return MedMNISTSource(p, sets["train"], sets["val"], sets["test"], num_classes)
+
+
+def write_medmnist_sample(path: str | Path, n_train: int, n_val: int, n_test: int, seed: int = 0,
+                          source: str | Path = BUNDLED_PNEUMONIAMNIST) -> Path:
+    """A MedMNIST-format npz of ``n_*`` images drawn (without replacement, reproducibly from ``seed``) from
+    each split of ``source``: real images, fewer of them (tests, benchmarks, small demos)."""
+    rng = np.random.default_rng(seed)
+    with np.load(source) as z:
+        arrays = {}
+        for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+            idx = rng.choice(z[f"{split}_images"].shape[0], size=n, replace=False)
+            arrays[f"{split}_images"] = z[f"{split}_images"][idx]
+            arrays[f"{split}_labels"] = z[f"{split}_labels"][idx]
+    np.savez_compressed(path, **arrays)
+    return Path(path)

@@ -33,7 +33,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -135,33 +134,6 @@ if _LOG and _ROLE in ("flwr-clientapp", "flwr-serverapp"):
 '''
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _small_medmnist(path: Path, n_train: int, n_val: int, n_test: int, seed: int) -> Path:
-    import numpy as np
-
-    from fedtl.data import BUNDLED_PNEUMONIAMNIST
-
-    rng = np.random.default_rng(seed)
-    with np.load(BUNDLED_PNEUMONIAMNIST) as z:
-        arrays = {}
-        for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-            idx = rng.choice(z[f"{split}_images"].shape[0], size=n, replace=False)
-            arrays[f"{split}_images"] = z[f"{split}_images"][idx]
-            arrays[f"{split}_labels"] = z[f"{split}_labels"][idx]
-    np.savez_compressed(path, **arrays)
-    return path
 
 
 def _loadavg() -> list[str]:
@@ -240,7 +212,9 @@ def run(args: argparse.Namespace) -> dict:
     import tomli_w
 
     from clients import site as site_launcher
+    from fedtl.data.sources import write_medmnist_sample
     from server import ops
+    from server.processes import free_loopback_ports
 
     work = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="deploy-timing-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -259,7 +233,7 @@ def run(args: argparse.Namespace) -> dict:
     os.environ["FEDTL_CACHE_DIR"] = env["FEDTL_CACHE_DIR"]
 
     certs = ops.make_ca_and_server_cert(work / "certs")
-    port, control = _free_ports(2)
+    port, control = free_loopback_ports(2)
     flwr_home = work / "flwr"
     ops.write_connection(flwr_home, CONNECTION, f"127.0.0.1:{control}", certs.ca_cert)
     sites: dict[str, Path] = {}
@@ -267,7 +241,7 @@ def run(args: argparse.Namespace) -> dict:
     for name, seed, epsilon in SITES:
         folder = work / "sites" / name
         folder.mkdir(parents=True)
-        images = _small_medmnist(folder / "images.npz", 100, 8, 8, seed)
+        images = write_medmnist_sample(folder / "images.npz", 100, 8, 8, seed)
         keys[name] = ops.make_site_keypair(work / "keys", name)
         body = {"name": name, "state-dir": str(folder / "state"),
                 "data": {"format": "medmnist", "path": str(images), "image-size": 28},
@@ -276,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
                 "auth": {"private-key": str(keys[name][0]), "public-key": str(keys[name][1])}}
         sites[name] = folder / "site.toml"
         sites[name].write_text(tomli_w.dumps(body), encoding="utf-8")
-    server_data = _small_medmnist(work / "server.npz", 8, 60, 60, 0)
+    server_data = write_medmnist_sample(work / "server.npz", 8, 60, 60, 0)
     t0 = time.time()
     _warm_caches(work, sites, server_data)
     warm_s = time.time() - t0
@@ -301,7 +275,7 @@ def run(args: argparse.Namespace) -> dict:
         stack.enter_context(link)
         for i, (name, _, _) in enumerate(SITES):
             ops.register_site(flwr_home, CONNECTION, keys[name][1], name=name)
-            (node_port,) = _free_ports(1)
+            (node_port,) = free_loopback_ports(1)
             cmd = site_launcher.start_command(sites[name], f"127.0.0.1:{port}", node_port)
             stack.enter_context(ops.ManagedProcess(cmd, work / "logs" / f"supernode-{name}.log", env=env,
                                                    port=node_port, start_timeout=120, cwd=work))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from fedtl.backbones.efficientnet import LITE0_FILE, LITE0_SHA256
 from fedtl.backbones.registry import file_sha256
 from fedtl.errors import ConfigError, FederationError
 from server import ops
+from server.processes import free_loopback_ports
 from tests.conftest import write_small_medmnist
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -40,17 +40,6 @@ CONNECTION = "fedtl-tls"
 SITES = 3
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _marked_processes(marker: str) -> list[psutil.Process]:
@@ -89,7 +78,7 @@ class Deployment:
 
     def supernode(self, name: str, private_key: Path, ca_cert: Path | None, node_config: str,
                   wait_for_port: bool = True, env: dict[str, str] | None = None) -> ops.ManagedProcess:
-        (port,) = _free_ports(1)
+        (port,) = free_loopback_ports(1)
         cmd = ops.supernode_command(self.address, ca_cert, private_key, port, node_config)
         proc = ops.ManagedProcess(cmd, self.tmp / "logs" / f"supernode-{name}.log", env=env or self.env,
                                   port=port if wait_for_port else None, start_timeout=90, cwd=self.tmp)
@@ -107,7 +96,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
                FEDTL_CACHE_DIR=str(tmp_path / "cache"), FLWR_HOME=str(tmp_path / "flwr"))
     certs = ops.make_ca_and_server_cert(tmp_path / "certs")
     keys = {f"site-{i}": ops.make_site_keypair(tmp_path / "keys", f"site-{i}") for i in range(SITES)}
-    port, control_port = _free_ports(2)
+    port, control_port = free_loopback_ports(2)
     address = f"127.0.0.1:{port}"
     flwr_home = tmp_path / "flwr"
     ops.write_connection(flwr_home, CONNECTION, f"127.0.0.1:{control_port}", certs.ca_cert)
