@@ -4,16 +4,15 @@ validation/test split.
 
 Binary tasks: accuracy is taken at a decision threshold chosen on *validation* data (never on
 test data), because a suffix trained on one class mix puts its argmax in the wrong place for
-another. The threshold is chosen either from validation probabilities (central evaluation) or
-from the sites' released score histograms (federated evaluation); both maximise balanced
-accuracy (Youden's J), which does not depend on the validation split's class mix.
+another. The threshold is a bin edge of the score histograms — the server's own validation
+scores (central evaluation) or the sites' released ones (federated evaluation), so both paths
+pick it the same way and per-site accuracy at it is exact — with the best balanced accuracy
+(Youden's J), which does not depend on the validation split's class mix.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,17 +20,6 @@ from fedtl.decision import METADATA_KEY, Decision, decision_from_metadata
 
 HIST_BINS = 50  # score histogram bins a site releases per class (binary tasks), on [0, 1]
 DECISION_KEY = METADATA_KEY  # safetensors metadata key of the suffix's decision rule (fedtl.decision)
-
-
-@dataclass(frozen=True)
-class Figures:
-    n: int
-    auc: float  # NaN when undefined (one class)
-    acc: float  # at the decision rule
-    loss: float
-
-    def as_row(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}_auc": self.auc, f"{prefix}_acc": self.acc, f"{prefix}_loss": self.loss, f"{prefix}_n": self.n}
 
 
 def auc_of(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -51,29 +39,6 @@ def auc_of(probs: np.ndarray, labels: np.ndarray) -> float:
 def decision_of(body: dict | None) -> Decision:
     """The rule a run recorded as a JSON object (``metrics.jsonl``'s ``decision``); none recorded: argmax."""
     return decision_from_metadata({METADATA_KEY: json.dumps(body)}) if body else Decision()
-
-
-def figures(probs: np.ndarray, labels: np.ndarray, loss: float, decision: Decision = Decision()) -> Figures:
-    labels = np.asarray(labels)
-    if len(labels) == 0:
-        return Figures(0, float("nan"), float("nan"), float("nan"))
-    acc = float(np.mean(decision.apply(probs) == labels))
-    return Figures(int(len(labels)), auc_of(probs, labels), acc, float(loss))
-
-
-def choose_threshold(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """The threshold on the positive-class score with the best balanced accuracy on validation data
-    (Youden's J; ties go to the threshold nearest 0.5). ``None`` when a class is missing."""
-    from sklearn.metrics import roc_curve
-
-    labels = np.asarray(labels)
-    if len(np.unique(labels)) < 2:
-        return None
-    fpr, tpr, thr = roc_curve(labels, scores)
-    thr = np.clip(thr, 0.0, 1.0)
-    j = tpr - fpr
-    best = np.flatnonzero(np.isclose(j, j.max()))
-    return float(thr[best[np.argmin(np.abs(thr[best] - 0.5))]])
 
 
 def score_histograms(scores: np.ndarray, labels: np.ndarray, bins: int = HIST_BINS) -> tuple[list[int], list[int]]:
