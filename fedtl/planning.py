@@ -127,7 +127,7 @@ def plan_simulation(cfg) -> tuple[list[SitePlan], int]:
     return plan_sizes(cfg, sizes, params), params
 
 
-def plan_sizes(cfg, sizes: list[int], params: int) -> list[SitePlan]:
+def plan_sizes(cfg, sizes: list[int], params: int, advise: bool = True) -> list[SitePlan]:
     p = cfg.privacy
     budgets = p.site_budgets() if p.site_epsilons else ()
     plans = []
@@ -136,7 +136,8 @@ def plan_sizes(cfg, sizes: list[int], params: int) -> list[SitePlan]:
         budget = Budget(eps, p.delta, p.max_epsilon_per_round or eps / 4, p.max_epsilon_per_run or eps,
                         p.max_noise_multiplier, p.accountant)
         plans.append(plan_site(f"site-{i}", n, rounds=min(cfg.federation.rounds, p.max_rounds_per_run),
-                               batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, params=params, budget=budget))
+                               batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, params=params, budget=budget,
+                               advise=advise))
     return plans
 
 

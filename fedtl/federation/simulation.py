@@ -61,6 +61,8 @@ def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False, resu
     if not resume:
         prepare_run_dir(out, overwrite=overwrite)
     cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out), resume=resume))
+    if cfg.privacy.enabled:
+        _check_plan_in_background(cfg)
     watcher = ProcessTreeWatcher()
     watcher.start()
     try:
@@ -79,6 +81,27 @@ def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False, resu
     tmp.write_text(json.dumps(jsonable(summary), indent=1))
     tmp.replace(summary_path)
     return summary
+
+
+def _check_plan_in_background(cfg: FedTLConfig) -> None:
+    """The plan's check (``fedtl plan``, without its alternatives): warn before the first round when sites will
+    send noise. It runs beside Ray's start-up (one noise calibration per site, about a second of CPU each on
+    this project's 2-core machine); a failure of the check never stops the run."""
+    import threading
+
+    def check() -> None:
+        try:
+            from fedtl.planning import plan_sizes, warnings_for
+            from fedtl.federation.site import site_indices
+
+            model = build_transfer_model(cfg, load_source(cfg.data.path).num_classes)
+            sizes = [len(site_indices(cfg, s, cfg.federation.sites)) for s in range(cfg.federation.sites)]
+            for line in warnings_for(plan_sizes(cfg, sizes, model.param_counts()["trainable_params"], advise=False)):
+                log.warning("Plan: %s", line)
+        except Exception as exc:  # advice only
+            log.debug("The plan check failed: %s", exc)
+
+    threading.Thread(target=check, name="fedtl-plan-check", daemon=True).start()
 
 
 def backend_config(cfg: FedTLConfig, ray_address: str = "") -> dict:

@@ -92,6 +92,23 @@ def test_calibrated_noise_meets_the_budget_and_is_minimal():
     assert epsilon_of([(sigma - 0.05, 0.05, 400)], 1e-5) > 3.0  # any less noise would exceed it
 
 
+@pytest.mark.parametrize("target, q, steps", [(3.0, 0.14, 280), (3.0, 0.6, 80), (0.75, 0.6, 2), (8.0, 0.5, 80),
+                                              (3.0, 1.0, 40), (3.0, 0.01, 1)])
+def test_calibration_is_tight_on_opacus_full_order_grid(target, q, steps):
+    # The search brackets σ on the integer orders (an upper bound of ε), then refines on all of Opacus' orders:
+    # the result must meet the budget on Opacus' own accountant and be within the tolerance of it.
+    from opacus.accountants import RDPAccountant
+
+    from fedtl.privacy.accounting import _rdp_epsilon
+
+    sigma = calibrate_noise(target, 1e-5, q, steps)
+    acc = RDPAccountant()
+    acc.history = [(sigma, q, steps)]
+    eps = acc.get_epsilon(delta=1e-5)
+    assert target - 0.01 <= eps <= target
+    assert _rdp_epsilon([(sigma, q, steps)], 1e-5, integer_orders=True) >= eps  # fewer orders: never a lower ε
+
+
 def test_gdp_is_not_an_accountant():
     with pytest.raises(ValueError, match="rdp, prv"):
         epsilon_of([(1.0, 0.1, 10)], 1e-5, "gdp")
