@@ -91,7 +91,8 @@ def print_summary(summary: dict) -> None:
         return "–" if v is None else f"{v:.{d}f}"
 
     ev, dec = summary.get("evaluation") or {}, summary.get("decision") or {}
-    rule = f"threshold {dec['threshold']:.2f}" if dec.get("rule") == "threshold" else "argmax"
+    rule = {"threshold": lambda: f"threshold {dec['threshold']:.2f}", "bias": lambda: "per-class offsets"}.get(
+        dec.get("rule"), lambda: "argmax")()
     print(f"test AUC {f(summary.get('test_auc'))}, accuracy {f(summary.get('test_acc'))} ({rule}; argmax "
           f"{f(summary.get('test_acc_argmax'))}) — {ev.get('headline', '')}, round {summary.get('selected_round')} "
           f"of {summary.get('rounds')} selected by {ev.get('selected_by', '')} validation")

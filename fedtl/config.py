@@ -224,7 +224,8 @@ class EvaluationConfig:
     sites: str = "auto"  # every-round | final | off | auto: federated evaluation at the sites
     #                      (auto = every round when the server has no data, else once at the end)
     select_by: str = "auto"  # central | federated | auto (central when the server has data)
-    decision: str = "threshold"  # threshold (binary: chosen on validation data) | argmax
+    decision: str = "threshold"  # threshold (calibrated on validation data: binary, a threshold; multi-class,
+    #                              per-class offsets on the server's own validation data) | argmax
     # the server's own evaluation data as image files (instead of data.path's npz): folder | dicom | medmnist
     data_format: str = ""
     data_path: str = ""  # a folder of images (or an .npz)

@@ -65,6 +65,36 @@ def threshold_from_histograms(neg: np.ndarray, pos: np.ndarray) -> float | None:
     return float(edges[best[np.argmin(np.abs(edges[best] - 0.5))]])
 
 
+def bias_from_probabilities(probs: np.ndarray, labels: np.ndarray, grid: float = 4.0, step: float = 0.1,
+                            sweeps: int = 3) -> np.ndarray | None:
+    """Per-class offsets to the log-probabilities (class 0's fixed at 0) with the best accuracy on these
+    (validation) examples: a coordinate search over ``[-grid, grid]``, ties broken toward the smaller offset.
+    ``None`` when the data cannot support it (fewer than 5 examples per class, one class) or no offset beats the
+    argmax, so a model is never moved off its argmax by a validation set too small to say so."""
+    p, y = np.asarray(probs, dtype=float), np.asarray(labels).astype(int)
+    k = p.shape[1]
+    if k < 2 or len(y) < 5 * k or len(np.unique(y)) < 2:
+        return None
+    logp = np.log(np.clip(p, 1e-30, None))
+
+    def acc(b: np.ndarray) -> float:
+        return float(np.mean((logp + b).argmax(1) == y))
+
+    bias, base = np.zeros(k), acc(np.zeros(k))
+    values = np.round(np.arange(-grid, grid + step / 2, step), 10)
+    values = values[np.argsort(np.abs(values), kind="stable")]  # max() keeps the first best: the smallest offset
+    for _ in range(sweeps):
+        for c in range(1, k):
+            trial = bias.copy()
+
+            def score(v: float) -> float:
+                trial[c] = v
+                return acc(trial)
+
+            bias[c] = max(values, key=score)
+    return bias if acc(bias) > base else None
+
+
 def pooled(rows: list[dict], prefix: str, weight_cap: float = 4.0) -> dict[str, float]:
     """Example-weighted means of the sites' figures; each site's weight capped at ``weight_cap`` × the
     median weight (0: no cap), so one site claiming a huge n cannot decide the pooled figure alone.

@@ -65,14 +65,19 @@ class ExportedModel(nn.Module):
         self.threshold_rule = d.rule == "threshold"
         self.positive_class = int(d.positive_class)
         self.threshold = float(d.threshold)
+        self.bias_rule = d.rule == "bias"  # argmax of log P + bias (the same as of logits + bias)
+        self.register_buffer("bias", torch.tensor(d.bias if self.bias_rule else (), dtype=torch.float32))
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (image - self.mean) / self.std  # (N, 3, R, R)
-        probs = self.suffix(self.prefix_pool(self.prefix(x))).softmax(-1)  # (N, C)
-        if self.threshold_rule:
+        logits = self.suffix(self.prefix_pool(self.prefix(x)))
+        probs = logits.softmax(-1)  # (N, C)
+        if self.bias_rule:
+            label = (logits.log_softmax(-1) + self.bias).argmax(-1)
+        elif self.threshold_rule:
             positive = probs[:, self.positive_class] >= self.threshold
             label = torch.where(positive, torch.full_like(positive, self.positive_class, dtype=torch.int64),
                                 torch.full_like(positive, 1 - self.positive_class, dtype=torch.int64))

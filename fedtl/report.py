@@ -151,8 +151,12 @@ def render(run: str | Path) -> str:
     e = html.escape
     status = "completed" if summary else "incomplete (no summary.json: interrupted or running; resumable from its checkpoint)"
     decision = summary.get("decision") or {}
-    rule = (f"threshold {decision.get('threshold')} on P(class 1), chosen on {decision.get('chosen-on', '')}"
-            if decision.get("rule") == "threshold" else "argmax")
+    if decision.get("rule") == "threshold":
+        rule = f"threshold {decision.get('threshold')} on P(class 1), chosen on {decision.get('chosen-on', '')}"
+    elif decision.get("rule") == "bias":
+        rule = f"argmax of log P + offsets {decision.get('bias')}, chosen on {decision.get('chosen-on', '')}"
+    else:
+        rule = "argmax"
     headline = [
         ["status", status],
         ["test AUC", _fmt(summary.get("test_auc"))], ["test accuracy", _fmt(summary.get("test_acc"))],

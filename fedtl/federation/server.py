@@ -34,7 +34,8 @@ from fedtl.federation.records import record_bytes, to_record, to_state
 from fedtl.federation.site import build_transfer_model, cached_features, load_source
 from fedtl.federation.strategy import RoundStats, SuffixFedAvg, make_strategy
 from fedtl.model import TransferModel
-from fedtl.evaluation import Decision, decision_of, score_histograms, threshold_from_histograms
+from fedtl.evaluation import (Decision, bias_from_probabilities, decision_of, score_histograms,
+                              threshold_from_histograms)
 from fedtl.training import evaluate_suffix
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,9 @@ class Tracker:
 
     For a binary task with ``decision = threshold``, each round's decision threshold is chosen on
     the same validation data (central, or the sites' pooled score histograms), never on test data;
-    accuracies are reported at it (``*_acc``) and at the argmax (``*_acc_argmax``).
+    accuracies are reported at it (``*_acc``) and at the argmax (``*_acc_argmax``). A multi-class task
+    gets per-class offsets to the log-probabilities chosen on the server's own validation data (a
+    ``bias`` rule; federated validation has no statistic for them yet, so it keeps the argmax).
     """
 
     model: TransferModel
@@ -140,6 +143,10 @@ class Tracker:
             th = threshold_from_histograms(*score_histograms(v.probabilities[:, 1], self.val[1].numpy()))
             if th is not None:
                 decision = Decision("threshold", th, 1, f"central validation ({v.num_examples} images)")
+        elif self.decision_mode == "threshold" and self.num_classes > 2 and v.num_examples:
+            bias = bias_from_probabilities(v.probabilities, self.val[1].numpy())
+            if bias is not None:
+                decision = Decision("bias", chosen_on=f"central validation ({v.num_examples} images)", bias=tuple(bias))
         row["decision"] = decision.to_dict()
         for name, r, (_, y) in (("val", v, self.val), ("test", t, self.test)):
             acc = float(np.mean(decision.apply(r.probabilities) == y.numpy())) if r.num_examples else float("nan")

@@ -60,7 +60,13 @@ def test_round_trip_through_safetensors_metadata(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("not json", "must be a JSON object, got 'not json'"),
     ("[1, 2]", "must be a JSON object"),
-    ('{"rule": "median"}', "`rule` must be one of argmax, threshold, got 'median'"),
+    ('{"rule": "median"}', "`rule` must be one of argmax, threshold, bias, got 'median'"),
+    ('{"rule": "bias"}', "needs a `bias` list"),
+    ('{"rule": "bias", "bias": [0.1]}', "at least 2 numbers"),
+    ('{"rule": "bias", "bias": [0, "1"]}', "list of at least 2 numbers"),
+    ('{"rule": "bias", "bias": [0, 1e9]}', "list of at least 2 numbers"),
+    ('{"rule": "bias", "bias": {"a": 1}}', "list of at least 2 numbers"),
+    ('{"rule": "bias", "bias": [0, 1], "threshold": 0.3}', "unknown key"),
     ('{"rule": "threshold"}', "needs a `threshold`"),
     ('{"rule": "threshold", "threshold": 1.5}', r"`threshold` must be a number in \[0, 1\], got 1.5"),
     ('{"rule": "threshold", "threshold": "0.4"}', "`threshold` must be a number"),
@@ -70,3 +76,34 @@ def test_round_trip_through_safetensors_metadata(tmp_path):
 def test_malformed_rules_are_refused_with_the_value(text, message):
     with pytest.raises(ConfigError, match=message):
         decision_from_metadata({METADATA_KEY: text})
+
+
+def test_bias_rule_shifts_the_argmax_and_round_trips():
+    probs = np.array([[0.5, 0.3, 0.2], [0.4, 0.35, 0.25], [0.2, 0.2, 0.6]], np.float32)
+    rule = Decision("bias", chosen_on="central validation (120 images)", bias=(0.0, 0.5, -2.0))
+    # log(0.35) + 0.5 > log(0.4); log(0.6) - 2 < log(0.2) + 0.5
+    assert rule.apply(probs).tolist() == [0, 1, 1]
+    assert Decision().apply(probs).tolist() == [0, 0, 2]
+    meta = rule.to_metadata()
+    assert json.loads(meta[METADATA_KEY])["bias"] == [0.0, 0.5, -2.0]
+    assert decision_from_metadata(meta) == rule
+    with pytest.raises(ConfigError, match="3 offsets; this model has 2 classes"):
+        rule.check_classes(2)
+
+
+def test_bias_search_beats_the_argmax_on_validation_or_keeps_it():
+    from fedtl.evaluation import bias_from_probabilities
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    logits = rng.normal(size=(300, 3))
+    logits[np.arange(300), y] += 1.0
+    logits[:, 0] += 1.5  # a model that over-predicts class 0 (trained on another class mix)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    bias = bias_from_probabilities(probs, y)
+    assert bias is not None and bias[0] == 0.0
+    fixed = Decision("bias", bias=tuple(bias))
+    assert np.mean(fixed.apply(probs) == y) > np.mean(probs.argmax(1) == y) + 0.05
+    assert bias_from_probabilities(probs[:10], y[:10]) is None  # too few examples to move the argmax
+    calibrated = np.eye(3)[y] * 0.9 + 0.05  # already right everywhere: nothing to gain
+    assert bias_from_probabilities(calibrated, y) is None

@@ -61,6 +61,19 @@ def test_exported_module_normalizes_and_applies_the_runs_decision_rule(tiny_back
     assert not np.array_equal(labels.numpy(), probs.argmax(1))  # the threshold rule, not the argmax
 
 
+def test_exported_module_applies_a_bias_rule_like_predict(tiny_backbone, toy_images, tmp_path):
+    images = toy_images[0][:32]
+    probs = tiny_run(tiny_backbone).probabilities(images)
+    offset = float(np.median(np.log(probs[:, 0]) - np.log(probs[:, 1])))  # moves half the labels
+    run = tiny_run(tiny_backbone, Decision("bias", bias=(0.0, offset)))
+    with torch.no_grad():
+        out_probs, labels = ExportedModel(run)(run.preprocessing.to_unit(images))
+    np.testing.assert_array_equal(labels.numpy(), run.decision.apply(out_probs.numpy()))
+    assert not np.array_equal(labels.numpy(), probs.argmax(1))
+    report = export_run(run, "torchscript", tmp_path / "b.pt", images, latency_runs=1)
+    assert report.max_abs_diff <= 1e-4
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_export_is_checked_and_atomic(tiny_backbone, toy_images, tmp_path):
     run = tiny_run(tiny_backbone, Decision("threshold", 0.3, 0))

@@ -433,3 +433,30 @@ def test_a_file_where_the_run_directory_should_be_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="`output.dir` .*run exists and is not a directory."):
         prepare_run_dir(tmp_path / "run")
     assert (tmp_path / "run").read_text() == "mine"
+
+
+def test_a_multiclass_round_gets_offsets_chosen_on_validation_and_reports_both_accuracies(tmp_path):
+    # 3 classes; the head is biased toward class 0 (as a model trained on another class mix would be): the
+    # tracker's bias rule, chosen on validation only, must recover accuracy that the argmax loses on test.
+    model = TransferModel(make_tiny_backbone(), 3, ModelConfig(), AdaptersConfig(kind="none", blocks=0))
+
+    def split(seed):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(150) % 3
+        x = torch.randn(150, 16, generator=g)
+        x[torch.arange(150), y] += 1.5
+        return x, y
+
+    w = torch.zeros(3, 16)
+    w[0, 0], w[1, 1], w[2, 2] = 1.0, 1.0, 1.0
+    state = {W: w, B: torch.tensor([2.0, 0.0, 0.0])}
+    tracker = server.Tracker(model, split(0), split(1), SuffixFedAvg(expected=model.expected_state()),
+                             tmp_path / "metrics.jsonl", num_classes=3)
+    tracker(1, to_record(state))
+    row = tracker.history[-1]
+    assert row["decision"]["rule"] == "bias" and row["decision"]["chosen-on"] == "central validation (150 images)"
+    assert row["test_acc"] > row["test_acc_argmax"] + 0.1
+    argmax = server.Tracker(model, split(0), split(1), SuffixFedAvg(expected=model.expected_state()),
+                            tmp_path / "m2.jsonl", num_classes=3, decision_mode="argmax")
+    argmax(1, to_record(state))
+    assert argmax.history[-1]["decision"] == {"rule": "argmax"}
