@@ -53,124 +53,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SITES = (("hospital-a", 1, 3.0), ("hospital-b", 2, 2.0), ("hospital-c", 3, 0.05))
 CONNECTION = "fedtl-bench"
 
-PROBE = r'''
-"""deploy_timing's probe: timestamps of every flwr-clientapp / flwr-serverapp process, appended as JSON lines."""
-import atexit, json, os, sys, time
-_LOG = os.environ.get("FEDTL_TIMING_LOG")
-_ROLE = os.path.basename(sys.argv[0]) if sys.argv else ""
-if "fedtl.federation.worker" in getattr(sys, "orig_argv", ()):
-    _ROLE = "site-worker"
-if _LOG and _ROLE in ("flwr-clientapp", "flwr-serverapp", "site-worker"):
-    import importlib.abc, importlib.machinery
-    _marks = {"role": _ROLE, "pid": os.getpid(), "rounds": {}}
-    try:
-        with open("/proc/self/stat") as fh:
-            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as fh:
-            btime = next(int(l.split()[1]) for l in fh if l.startswith("btime"))
-        _marks["start"] = btime + ticks / os.sysconf("SC_CLK_TCK")
-    except Exception:
-        _marks["start"] = time.time()
-
-    def _mark(key, value=None):
-        _marks.setdefault(key, value if value is not None else time.time())
-
-    def _wrap_clientapp(module):
-        original = module.ClientApp.__call__
-        def __call__(self, message, context):
-            _mark("call")
-            try:
-                _marks["type"] = str(message.metadata.message_type)
-                _marks["round"] = int(message.content["config"].get("server-round", 0)) if "config" in message.content else 0
-                _marks["site"] = str(context.node_config.get("site-config", ""))
-            except Exception:
-                pass
-            try:
-                return original(self, message, context)
-            finally:
-                _mark("return")
-                _marks["imported"] = sorted(m for m in ("timm", "torchvision.models", "peft", "sklearn", "opacus",
-                                                        "torch") if m in sys.modules)
-        module.ClientApp.__call__ = __call__
-
-    _request = {}  # the site worker's request being served (one at a time)
-
-    def _wrap_training(module):
-        original = module._run_epochs
-        def _run_epochs(*args, **kwargs):
-            target = _request if _ROLE == "site-worker" else _marks
-            target.setdefault("first_step", time.time())
-            try:
-                return original(*args, **kwargs)
-            finally:
-                target.setdefault("train_end", time.time())
-        module._run_epochs = _run_epochs
-
-    def _wrap_handlers(module):  # the site worker: one JSON line per request, written when it is served
-        def wrap(name, kind):
-            original = getattr(module, name)
-            def handler(content, run_config, node_config, *args, **kwargs):
-                _request.clear()
-                _request.update(role=_ROLE, pid=os.getpid(), type=kind, call=time.time(), cpu0=time.process_time())
-                try:
-                    _request["round"] = int(content["config"].get("server-round", 0))
-                    _request["site"] = str(node_config.get("site-config", ""))
-                except Exception:
-                    pass
-                try:
-                    return original(content, run_config, node_config, *args, **kwargs)
-                finally:
-                    _request["return"] = time.time()
-                    _request["cpu"] = time.process_time() - _request.pop("cpu0")
-                    with open(_LOG, "a") as fh:
-                        fh.write(json.dumps(_request) + "\n")
-            setattr(module, name, handler)
-        wrap("handle_train", "train")
-        wrap("handle_evaluate", "evaluate")
-
-    def _wrap_server(module):
-        original = module._train_round
-        def _train_round(grid, strategy, rnd, *args, **kwargs):
-            _marks["rounds"][rnd] = {"send": time.time()}
-            try:
-                return original(grid, strategy, rnd, *args, **kwargs)
-            finally:
-                _marks["rounds"][rnd]["replies"] = time.time()
-        module._train_round = _train_round
-
-    _HOOKS = {"flwr.clientapp.client_app": _wrap_clientapp, "fedtl.training": _wrap_training,
-              "fedtl.federation.server": _wrap_server, "fedtl.federation.handlers": _wrap_handlers}
-
-    class _Finder(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name not in _HOOKS:
-                return None
-            for finder in sys.meta_path:
-                if finder is self or not hasattr(finder, "find_spec"):
-                    continue
-                spec = finder.find_spec(name, path, target)
-                if spec is not None and spec.loader is not None:
-                    break
-            else:
-                return None
-            exec_module, hook = spec.loader.exec_module, _HOOKS[name]
-            def exec_and_wrap(module):
-                exec_module(module)
-                hook(module)
-            spec.loader.exec_module = exec_and_wrap
-            return spec
-
-    sys.meta_path.insert(0, _Finder())
-
-    @atexit.register
-    def _write():
-        if _ROLE == "site-worker":  # its requests are written as they are served
-            return
-        _mark("exit")
-        _marks["cpu"] = sum(os.times()[:2])  # CPU seconds of the whole process
-        with open(_LOG, "a") as fh:
-            fh.write(json.dumps(_marks) + "\n")
-'''
+# The ``sitecustomize`` placed on the deployment's PYTHONPATH (a file of its own, copied as it is).
+PROBE = (Path(__file__).resolve().parent / "deploy_timing_probe.py").read_text()
 
 
 
@@ -264,7 +148,7 @@ def _steps(server: dict, clients: list[dict], rounds: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    import psutil  # noqa: F401 - fail early: the clean-up needs it  # pyflakes: ignore
+    import psutil  # noqa: F401 - fail early: the clean-up needs it
 
     import tomli_w
 
@@ -356,14 +240,26 @@ def run(args: argparse.Namespace) -> dict:
             raise RuntimeError(f"flwr run exited with {code}; log {work / 'logs' / 'flwr-run.log'}: "
                                f"{run_proc.log_text()[-1500:]}")
         time.sleep(2)  # the last ClientApp processes write their timestamps on exit
+    result = analyse(out, timing_log, args.rounds)
+    result.update({
+        "site_worker": not args.no_worker, "flwr_run_wall_s": round(run_wall, 1), "warm_up_s": round(warm_s, 1),
+        "load_before": load_before, "load_after": _loadavg(),
+        "env": {kv.split("=", 1)[0]: kv.split("=", 1)[1] for kv in args.env},
+        "work_dir": str(work) if args.keep else None,
+    })
+    return result
+
+
+def analyse(out: Path, timing_log: Path, rounds: int) -> dict:
+    """The figures of a finished run from its ``metrics.jsonl`` / ``summary.json`` (``out``) and the probe's log."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     seconds = {r["round"]: r["seconds"] for r in rows}
     round_s = {r: round(seconds[r] - seconds.get(r - 1, 0.0), 2) for r in sorted(seconds)}
     marks = [json.loads(line) for line in timing_log.read_text().splitlines()] if timing_log.exists() else []
     server = next((m for m in marks if m["role"] == "flwr-serverapp" and m.get("rounds")), {})
-    clients = _with_worker([m for m in marks if m["role"] == "flwr-clientapp"],
+    clients = _with_worker([m for m in marks if m["role"] == "flwr-clientapp" and "start" in m],
                            [m for m in marks if m["role"] == "site-worker"])
-    per_round = _steps(server, clients, args.rounds)
+    per_round = _steps(server, clients, rounds)
     later = [r for r in per_round if r >= 2]
     keys_ = ("dispatch", "start_to_call", "call_to_first_step", "train", "after_train", "declined_call", "reply",
              "server")
@@ -375,25 +271,19 @@ def run(args: argparse.Namespace) -> dict:
     cpu = {k: round(statistics.median(v), 2) for k in ("clientapp_cpu", "worker_cpu", "call_to_worker")
            if (v := [s[k] for s in trained if s.get(k) is not None])}
     summary = json.loads((out / "summary.json").read_text())
-    result = {
-        "rounds": args.rounds, "sites": len(SITES), "round_seconds": round_s,
-        "median_s": round(statistics.median(round_s[r] for r in round_s if r >= 2), 2) if args.rounds >= 2 else None,
+    return {
+        "rounds": rounds, "sites": len(SITES), "round_seconds": round_s,
+        "median_s": round(statistics.median(round_s[r] for r in round_s if r >= 2), 2) if rounds >= 2 else None,
         "steps": steps, "critical_sites": {r: per_round[r]["critical"]["site"] for r in later},
         "start_to_first_step": {"median": round(statistics.median(firsts), 2), "max": round(max(firsts), 2)}
         if firsts else None,
         "clientapp_imports": sorted({m for c in clients if c.get("type") == "train" for m in c.get("imported", [])}),
-        "site_worker": not args.no_worker, "served_by_worker": sum(1 for c in clients if "worker_call" in c),
+        "served_by_worker": sum(1 for c in clients if "worker_call" in c), "clientapp_messages": len(clients),
         "train_messages": cpu,  # medians over trained sites, rounds 2..N: CPU s of the ClientApp process, of the worker
-        "clientapp_messages": len(clients),
-        "flwr_run_wall_s": round(run_wall, 1), "warm_up_s": round(warm_s, 1),
         "epsilon": summary.get("epsilon"), "declined": sorted(summary.get("declined", {})),
-        "load_before": load_before, "load_after": _loadavg(), "env": {kv.split("=", 1)[0]: kv.split("=", 1)[1]
-                                                                       for kv in args.env},
         "per_round": {r: {s: {k: (round(v, 2) if isinstance(v, float) else v) for k, v in d.items()}
                           for s, d in per_round[r]["sites"].items()} for r in per_round},
-        "work_dir": str(work) if args.keep else None,
     }
-    return result
 
 
 def _as_list(load) -> list[str]:  # a list, or the string an earlier version of this script wrote
@@ -431,7 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds the run may take")
     parser.add_argument("--no-worker", action="store_true",
                         help="start the sites with `fedtl-site start --no-worker` (one ClientApp process per message)")
+    parser.add_argument("--analyse", metavar="WORK_DIR",
+                        help="print the figures of a run kept with --keep (no load figures) and exit")
     args = parser.parse_args(argv)
+    if args.analyse:
+        print(json.dumps(analyse(Path(args.analyse) / "run", Path(args.analyse) / "timing.jsonl", args.rounds)))
+        return 0
     if args.table:
         print(markdown([(label, json.loads(Path(path).read_text().strip().splitlines()[-1]))
                         for label, path in (item.split("=", 1) for item in args.table)]))
