@@ -12,6 +12,13 @@ files) live under the site's own state, not in a ``~/.flwr`` shared by every sit
 copied to the launcher's and watched: when Flower refuses the site's key ("Exit Code: 305 … Failed to
 activate SuperNode") the launcher says that the key is not registered and which operator command fixes it.
 
+The site worker: before the SuperNode, the launcher starts the site's long-lived worker
+(``python -m fedtl.federation.worker site.toml``: torch, Opacus and the site's data loaded once) and waits until
+it answers on ``<state-dir>/worker/worker.sock``; the ClientApp that Flower starts for each message forwards it
+there instead of importing and loading everything again (falling back to doing so itself when the worker is gone).
+The worker stops with the site. ``--no-worker`` starts the SuperNode alone: every message is served in its own
+ClientApp process, as before.
+
 Flower reads ``--node-config`` with a regular expression (``key='…'``, ``key="…"`` or a bare word) and
 then as TOML, so a path holding ``'`` or ``"`` cannot simply be quoted: :func:`node_config` writes each
 value as a TOML basic string in which ``"``, ``\\`` and control characters are ``\\uXXXX`` escapes.
@@ -21,14 +28,21 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
+import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from fedtl.errors import ConfigError, FedTLError
+from fedtl.errors import ConfigError, FedTLError, SiteWorkerError
 from fedtl.site_config import SiteConfig
 from server.flwr_cli import supernode_command
-from server.processes import _run_foreground
+from server.processes import _copy_lines, _run_foreground, terminate_tree
+
+WORKER_START_TIMEOUT = 180.0  # seconds for the worker's imports and data on a busy machine
 
 # Flower 1.41 starts one ClientApp process per message through the SuperNode's SuperExec, which polls for new
 # tasks every second by default (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, 0.01-60 s). Polled every 0.1 s, a
@@ -61,6 +75,47 @@ def site_env(site: SiteConfig, base: dict[str, str] | None = None) -> dict[str, 
     for key, value in SUPERNODE_ENV.items():  # inherited by the SuperExec the SuperNode starts; an operator's kept
         env.setdefault(key, value)
     return env
+
+
+def worker_command(site_config: str | Path) -> list[str]:
+    """The site worker's command (it stops by itself when the launcher that started it is gone)."""
+    return [sys.executable, "-m", "fedtl.federation.worker", str(Path(site_config).resolve()), "--exit-with-parent"]
+
+
+@contextlib.contextmanager
+def site_worker(site_config: str | Path, env: Mapping[str, str] | None = None,
+                timeout: float = WORKER_START_TIMEOUT) -> Iterator[subprocess.Popen[str]]:
+    """The site's worker, started and answering a ping before the block runs; stopped (with its children) after
+    it. Its output is copied to this process's stdout. SiteWorkerError if it exits or does not answer in time."""
+    from fedtl.federation.worker_link import ping, socket_path
+
+    site = SiteConfig.load(site_config)
+    path = socket_path(site.state_dir)
+    proc = subprocess.Popen(worker_command(site_config), env=dict(env) if env is not None else None,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1)
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    threading.Thread(target=_copy_lines, args=(proc.stdout, tail.append), daemon=True).start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise SiteWorkerError(f"the site worker exited with status {proc.returncode} before answering: "
+                                      f"{' '.join(''.join(tail).split())[-600:]} (start with --no-worker to run "
+                                      "without it)")
+            try:
+                status = ping(path, timeout=2.0)
+                if status.get("pid") == proc.pid:
+                    break
+            except SiteWorkerError:
+                pass
+            if time.monotonic() > deadline:
+                raise SiteWorkerError(f"the site worker did not answer on {path} within {timeout:.0f} s (start "
+                                      "with --no-worker to run without it)")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        terminate_tree(proc, 5.0)
 
 
 def explain_exit(output: str, site: SiteConfig, superlink: str) -> str | None:
@@ -101,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--superlink", required=True, help="the SuperLink's host:port")
     p.add_argument("--port", type=int, default=9094, help="this SuperNode's own ClientAppIo port")
     p.add_argument("--print-only", action="store_true", help="print the command instead of running it")
+    p.add_argument("--no-worker", action="store_true",
+                   help="no long-lived site worker: each message is served in its own ClientApp process (slower)")
+    p.add_argument("--worker-timeout", type=float, default=WORKER_START_TIMEOUT,
+                   help="seconds the site worker may take to start (default %(default)s)")
     args = parser.parse_args(argv)
     try:
         cmd = start_command(args.site_config, args.superlink, args.port)
@@ -113,16 +172,34 @@ def main(argv: list[str] | None = None) -> int:
         print(" ".join(cmd))
         return 0
     site = SiteConfig.load(args.site_config)
-    tail: collections.deque[str] = collections.deque(maxlen=400)  # the SuperNode's last lines, for explain_exit
-    # SIGINT / SIGTERM / SIGHUP stop the SuperNode and every ClientApp process it started (SIGTERM, then
-    # SIGKILL), within 15 s; the site's ledger and released updates are on disk, so it simply rejoins.
-    code = _run_foreground(cmd, "Start the site again with the same command: it rejoins the run and never "
-                                "spends privacy twice on a round it already trained.",
-                           env=site_env(site), on_output=tail.append)
-    if code != 0 and (why := explain_exit("".join(tail), site, args.superlink)):
+    env = site_env(site)
+    try:
+        with contextlib.ExitStack() as stack:
+            if not args.no_worker:
+                stack.enter_context(site_worker(args.site_config, env, args.worker_timeout))
+            code = _run_supernode(cmd, env)
+    except FedTLError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if code != 0 and (why := explain_exit("".join(_SUPERNODE_TAIL), site, args.superlink)):
         print(f"error: {why}", file=sys.stderr)
         return ConfigError.exit_code
     return code
+
+
+_SUPERNODE_TAIL: collections.deque[str] = collections.deque(maxlen=400)  # its last lines, for explain_exit
+
+
+def _run_supernode(cmd: list[str], env: dict[str, str]) -> int:
+    """The SuperNode in the foreground. SIGINT / SIGTERM / SIGHUP stop it and every ClientApp process it started
+    (SIGTERM, then SIGKILL) within 15 s, then the worker; the site's ledger and released updates are on disk, so
+    it simply rejoins."""
+    _SUPERNODE_TAIL.clear()
+    return _run_foreground(cmd, "Start the site again with the same command: it rejoins the run and never "
+                                "spends privacy twice on a round it already trained.",
+                           env=env, on_output=_SUPERNODE_TAIL.append)
 
 
 if __name__ == "__main__":

@@ -53,3 +53,7 @@ class FederationError(FedTLError):
 
 class UpdateRejected(FederationError):
     """A client update failed validation (keys, shapes, dtypes, finite values)."""
+
+
+class SiteWorkerError(FederationError):
+    """A site worker (``fedtl.federation.worker``) that cannot start, is not trustworthy, or sent a bad frame."""

@@ -2,8 +2,9 @@
 
     python simulations/benchmarks/deploy_timing.py [--rounds 5] [--keep DIR] [--env KEY=VALUE ...]
 
-Starts a SuperLink (``server.ops``: TLS, SuperNode authentication) and three data sites through the site
-launcher (``clients.site.start_command``; 100 PneumoniaMNIST training images each, budgets ε = 3 / 2 / 0.05 at
+Starts a SuperLink (``server.ops``: TLS, SuperNode authentication) and three data sites with the site launcher as
+a real site does (``python -m clients.site start site.toml …``: its long-lived site worker, then its SuperNode;
+``--no-worker``: the SuperNode alone; 100 PneumoniaMNIST training images each, budgets ε = 3 / 2 / 0.05 at
 δ = 1e-5, so the third declines every round), with warm caches: every site's prefix features and the
 server's validation/test features are computed before the run starts. Then ``flwr run`` of ``--rounds``
 rounds, and prints ONE JSON line:
@@ -18,12 +19,20 @@ rounds, and prints ONE JSON line:
   ``train``, ``after_train`` (→ the ClientApp returns: ledger and release saved), ``reply`` (→ the ServerApp
   has every reply: Flower's pushes and polls) and ``server`` (→ the next round is sent: aggregation,
   evaluation, checkpoint);
-- ``start_to_first_step``: per trained site and round 2..N, process start → first training step;
+  With site workers the ClientApp process forwards the message and its worker trains: ``call_to_first_step`` is
+  then ClientApp called → the worker's first step (``call_to_worker``: → the worker's handler starts, i.e. the
+  socket round trip), ``train`` and ``after_train`` are the worker's, timestamps from the same clock;
+- ``start_to_first_step``: per trained site and round 2..N, ClientApp process start → first training step (in
+  the worker when there is one);
+- ``train_messages``: medians over the trained sites of rounds 2..N of a train message's CPU seconds in its
+  ClientApp process (``clientapp_cpu``: the whole process) and in the site worker (``worker_cpu``: the request);
+  ``served_by_worker``: ClientApp messages the worker served (``clientapp_messages``: all of them);
 - ``per_round``: those steps for each round and site; ``load``: ``/proc/loadavg`` before and after.
 
 Every process it starts is stopped on return, failure, Ctrl-C or SIGTERM (the SuperLink, the SuperNodes and
 every process they started, found by an environment marker). The timestamps come from a ``sitecustomize``
-placed on the PYTHONPATH of the deployment's processes only; nothing in fedtl is changed to take them.
+placed on the PYTHONPATH of the deployment's processes only (the site worker writes one line per request it
+serves); nothing in fedtl is changed to take them.
 """
 
 from __future__ import annotations
@@ -44,94 +53,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SITES = (("hospital-a", 1, 3.0), ("hospital-b", 2, 2.0), ("hospital-c", 3, 0.05))
 CONNECTION = "fedtl-bench"
 
-PROBE = r'''
-"""deploy_timing's probe: timestamps of every flwr-clientapp / flwr-serverapp process, appended as JSON lines."""
-import atexit, json, os, sys, time
-_LOG = os.environ.get("FEDTL_TIMING_LOG")
-_ROLE = os.path.basename(sys.argv[0]) if sys.argv else ""
-if _LOG and _ROLE in ("flwr-clientapp", "flwr-serverapp"):
-    import importlib.abc, importlib.machinery
-    _marks = {"role": _ROLE, "pid": os.getpid(), "rounds": {}}
-    try:
-        with open("/proc/self/stat") as fh:
-            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as fh:
-            btime = next(int(l.split()[1]) for l in fh if l.startswith("btime"))
-        _marks["start"] = btime + ticks / os.sysconf("SC_CLK_TCK")
-    except Exception:
-        _marks["start"] = time.time()
-
-    def _mark(key, value=None):
-        _marks.setdefault(key, value if value is not None else time.time())
-
-    def _wrap_clientapp(module):
-        original = module.ClientApp.__call__
-        def __call__(self, message, context):
-            _mark("call")
-            try:
-                _marks["type"] = str(message.metadata.message_type)
-                _marks["round"] = int(message.content["config"].get("server-round", 0)) if "config" in message.content else 0
-                _marks["site"] = str(context.node_config.get("site-config", ""))
-            except Exception:
-                pass
-            try:
-                return original(self, message, context)
-            finally:
-                _mark("return")
-                _marks["imported"] = sorted(m for m in ("timm", "torchvision.models", "peft", "sklearn", "opacus")
-                                            if m in sys.modules)
-        module.ClientApp.__call__ = __call__
-
-    def _wrap_training(module):
-        original = module._run_epochs
-        def _run_epochs(*args, **kwargs):
-            _mark("first_step")
-            try:
-                return original(*args, **kwargs)
-            finally:
-                _mark("train_end")
-        module._run_epochs = _run_epochs
-
-    def _wrap_server(module):
-        original = module._train_round
-        def _train_round(grid, strategy, rnd, *args, **kwargs):
-            _marks["rounds"][rnd] = {"send": time.time()}
-            try:
-                return original(grid, strategy, rnd, *args, **kwargs)
-            finally:
-                _marks["rounds"][rnd]["replies"] = time.time()
-        module._train_round = _train_round
-
-    _HOOKS = {"flwr.clientapp.client_app": _wrap_clientapp, "fedtl.training": _wrap_training,
-              "fedtl.federation.server": _wrap_server}
-
-    class _Finder(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name not in _HOOKS:
-                return None
-            for finder in sys.meta_path:
-                if finder is self or not hasattr(finder, "find_spec"):
-                    continue
-                spec = finder.find_spec(name, path, target)
-                if spec is not None and spec.loader is not None:
-                    break
-            else:
-                return None
-            exec_module, hook = spec.loader.exec_module, _HOOKS[name]
-            def exec_and_wrap(module):
-                exec_module(module)
-                hook(module)
-            spec.loader.exec_module = exec_and_wrap
-            return spec
-
-    sys.meta_path.insert(0, _Finder())
-
-    @atexit.register
-    def _write():
-        _mark("exit")
-        with open(_LOG, "a") as fh:
-            fh.write(json.dumps(_marks) + "\n")
-'''
+# The ``sitecustomize`` placed on the deployment's PYTHONPATH (a file of its own, copied as it is).
+PROBE = (Path(__file__).resolve().parent / "deploy_timing_probe.py").read_text()
 
 
 
@@ -171,6 +94,20 @@ def _warm_caches(work: Path, sites: dict[str, Path], server_data: Path) -> None:
         cached_features(cfg, model, split, progress=False)
 
 
+def _with_worker(clients: list[dict], served: list[dict]) -> list[dict]:
+    """ClientApp records completed with the site worker's (same site, round and message type): its first step and
+    train end, and ``worker_call`` (the worker's handler starts) / ``worker_cpu`` (its CPU seconds)."""
+    by_key = {(w.get("site"), w.get("round"), w.get("type")): w for w in served}
+    out = []
+    for c in clients:
+        w = by_key.get((c.get("site"), c.get("round"), c.get("type")))
+        if w is not None:
+            c = dict(c, worker_call=w["call"], worker_cpu=w.get("cpu"),
+                     **{k: w[k] for k in ("first_step", "train_end") if k in w})
+        out.append(c)
+    return out
+
+
 def _steps(server: dict, clients: list[dict], rounds: int) -> dict:
     """Per round and site: the critical path's steps (see the module notes)."""
     sends = {int(r): v for r, v in server.get("rounds", {}).items()}
@@ -182,7 +119,7 @@ def _steps(server: dict, clients: list[dict], rounds: int) -> dict:
         nxt = sends.get(rnd + 1, {}).get("send") or server.get("exit")
         sites = {}
         for c in clients:
-            if c.get("round") != rnd or "call" not in c:
+            if c.get("round") != rnd or "call" not in c or c.get("type", "train") != "train":  # not evaluate
                 continue
             name = Path(c.get("site", "?")).parent.name
             step = {"dispatch": c["start"] - send, "start_to_call": c["call"] - c["start"]}
@@ -191,6 +128,10 @@ def _steps(server: dict, clients: list[dict], rounds: int) -> dict:
                             after_train=c["return"] - c["train_end"], start_to_first_step=c["first_step"] - c["start"])
             else:
                 step["declined_call"] = c["return"] - c["call"]
+            if "worker_call" in c:
+                step["call_to_worker"] = c["worker_call"] - c["call"]
+                step["worker_cpu"] = c.get("worker_cpu")
+            step["clientapp_cpu"] = c.get("cpu")
             step["returned"] = c["return"] - send
             step["imported"] = c.get("imported", [])
             sites[name] = step
@@ -276,9 +217,11 @@ def run(args: argparse.Namespace) -> dict:
         for i, (name, _, _) in enumerate(SITES):
             ops.register_site(flwr_home, CONNECTION, keys[name][1], name=name)
             (node_port,) = free_loopback_ports(1)
-            cmd = site_launcher.start_command(sites[name], f"127.0.0.1:{port}", node_port)
-            stack.enter_context(ops.ManagedProcess(cmd, work / "logs" / f"supernode-{name}.log", env=env,
-                                                   port=node_port, start_timeout=120, cwd=work))
+            site_launcher.start_command(sites[name], f"127.0.0.1:{port}", node_port)  # validates the site
+            cmd = [sys.executable, "-m", "clients.site", "start", str(sites[name]), "--superlink",
+                   f"127.0.0.1:{port}", "--port", str(node_port)] + (["--no-worker"] if args.no_worker else [])
+            stack.enter_context(ops.ManagedProcess(cmd, work / "logs" / f"site-{name}.log", env=env,
+                                                   port=node_port, start_timeout=300, cwd=work))
         deadline = time.monotonic() + 120
         while {n["status"] for n in ops.list_sites(flwr_home, CONNECTION)} != {"online"}:
             if time.monotonic() > deadline:
@@ -297,13 +240,26 @@ def run(args: argparse.Namespace) -> dict:
             raise RuntimeError(f"flwr run exited with {code}; log {work / 'logs' / 'flwr-run.log'}: "
                                f"{run_proc.log_text()[-1500:]}")
         time.sleep(2)  # the last ClientApp processes write their timestamps on exit
+    result = analyse(out, timing_log, args.rounds)
+    result.update({
+        "site_worker": not args.no_worker, "flwr_run_wall_s": round(run_wall, 1), "warm_up_s": round(warm_s, 1),
+        "load_before": load_before, "load_after": _loadavg(),
+        "env": {kv.split("=", 1)[0]: kv.split("=", 1)[1] for kv in args.env},
+        "work_dir": str(work) if args.keep else None,
+    })
+    return result
+
+
+def analyse(out: Path, timing_log: Path, rounds: int) -> dict:
+    """The figures of a finished run from its ``metrics.jsonl`` / ``summary.json`` (``out``) and the probe's log."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     seconds = {r["round"]: r["seconds"] for r in rows}
     round_s = {r: round(seconds[r] - seconds.get(r - 1, 0.0), 2) for r in sorted(seconds)}
     marks = [json.loads(line) for line in timing_log.read_text().splitlines()] if timing_log.exists() else []
     server = next((m for m in marks if m["role"] == "flwr-serverapp" and m.get("rounds")), {})
-    clients = [m for m in marks if m["role"] == "flwr-clientapp"]
-    per_round = _steps(server, clients, args.rounds)
+    clients = _with_worker([m for m in marks if m["role"] == "flwr-clientapp" and "start" in m],
+                           [m for m in marks if m["role"] == "site-worker"])
+    per_round = _steps(server, clients, rounds)
     later = [r for r in per_round if r >= 2]
     keys_ = ("dispatch", "start_to_call", "call_to_first_step", "train", "after_train", "declined_call", "reply",
              "server")
@@ -311,23 +267,23 @@ def run(args: argparse.Namespace) -> dict:
              if (v := [per_round[r]["critical"][k] for r in later if k in per_round[r]["critical"]])}
     firsts = [s["start_to_first_step"] for r in later for s in per_round[r]["sites"].values()
               if "start_to_first_step" in s]
+    trained = [s for r in later for s in per_round[r]["sites"].values() if "start_to_first_step" in s]
+    cpu = {k: round(statistics.median(v), 2) for k in ("clientapp_cpu", "worker_cpu", "call_to_worker")
+           if (v := [s[k] for s in trained if s.get(k) is not None])}
     summary = json.loads((out / "summary.json").read_text())
-    result = {
-        "rounds": args.rounds, "sites": len(SITES), "round_seconds": round_s,
-        "median_s": round(statistics.median(round_s[r] for r in round_s if r >= 2), 2) if args.rounds >= 2 else None,
+    return {
+        "rounds": rounds, "sites": len(SITES), "round_seconds": round_s,
+        "median_s": round(statistics.median(round_s[r] for r in round_s if r >= 2), 2) if rounds >= 2 else None,
         "steps": steps, "critical_sites": {r: per_round[r]["critical"]["site"] for r in later},
         "start_to_first_step": {"median": round(statistics.median(firsts), 2), "max": round(max(firsts), 2)}
         if firsts else None,
         "clientapp_imports": sorted({m for c in clients if c.get("type") == "train" for m in c.get("imported", [])}),
-        "flwr_run_wall_s": round(run_wall, 1), "warm_up_s": round(warm_s, 1),
+        "served_by_worker": sum(1 for c in clients if "worker_call" in c), "clientapp_messages": len(clients),
+        "train_messages": cpu,  # medians over trained sites, rounds 2..N: CPU s of the ClientApp process, of the worker
         "epsilon": summary.get("epsilon"), "declined": sorted(summary.get("declined", {})),
-        "load_before": load_before, "load_after": _loadavg(), "env": {kv.split("=", 1)[0]: kv.split("=", 1)[1]
-                                                                       for kv in args.env},
         "per_round": {r: {s: {k: (round(v, 2) if isinstance(v, float) else v) for k, v in d.items()}
                           for s, d in per_round[r]["sites"].items()} for r in per_round},
-        "work_dir": str(work) if args.keep else None,
     }
-    return result
 
 
 def _as_list(load) -> list[str]:  # a list, or the string an earlier version of this script wrote
@@ -363,7 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment of the deployment's processes (e.g. Flower's polling settings)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds the run may take")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="start the sites with `fedtl-site start --no-worker` (one ClientApp process per message)")
+    parser.add_argument("--analyse", metavar="WORK_DIR",
+                        help="print the figures of a run kept with --keep (no load figures) and exit")
     args = parser.parse_args(argv)
+    if args.analyse:
+        print(json.dumps(analyse(Path(args.analyse) / "run", Path(args.analyse) / "timing.jsonl", args.rounds)))
+        return 0
     if args.table:
         print(markdown([(label, json.loads(Path(path).read_text().strip().splitlines()[-1]))
                         for label, path in (item.split("=", 1) for item in args.table)]))

@@ -26,7 +26,6 @@ import psutil
 import pytest
 import tomli_w  # a dependency of flwr
 
-from clients.site import node_config
 from fedtl.backbones.efficientnet import LITE0_FILE, LITE0_SHA256
 from fedtl.backbones.registry import file_sha256
 from fedtl.errors import ConfigError, FederationError
@@ -82,6 +81,17 @@ class Deployment:
         cmd = ops.supernode_command(self.address, ca_cert, private_key, port, node_config)
         proc = ops.ManagedProcess(cmd, self.tmp / "logs" / f"supernode-{name}.log", env=env or self.env,
                                   port=port if wait_for_port else None, start_timeout=90, cwd=self.tmp)
+        self.started.append(proc)
+        return self.stack.enter_context(proc)
+
+    def site(self, name: str, site_toml: Path, env: dict[str, str] | None = None) -> ops.ManagedProcess:
+        """A data site as its operator starts it: ``fedtl-site start site.toml`` (its site worker, then its
+        SuperNode; stopped together)."""
+        (port,) = free_loopback_ports(1)
+        cmd = [sys.executable, "-m", "clients.site", "start", str(site_toml), "--superlink", self.address,
+               "--port", str(port)]
+        proc = ops.ManagedProcess(cmd, self.tmp / "logs" / f"site-{name}.log", env=env or self.env, port=port,
+                                  start_timeout=300, cwd=ROOT)
         self.started.append(proc)
         return self.stack.enter_context(proc)
 
@@ -271,7 +281,9 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
     """Three SuperNodes, each a deployed data site with its own image folders, budget and ledger, train 2
     rounds; hospital-a (in a folder named with both quote characters) starts without the backbone's weights.
     The server holds no data at all: every site evaluates on its own labelled folder, and the round is
-    selected by the sites' pooled validation figures."""
+    selected by the sites' pooled validation figures. The sites are started with the site launcher, so each
+    has its long-lived site worker, which serves every train and evaluate message (the ClientApp processes
+    forward them): none falls back to serving in process."""
     dep = deployment
     sites = {}
     folders = {"hospital-a": "hospital-a's \"main\" site"}
@@ -279,7 +291,7 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
         path = _write_site(tmp_path, dep, f"site-{i}", name, seed, epsilon, folders.get(name, ""), image_folders=True)
         sites[name] = (path.parent / "state", epsilon)
         env = _without_packaged_weights(dep) if name == "hospital-a" else None
-        dep.supernode(name, dep.keys[f"site-{i}"][0], dep.certs.ca_cert, node_config(site_config=path), env=env)
+        dep.site(name, path, env=env)
     _wait_until(lambda: set(dep.nodes().values()) == {"online"}, 90, "all sites to come online")
 
     out = tmp_path / "run"
@@ -345,6 +357,17 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
     assert transfer["bytes"] == received.stat().st_size and transfer["sites"] == 1, transfer
     print("weights transfer (send to every reply):", transfer)
 
+    # every train and evaluate reply came from the site's worker (hospital-a's after it received the weights
+    # through a ClientApp in process: the worker saw its weights folder change and built the backbone)
+    from fedtl.federation.worker_link import ping, socket_path
+
+    for name, (state, _) in sites.items():
+        status = ping(socket_path(state))
+        assert status["site"] == name and status["served"]["train"] == 2, status
+        assert status["served"]["evaluate"] >= 2, status  # rounds 1 and 2 at least
+    for proc in dep.started:
+        assert "Site worker not used" not in proc.log_text(), proc.log_text()[-2000:]
+
 
 def _kill_tree(proc: ops.ManagedProcess) -> None:
     """kill -9 of a process, its group and every descendant (a crash: nothing can clean up)."""
@@ -368,14 +391,17 @@ def test_a_site_drops_out_and_rejoins_and_a_crashed_server_resumes(deployment: D
     """One of three deployed sites is killed (kill -9) after round 1: round 2 completes with the other two
     after the reply timeout and names it; restarted, it trains again. Then the SuperLink and the ServerApp
     are killed (kill -9) mid-run, restarted on the same state, and the run resumes from its checkpoint:
-    every round once in metrics.jsonl, every site's ledger with each round at most once."""
+    every round once in metrics.jsonl, every site's ledger with each round at most once. The sites run with
+    their site workers (``fedtl-site start``): the kill takes the worker with it, and the restarted site
+    replaces its stale socket."""
+    from fedtl.federation.worker_link import ping, socket_path
+
     dep = deployment
     names = ("hospital-a", "hospital-b", "hospital-c")
     paths, nodes = {}, {}
     for i, name in enumerate(names):
         paths[name] = _write_site(tmp_path, dep, f"site-{i}", name, i + 1, 3.0)
-        nodes[name] = dep.supernode(name, dep.keys[f"site-{i}"][0], dep.certs.ca_cert,
-                                    node_config(site_config=paths[name]))
+        nodes[name] = dep.site(name, paths[name])
     _wait_until(lambda: set(dep.nodes().values()) == {"online"}, 90, "all sites to come online")
     data = write_small_medmnist(tmp_path / "server.npz", n_train=8, n_val=60, n_test=60, seed=0)
     out = tmp_path / "run"
@@ -388,8 +414,10 @@ def test_a_site_drops_out_and_rejoins_and_a_crashed_server_resumes(deployment: D
     _wait_until(lambda: _checkpoint_round(out) >= 1, 300, "round 1", interval=0.5)
     _kill_tree(nodes["hospital-c"])  # the site drops out (kill -9)
     _wait_until(lambda: _checkpoint_round(out) >= 2, 300, "round 2 without hospital-c", interval=0.5)
-    nodes["hospital-c"] = dep.supernode("hospital-c-again", dep.keys["site-2"][0], dep.certs.ca_cert,
-                                        node_config(site_config=paths["hospital-c"]))
+    stale = socket_path(paths["hospital-c"].parent / "state")
+    assert stale.exists()  # the killed worker's socket: replaced when the site starts again
+    nodes["hospital-c"] = dep.site("hospital-c-again", paths["hospital-c"])
+    assert ping(stale)["pid"] in [p.pid for p in psutil.Process(nodes["hospital-c"].pid).children(recursive=True)]
     _wait_until(lambda: _checkpoint_round(out) >= 4, 400, "round 4", interval=0.5)
 
     # the server crashes: SuperLink and ServerApp killed; restarted on the same state database
@@ -403,8 +431,7 @@ def test_a_site_drops_out_and_rejoins_and_a_crashed_server_resumes(deployment: D
     assert link.poll() is None
     for i, name in enumerate(names):  # a SuperNode that gave up while its SuperLink was down is started again
         if nodes[name].poll() is not None:
-            nodes[name] = dep.supernode(f"{name}-restarted", dep.keys[f"site-{i}"][0], dep.certs.ca_cert,
-                                        node_config(site_config=paths[name]))
+            nodes[name] = dep.site(f"{name}-restarted", paths[name])
     _wait_until(lambda: list(dep.nodes().values()).count("online") == SITES, 120,
                 f"the sites to reconnect ({[n.poll() for n in nodes.values()]})")
     resumed = subprocess.run(flwr + [base + " output.resume=true"], env=dep.env, cwd=ROOT, capture_output=True,

@@ -88,7 +88,7 @@ def test_the_launcher_watches_the_supernode_and_gives_it_the_sites_own_flwr_home
     monkeypatch.setattr(launcher, "start_command", lambda *a: [sys.executable, "-c", script])
     monkeypatch.delenv("FLWR_HOME", raising=False)
     conf = _site(tmp_path)
-    assert main(["start", str(conf), "--superlink", "127.0.0.1:9093"]) == ConfigError.exit_code
+    assert main(["start", str(conf), "--superlink", "127.0.0.1:9093", "--no-worker"]) == ConfigError.exit_code
     out, err = capfd.readouterr()
     home = (tmp_path / "state" / "flwr").resolve()
     assert f"FLWR_HOME={home}" in out and home.is_dir()  # Flower's app files stay under the site's state dir
@@ -105,7 +105,58 @@ def test_the_supernode_starts_with_a_short_superexec_poll_unless_the_operator_se
     monkeypatch.setattr(site_module, "_run_foreground",
                         lambda cmd, hint, env, **kw: seen.append(env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL")) or 0)
     monkeypatch.delenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", raising=False)
-    assert main(["start", str(_site(tmp_path)), "--superlink", "127.0.0.1:9093"]) == 0
+    assert main(["start", str(_site(tmp_path)), "--superlink", "127.0.0.1:9093", "--no-worker"]) == 0
     monkeypatch.setenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5")
-    assert main(["start", str(_site(tmp_path)), "--superlink", "127.0.0.1:9093"]) == 0
+    assert main(["start", str(_site(tmp_path)), "--superlink", "127.0.0.1:9093", "--no-worker"]) == 0
     assert seen == ["0.1", "0.5"]
+
+
+# ---- the site worker: started before the SuperNode, answering, stopped with it ----------------------------------
+_LIGHT_WORKER = ("import sys; from fedtl.federation.worker import SiteWorker; "
+                 "w = SiteWorker(sys.argv[1], handlers={}); w.bind(); w.serve_forever()")
+
+
+def test_the_launcher_starts_the_worker_first_and_stops_it_with_the_supernode(tmp_path, monkeypatch):
+    import sys
+
+    import psutil
+
+    import clients.site as launcher
+    from fedtl.federation.worker_link import ping, socket_path
+
+    seen = []
+
+    def supernode(cmd, hint, env, **kw):  # the worker answers before the SuperNode starts
+        seen.append(ping(socket_path(tmp_path / "state")))
+        return 0
+
+    monkeypatch.setattr(launcher, "worker_command", lambda path: [sys.executable, "-c", _LIGHT_WORKER, str(path)])
+    monkeypatch.setattr(launcher, "_run_foreground", supernode)
+    assert main(["start", str(_site(tmp_path)), "--superlink", "127.0.0.1:9093"]) == 0
+    (status,) = seen
+    assert status["site"] == "st-mary"
+    assert not psutil.pid_exists(status["pid"]) or psutil.Process(status["pid"]).status() == psutil.STATUS_ZOMBIE
+
+    seen.clear()  # --no-worker: the SuperNode alone, as before
+    monkeypatch.setattr(launcher, "_run_foreground", lambda *a, **kw: seen.append("supernode") or 0)
+    assert main(["start", str(_site(tmp_path)), "--superlink", "127.0.0.1:9093", "--no-worker"]) == 0
+    assert seen == ["supernode"]
+
+
+def test_a_worker_that_fails_to_start_is_a_clear_error_and_no_supernode_starts(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import clients.site as launcher
+    from fedtl.errors import SiteWorkerError
+
+    started = []
+    monkeypatch.setattr(launcher, "_run_foreground", lambda *a, **kw: started.append(1) or 0)
+    monkeypatch.setattr(launcher, "worker_command",
+                        lambda path: [sys.executable, "-c", "import sys; print('cannot import torch'); sys.exit(3)"])
+    assert main(["start", str(_site(tmp_path)), "--superlink", "127.0.0.1:9093"]) == SiteWorkerError.exit_code
+    err = capsys.readouterr().err
+    assert err.startswith("error: the site worker exited with status 3 before answering: cannot import torch")
+    assert "--no-worker" in err and started == []
+    monkeypatch.setattr(launcher, "worker_command", lambda path: [sys.executable, "-c", "import time; time.sleep(30)"])
+    assert main(["start", str(_site(tmp_path)), "--superlink", "127.0.0.1:9093", "--worker-timeout", "1"]) == 6
+    assert "did not answer on" in capsys.readouterr().err and started == []

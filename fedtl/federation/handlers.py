@@ -1,0 +1,156 @@
+"""What a site does with a server's train or evaluate message, from its content to the reply's content.
+
+One body for every path that serves a message: the ClientApp in its own process (a simulation, or a deployed
+site without its worker) and the long-lived site worker (``fedtl.federation.worker``), so both run exactly the
+same validation of the server's content. Takes Flower's plain values (the message's ``RecordDict``, the run
+and node config as mappings), never a ``Context`` or ``Message``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from fedtl.config import FedTLConfig
+from fedtl.errors import FedTLError
+from fedtl.federation.records import TrainRequest, to_record, to_state, train_reply
+from fedtl.federation.site import (build_transfer_model, evaluate_site, ignored_privacy_settings, load_source,
+                                   simulated_eval_data, simulated_policy, simulated_site_data, train_site)
+from fedtl.federation.apps import config_from_run_config as run_config_of
+from fedtl.privacy import Proposal
+
+log = logging.getLogger(__name__)
+
+
+def _site_of(conf: FedTLConfig, node: Mapping[str, Any], model, data=None):
+    """(policy, data) for this node: a deployed site's own, or a simulated partition (``data``: already loaded)."""
+    if "site-config" in node:
+        from fedtl.federation.deployment import deployed_site_data, load_site_config, site_policy
+
+        path = str(node["site-config"])
+        policy = site_policy(load_site_config(path))
+        ignored = ignored_privacy_settings(conf, policy)
+        if ignored:
+            log.warning("Site %s ignores the run's privacy settings (its site.toml is the authority): %s",
+                        policy.site, ", ".join(ignored))
+        return policy, data if data is not None else deployed_site_data(conf, model, path)
+    site, num_sites = int(node["partition-id"]), int(node["num-partitions"])
+    return simulated_policy(conf, site), simulated_site_data(conf, model, site, num_sites)
+
+
+def _train_site_of(conf: FedTLConfig, node: Mapping[str, Any], num_classes: int):
+    """(model, policy, data) for a train message. A deployed site whose features are cached gets the suffix
+    alone (no backbone is built or imported: ``deployment.cached_site``); any other builds the model."""
+    if "site-config" in node:
+        from fedtl.federation.deployment import cached_site
+
+        warm = cached_site(conf, str(node["site-config"]), num_classes)
+        if warm is not None:
+            model, data = warm
+            policy, _ = _site_of(conf, node, model, data=data)
+            return model, policy, data
+    model = build_transfer_model(conf, num_classes)
+    return (model, *_site_of(conf, node, model))
+
+
+def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any], run_id: int, *,
+                 cfg: FedTLConfig | None = None, threads: int = 0) -> RecordDict:
+    """The reply's content to a train message: the trained suffix, or a refusal with its reason."""
+    if threads:
+        torch.set_num_threads(threads)
+    deployed = "site-config" in node_config
+    if deployed:
+        from fedtl.federation.deployment import load_site_config
+
+        load_site_config(str(node_config["site-config"]))  # its weights dir is looked up first
+    base = {"num-examples": 0, "declined": 1.0, "epsilon": -1.0}
+    try:  # everything the server sends is untrusted input: refuse what does not validate
+        conf = run_config_of(run_config, cfg)
+        request = TrainRequest.parse(content["config"])
+        if deployed and not request.num_classes:
+            raise ValueError("`num-classes` is required by a deployed site")
+    except (FedTLError, ValueError, KeyError, TypeError) as exc:
+        log.error("Train request refused: %s", exc)
+        return train_reply(ArrayRecord(), base, reason=f"invalid train request: {exc}")
+    num_classes = request.num_classes or load_source(conf.data.path).num_classes
+    model, policy, data = _train_site_of(conf, node_config, num_classes)
+    base.update({"num-examples": len(data.labels), "delta": policy.delta, "target-epsilon": policy.target_epsilon})
+    refuse = functools.partial(train_reply, ArrayRecord(), base, site=policy.site, accountant=policy.accountant)
+    if request.backbone_sha256 and model.weights_sha256 != request.backbone_sha256:
+        return refuse(reason=f"Site `{policy.site}` holds `{conf.model.backbone}` weights with sha256 "
+                             f"{model.weights_sha256[:16]}…, the server pinned {request.backbone_sha256[:16]}…; it "
+                             "will not train.")
+    if len(data.labels) and int(data.labels.max()) >= num_classes:
+        return refuse(reason=f"Site `{policy.site}` has labels outside the federation's {num_classes} classes.")
+    try:
+        model.load_trainable_state(to_state(content["arrays"]))
+    except Exception as exc:  # a malformed suffix from the server: refuse, never crash the site
+        log.error("Site %s refused the server's suffix: %s", policy.site, exc)
+        return refuse(reason="the server's suffix tensors do not match the model")
+    proposal = Proposal(total_rounds=request.total_rounds, batch_size=conf.train.batch_size,
+                        epochs=conf.train.epochs, noise_multiplier=request.noise_multiplier)
+    result = train_site(conf, model, data, policy, run_id=request.run_id or str(run_id),
+                        server_round=request.server_round, proposal=proposal)
+    metrics = {"num-examples": result.num_examples, "declined": float(result.declined),
+               "epsilon": result.epsilon, "delta": result.delta, "target-epsilon": result.budget}
+    arrays = ArrayRecord() if result.declined else to_record(model.trainable_state())
+    return train_reply(arrays, metrics, site=policy.site, reason=result.reason, accountant=result.accountant)
+
+
+def handle_evaluate(content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any],
+                    node_id: int, *, cfg: FedTLConfig | None = None, threads: int = 0) -> RecordDict:
+    """The reply's content to an evaluate message: the server's suffix scored on this site's own evaluation data
+    (``[evaluation]`` in site.toml; a simulated site: its shares of the validation and test splits). Released
+    statistics only."""
+    from fedtl.federation.fedeval import EvalRequest, eval_reply
+
+    if threads:
+        torch.set_num_threads(threads)
+    node = node_config
+    deployed = "site-config" in node
+    site = f"site-{int(node['partition-id'])}" if "partition-id" in node else str(node_id)
+    try:
+        conf = run_config_of(run_config, cfg)
+        if deployed:
+            from fedtl.federation.deployment import load_site_config
+
+            site = load_site_config(str(node["site-config"])).name
+        request = EvalRequest.parse(content["config"])
+        if deployed and not request.num_classes:
+            raise ValueError("`num-classes` is required by a deployed site")
+    except (FedTLError, ValueError, KeyError, TypeError) as exc:
+        log.error("Evaluate request refused: %s", exc)
+        return eval_reply(None, site=site, reason=f"invalid evaluate request: {exc}")
+    num_classes = request.num_classes or load_source(conf.data.path).num_classes
+    warm = None
+    if deployed:
+        from fedtl.federation.deployment import cached_eval_site
+
+        if not load_site_config(str(node["site-config"])).evaluation.enabled:  # before any model is built
+            return eval_reply(None, site=site, reason="this site does not evaluate")
+        warm = cached_eval_site(conf, str(node["site-config"]), num_classes)
+    model = warm[0] if warm is not None else build_transfer_model(conf, num_classes)
+    if request.backbone_sha256 and model.weights_sha256 != request.backbone_sha256:
+        return eval_reply(None, site=site, reason="the server pinned other backbone weights")
+    try:
+        model.load_trainable_state(to_state(content["arrays"]))
+    except Exception as exc:  # a malformed suffix from the server: refuse, never crash the site
+        log.error("Site %s refused the server's suffix for evaluation: %s", site, exc)
+        return eval_reply(None, site=site, reason="the server's suffix tensors do not match the model")
+    if warm is not None:
+        data = warm[1]
+    elif deployed:
+        from fedtl.federation.deployment import deployed_eval_data
+
+        data = deployed_eval_data(conf, model, str(node["site-config"]))
+    else:
+        data = simulated_eval_data(conf, model, int(node["partition-id"]), int(node["num-partitions"]))
+    labels = torch.cat([y for _, y in data.splits.values()])
+    if len(labels) and int(labels.max()) >= num_classes:
+        return eval_reply(None, site=site, reason="labels outside the federation's classes")
+    return eval_reply(evaluate_site(model, data), site=site)
