@@ -122,7 +122,8 @@ def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientA
             log.error("Site %s refused the server's suffix: %s", policy.site, exc)
             return Message(refuse(reason="the server's suffix tensors do not match the model"), reply_to=msg)
         proposal = Proposal(total_rounds=request.total_rounds, batch_size=conf.train.batch_size,
-                            epochs=conf.train.epochs, noise_multiplier=request.noise_multiplier)
+                            epochs=conf.train.epochs, noise_multiplier=request.noise_multiplier,
+                            personalize_epochs=request.personalize_epochs)
         result = train_site(conf, model, data, policy, run_id=request.run_id or str(context.run_id),
                             server_round=request.server_round, proposal=proposal)
         metrics = {"num-examples": result.num_examples, "declined": float(result.declined),
@@ -130,6 +131,63 @@ def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientA
         arrays = ArrayRecord() if result.declined else to_record(model.trainable_state())
         return Message(train_reply(arrays, metrics, site=policy.site, reason=result.reason,
                                    accountant=result.accountant), reply_to=msg)
+
+    @app.train("personalize")
+    def personalize(msg: Message, context: Context) -> Message:
+        """Fine-tune the final global suffix on this site's data under its remaining budget; keep the result in
+        its state dir and reply with figures only (``fedtl.federation.personalize``)."""
+        from fedtl.federation.logs import quiet_flower
+        from fedtl.federation.personal_site import personalize_site
+        from fedtl.federation.personalize import PersonalizeRequest, personal_reply
+
+        quiet_flower()
+        if threads:
+            torch.set_num_threads(threads)
+        node = context.node_config
+        deployed = "site-config" in node
+        site = f"site-{int(node['partition-id'])}" if "partition-id" in node else str(context.node_id)
+        try:
+            conf = config_from_context(context, cfg)
+            if deployed:
+                from fedtl.federation.deployment import load_site_config
+
+                site = load_site_config(str(node["site-config"])).name
+            request = PersonalizeRequest.parse(msg.content["config"])
+            if deployed and not request.num_classes:
+                raise ValueError("`num-classes` is required by a deployed site")
+        except (FedTLError, ValueError, KeyError, TypeError) as exc:
+            log.error("Personalize request refused: %s", exc)
+            return Message(personal_reply(None, site=site, reason=f"invalid personalize request: {exc}"), reply_to=msg)
+        num_classes = request.num_classes or load_source(conf.data.path).num_classes
+        model, policy, data = _train_site_of(conf, context, num_classes)
+        if request.backbone_sha256 and model.weights_sha256 != request.backbone_sha256:
+            return Message(personal_reply(None, site=site, reason="the server pinned other backbone weights"),
+                           reply_to=msg)
+        if len(data.labels) and int(data.labels.max()) >= num_classes:
+            return Message(personal_reply(None, site=site, reason="labels outside the federation's classes"),
+                           reply_to=msg)
+        try:
+            model.load_trainable_state(to_state(msg.content["arrays"]))
+        except Exception as exc:  # a malformed suffix from the server: refuse, never crash the site
+            log.error("Site %s refused the server's suffix for personalization: %s", site, exc)
+            return Message(personal_reply(None, site=site, reason="the server's suffix tensors do not match the model"),
+                           reply_to=msg)
+        if deployed:
+            from fedtl.federation.deployment import deployed_eval_data
+
+            eval_data = None
+            if hasattr(model, "prefix"):  # a warm SuffixModel has no backbone to compute features with
+                eval_data = deployed_eval_data(conf, model, str(node["site-config"]))
+            else:
+                from fedtl.federation.deployment import cached_eval_site
+
+                warm = cached_eval_site(conf, str(node["site-config"]), num_classes)
+                eval_data = warm[1] if warm is not None else None
+        else:
+            eval_data = simulated_eval_data(conf, model, int(node["partition-id"]), int(node["num-partitions"]))
+        out = personalize_site(conf, model, data, eval_data, policy, run_id=request.run_id, epochs=request.epochs)
+        return Message(personal_reply(out.figures, site=policy.site, personalized=out.personalized,
+                                      kept_tuned=out.kept_tuned, epsilon=out.epsilon, reason=out.reason), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
