@@ -229,9 +229,14 @@ def plan_round(policy: PrivacyPolicy, ledger, proposal: Proposal, *, run_id: str
 
 
 def _calibrate(policy: PrivacyPolicy, ledger, run_id: str, q: float, round_steps: int, remaining: int,
-               extra_steps: int = 0) -> float:
+               extra_steps: int = 0, extra_is_round: bool = False) -> float:
     """Smallest σ meeting every cap for the ``remaining`` rounds (plus ``extra_steps`` of fine-tuning after
     them, at the same σ and sample rate); ``inf`` when none does.
+
+    The fine-tuning is held to the per-round cap only when it is planned on its own (``extra_is_round``,
+    :func:`plan_personalize`): while the rounds reserve it, it only counts against the lifetime and per-run
+    caps, so a longer fine-tuning does not add noise to every round; if the per-round cap then needs more
+    noise for it, the site spends less than it reserved (never more).
 
     One bound check first: if even the policy's ``max_noise_multiplier`` breaks a cap, the round will be
     declined whatever σ a search would find, so none is run (one accountant curve, at that σ). Otherwise
@@ -243,8 +248,8 @@ def _calibrate(policy: PrivacyPolicy, ledger, run_id: str, q: float, round_steps
     checks = [(policy.target_epsilon, total, ledger.history)]
     if round_steps:
         checks.append((policy.round_cap, round_steps, []))
-    if extra_steps:
-        checks.append((policy.round_cap, extra_steps, []))  # the fine-tuning counts as one round
+    if extra_steps and extra_is_round:
+        checks.append((policy.round_cap, extra_steps, []))  # the fine-tuning, when spent, counts as one round
     if policy.run_cap < policy.target_epsilon:
         checks.append((policy.run_cap, total, ledger.run_history(run_id)))
     if any(epsilon_of(prior + [(bound, q, steps)], delta, acc) > cap for cap, steps, prior in checks):
@@ -281,7 +286,7 @@ def plan_personalize(policy: PrivacyPolicy, ledger, *, run_id: str, requested_ep
     q, steps = 1.0 / per_epoch, per_epoch * epochs
     if not policy.dp:
         return RoundPlan(0.0, q, batch, epochs, steps, 0.0, 0.0, notes)
-    sigma = _calibrate(policy, ledger, run_id, q, 0, 0, extra_steps=steps)
+    sigma = _calibrate(policy, ledger, run_id, q, 0, 0, extra_steps=steps, extra_is_round=True)
     if not math.isfinite(sigma) or sigma > policy.max_noise_multiplier:
         return Decline(f"Site `{name}` cannot afford {epochs} epoch(s) of local fine-tuning (spent ε={spent:.2f} of "
                        f"{policy.target_epsilon:g}; it would need more noise than its max-noise-multiplier "

@@ -234,3 +234,12 @@ def test_a_site_whose_budget_is_spent_keeps_the_global_suffix_and_writes_nothing
     reply = personal_reply(out.figures, site=policy.site, personalized=out.personalized, epsilon=out.epsilon,
                            reason=out.reason)
     assert len(reply.array_records) == 0 and "cannot afford" in parse_personal_reply(reply)[2]
+
+
+def test_the_fine_tuning_itself_is_held_to_the_per_round_cap(tmp_path):
+    from fedtl.privacy import epsilon_of
+
+    policy = _policy(tmp_path, max_epsilon_per_round=0.0)  # default: a quarter of the budget per round
+    plan = _personalize(policy, epochs=5, record=False)
+    assert isinstance(plan, RoundPlan)
+    assert epsilon_of([(plan.noise_multiplier, plan.sample_rate, plan.steps)], DELTA) <= BUDGET / 4 + 1e-9
