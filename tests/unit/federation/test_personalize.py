@@ -243,3 +243,16 @@ def test_the_fine_tuning_itself_is_held_to_the_per_round_cap(tmp_path):
     plan = _personalize(policy, epochs=5, record=False)
     assert isinstance(plan, RoundPlan)
     assert epsilon_of([(plan.noise_multiplier, plan.sample_rate, plan.steps)], DELTA) <= BUDGET / 4 + 1e-9
+
+
+def test_the_site_keeps_the_fine_tuned_suffix_only_on_validation_evidence():
+    from fedtl.federation.personal_site import _better
+
+    def figs(auc, loss, n=40):
+        return {"val": {"n": n, "auc": auc, "loss": loss}}
+
+    assert _better(figs(0.91, 0.5), figs(0.90, 0.4))
+    assert not _better(figs(0.89, 0.1), figs(0.90, 0.6))
+    # one class in validation (AUC undefined): a lower loss is no evidence; the global suffix is kept
+    assert not _better(figs(math.nan, 0.01), figs(math.nan, 0.9))
+    assert not _better({}, {})  # no validation data at all
