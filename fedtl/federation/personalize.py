@@ -75,7 +75,7 @@ def personal_reply(figures: dict[str, dict[str, dict]] | None, *, site: str, per
                    kept_tuned: bool = False, epsilon: float = -1.0, reason: str = "") -> RecordDict:
     """A site's personalize reply: released statistics only. ``figures[model][split]`` holds n, auc, acc, loss."""
     values: dict = {"personalized": int(bool(personalized)), "kept-tuned": int(bool(personalized and kept_tuned)),
-                    "epsilon": round(float(epsilon), 6) if math.isfinite(epsilon) and epsilon >= 0 else -1.0}
+                    "epsilon": float(epsilon) if math.isfinite(epsilon) and epsilon >= 0 else -1.0}  # as the ledger says
     for m in MODELS:
         for s in SPLITS:
             f = ((figures or {}).get(m) or {}).get(s) or {}
