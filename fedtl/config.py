@@ -18,6 +18,8 @@ from typing import Any
 
 from fedtl.errors import ConfigError
 
+MAX_PERSONALIZE_EPOCHS = 20  # also the most a site's policy allows (fedtl.privacy.policy)
+
 
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"`{key}` {allowed}, got {value!r}.")
@@ -247,6 +249,24 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class PersonalizationConfig:
+    """Local fine-tuning of the final global suffix at each site (a request: each site's policy decides)."""
+
+    kind: str = "none"  # none | finetune (DP fine-tuning after the last round; its ε is planned from round 1)
+    epochs: int = 2  # local epochs of the fine-tuning (a site may cap them: privacy.max-personalize-epochs)
+
+    def __post_init__(self) -> None:
+        _choice("personalization.kind", self.kind, ("none", "finetune"))
+        if not 1 <= self.epochs <= MAX_PERSONALIZE_EPOCHS:
+            _fail("personalization.epochs", self.epochs, f"must be between 1 and {MAX_PERSONALIZE_EPOCHS}")
+
+    @property
+    def requested_epochs(self) -> int:
+        """Epochs the server asks the sites to reserve and spend (0: no personalization)."""
+        return self.epochs if self.kind == "finetune" else 0
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     dir: str = ""  # run directory; empty: runs/<timestamp>
     state_dir: str = ""  # per-site state (privacy ledgers); empty: <dir>/sites
@@ -264,6 +284,7 @@ _SECTIONS = {
     "federation": FederationConfig,
     "train": TrainConfig,
     "evaluation": EvaluationConfig,
+    "personalization": PersonalizationConfig,
     "output": OutputConfig,
 }
 
@@ -277,6 +298,7 @@ class FedTLConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:

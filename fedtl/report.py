@@ -141,6 +141,24 @@ def _events(rows: list[dict]) -> list[list[str]]:
     return body
 
 
+def _personalization(p: dict | None) -> str:
+    """Each site's test AUC under the global suffix and its personal one (kept at the site, chosen on validation)."""
+    if not p:
+        return ""
+    body = [[s, str(r.get("kept", "")), _fmt(r.get("global_test_auc")), _fmt(r.get("personal_test_auc")),
+             _fmt(_num(r.get("personal_test_auc")) - _num(r.get("global_test_auc"))), _fmt(r.get("global_test_acc")),
+             _fmt(r.get("personal_test_acc")), _fmt(r.get("epsilon"), 3)] for s, r in (p.get("sites") or {}).items()]
+    lines = [f"worst site's test AUC: {_fmt(p.get('worst_global_auc'))} (global) → {_fmt(p.get('worst_personal_auc'))} "
+             f"(personal); largest loss at a site: {_fmt(p.get('max_loss'))}"]
+    skipped = [[s, r] for s, r in (p.get("skipped") or {}).items()]
+    return "".join([
+        "<h2>Personalization (local fine-tuning; each personal suffix stays at its site)</h2>",
+        f"<p>{html.escape(lines[0])}</p>",
+        _table(["site", "kept", "global test AUC", "personal test AUC", "Δ AUC", "global test acc",
+                "personal test acc", "ε after"], body) if body else "<p>No site replied.</p>",
+        _table(["site that kept the global suffix", "reason"], skipped) if skipped else ""])
+
+
 def render(run: str | Path) -> str:
     run = Path(run)
     rows = _rows(run)
@@ -187,6 +205,7 @@ def render(run: str | Path) -> str:
         site_rows.append(["central (server's test split)", "", _fmt(best.get("test_auc")), _fmt(best.get("test_acc")),
                           _fmt(best.get("val_auc")), ""])
     skipped = [[s, r] for s, r in (per_site.get("skipped") or {}).items()]
+    personal_part = _personalization(summary.get("personalization"))
     events = _events(rows)
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -198,6 +217,7 @@ def render(run: str | Path) -> str:
         _table(["site", "test n", "test AUC", "test accuracy", "val AUC", "val n"], site_rows) if site_rows
         else "<p>No federated evaluation in this run.</p>",
         (_table(["site without figures", "reason"], skipped) if skipped else ""),
+        personal_part,
         "<h2>AUC per round</h2>", f"<figure id='fig-auc'>{plots['auc']}</figure>",
         "<h2>Accuracy per round</h2>", f"<figure id='fig-accuracy'>{plots['accuracy']}</figure>",
         "<h2>Privacy spent per site</h2>", f"<figure id='fig-epsilon'>{plots['epsilon']}</figure>",

@@ -63,8 +63,8 @@ def _from_worker(op: str, msg: Message, context: Context):
 
 
 def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientApp:
-    """The ClientApp. A deployed site (``site-config`` in the node config, no fixed ``cfg``) forwards train and
-    evaluate messages to its site worker (``fedtl.federation.worker``) without importing torch, Opacus or fedtl's
+    """The ClientApp. A deployed site (``site-config`` in the node config, no fixed ``cfg``) forwards train,
+    personalize and evaluate messages to its site worker (``fedtl.federation.worker``) without importing torch, Opacus or fedtl's
     training code; without a worker that answers, and everywhere else, the handlers run in this process."""
     app = ClientApp()
 
@@ -81,6 +81,9 @@ def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientA
             if op == "train":
                 content = handlers.handle_train(msg.content, context.run_config, context.node_config,
                                                 context.run_id, cfg=cfg, threads=threads)
+            elif op == "personalize":
+                content = handlers.handle_personalize(msg.content, context.run_config, context.node_config,
+                                                      context.node_id, cfg=cfg, threads=threads)
             else:
                 content = handlers.handle_evaluate(msg.content, context.run_config, context.node_config,
                                                    context.node_id, cfg=cfg, threads=threads)
@@ -89,6 +92,12 @@ def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientA
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return serve("train", msg, context)
+
+    @app.train("personalize")
+    def personalize(msg: Message, context: Context) -> Message:
+        """Fine-tune the final global suffix on this site's data under its remaining budget; keep the result in
+        its state dir and reply with figures only (``handlers.handle_personalize``)."""
+        return serve("personalize", msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -1,4 +1,4 @@
-"""What a site does with a server's train or evaluate message, from its content to the reply's content.
+"""What a site does with a server's train, personalize or evaluate message, from its content to the reply's content.
 
 One body for every path that serves a message: the ClientApp in its own process (a simulation, or a deployed
 site without its worker) and the long-lived site worker (``fedtl.federation.worker``), so both run exactly the
@@ -93,7 +93,8 @@ def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config
         log.error("Site %s refused the server's suffix: %s", policy.site, exc)
         return refuse(reason="the server's suffix tensors do not match the model")
     proposal = Proposal(total_rounds=request.total_rounds, batch_size=conf.train.batch_size,
-                        epochs=conf.train.epochs, noise_multiplier=request.noise_multiplier)
+                        epochs=conf.train.epochs, noise_multiplier=request.noise_multiplier,
+                        personalize_epochs=request.personalize_epochs)
     result = train_site(conf, model, data, policy, run_id=request.run_id or str(run_id),
                         server_round=request.server_round, proposal=proposal)
     metrics = {"num-examples": result.num_examples, "declined": float(result.declined),
@@ -154,3 +155,54 @@ def handle_evaluate(content: RecordDict, run_config: Mapping[str, Any], node_con
     if len(labels) and int(labels.max()) >= num_classes:
         return eval_reply(None, site=site, reason="labels outside the federation's classes")
     return eval_reply(evaluate_site(model, data), site=site)
+
+
+def handle_personalize(content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any],
+                       node_id: int, *, cfg: FedTLConfig | None = None, threads: int = 0) -> RecordDict:
+    """The reply's content to a personalize message: fine-tune the final global suffix on this site's data under
+    its remaining budget, keep the result in its state dir, reply with figures only
+    (``fedtl.federation.personalize``)."""
+    from fedtl.federation.personal_site import personalize_site
+    from fedtl.federation.personalize import PersonalizeRequest, personal_reply
+
+    if threads:
+        torch.set_num_threads(threads)
+    node = node_config
+    deployed = "site-config" in node
+    site = f"site-{int(node['partition-id'])}" if "partition-id" in node else str(node_id)
+    try:
+        conf = run_config_of(run_config, cfg)
+        if deployed:
+            from fedtl.federation.deployment import load_site_config
+
+            site = load_site_config(str(node["site-config"])).name
+        request = PersonalizeRequest.parse(content["config"])
+        if deployed and not request.num_classes:
+            raise ValueError("`num-classes` is required by a deployed site")
+    except (FedTLError, ValueError, KeyError, TypeError) as exc:
+        log.error("Personalize request refused: %s", exc)
+        return personal_reply(None, site=site, reason=f"invalid personalize request: {exc}")
+    num_classes = request.num_classes or load_source(conf.data.path).num_classes
+    model, policy, data = _train_site_of(conf, node, num_classes)
+    if request.backbone_sha256 and model.weights_sha256 != request.backbone_sha256:
+        return personal_reply(None, site=site, reason="the server pinned other backbone weights")
+    if len(data.labels) and int(data.labels.max()) >= num_classes:
+        return personal_reply(None, site=site, reason="labels outside the federation's classes")
+    try:
+        model.load_trainable_state(to_state(content["arrays"]))
+    except Exception as exc:  # a malformed suffix from the server: refuse, never crash the site
+        log.error("Site %s refused the server's suffix for personalization: %s", site, exc)
+        return personal_reply(None, site=site, reason="the server's suffix tensors do not match the model")
+    if deployed:
+        from fedtl.federation.deployment import cached_eval_site, deployed_eval_data
+
+        if hasattr(model, "prefix"):  # a full model computes the evaluation features itself
+            eval_data = deployed_eval_data(conf, model, str(node["site-config"]))
+        else:  # a warm SuffixModel has no backbone: the cached evaluation features, if any
+            warm = cached_eval_site(conf, str(node["site-config"]), num_classes)
+            eval_data = warm[1] if warm is not None else None
+    else:
+        eval_data = simulated_eval_data(conf, model, int(node["partition-id"]), int(node["num-partitions"]))
+    out = personalize_site(conf, model, data, eval_data, policy, run_id=request.run_id, epochs=request.epochs)
+    return personal_reply(out.figures, site=policy.site, personalized=out.personalized, kept_tuned=out.kept_tuned,
+                          epsilon=out.epsilon, reason=out.reason)

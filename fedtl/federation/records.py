@@ -39,6 +39,7 @@ class TrainRequest:
     num_classes: int  # 0: not given (simulation: the data set's)
     backbone_sha256: str
     noise_multiplier: float  # a proposal; 0 = none
+    personalize_epochs: int = 0  # local fine-tuning after the last round to reserve budget for (site may cap)
 
     @classmethod
     def parse(cls, config) -> TrainRequest:
@@ -63,7 +64,10 @@ class TrainRequest:
         sigma = config.get("noise-multiplier", 0.0)
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or not 0 <= sigma <= 1e4:
             raise ValueError(f"`noise-multiplier` must be a finite number in [0, 10000], got {sigma!r}")
-        return cls(rnd, total, run_id, num_classes, sha, float(sigma))
+        from fedtl.config import MAX_PERSONALIZE_EPOCHS
+
+        epochs = integer("personalize-epochs", 0, MAX_PERSONALIZE_EPOCHS, 0)
+        return cls(rnd, total, run_id, num_classes, sha, float(sigma), epochs)
 
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -373,7 +373,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         ensure_backbone(grid, cfg, model.weights_sha256, fed.sites, timeout=fed.round_timeout, report=transfer)
     train_config = ConfigRecord({"total-rounds": fed.rounds, "run-id": fedtl_run, "num-classes": plan.num_classes,
                                  "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256,
-                                 "noise-multiplier": cfg.privacy.noise_multiplier})
+                                 "noise-multiplier": cfg.privacy.noise_multiplier,
+                                 "personalize-epochs": cfg.personalization.requested_epochs})
     eval_config["run-id"] = fedtl_run
     for rnd in range(start, fed.rounds + 1):
         replies = _train_round(grid, strategy, rnd, arrays, train_config, fed, out)
@@ -385,8 +386,15 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     if tracker.best_round < 0:
         raise FederationError("No round produced a global model; see the log for the sites' reasons.")
     site_table = _site_table(tracker, plan, site_eval)
+    personal = None
+    if cfg.personalization.kind != "none":  # after the last round: the sites fine-tune the selected suffix
+        from fedtl.federation.personalize import personalize_at_sites
+
+        personal = personalize_at_sites(grid, strategy, to_record(tracker.best_state), ConfigRecord({
+            "run-id": fedtl_run, "epochs": cfg.personalization.epochs, "num-classes": plan.num_classes,
+            "backbone-sha256": model.weights_sha256}), fed.round_timeout).table()
     return _finish(cfg, out, model, tracker, to_record(model.trainable_state()), t_start, val_hit and test_hit,
-                   transfer, plan, site_table)
+                   transfer, plan, site_table, personal)
 
 
 def _site_table(tracker: Tracker, plan: EvaluationPlan, site_eval) -> dict | None:
@@ -484,7 +492,7 @@ def load_for_resume(out: Path, cfg: FedTLConfig) -> Checkpoint:
 
 def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker, initial: ArrayRecord,
             t_start: float, server_cache_hit: bool, transfer: dict | None, plan: EvaluationPlan,
-            site_table: dict | None) -> dict:
+            site_table: dict | None, personalization: dict | None = None) -> dict:
     fed = cfg.federation
     best = tracker.history[tracker.best_round]
     final = tracker.history[-1]
@@ -508,6 +516,7 @@ def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker,
                        "headline": "central test split" if plan.source is not None else "sites' pooled test splits"},
         "decision": decision.to_dict(),
         "per_site": site_table,
+        "personalization": personalization,  # each site's figures under the global vs its personal suffix
         "final_round_test_auc": final.get(pre + "test_auc", float("nan")),
         "final_round_test_acc": final.get(pre + "test_acc", float("nan")),
         "rounds": fed.rounds, "sites": fed.sites, "num_classes": plan.num_classes,

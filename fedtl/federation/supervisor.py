@@ -205,8 +205,18 @@ class ProcessTreeWatcher(threading.Thread):
         alive = self.alive()
         _, alive = psutil.wait_procs(alive, timeout=grace)
         for proc in alive:
-            log.warning("Stopping leftover process %d (%s)", proc.pid, " ".join(proc.cmdline()[:2]))
-            proc.terminate()
+            try:  # a process may be a zombie or gone by now: naming it must not fail the finished run
+                name = " ".join(proc.cmdline()[:2])
+            except psutil.Error:
+                name = "exited"
+            log.warning("Stopping leftover process %d (%s)", proc.pid, name)
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
         _, alive = psutil.wait_procs(alive, timeout=5)
         for proc in alive:
-            proc.kill()
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass

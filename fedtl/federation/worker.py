@@ -42,9 +42,10 @@ MAX_CONNECTIONS = 8  # connections served at once (all but one wait for the lock
 
 
 def _default_handlers() -> dict[str, Callable]:
-    from fedtl.federation.handlers import handle_evaluate, handle_train
+    from fedtl.federation.handlers import handle_evaluate, handle_personalize, handle_train
 
     return {"train": lambda content, rc, nc, run_id, node_id: handle_train(content, rc, nc, run_id),
+            "personalize": lambda content, rc, nc, run_id, node_id: handle_personalize(content, rc, nc, node_id),
             "evaluate": lambda content, rc, nc, run_id, node_id: handle_evaluate(content, rc, nc, node_id)}
 
 
@@ -184,7 +185,7 @@ class SiteWorker:
                                    "site-config": self.site_config, "served": dict(self.served)})
             return
         if op not in self.handlers:
-            self._reply_error(conn, f"unknown op {op!r}; expected ping, train or evaluate")
+            self._reply_error(conn, f"unknown op {op!r}; expected ping, train, personalize or evaluate")
             return
         try:
             request = self._parse(header, body)

@@ -11,7 +11,7 @@ One request per connection, in length-prefixed frames::
     header = a JSON object (at most 1 MiB); body = bytes (at most ``MAX_BODY``), Flower's own protobuf
              serialization of a RecordDict (``flwr.common.serde``): no pickle crosses the socket
 
-client → worker  {"op": "train" | "evaluate", "run-id", "node-id", "site-config", "run-config": {...}} + content
+client → worker  {"op": "train" | "personalize" | "evaluate", "run-id", "node-id", "site-config", "run-config": {...}} + content
 worker → client  {"accepted": true} at once (its reply comes when the site's one-at-a-time lock is free),
                  then {"ok": true, "pid": …} + the reply's content, or {"ok": false, "error": "…"}
 ``{"op": "ping"}`` is answered at once with the worker's pid, site and requests served.

@@ -2,7 +2,7 @@
 
 from fedtl.privacy.accounting import ACCOUNTANTS, calibrate_noise, epsilon_of
 from fedtl.privacy.ledger import PrivacyLedger, open_ledger, read_ledger
-from fedtl.privacy.policy import PrivacyPolicy, Proposal, RoundPlan, plan_round
+from fedtl.privacy.policy import PrivacyPolicy, Proposal, RoundPlan, plan_personalize, plan_round
 
 __all__ = ["ACCOUNTANTS", "PrivacyLedger", "PrivacyPolicy", "Proposal", "RoundPlan", "calibrate_noise", "epsilon_of",
-           "open_ledger", "plan_round", "read_ledger"]
+           "open_ledger", "plan_personalize", "plan_round", "read_ledger"]

@@ -43,6 +43,8 @@ from pathlib import Path
 from fedtl.errors import LedgerError
 
 LEDGER_VERSION = 2
+ROUND = "round"  # an entry's kind: a federated round …
+PERSONALIZE = "personalize"  # … or the site's local fine-tuning after the last one (never sent)
 LOCK_TIMEOUT_S = 600.0
 
 
@@ -81,7 +83,12 @@ class PrivacyLedger:
                 for e in self.entries if e["run"] == run]
 
     def rounds_in_run(self, run: str) -> list[int]:
-        return [int(e["round"]) for e in self.entries if e["run"] == run]
+        """Federated rounds trained in ``run`` (the local fine-tuning after them is not a round)."""
+        return [int(e["round"]) for e in self.entries if e["run"] == run and e.get("kind", ROUND) == ROUND]
+
+    def personalized(self, run: str) -> bool:
+        """Whether this site already spent privacy on local fine-tuning in ``run``."""
+        return any(e["run"] == run and e.get("kind") == PERSONALIZE for e in self.entries)
 
     def epsilon(self, extra: list[tuple[float, float, int]] | None = None) -> float:
         from fedtl.privacy.accounting import epsilon_of
@@ -89,8 +96,12 @@ class PrivacyLedger:
         return epsilon_of(self.history + list(extra or []), self.delta, self.accountant)
 
     # ---- changes ------------------------------------------------------------------------
-    def append(self, *, run: str, round: int, noise_multiplier: float, sample_rate: float, steps: int) -> dict:
-        """Record one trained round; chained to the previous entry. Call :meth:`save` before release."""
+    def append(self, *, run: str, round: int, noise_multiplier: float, sample_rate: float, steps: int,
+               kind: str = ROUND) -> dict:
+        """Record one trained round (or, ``kind=PERSONALIZE``, the local fine-tuning after the last round);
+        chained to the previous entry. Call :meth:`save` before release."""
+        if kind not in (ROUND, PERSONALIZE):
+            raise LedgerError(f"refusing to record an entry of unknown kind {kind!r}")
         for name, value in (("noise_multiplier", noise_multiplier), ("sample_rate", sample_rate)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise LedgerError(f"refusing to record a round with {name}={value!r}")
@@ -100,6 +111,8 @@ class PrivacyLedger:
         entry = {"run": str(run), "round": int(round), "noise_multiplier": float(noise_multiplier),
                  "sample_rate": float(sample_rate), "steps": int(steps), "time": round_time(),
                  "prev": prev}
+        if kind != ROUND:  # entries of federated rounds keep the original layout
+            entry["kind"] = kind
         entry["epsilon"] = self.epsilon([(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])])
         entry["hash"] = _entry_hash(entry)
         self.entries.append(entry)

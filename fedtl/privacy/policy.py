@@ -12,7 +12,11 @@ multiplier, batch size, local epochs — and :func:`plan_round` clamps it to the
 * the rounds planned are at most ``max_rounds_per_run``; a site stops serving a run after that;
 * a round that would need σ above ``max_noise_multiplier`` is declined: its update would be
   noise, and it would still spend budget;
-* a round that would exceed any cap is declined, with a reason that names no local path.
+* a round that would exceed any cap is declined, with a reason that names no local path;
+* local fine-tuning after the last round (``Proposal.personalize_epochs``, capped by the policy's
+  ``max_personalize_epochs``) is part of the plan from the first round: σ is calibrated so that the
+  planned rounds *and* the fine-tuning steps fit every cap; :func:`plan_personalize` then spends
+  what remains on them (or declines, and the site keeps the global suffix).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ DEFAULT_MAX_NOISE_MULTIPLIER = 10.0
 DEFAULT_MAX_ROUNDS_PER_RUN = 200
 DEFAULT_ROUND_FRACTION = 0.25  # default per-round cap: a quarter of the site's budget
 MAX_EPOCHS_PER_ROUND = 20
+DEFAULT_MAX_PERSONALIZE_EPOCHS = 5
 _EPS_TOL = 1e-9
 
 
@@ -66,6 +71,7 @@ class PrivacyPolicy:
     max_epsilon_per_round: float = 0.0  # 0: DEFAULT_ROUND_FRACTION of the budget
     max_rounds_per_run: int = DEFAULT_MAX_ROUNDS_PER_RUN
     max_noise_multiplier: float = DEFAULT_MAX_NOISE_MULTIPLIER
+    max_personalize_epochs: int = DEFAULT_MAX_PERSONALIZE_EPOCHS  # 0: the site never fine-tunes locally
     dp: bool = True  # False only in a simulation run with --no-dp
     seeded: bool = False  # reproducible noise: simulation only
     seed: int = 0
@@ -82,6 +88,10 @@ class PrivacyPolicy:
             raise ConfigError(f"`privacy.accountant` must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}.")
         if isinstance(self.max_rounds_per_run, bool) or not isinstance(self.max_rounds_per_run, int) or self.max_rounds_per_run < 1:
             raise ConfigError(f"`privacy.max-rounds-per-run` must be an integer >= 1, got {self.max_rounds_per_run!r}.")
+        m = self.max_personalize_epochs
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= MAX_EPOCHS_PER_ROUND:
+            raise ConfigError(f"`privacy.max-personalize-epochs` must be an integer in [0, {MAX_EPOCHS_PER_ROUND}] "
+                              f"(0: never fine-tune locally), got {m!r}.")
         if self.deployed and not self.dp:
             raise ConfigError(f"Site `{self.site}`: a deployed site always trains with differential privacy.")
         if self.deployed and self.seeded:
@@ -99,7 +109,8 @@ class PrivacyPolicy:
         return {"target_epsilon": self.target_epsilon, "delta": self.delta, "accountant": self.accountant,
                 "max_grad_norm": self.max_grad_norm, "max_epsilon_per_run": self.run_cap,
                 "max_epsilon_per_round": self.round_cap, "max_rounds_per_run": self.max_rounds_per_run,
-                "max_noise_multiplier": self.max_noise_multiplier, "randomness": "seeded" if self.seeded else "os"}
+                "max_noise_multiplier": self.max_noise_multiplier, "max_personalize_epochs": self.max_personalize_epochs,
+                "randomness": "seeded" if self.seeded else "os"}
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,7 @@ class Proposal:
     batch_size: int
     epochs: int = 1
     noise_multiplier: float = 0.0  # 0: none proposed
+    personalize_epochs: int = 0  # local fine-tuning after the last round, reserved in the plan (0: none)
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,11 @@ class Decline:
 def steps_per_epoch(n: int, batch_size: int) -> int:
     """Steps of one epoch; with Poisson sampling the sample rate is 1 / this."""
     return max(1, math.ceil(n / max(1, min(batch_size, n))))
+
+
+def personalize_epochs(policy: PrivacyPolicy, requested: int) -> int:
+    """The fine-tuning epochs the site grants: the request clamped to its policy (0: none)."""
+    return max(0, min(int(requested), policy.max_personalize_epochs))
 
 
 def plan_round(policy: PrivacyPolicy, ledger, proposal: Proposal, *, run_id: str, server_round: int,
@@ -165,14 +182,20 @@ def plan_round(policy: PrivacyPolicy, ledger, proposal: Proposal, *, run_id: str
     per_epoch = steps_per_epoch(n, batch)
     q, round_steps = 1.0 / per_epoch, per_epoch * epochs
     remaining = max(1, planned - len(served))
+    ft_epochs = personalize_epochs(policy, proposal.personalize_epochs)
+    if ft_epochs != proposal.personalize_epochs:
+        notes.append(f"fine-tuning epochs clamped from {proposal.personalize_epochs} to {ft_epochs} "
+                     "(max-personalize-epochs)")
+    ft_steps = per_epoch * ft_epochs  # reserved now, spent after the last round (plan_personalize)
 
     key = {"run": str(run_id), "sample_rate": q, "round_steps": round_steps, "planned_rounds": planned,
-           "target_epsilon": policy.target_epsilon, "run_cap": policy.run_cap, "round_cap": policy.round_cap}
+           "target_epsilon": policy.target_epsilon, "run_cap": policy.run_cap, "round_cap": policy.round_cap,
+           "personalize_steps": ft_steps}
     cached = ledger.plan if {k: ledger.plan.get(k) for k in key} == key else None
     if cached is not None:
         sigma = float(cached["noise_multiplier"])
     else:
-        sigma = _calibrate(policy, ledger, run_id, q, round_steps, remaining)
+        sigma = _calibrate(policy, ledger, run_id, q, round_steps, remaining, extra_steps=ft_steps)
         if math.isfinite(sigma):
             ledger.plan = {**key, "noise_multiplier": sigma}
     if proposal.noise_multiplier > sigma:
@@ -205,8 +228,15 @@ def plan_round(policy: PrivacyPolicy, ledger, proposal: Proposal, *, run_id: str
     return RoundPlan(sigma, q, batch, epochs, round_steps, spent, after, tuple(notes))
 
 
-def _calibrate(policy: PrivacyPolicy, ledger, run_id: str, q: float, round_steps: int, remaining: int) -> float:
-    """Smallest σ meeting every cap for the ``remaining`` rounds; ``inf`` when none does.
+def _calibrate(policy: PrivacyPolicy, ledger, run_id: str, q: float, round_steps: int, remaining: int,
+               extra_steps: int = 0, extra_is_round: bool = False) -> float:
+    """Smallest σ meeting every cap for the ``remaining`` rounds (plus ``extra_steps`` of fine-tuning after
+    them, at the same σ and sample rate); ``inf`` when none does.
+
+    The fine-tuning is held to the per-round cap only when it is planned on its own (``extra_is_round``,
+    :func:`plan_personalize`): while the rounds reserve it, it only counts against the lifetime and per-run
+    caps, so a longer fine-tuning does not add noise to every round; if the per-round cap then needs more
+    noise for it, the site spends less than it reserved (never more).
 
     One bound check first: if even the policy's ``max_noise_multiplier`` breaks a cap, the round will be
     declined whatever σ a search would find, so none is run (one accountant curve, at that σ). Otherwise
@@ -214,9 +244,14 @@ def _calibrate(policy: PrivacyPolicy, ledger, run_id: str, q: float, round_steps
     """
     acc, delta = policy.accountant, policy.delta
     bound = policy.max_noise_multiplier
-    checks = [(policy.target_epsilon, remaining * round_steps, ledger.history), (policy.round_cap, round_steps, [])]
+    total = remaining * round_steps + extra_steps
+    checks = [(policy.target_epsilon, total, ledger.history)]
+    if round_steps:
+        checks.append((policy.round_cap, round_steps, []))
+    if extra_steps and extra_is_round:
+        checks.append((policy.round_cap, extra_steps, []))  # the fine-tuning, when spent, counts as one round
     if policy.run_cap < policy.target_epsilon:
-        checks.append((policy.run_cap, remaining * round_steps, ledger.run_history(run_id)))
+        checks.append((policy.run_cap, total, ledger.run_history(run_id)))
     if any(epsilon_of(prior + [(bound, q, steps)], delta, acc) > cap for cap, steps, prior in checks):
         return math.inf
     try:
@@ -226,6 +261,43 @@ def _calibrate(policy: PrivacyPolicy, ledger, run_id: str, q: float, round_steps
         return math.inf
 
 
+def plan_personalize(policy: PrivacyPolicy, ledger, *, run_id: str, requested_epochs: int, batch_size: int,
+                     num_examples: int) -> RoundPlan | Decline:
+    """DP parameters of the local fine-tuning after the last round, from what the site has left, or why not.
+
+    The rounds' σ was calibrated with these steps reserved (:func:`plan_round`), so a site that trained
+    every planned round can afford them; σ here is the smallest that keeps every cap with the ledger as it
+    is now. Declined when the policy refuses fine-tuning, it was already done in this run, or it would
+    need more noise than ``max_noise_multiplier``.
+    """
+    name, spent, n = policy.site, ledger.epsilon(), int(num_examples)
+    epochs = personalize_epochs(policy, requested_epochs)
+    if n <= 0:
+        return Decline(f"Site `{name}` has no training examples to fine-tune on.", spent)
+    if epochs <= 0:
+        return Decline(f"Site `{name}` does not fine-tune locally (its policy's max-personalize-epochs is "
+                       f"{policy.max_personalize_epochs}); it keeps the global suffix.", spent)
+    if ledger.personalized(run_id):
+        return Decline(f"Site `{name}` already fine-tuned in this run; it will not spend privacy on it twice.", spent)
+    notes = (f"fine-tuning epochs clamped from {requested_epochs} to {epochs} (max-personalize-epochs)",) \
+        if epochs != requested_epochs else ()
+    batch = max(1, min(int(batch_size), n))
+    per_epoch = steps_per_epoch(n, batch)
+    q, steps = 1.0 / per_epoch, per_epoch * epochs
+    if not policy.dp:
+        return RoundPlan(0.0, q, batch, epochs, steps, 0.0, 0.0, notes)
+    sigma = _calibrate(policy, ledger, run_id, q, 0, 0, extra_steps=steps, extra_is_round=True)
+    if not math.isfinite(sigma) or sigma > policy.max_noise_multiplier:
+        return Decline(f"Site `{name}` cannot afford {epochs} epoch(s) of local fine-tuning (spent ε={spent:.2f} of "
+                       f"{policy.target_epsilon:g}; it would need more noise than its max-noise-multiplier "
+                       f"{policy.max_noise_multiplier:g}); it keeps the global suffix.", spent)
+    after = ledger.epsilon([(sigma, q, steps)])
+    if after > policy.target_epsilon + _EPS_TOL:  # never: _calibrate kept it; checked again, as in plan_round
+        return Decline(f"Site `{name}` would reach ε={after:.2f} of {policy.target_epsilon:g} by fine-tuning; it "
+                       "keeps the global suffix.", spent)
+    return RoundPlan(sigma, q, batch, epochs, steps, spent, after, notes)
+
+
 def policy_for_site(site_config) -> PrivacyPolicy:
     """A deployed site's policy, from its ``site.toml`` alone (:class:`fedtl.site_config.SiteConfig`)."""
     p = site_config.privacy
@@ -233,7 +305,8 @@ def policy_for_site(site_config) -> PrivacyPolicy:
         site=site_config.name, ledger_path=Path(site_config.state_dir) / "privacy-ledger.json",
         target_epsilon=p.target_epsilon, delta=p.delta, accountant=p.accountant, max_grad_norm=p.max_grad_norm,
         max_epsilon_per_run=p.max_epsilon_per_run, max_epsilon_per_round=p.max_epsilon_per_round,
-        max_rounds_per_run=p.max_rounds_per_run, max_noise_multiplier=p.max_noise_multiplier, deployed=True)
+        max_rounds_per_run=p.max_rounds_per_run, max_noise_multiplier=p.max_noise_multiplier,
+        max_personalize_epochs=p.max_personalize_epochs, deployed=True)
 
 
 def policy_for_simulation(privacy, site: str, site_index: int, ledger_path: Path, seed: int = 0) -> PrivacyPolicy:
@@ -243,4 +316,5 @@ def policy_for_simulation(privacy, site: str, site_index: int, ledger_path: Path
         accountant=privacy.accountant, max_grad_norm=privacy.max_grad_norm,
         max_epsilon_per_run=privacy.max_epsilon_per_run, max_epsilon_per_round=privacy.max_epsilon_per_round,
         max_rounds_per_run=privacy.max_rounds_per_run, max_noise_multiplier=privacy.max_noise_multiplier,
+        max_personalize_epochs=MAX_EPOCHS_PER_ROUND,  # one trust domain: the run's personalization.epochs decides
         dp=privacy.enabled, seeded=privacy.randomness == "seeded", seed=seed)

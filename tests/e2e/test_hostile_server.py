@@ -278,3 +278,55 @@ def test_evaluation_requests_get_only_the_sites_released_figures_and_spend_nothi
         reply = _evaluate(site, arrays, None, **config)
         assert parse_eval_reply(reply.content, 2)[1] is None and reason in reply.content["info"]["reason"], reason
     assert not site.ledger.exists()  # evaluation never touches the privacy ledger
+
+
+def _personalize(site: Site, arrays: ArrayRecord, **config) -> Message:
+    from fedtl.federation.deployment import load_site_config
+
+    load_site_config.cache_clear()
+    ctx = Context(run_id=7, node_id=1, node_config={"site-config": str(site.toml)}, state=RecordDict(),
+                  run_config=FedTLConfig().to_run_config())
+    body = {"run-id": "run-1", "epochs": 2, "num-classes": 2, **config}
+    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(body)}), dst_node_id=1,
+                  message_type=f"{MessageType.TRAIN}.personalize")
+    reply = APP(msg, ctx)
+    assert not reply.has_error(), reply.error
+    assert len(reply.content.array_records) == 0  # a personal suffix never leaves the site
+    return reply
+
+
+def test_personalization_is_refused_when_hostile_and_otherwise_kept_at_the_site_within_budget(tmp_path, images, initial):
+    """The server asks for local fine-tuning after two rounds (reserved from round 1): hostile requests (bad or
+    huge epochs, a wrong suffix, no run id) are refused with a reason and spend nothing; a valid one fine-tunes
+    under the site's budget, saves the personal suffix in the state dir and replies with figures only."""
+    from fedtl.federation.personalize import PERSONAL_METRIC_KEYS, parse_personal_reply
+
+    site = Site(tmp_path, images[1])
+    body = {"name": "st-mary", "state-dir": str(site.state),
+            "data": {"format": "medmnist", "path": str(images[1]), "image-size": 28},
+            "evaluation": {"holdout": 0.25}, "privacy": {"target-epsilon": BUDGET, "delta": DELTA}}
+    site.toml.write_text(tomli_w.dumps(body))
+    arrays = initial
+    for rnd in (1, 2):
+        reply = site.train(arrays, rnd=rnd, total=2, **{"personalize-epochs": 2})
+        arrays = reply.content["arrays"]
+    entries = len(read_ledger(site.ledger).entries)
+    bad_suffix = ArrayRecord({k: Array(np.zeros((3, 3), dtype=np.float32)) for k in initial})
+    for suffix, config, reason in ((arrays, {"epochs": 0}, "invalid"), (arrays, {"epochs": 1e12}, "invalid"),
+                                   (arrays, {"epochs": "2"}, "invalid"), (arrays, {"run-id": ""}, "invalid"),
+                                   (arrays, {"num-classes": 1}, "invalid"), (bad_suffix, {}, "do not match")):
+        reply = _personalize(site, suffix, **config)
+        _, parsed, why = parse_personal_reply(reply.content)
+        assert not parsed["personalized"] and reason in why, (config, why)
+    assert len(read_ledger(site.ledger).entries) == entries and not (site.state / "personal-suffix.safetensors").exists()
+    reply = _personalize(site, arrays)
+    assert set(reply.content["metrics"].keys()) == set(PERSONAL_METRIC_KEYS)
+    name, parsed, why = parse_personal_reply(reply.content)
+    assert name == "st-mary" and parsed["personalized"], why
+    assert parsed["global_test"]["n"] + parsed["global_val"]["n"] == 24  # its hold-out: a quarter of 96 images
+    site.reported.append(parsed["epsilon"])
+    eps = site.check_ledger()  # recomputed from the ledger, fine-tuning included: ≤ budget, ≥ what was reported
+    assert read_ledger(site.ledger).entries[-1]["kind"] == "personalize" and eps["rdp"] <= BUDGET
+    assert (site.state / "personal-suffix.safetensors").is_file()
+    _, again, why = parse_personal_reply(_personalize(site, arrays).content)  # twice: nothing spent again
+    assert not again["personalized"] and "already" in why and len(read_ledger(site.ledger).entries) == entries + 1

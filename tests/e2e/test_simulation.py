@@ -31,7 +31,8 @@ def test_three_sites_two_rounds_with_dp_and_a_site_out_of_budget(tmp_path):
     env = dict(os.environ, FEDTL_CACHE_DIR=str(tmp_path / "cache"))
     cmd = [sys.executable, "-m", "fedtl.cli", "simulate", "--out", str(out), "--data", str(data),
            "--sites", "3", "--rounds", "2", "--set", "data.partitioner=iid", "--set", "adapters.kind=lora",
-           "--set", "adapters.blocks=1", "--set", "privacy.site-epsilons=3,3,0.05"]
+           "--set", "adapters.blocks=1", "--set", "privacy.site-epsilons=3,3,0.05",
+           "--set", "personalization.kind=finetune", "--set", "personalization.epochs=1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -51,7 +52,20 @@ def test_three_sites_two_rounds_with_dp_and_a_site_out_of_budget(tmp_path):
     assert sorted(rows[1]["sites_trained"]) == ["site-0", "site-1"]
     assert (out / "suffix.safetensors").stat().st_size > 0
     ledger = json.loads((out / "sites" / "site-0" / "privacy-ledger.json").read_text())
-    assert len(ledger["entries"]) == 2 and ledger["epsilon"] == pytest.approx(summary["epsilon"]["site-0"])
+    assert len(ledger["entries"]) == 2 + 1 and ledger["entries"][-1]["kind"] == "personalize"
+    assert ledger["entries"][1]["epsilon"] == pytest.approx(summary["epsilon"]["site-0"])
+    # personalization: each site fine-tuned the selected suffix under the budget it reserved from round 1 and
+    # kept its personal suffix in its state dir; the server got figures only. Site 2 could not afford it.
+    personal = summary["personalization"]
+    assert set(personal["sites"]) == {"site-0", "site-1", "site-2"}
+    for site in ("site-0", "site-1"):
+        row = personal["sites"][site]
+        assert row["personalized"] and 0 < row["epsilon"] <= 3.0 and row["kept"] in ("tuned", "global")
+        assert (out / "sites" / site / "personal-suffix.safetensors").is_file()
+        assert 0 <= row["personal_test_auc"] <= 1 and 0 <= row["global_test_auc"] <= 1
+    assert ledger["epsilon"] == pytest.approx(personal["sites"]["site-0"]["epsilon"])
+    assert "site-2" in personal["skipped"] and not (out / "sites" / "site-2" / "personal-suffix.safetensors").exists()
+    assert personal["max_loss"] is not None
     # each site's ε, δ, accountant and budget as the site reported them; the randomness is named
     assert summary["privacy"]["site-0"] == {"epsilon": summary["epsilon"]["site-0"], "delta": 1e-5,
                                             "accountant": "rdp", "budget": 3.0}
@@ -79,6 +93,7 @@ def test_three_sites_two_rounds_with_dp_and_a_site_out_of_budget(tmp_path):
         assert noise not in output, noise
     report = (out / "report.html").read_text()
     assert report.count("<svg") == 4 and "site-2" in report  # written at the end of the run
+    assert "Personalization (local fine-tuning" in report
 
     # the same command again reuses the prefix cache
     proc = subprocess.run(cmd + ["--overwrite", "--set", "privacy.site-epsilons="], env=env, capture_output=True,

@@ -201,3 +201,14 @@ def test_an_evaluation_set_reads_its_labels_column_like_data(tmp_path):
     assert SiteConfig.load(write(tmp_path, npz)).evaluation.data.labels_column == "label"  # an npz has no CSV
     with pytest.raises(ConfigError, match="`evaluation.labels-column` must name"):
         SiteConfig.load(write(tmp_path, own + 'labels-column = "file"\n'))
+
+
+def test_the_site_caps_or_refuses_local_fine_tuning_in_its_own_file(tmp_path):
+    from fedtl.privacy.policy import policy_for_site
+
+    assert SiteConfig.load(write(tmp_path, MINIMAL)).privacy.max_personalize_epochs == 5
+    refusing = SiteConfig.load(write(tmp_path, MINIMAL + "[privacy]\nmax-personalize-epochs = 0\n"))
+    assert policy_for_site(refusing).max_personalize_epochs == 0
+    for bad in ("-1", "21", "true", "2.5"):
+        with pytest.raises(ConfigError, match="max-personalize-epochs"):
+            SiteConfig.load(write(tmp_path, MINIMAL + f"[privacy]\nmax-personalize-epochs = {bad}\n"))

@@ -207,7 +207,7 @@ def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkey
     assert call["grid"] is GRID and call["num_rounds"] == 3
     assert call["train_config"] == {"total-rounds": 3, "run-id": "t", "num-classes": 2,
                                     "backbone": "efficientnet_lite0", "backbone-sha256": model.weights_sha256,
-                                    "noise-multiplier": 0.0}
+                                    "noise-multiplier": 0.0, "personalize-epochs": 0}
     assert strategy.expected == model.expected_state()
     # min-available is the quorum: the round loop waits (bounded) for the others itself
     assert (strategy.fraction_train, strategy.min_train_nodes, strategy.min_available_nodes) == (0.5, 1, 1)

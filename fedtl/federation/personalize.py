@@ -1,0 +1,213 @@
+"""Personalization after the last round: each site fine-tunes the final global suffix on its own data.
+
+Protocol (both directions are untrusted input for the receiver):
+
+- request (``MessageType.TRAIN`` + ``.personalize``): ``arrays`` (the selected global suffix) and
+  ``config`` with ``run-id``, ``epochs``, ``num-classes``, ``backbone-sha256``;
+- reply: **metrics only**, never arrays — exactly :data:`PERSONAL_METRIC_KEYS`: whether the site
+  fine-tuned, whether it kept the fine-tuned suffix (chosen on its validation split), its cumulative ε,
+  and for the global and the fine-tuned suffix on its validation and test splits the number of examples,
+  AUC (−1: undefined), argmax accuracy and loss; ``info`` (``site``, ``reason``).
+
+The personal suffix stays in the site's state dir (``fedtl.federation.personal_site``). Its DP steps were
+planned with the rounds (``fedtl.privacy.policy.plan_round``), so a site never exceeds its budget for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from fedtl.config import MAX_PERSONALIZE_EPOCHS
+
+log = logging.getLogger(__name__)
+
+ACTION = "personalize"  # the ClientApp's train action: message type "train.personalize"
+MODELS = ("global", "tuned")
+SPLITS = ("val", "test")
+_FIGS = ("n", "auc", "acc", "loss")
+PERSONAL_METRIC_KEYS = ("personalized", "kept-tuned", "epsilon",
+                        *(f"{m}-{s}-{k}" for m in MODELS for s in SPLITS for k in _FIGS))
+PERSONAL_INFO_KEYS = ("site", "reason")
+MAX_EXAMPLES = 10_000_000
+MAX_LOSS = 1e4
+MAX_EPSILON = 1e6
+
+
+@dataclass(frozen=True)
+class PersonalizeRequest:
+    """A server's personalize message, validated at the site like a file from a stranger."""
+
+    run_id: str
+    epochs: int
+    num_classes: int  # 0: not given (simulation: the data set's)
+    backbone_sha256: str
+
+    @classmethod
+    def parse(cls, config) -> PersonalizeRequest:
+        from fedtl.federation.records import MAX_CLASSES
+
+        def integer(key: str, low: int, high: int, default: int | None = None) -> int:
+            value = config.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or int(value) != value or not low <= int(value) <= high:
+                raise ValueError(f"`{key}` must be an integer in [{low}, {high}], got {value!r:.60}")
+            return int(value)
+
+        epochs = integer("epochs", 1, MAX_PERSONALIZE_EPOCHS)
+        num_classes = integer("num-classes", 0, MAX_CLASSES, 0)
+        if num_classes == 1:
+            raise ValueError("`num-classes` must be at least 2, got 1")
+        run_id = config.get("run-id", "")
+        if not isinstance(run_id, str) or not run_id or len(run_id) > 128:
+            raise ValueError("`run-id` must be a non-empty string of at most 128 characters")
+        sha = config.get("backbone-sha256", "")
+        if not isinstance(sha, str) or (sha and not re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise ValueError(f"`backbone-sha256` must be 64 lowercase hex digits, got {sha!r:.80}")
+        return cls(run_id, epochs, num_classes, sha)
+
+
+def personal_reply(figures: dict[str, dict[str, dict]] | None, *, site: str, personalized: bool = False,
+                   kept_tuned: bool = False, epsilon: float = -1.0, reason: str = "") -> RecordDict:
+    """A site's personalize reply: released statistics only. ``figures[model][split]`` holds n, auc, acc, loss."""
+    values: dict = {"personalized": int(bool(personalized)), "kept-tuned": int(bool(personalized and kept_tuned)),
+                    "epsilon": float(epsilon) if math.isfinite(epsilon) and epsilon >= 0 else -1.0}  # as the ledger says
+    for m in MODELS:
+        for s in SPLITS:
+            f = ((figures or {}).get(m) or {}).get(s) or {}
+            n = int(f.get("n", 0))
+            values[f"{m}-{s}-n"] = n
+            for k in ("auc", "acc", "loss"):
+                v = float(f.get(k, float("nan")))
+                values[f"{m}-{s}-{k}"] = round(v, 6) if math.isfinite(v) and n else -1.0
+    return RecordDict({"metrics": MetricRecord(values), "info": ConfigRecord({"site": site[:64], "reason": reason[:1000]})})
+
+
+def parse_personal_reply(content: RecordDict) -> tuple[str, dict, str]:
+    """(site name claimed, figures, reason). Raises ValueError naming the problem of a malformed reply.
+
+    A reply holding any array is refused outright: a personal suffix never leaves its site.
+    """
+    if len(content.array_records):
+        raise ValueError("the reply carries tensors; a personalize reply holds metrics only")
+    if len(content.metric_records) != 1:
+        raise ValueError(f"expected one MetricRecord, got {len(content.metric_records)}")
+    raw = next(iter(content.metric_records.values()))
+    keys = set(raw.keys())
+    if keys != set(PERSONAL_METRIC_KEYS):
+        extra, missing = sorted(keys - set(PERSONAL_METRIC_KEYS)), sorted(set(PERSONAL_METRIC_KEYS) - keys)
+        raise ValueError(f"metric keys differ from the protocol's (unexpected: {extra[:5]}, missing: {missing[:5]})")
+    if set(content.config_records.keys()) - {"info"}:
+        raise ValueError("unexpected config records in the reply")
+    info = content["info"] if "info" in content.config_records else {}
+    for key, value in info.items():
+        if key not in PERSONAL_INFO_KEYS or not isinstance(value, str):
+            raise ValueError(f"info `{key}` is not part of the protocol or not a string")
+    site, reason = str(info.get("site", ""))[:64], str(info.get("reason", ""))[:1000]
+
+    def number(key: str, low: float, high: float, integer: bool = False) -> float:
+        v = raw[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) \
+                or not low <= float(v) <= high or (integer and int(v) != v):
+            raise ValueError(f"`{key}` must be {'an integer' if integer else 'a number'} in [{low:g}, {high:g}], got {v!r:.60}")
+        return float(v)
+
+    out: dict = {"personalized": bool(number("personalized", 0, 1, integer=True)),
+                 "kept_tuned": bool(number("kept-tuned", 0, 1, integer=True))}
+    eps = number("epsilon", -1.0, MAX_EPSILON)
+    if eps < 0 and eps != -1.0:
+        raise ValueError(f"`epsilon` must be >= 0 or -1 (not reported), got {eps!r}")
+    out["epsilon"] = None if eps == -1.0 else eps
+    if out["kept_tuned"] and not out["personalized"]:
+        raise ValueError("`kept-tuned` is 1 but the site did not fine-tune")
+    for m in MODELS:
+        for s in SPLITS:
+            fig = {"n": int(number(f"{m}-{s}-n", 0, MAX_EXAMPLES, integer=True))}
+            for k, high in (("auc", 1.0), ("acc", 1.0), ("loss", MAX_LOSS)):
+                v = number(f"{m}-{s}-{k}", -1.0, high)
+                if v < 0 and v != -1.0:
+                    raise ValueError(f"`{m}-{s}-{k}` must be >= 0 or -1 (undefined), got {v!r}")
+                fig[k] = float("nan") if v == -1.0 else v
+            out[f"{m}_{s}"] = fig
+    return site, out, reason
+
+
+@dataclass
+class Personalization:
+    """Each site's figures under the global and its personal suffix, and who did not personalize."""
+
+    sites: dict[str, dict] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # site -> why it kept the global suffix / no figures
+    timed_out: list[str] = field(default_factory=list)
+
+    def add(self, site: str, parsed: dict, reason: str) -> None:
+        personal = "tuned" if parsed["kept_tuned"] else "global"
+        row = {"personalized": parsed["personalized"], "kept": personal, "epsilon": parsed["epsilon"]}
+        for s in SPLITS:
+            for k in ("n", "auc", "acc", "loss"):
+                row[f"global_{s}_{k}"] = parsed[f"global_{s}"][k]
+                row[f"tuned_{s}_{k}"] = parsed[f"tuned_{s}"][k]
+                row[f"personal_{s}_{k}"] = parsed[f"{personal}_{s}"][k]
+        self.sites[site] = row
+        if not parsed["personalized"]:
+            self.skipped[site] = reason or "did not fine-tune"
+
+    def table(self) -> dict:
+        """The ``personalization`` entry of summary.json: per site global vs personal, worst site, largest loss."""
+        return {"sites": dict(sorted(self.sites.items())), "skipped": dict(sorted(self.skipped.items())),
+                "timed_out": self.timed_out, **compare(self.sites)}
+
+
+def compare(sites: dict[str, dict], split: str = "test") -> dict:
+    """Worst site's test AUC under the global and the personal suffix, and the largest per-site loss."""
+    rows = {s: r for s, r in sites.items()
+            if math.isfinite(r.get(f"global_{split}_auc", math.nan)) and math.isfinite(r.get(f"personal_{split}_auc", math.nan))}
+    if not rows:
+        return {"worst_site": None, "worst_global_auc": None, "worst_personal_auc": None, "worst_site_gain": None,
+                "worst_personal_site": None, "max_loss": None, "mean_gain": None}
+    worst = min(rows, key=lambda s: rows[s][f"global_{split}_auc"])
+    worst_p = min(rows, key=lambda s: rows[s][f"personal_{split}_auc"])
+    deltas = {s: r[f"personal_{split}_auc"] - r[f"global_{split}_auc"] for s, r in rows.items()}
+    return {"worst_site": worst, "worst_global_auc": rows[worst][f"global_{split}_auc"],
+            "worst_personal_auc": rows[worst_p][f"personal_{split}_auc"], "worst_personal_site": worst_p,
+            "worst_site_gain": rows[worst_p][f"personal_{split}_auc"] - rows[worst][f"global_{split}_auc"],
+            "max_loss": max(0.0, -min(deltas.values())), "mean_gain": sum(deltas.values()) / len(deltas)}
+
+
+def personalize_at_sites(grid, strategy, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> Personalization:
+    """Send the final global suffix to every connected site to fine-tune; collect validated figures."""
+    from fedtl.federation.polling import send_and_receive
+
+    node_ids = sorted(grid.get_node_ids())
+    messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                        message_type=f"{MessageType.TRAIN}.{ACTION}") for node in node_ids]
+    replies = send_and_receive(grid, messages, timeout=timeout) if messages else []
+    result = Personalization()
+    answered = set()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        fallback = strategy.site_name(node)
+        if reply.has_error():
+            result.skipped[fallback] = f"failed: {reply.error.reason}"[:500]
+            continue
+        try:
+            site, parsed, reason = parse_personal_reply(reply.content)
+        except Exception as exc:  # a malformed reply is that reply's rejection, never the run's end
+            result.skipped[fallback] = f"rejected: {exc}"[:500]
+            log.warning("Personalization reply from %s rejected: %s", fallback, exc)
+            continue
+        site = site or fallback
+        if site in result.sites or site in result.skipped:  # two nodes claiming one name: keep both, visibly
+            site = f"{site} (node {node})"
+        result.add(site, parsed, reason)
+    result.timed_out = sorted(strategy.site_name(n) for n in set(node_ids) - answered)
+    t = result.table()
+    if t["worst_site"] is not None:
+        log.info("Personalization at %d site(s): worst site's test AUC %.4f (global) -> %.4f (personal); largest "
+                 "loss at a site %.4f", len(result.sites), t["worst_global_auc"], t["worst_personal_auc"], t["max_loss"])
+    return result
