@@ -79,3 +79,14 @@ def test_the_cli_writes_the_report_and_refuses_what_is_not_a_run(tmp_path, capsy
 @pytest.mark.parametrize("bad", ["--out=/nonexistent-folder/r.html"])
 def test_an_unwritable_target_is_a_clear_error(tmp_path, capsys, bad):
     assert main(["report", str(_run_dir(tmp_path)), bad]) == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_a_bias_rule_run_says_which_rule_its_site_accuracies_use(tmp_path):
+    run = _run_dir(tmp_path)
+    assert "are at the argmax" not in render(run)  # a threshold run: the sites' histograms give its accuracy
+    summary = json.loads((run / "summary.json").read_text())
+    summary["decision"] = {"rule": "bias", "bias": [0.0, 1.5], "chosen-on": "central validation (120 images)"}
+    (run / "summary.json").write_text(json.dumps(summary))
+    page = render(run)
+    assert "argmax of log P + offsets [0.0, 1.5], chosen on central validation (120 images)" in page
+    assert "Site and pooled accuracies are at the argmax" in page
