@@ -95,6 +95,21 @@ def bias_from_probabilities(probs: np.ndarray, labels: np.ndarray, grid: float =
     return bias if acc(bias) > base else None
 
 
+def central_decision(probs: np.ndarray, labels: np.ndarray, mode: str = "threshold") -> Decision:
+    """The decision rule chosen on the server's own validation data (``probs`` (N, K), ``labels`` (N,)):
+    binary, the best balanced-accuracy threshold; multi-class, per-class offsets (kept only if they beat the
+    argmax); ``mode="argmax"`` or no usable data: the argmax."""
+    n, k = (probs.shape[0], probs.shape[1]) if np.ndim(probs) == 2 else (0, 0)
+    if mode != "threshold" or n == 0:
+        return Decision()
+    where = f"central validation ({n} images)"
+    if k == 2:
+        th = threshold_from_histograms(*score_histograms(probs[:, 1], np.asarray(labels)))
+        return Decision("threshold", th, 1, where) if th is not None else Decision()
+    bias = bias_from_probabilities(probs, labels)
+    return Decision("bias", chosen_on=where, bias=tuple(bias)) if bias is not None else Decision()
+
+
 def pooled(rows: list[dict], prefix: str, weight_cap: float = 4.0) -> dict[str, float]:
     """Example-weighted means of the sites' figures; each site's weight capped at ``weight_cap`` × the
     median weight (0: no cap), so one site claiming a huge n cannot decide the pooled figure alone.

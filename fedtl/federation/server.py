@@ -34,8 +34,7 @@ from fedtl.federation.records import record_bytes, to_record, to_state
 from fedtl.federation.site import build_transfer_model, cached_features, load_source
 from fedtl.federation.strategy import RoundStats, SuffixFedAvg, make_strategy
 from fedtl.model import TransferModel
-from fedtl.evaluation import (Decision, bias_from_probabilities, decision_of, score_histograms,
-                              threshold_from_histograms)
+from fedtl.evaluation import Decision, central_decision, decision_of
 from fedtl.training import evaluate_suffix
 
 log = logging.getLogger(__name__)
@@ -138,15 +137,7 @@ class Tracker:
         """Central figures into ``row``; returns (val AUC, val loss) and sets the round's decision."""
         v = evaluate_suffix(self.model, *self.val)
         t = evaluate_suffix(self.model, *self.test)
-        decision = Decision()
-        if self.binary_threshold and v.num_examples:
-            th = threshold_from_histograms(*score_histograms(v.probabilities[:, 1], self.val[1].numpy()))
-            if th is not None:
-                decision = Decision("threshold", th, 1, f"central validation ({v.num_examples} images)")
-        elif self.decision_mode == "threshold" and self.num_classes > 2 and v.num_examples:
-            bias = bias_from_probabilities(v.probabilities, self.val[1].numpy())
-            if bias is not None:
-                decision = Decision("bias", chosen_on=f"central validation ({v.num_examples} images)", bias=tuple(bias))
+        decision = central_decision(v.probabilities, self.val[1].numpy(), self.decision_mode)
         row["decision"] = decision.to_dict()
         for name, r, (_, y) in (("val", v, self.val), ("test", t, self.test)):
             acc = float(np.mean(decision.apply(r.probabilities) == y.numpy())) if r.num_examples else float("nan")

@@ -107,3 +107,20 @@ def test_bias_search_beats_the_argmax_on_validation_or_keeps_it():
     assert bias_from_probabilities(probs[:10], y[:10]) is None  # too few examples to move the argmax
     calibrated = np.eye(3)[y] * 0.9 + 0.05  # already right everywhere: nothing to gain
     assert bias_from_probabilities(calibrated, y) is None
+
+
+def test_central_decision_is_chosen_on_validation_by_class_count_and_mode():
+    from fedtl.evaluation import central_decision
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    p1 = np.clip(0.75 + 0.1 * rng.standard_normal(80) + 0.1 * y, 0, 1)  # every score above 0.5: argmax says 1
+    probs = np.stack([1 - p1, p1], 1)
+    d = central_decision(probs, y)
+    assert d.rule == "threshold" and 0.5 < d.threshold < 1 and "80 images" in d.chosen_on
+    assert np.mean(d.apply(probs) == y) > np.mean(probs.argmax(1) == y)
+    assert central_decision(probs, y, mode="argmax").rule == "argmax"
+    assert central_decision(np.empty((0, 2)), np.empty(0, int)).rule == "argmax"
+    assert central_decision(probs, np.zeros(80, int)).rule == "argmax"  # one class: no threshold
+    k3 = np.tile([[0.5, 0.3, 0.2]], (9, 1))  # 9 < 5 × 3 examples: too few to move the argmax
+    assert central_decision(k3, np.arange(9) % 3).rule == "argmax"
