@@ -16,7 +16,8 @@ The site worker: before the SuperNode, the launcher starts the site's long-lived
 (``python -m fedtl.federation.worker site.toml``: torch, Opacus and the site's data loaded once) and waits until
 it answers on ``<state-dir>/worker/worker.sock``; the ClientApp that Flower starts for each message forwards it
 there instead of importing and loading everything again (falling back to doing so itself when the worker is gone).
-The worker stops with the site. ``--no-worker`` starts the SuperNode alone: every message is served in its own
+A worker that dies while the site runs is started again after a back-off (at most 5 times in 10 minutes; the
+ClientApps serve messages in-process meanwhile). The worker stops with the site. ``--no-worker`` starts the SuperNode alone: every message is served in its own
 ClientApp process, as before.
 
 Flower reads ``--node-config`` with a regular expression (``key='…'``, ``key="…"`` or a bare word) and
@@ -82,27 +83,95 @@ def worker_command(site_config: str | Path) -> list[str]:
     return [sys.executable, "-m", "fedtl.federation.worker", str(Path(site_config).resolve()), "--exit-with-parent"]
 
 
+class RestartBudget:
+    """When a worker that died may be started again: at most ``limit`` restarts in any ``window`` seconds, each
+    after a back-off that doubles (1, 2, 4 … ``cap`` s). A worker that keeps dying is left dead: the ClientApps
+    serve every message in-process (slower, same result) until the site is started again."""
+
+    def __init__(self, limit: int = 5, window: float = 600.0, cap: float = 30.0) -> None:
+        self.limit, self.window, self.cap = limit, window, cap
+        self.times: list[float] = []
+
+    def next_delay(self, now: float) -> float | None:
+        """Seconds to wait before the next restart, or None when the budget is spent."""
+        self.times = [t for t in self.times if now - t < self.window]
+        if len(self.times) >= self.limit:
+            return None
+        delay = min(self.cap, 2.0 ** len(self.times))
+        self.times.append(now)
+        return delay
+
+
+class WorkerHandle:
+    """The launcher's site worker: the process that serves now (a restarted one replaces a dead one)."""
+
+    def __init__(self, site_config: str | Path, env: Mapping[str, str] | None, budget: RestartBudget) -> None:
+        self.site_config, self.env, self.budget = site_config, env, budget
+        self.proc: subprocess.Popen[str] | None = None
+        self.tail: collections.deque[str] = collections.deque(maxlen=20)
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def spawn(self) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(worker_command(self.site_config), env=dict(self.env) if self.env is not None else None,
+                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1)
+        threading.Thread(target=_copy_lines, args=(proc.stdout, self.tail.append), daemon=True).start()
+        self.proc = proc
+        return proc
+
+    def watch(self) -> None:
+        """Restart the worker when it exits while the site runs (thread body)."""
+        while not self._stopping.is_set():
+            proc = self.proc
+            code = proc.wait()
+            if self._stopping.is_set():
+                return
+            delay = self.budget.next_delay(time.monotonic())
+            if delay is None:
+                print(f"fedtl-site: the site worker exited with status {code} again ({self.budget.limit} restarts "
+                      f"within {self.budget.window:.0f} s); it is not restarted. ClientApps serve every message "
+                      "in-process (slower, same result) until the site is started again. Its last output: "
+                      f"{' '.join(''.join(self.tail).split())[-600:]}", file=sys.stderr, flush=True)
+                return
+            print(f"fedtl-site: the site worker exited with status {code}; restarting it in {delay:.0f} s "
+                  "(ClientApps serve messages in-process meanwhile).", file=sys.stderr, flush=True)
+            if self._stopping.wait(delay):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self.spawn()
+                self.restarts += 1
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+            proc = self.proc
+        if proc is not None:
+            terminate_tree(proc, 5.0)
+
+
 @contextlib.contextmanager
 def site_worker(site_config: str | Path, env: Mapping[str, str] | None = None,
-                timeout: float = WORKER_START_TIMEOUT) -> Iterator[subprocess.Popen[str]]:
-    """The site's worker, started and answering a ping before the block runs; stopped (with its children) after
-    it. Its output is copied to this process's stdout. SiteWorkerError if it exits or does not answer in time."""
+                timeout: float = WORKER_START_TIMEOUT, budget: RestartBudget | None = None) -> Iterator[WorkerHandle]:
+    """The site's worker, started and answering a ping before the block runs, restarted if it dies while the
+    block runs (within ``budget``), stopped (with its children) after it. Its output is copied to this process's
+    stdout. SiteWorkerError if the first one exits or does not answer in time."""
     from fedtl.federation.worker_link import ping, socket_path
 
     site = SiteConfig.load(site_config)
     path = socket_path(site.state_dir)
-    proc = subprocess.Popen(worker_command(site_config), env=dict(env) if env is not None else None,
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1)
-    tail: collections.deque[str] = collections.deque(maxlen=20)
-    threading.Thread(target=_copy_lines, args=(proc.stdout, tail.append), daemon=True).start()
+    handle = WorkerHandle(site_config, env, budget or RestartBudget())
+    proc = handle.spawn()
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
                 raise SiteWorkerError(f"the site worker exited with status {proc.returncode} before answering: "
-                                      f"{' '.join(''.join(tail).split())[-600:]} (start with --no-worker to run "
-                                      "without it)")
+                                      f"{' '.join(''.join(handle.tail).split())[-600:]} (start with --no-worker to "
+                                      "run without it)")
             try:
                 status = ping(path, timeout=2.0)
                 if status.get("pid") == proc.pid:
@@ -113,9 +182,10 @@ def site_worker(site_config: str | Path, env: Mapping[str, str] | None = None,
                 raise SiteWorkerError(f"the site worker did not answer on {path} within {timeout:.0f} s (start "
                                       "with --no-worker to run without it)")
             time.sleep(0.2)
-        yield proc
+        threading.Thread(target=handle.watch, name="site-worker-watch", daemon=True).start()
+        yield handle
     finally:
-        terminate_tree(proc, 5.0)
+        handle.stop()
 
 
 def explain_exit(output: str, site: SiteConfig, superlink: str) -> str | None:

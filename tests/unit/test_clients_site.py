@@ -143,6 +143,54 @@ def test_the_launcher_starts_the_worker_first_and_stops_it_with_the_supernode(tm
     assert seen == ["supernode"]
 
 
+def test_a_worker_killed_while_the_site_runs_is_started_again_and_stopped_with_the_site(tmp_path, monkeypatch,
+                                                                                        capsys):
+    import signal
+    import sys
+    import time
+
+    import psutil
+
+    import clients.site as launcher
+    from fedtl.errors import SiteWorkerError
+    from fedtl.federation.worker_link import ping, socket_path
+
+    pids = []
+
+    def supernode(cmd, hint, env, **kw):  # the SuperNode runs while the worker is killed under it
+        sock = socket_path(tmp_path / "state")
+        pids.append(ping(sock)["pid"])
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                pid = ping(sock, timeout=1.0)["pid"]
+                if pid != pids[0]:
+                    pids.append(pid)
+                    return 0
+            except SiteWorkerError:
+                pass
+            time.sleep(0.2)
+        return 1
+
+    monkeypatch.setattr(launcher, "worker_command", lambda path: [sys.executable, "-c", _LIGHT_WORKER, str(path)])
+    monkeypatch.setattr(launcher, "_run_foreground", supernode)
+    assert main(["start", str(_site(tmp_path)), "--superlink", "127.0.0.1:9093"]) == 0
+    assert len(pids) == 2 and pids[0] != pids[1]
+    assert "the site worker exited with status -9; restarting it in 1 s" in capsys.readouterr().err
+    for pid in pids:  # the successor stops with the site as the first would have
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_worker_that_keeps_dying_is_restarted_with_back_off_then_left_stopped():
+    from clients.site import RestartBudget
+
+    budget = RestartBudget(limit=3, window=100.0, cap=3.0)
+    assert [budget.next_delay(t) for t in (0.0, 1.0, 2.0)] == [1.0, 2.0, 3.0]  # doubling, capped
+    assert budget.next_delay(3.0) is None  # 3 restarts within 100 s: left stopped
+    assert budget.next_delay(101.5) == 2.0  # the oldest restart left the window: one more is allowed
+
+
 def test_a_worker_that_fails_to_start_is_a_clear_error_and_no_supernode_starts(tmp_path, monkeypatch, capsys):
     import sys
 
