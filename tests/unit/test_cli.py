@@ -61,3 +61,17 @@ def test_config_file_with_tables(tmp_path, capsys):
     assert main(["config", "--config", str(conf)]) == 0
     out = capsys.readouterr().out
     assert "privacy.target-epsilon = 1.5" in out and "federation.sites = 4" in out
+
+
+def test_the_summary_says_which_accuracies_are_at_the_argmax_in_a_bias_run(capsys):
+    from fedtl.cli import print_summary
+
+    sites = {"per_site": {"sites": {"site-0": {"test_n": 20, "test_auc": 0.7, "test_acc": 0.45}},
+                          "pooled": {"test_n": 20, "test_auc": 0.7, "test_acc": 0.45}}}
+    print_summary({"test_auc": 0.7, "test_acc": 0.54, "test_acc_argmax": 0.45, **sites,
+                   "decision": {"rule": "bias", "bias": [0.0, 0.3, -0.2]}})
+    out = capsys.readouterr().out
+    assert "accuracy 0.5400 (per-class offsets; argmax 0.4500)" in out
+    assert "site and pooled accuracies are at the argmax" in out
+    print_summary({"test_auc": 0.9, "test_acc": 0.88, **sites, "decision": {"rule": "threshold", "threshold": 0.6}})
+    assert "at the argmax;" not in capsys.readouterr().out  # a threshold reaches the sites: their figures use it
