@@ -20,6 +20,11 @@ PneumoniaMNIST sites of 50 and 100 images (docs/benchmarks.md, "Small sites"), t
 the run NSR, not the per-round NSR: 5 rounds had the lowest per-round NSR and the worst AUC (the
 per-round ε cap leaves part of the budget unspent), 20–40 rounds the best. So the alternatives the
 plan measures are ranked by run NSR, and ε is shown as what the schedule can actually spend.
+
+A run with ``personalization.kind = "finetune"`` reserves each site's fine-tuning steps (after the last
+round, same σ and sample rate) in the plan from round 1, as the site's policy does (``plan_round``): σ is
+calibrated for rounds + fine-tuning under the budget (the per-round cap holds for the rounds alone), and
+"ε total" includes the fine-tuning.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class SitePlan:
     nsr: float
     verdict: str  # ok | noisy | noise | declines
     advice: list[str] = field(default_factory=list)
+    personalize_steps: int = 0  # fine-tuning steps reserved after the last round (in σ and ε total)
 
     @property
     def run_nsr(self) -> float:
@@ -65,13 +71,13 @@ class SitePlan:
 
 
 @functools.lru_cache(maxsize=1024)
-def _sigma(budget: Budget, q: float, steps: int, rounds: int) -> float:
+def _sigma(budget: Budget, q: float, steps: int, rounds: int, extra_steps: int = 0) -> float:
     from fedtl.errors import PrivacyBudgetError
     from fedtl.privacy.accounting import calibrate_noise
 
     try:
         s = [calibrate_noise(budget.target_epsilon if budget.run_cap >= budget.target_epsilon else budget.run_cap,
-                             budget.delta, q, rounds * steps, accountant=budget.accountant),
+                             budget.delta, q, rounds * steps + extra_steps, accountant=budget.accountant),
              calibrate_noise(budget.round_cap, budget.delta, q, steps, accountant=budget.accountant)]
     except PrivacyBudgetError:
         return math.inf
@@ -83,17 +89,18 @@ def nsr(sigma: float, params: int, batch: float, steps: int) -> float:
 
 
 def plan_site(site: str, n: int, *, rounds: int, batch_size: int, epochs: int, params: int, budget: Budget,
-              advise: bool = True) -> SitePlan:
+              advise: bool = True, personalize_epochs: int = 0) -> SitePlan:
     from fedtl.privacy.accounting import epsilon_of
 
     batch = max(1, min(batch_size, n))
     per_epoch = steps_per_epoch(n, batch)
     q, k = 1.0 / per_epoch, per_epoch * epochs
-    sigma = _sigma(budget, q, k, rounds)
+    extra = per_epoch * max(0, personalize_epochs)
+    sigma = _sigma(budget, q, k, rounds, extra)
     expected_batch = q * n
     if math.isfinite(sigma):
         per_round = epsilon_of([(sigma, q, k)], budget.delta, budget.accountant)
-        total = epsilon_of([(sigma, q, k * rounds)], budget.delta, budget.accountant)
+        total = epsilon_of([(sigma, q, k * rounds + extra)], budget.delta, budget.accountant)
     else:
         per_round = total = math.inf
     ratio = nsr(sigma, params, expected_batch, k)
@@ -101,17 +108,18 @@ def plan_site(site: str, n: int, *, rounds: int, batch_size: int, epochs: int, p
         verdict = "declines"
     else:
         verdict = "noise" if ratio >= NOISE else "noisy" if ratio >= NOISY else "ok"
-    plan = SitePlan(site, n, batch, q, k, rounds, sigma, per_round, total, ratio, verdict)
+    plan = SitePlan(site, n, batch, q, k, rounds, sigma, per_round, total, ratio, verdict, personalize_steps=extra)
     if advise and verdict != "ok":
-        plan.advice = _advice(plan, epochs=epochs, params=params, budget=budget)
+        plan.advice = _advice(plan, epochs=epochs, params=params, budget=budget, personalize_epochs=personalize_epochs)
     return plan
 
 
-def _advice(plan: SitePlan, *, epochs: int, params: int, budget: Budget) -> list[str]:
+def _advice(plan: SitePlan, *, epochs: int, params: int, budget: Budget, personalize_epochs: int = 0) -> list[str]:
     """What would bring the update above the noise: each alternative measured by the same formulas, the
     schedules (rounds, full batches) ranked by run NSR, lowest first (the best first)."""
     def alt(**kw) -> SitePlan:
-        args = {"rounds": plan.rounds, "batch_size": plan.batch, "epochs": epochs, "params": params, "budget": budget}
+        args = {"rounds": plan.rounds, "batch_size": plan.batch, "epochs": epochs, "params": params, "budget": budget,
+                "personalize_epochs": personalize_epochs}
         return plan_site(plan.site, plan.n, **{**args, **kw}, advise=False)
 
     schedules = []
@@ -130,6 +138,10 @@ def _advice(plan: SitePlan, *, epochs: int, params: int, budget: Budget) -> list
     out.append(f"twice the budget (ε={bigger.target_epsilon:g}): run NSR {alt(budget=bigger).run_nsr:.2f}")
     out.append(f"fewer trainable parameters (now {params}): NSR scales with √d")
     out.append("pooling this site's images with another site's doubles B and halves NSR")
+    if personalize_epochs:
+        out.append(f"no personalization (personalization.kind = none): run NSR "
+                   f"{alt(personalize_epochs=0).run_nsr:.2f} (the {plan.personalize_steps} fine-tuning steps "
+                   "reserved now cost every round noise)")
     return out
 
 
@@ -153,7 +165,7 @@ def plan_sizes(cfg, sizes: list[int], params: int, advise: bool = True) -> list[
                         p.max_noise_multiplier, p.accountant)
         plans.append(plan_site(f"site-{i}", n, rounds=min(cfg.federation.rounds, p.max_rounds_per_run),
                                batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, params=params, budget=budget,
-                               advise=advise))
+                               advise=advise, personalize_epochs=cfg.personalization.requested_epochs))
     return plans
 
 
@@ -179,6 +191,11 @@ def format_plans(plans: list[SitePlan], params: int) -> list[str]:
     lines.append(f"trainable parameters d = {params}; federation NSR of a round's aggregate "
                  f"({sum(p.verdict != 'declines' for p in plans)} sites, FedAvg weights) = {fed:.2f}, "
                  f"of the run's {rounds} rounds = {fed / math.sqrt(max(rounds, 1)):.2f}")
+    if any(p.personalize_steps for p in plans):
+        lines.append("σ and ε total include each site's fine-tuning after the last round (personalization.kind = "
+                     "finetune), reserved from round 1: "
+                     + ", ".join(f"{p.site} {p.personalize_steps} steps" for p in plans[:6])
+                     + (" …" if len(plans) > 6 else ""))
     bad = [p for p in plans if p.verdict in ("noise", "declines")]
     for p in bad[:5]:
         what = "will decline every round" if p.verdict == "declines" else "will send updates that are mostly noise"

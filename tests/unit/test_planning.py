@@ -68,3 +68,25 @@ def test_the_run_nsr_ranks_schedules_as_the_measured_small_sites_did():
     assert plans[5].run_nsr > plans[20].run_nsr and plans[5].run_nsr > plans[40].run_nsr
     assert plans[5].epsilon_total < 2.0 < 2.99 < plans[20].epsilon_total <= 3.0
     assert math.isclose(plans[20].run_nsr, plans[20].nsr / math.sqrt(20))
+
+
+def test_a_personalized_run_plans_the_fine_tuning_the_sites_reserve(tmp_path, capsys):
+    from fedtl.privacy.ledger import open_ledger
+    from fedtl.privacy.policy import PrivacyPolicy, Proposal, plan_round
+
+    cfg = FedTLConfig().with_overrides({"federation.rounds": 40, "personalization.kind": "finetune",
+                                        "personalization.epochs": 3})
+    (plain,) = plan_sizes(FedTLConfig().with_overrides({"federation.rounds": 40}), [200], 226)
+    (ft,) = plan_sizes(cfg, [200], 226)
+    assert ft.personalize_steps == 3 * 4 and plain.personalize_steps == 0  # 200 images, batch 64: 4 steps an epoch
+    assert ft.sigma > plain.sigma and ft.epsilon_total <= 3.0 + 1e-6
+    assert math.isclose(ft.epsilon_total, epsilon_of([(ft.sigma, 1 / 4, 4 * 40 + 12)], 1e-5), rel_tol=1e-9)
+    # the σ a site's own policy calibrates for its first round of the same run
+    policy = PrivacyPolicy(site="s", target_epsilon=3.0, delta=1e-5, ledger_path=tmp_path / "ledger.json")
+    with open_ledger(policy.ledger_path, site="s", delta=1e-5, accountant="rdp", target_epsilon=3.0) as ledger:
+        rp = plan_round(policy, ledger, Proposal(total_rounds=40, batch_size=64, epochs=1, personalize_epochs=3),
+                        run_id="r", server_round=1, num_examples=200)
+    assert math.isclose(rp.noise_multiplier, ft.sigma, rel_tol=2e-3)
+    assert main(["plan", "--site-sizes", "200", "--set", "personalization.kind=finetune", "--set",
+                 "federation.rounds=40"]) == 0
+    assert "fine-tuning after the last round" in capsys.readouterr().out
