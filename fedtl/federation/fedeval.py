@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -83,45 +85,76 @@ def eval_reply(split_figures: dict[str, dict] | None, *, site: str, reason: str 
     return RecordDict({"metrics": MetricRecord(values), "info": ConfigRecord({"site": site[:64], "reason": reason[:1000]})})
 
 
-def parse_eval_reply(content: RecordDict, num_classes: int) -> tuple[str, dict | None, str]:
-    """(site name claimed, {split: figures} or None if it did not evaluate, reason). Raises ValueError
-    naming every problem of a malformed reply."""
-    if len(content.metric_records) != 1:
-        raise ValueError(f"expected one MetricRecord, got {len(content.metric_records)}")
-    raw = next(iter(content.metric_records.values()))
-    keys = set(raw.keys())
-    if keys != set(EVAL_METRIC_KEYS):
-        extra, missing = sorted(keys - set(EVAL_METRIC_KEYS)), sorted(set(EVAL_METRIC_KEYS) - keys)
-        raise ValueError(f"metric keys differ from the protocol's (unexpected: {extra[:5]}, missing: {missing[:5]})")
-    info = content["info"] if "info" in content.config_records else {}
-    for key, value in info.items():
-        if key not in EVAL_INFO_KEYS or not isinstance(value, str):
-            raise ValueError(f"info `{key}` is not part of the protocol or not a string")
-    site, reason = str(info.get("site", ""))[:64], str(info.get("reason", ""))[:1000]
+@dataclass(frozen=True)
+class CheckedReply:
+    """A site's figures-only reply (evaluate, personalize) whose layout matches its protocol; its values are read
+    through :meth:`number`, :meth:`optional` and :meth:`figures`, each range-checked as it is read."""
 
-    def number(key: str, low: float, high: float, integer: bool = False) -> float:
-        v = raw[key]
+    metrics: Mapping[str, Any]
+    site: str  # as the site claims it (at most 64 characters)
+    reason: str  # at most 1000 characters
+
+    @classmethod
+    def check(cls, content: RecordDict, metric_keys: Iterable[str], info_keys: Iterable[str], *,
+              info_only: bool = False) -> CheckedReply:
+        """Raises ValueError naming the problem: not exactly one MetricRecord; metric keys other than exactly
+        ``metric_keys`` (naming the unexpected and the missing ones); with ``info_only``, a config record besides
+        ``info``; an info entry outside ``info_keys`` or not a string."""
+        if len(content.metric_records) != 1:
+            raise ValueError(f"expected one MetricRecord, got {len(content.metric_records)}")
+        raw = next(iter(content.metric_records.values()))
+        keys, expected = set(raw.keys()), set(metric_keys)
+        if keys != expected:
+            extra, missing = sorted(keys - expected), sorted(expected - keys)
+            raise ValueError(f"metric keys differ from the protocol's (unexpected: {extra[:5]}, missing: {missing[:5]})")
+        if info_only and set(content.config_records.keys()) - {"info"}:
+            raise ValueError("unexpected config records in the reply")
+        info = content["info"] if "info" in content.config_records else {}
+        allowed = set(info_keys)
+        for key, value in info.items():
+            if key not in allowed or not isinstance(value, str):
+                raise ValueError(f"info `{key}` is not part of the protocol or not a string")
+        return cls(raw, str(info.get("site", ""))[:64], str(info.get("reason", ""))[:1000])
+
+    def number(self, key: str, low: float, high: float, integer: bool = False) -> float:
+        """Metric ``key``: a finite number (``integer``: a whole one), not a bool, in [low, high]."""
+        v = self.metrics[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) \
                 or not low <= float(v) <= high or (integer and int(v) != v):
             raise ValueError(f"`{key}` must be {'an integer' if integer else 'a number'} in [{low:g}, {high:g}], got {v!r:.60}")
         return float(v)
 
-    if number("evaluated", 0, 1, integer=True) == 0:
+    def optional(self, key: str, high: float, unset: str = "undefined") -> float:
+        """Metric ``key``: a number in [0, high], or −1 (``unset``) read as NaN."""
+        v = self.number(key, -1.0, high)
+        if v < 0 and v != -1.0:
+            raise ValueError(f"`{key}` must be >= 0 or -1 ({unset}), got {v!r}")
+        return float("nan") if v == -1.0 else v
+
+    def figures(self, prefix: str, max_examples: int, max_loss: float) -> dict:
+        """``{prefix}-n``, ``-auc``, ``-acc``, ``-loss`` as {"n": int, "auc", "acc", "loss": float, NaN: undefined}."""
+        fig: dict = {"n": int(self.number(f"{prefix}-n", 0, max_examples, integer=True))}
+        for k, high in (("auc", 1.0), ("acc", 1.0), ("loss", max_loss)):
+            fig[k] = self.optional(f"{prefix}-{k}", high)
+        return fig
+
+
+def parse_eval_reply(content: RecordDict, num_classes: int) -> tuple[str, dict | None, str]:
+    """(site name claimed, {split: figures} or None if it did not evaluate, reason). Raises ValueError
+    naming every problem of a malformed reply."""
+    reply = CheckedReply.check(content, EVAL_METRIC_KEYS, EVAL_INFO_KEYS)
+    site, reason = reply.site, reply.reason
+    if reply.number("evaluated", 0, 1, integer=True) == 0:
         return site, None, reason
     out: dict[str, dict] = {}
     for s in SPLITS:
-        n = int(number(f"{s}-n", 0, MAX_EVAL_EXAMPLES, integer=True))
-        fig = {"n": n}
-        for k, high in (("auc", 1.0), ("acc", 1.0), ("loss", MAX_LOSS)):
-            v = number(f"{s}-{k}", -1.0, high)
-            if v < 0 and v != -1.0:
-                raise ValueError(f"`{s}-{k}` must be >= 0 or -1 (undefined), got {v!r}")
-            fig[k] = float("nan") if v == -1.0 else v
+        fig = reply.figures(s, MAX_EVAL_EXAMPLES, MAX_LOSS)
+        n = fig["n"]
         if n and (math.isnan(fig["acc"]) or math.isnan(fig["loss"])):
             raise ValueError(f"`{s}`: accuracy and loss are required when n > 0")
         hists = []
         for k in ("hist-neg", "hist-pos"):
-            h = raw[f"{s}-{k}"]
+            h = reply.metrics[f"{s}-{k}"]
             if not isinstance(h, list) or len(h) != HIST_BINS or any(
                     isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= MAX_EVAL_EXAMPLES for x in h):
                 raise ValueError(f"`{s}-{k}` must be {HIST_BINS} non-negative integer counts")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedtl.config import MAX_PERSONALIZE_EPOCHS
+from fedtl.federation.fedeval import CheckedReply
 
 log = logging.getLogger(__name__)
 
@@ -94,46 +95,17 @@ def parse_personal_reply(content: RecordDict) -> tuple[str, dict, str]:
     """
     if len(content.array_records):
         raise ValueError("the reply carries tensors; a personalize reply holds metrics only")
-    if len(content.metric_records) != 1:
-        raise ValueError(f"expected one MetricRecord, got {len(content.metric_records)}")
-    raw = next(iter(content.metric_records.values()))
-    keys = set(raw.keys())
-    if keys != set(PERSONAL_METRIC_KEYS):
-        extra, missing = sorted(keys - set(PERSONAL_METRIC_KEYS)), sorted(set(PERSONAL_METRIC_KEYS) - keys)
-        raise ValueError(f"metric keys differ from the protocol's (unexpected: {extra[:5]}, missing: {missing[:5]})")
-    if set(content.config_records.keys()) - {"info"}:
-        raise ValueError("unexpected config records in the reply")
-    info = content["info"] if "info" in content.config_records else {}
-    for key, value in info.items():
-        if key not in PERSONAL_INFO_KEYS or not isinstance(value, str):
-            raise ValueError(f"info `{key}` is not part of the protocol or not a string")
-    site, reason = str(info.get("site", ""))[:64], str(info.get("reason", ""))[:1000]
-
-    def number(key: str, low: float, high: float, integer: bool = False) -> float:
-        v = raw[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) \
-                or not low <= float(v) <= high or (integer and int(v) != v):
-            raise ValueError(f"`{key}` must be {'an integer' if integer else 'a number'} in [{low:g}, {high:g}], got {v!r:.60}")
-        return float(v)
-
-    out: dict = {"personalized": bool(number("personalized", 0, 1, integer=True)),
-                 "kept_tuned": bool(number("kept-tuned", 0, 1, integer=True))}
-    eps = number("epsilon", -1.0, MAX_EPSILON)
-    if eps < 0 and eps != -1.0:
-        raise ValueError(f"`epsilon` must be >= 0 or -1 (not reported), got {eps!r}")
-    out["epsilon"] = None if eps == -1.0 else eps
+    reply = CheckedReply.check(content, PERSONAL_METRIC_KEYS, PERSONAL_INFO_KEYS, info_only=True)
+    out: dict = {"personalized": bool(reply.number("personalized", 0, 1, integer=True)),
+                 "kept_tuned": bool(reply.number("kept-tuned", 0, 1, integer=True))}
+    eps = reply.optional("epsilon", MAX_EPSILON, unset="not reported")
+    out["epsilon"] = None if math.isnan(eps) else eps
     if out["kept_tuned"] and not out["personalized"]:
         raise ValueError("`kept-tuned` is 1 but the site did not fine-tune")
     for m in MODELS:
         for s in SPLITS:
-            fig = {"n": int(number(f"{m}-{s}-n", 0, MAX_EXAMPLES, integer=True))}
-            for k, high in (("auc", 1.0), ("acc", 1.0), ("loss", MAX_LOSS)):
-                v = number(f"{m}-{s}-{k}", -1.0, high)
-                if v < 0 and v != -1.0:
-                    raise ValueError(f"`{m}-{s}-{k}` must be >= 0 or -1 (undefined), got {v!r}")
-                fig[k] = float("nan") if v == -1.0 else v
-            out[f"{m}_{s}"] = fig
-    return site, out, reason
+            out[f"{m}_{s}"] = reply.figures(f"{m}-{s}", MAX_EXAMPLES, MAX_LOSS)
+    return reply.site, out, reply.reason
 
 
 @dataclass
