@@ -58,6 +58,20 @@ def _train_site_of(conf: FedTLConfig, node: Mapping[str, Any], num_classes: int)
     return (model, *_site_of(conf, node, model))
 
 
+_BAD_SUFFIX = "the server's suffix tensors do not match the model"  # the reason of a reply refusing them
+
+
+def _load_suffix(model, content: RecordDict, site: str, purpose: str = "") -> bool:
+    """Load the server's suffix (``content["arrays"]``) into ``model``; False, logged, when its tensors are malformed
+    or do not fit the model: the site refuses them (reason ``_BAD_SUFFIX``), it never crashes on them."""
+    try:
+        model.load_trainable_state(to_state(content["arrays"]))
+    except Exception as exc:  # anything the server's tensors cause is that message's refusal
+        log.error("Site %s refused the server's suffix%s: %s", site, f" {purpose}" if purpose else "", exc)
+        return False
+    return True
+
+
 def _parse_request(kind: str, parse, refuse, content: RecordDict, run_config: Mapping[str, Any],
                    node: Mapping[str, Any], cfg: FedTLConfig | None,
                    node_id: int | None = None) -> tuple[FedTLConfig, Any, str] | RecordDict:
@@ -113,11 +127,8 @@ def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config
                              "will not train.")
     if len(data.labels) and int(data.labels.max()) >= num_classes:
         return refuse(reason=f"Site `{policy.site}` has labels outside the federation's {num_classes} classes.")
-    try:
-        model.load_trainable_state(to_state(content["arrays"]))
-    except Exception as exc:  # a malformed suffix from the server: refuse, never crash the site
-        log.error("Site %s refused the server's suffix: %s", policy.site, exc)
-        return refuse(reason="the server's suffix tensors do not match the model")
+    if not _load_suffix(model, content, policy.site):
+        return refuse(reason=_BAD_SUFFIX)
     proposal = Proposal(total_rounds=request.total_rounds, batch_size=conf.train.batch_size,
                         epochs=conf.train.epochs, noise_multiplier=request.noise_multiplier,
                         personalize_epochs=request.personalize_epochs)
@@ -156,11 +167,8 @@ def handle_evaluate(content: RecordDict, run_config: Mapping[str, Any], node_con
     model = warm[0] if warm is not None else build_transfer_model(conf, num_classes)
     if request.backbone_sha256 and model.weights_sha256 != request.backbone_sha256:
         return eval_reply(None, site=site, reason="the server pinned other backbone weights")
-    try:
-        model.load_trainable_state(to_state(content["arrays"]))
-    except Exception as exc:  # a malformed suffix from the server: refuse, never crash the site
-        log.error("Site %s refused the server's suffix for evaluation: %s", site, exc)
-        return eval_reply(None, site=site, reason="the server's suffix tensors do not match the model")
+    if not _load_suffix(model, content, site, "for evaluation"):
+        return eval_reply(None, site=site, reason=_BAD_SUFFIX)
     if warm is not None:
         data = warm[1]
     elif deployed:
@@ -198,11 +206,8 @@ def handle_personalize(content: RecordDict, run_config: Mapping[str, Any], node_
         return personal_reply(None, site=site, reason="the server pinned other backbone weights")
     if len(data.labels) and int(data.labels.max()) >= num_classes:
         return personal_reply(None, site=site, reason="labels outside the federation's classes")
-    try:
-        model.load_trainable_state(to_state(content["arrays"]))
-    except Exception as exc:  # a malformed suffix from the server: refuse, never crash the site
-        log.error("Site %s refused the server's suffix for personalization: %s", site, exc)
-        return personal_reply(None, site=site, reason="the server's suffix tensors do not match the model")
+    if not _load_suffix(model, content, site, "for personalization"):
+        return personal_reply(None, site=site, reason=_BAD_SUFFIX)
     if deployed:
         from fedtl.federation.deployment import cached_eval_site, deployed_eval_data
 
