@@ -48,25 +48,10 @@ class EvalRequest:
 
     @classmethod
     def parse(cls, config) -> EvalRequest:
-        import re
+        from fedtl.federation.records import MAX_ROUNDS, config_int, config_num_classes, config_sha256
 
-        from fedtl.federation.records import MAX_CLASSES, MAX_ROUNDS
-
-        def integer(key: str, low: int, high: int, default: int) -> int:
-            value = config.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or int(value) != value or not low <= int(value) <= high:
-                raise ValueError(f"`{key}` must be an integer in [{low}, {high}], got {value!r:.60}")
-            return int(value)
-
-        rnd = integer("server-round", 0, MAX_ROUNDS, 0)
-        num_classes = integer("num-classes", 0, MAX_CLASSES, 0)
-        if num_classes == 1:
-            raise ValueError("`num-classes` must be at least 2, got 1")
-        sha = config.get("backbone-sha256", "")
-        if not isinstance(sha, str) or (sha and not re.fullmatch(r"[0-9a-f]{64}", sha)):
-            raise ValueError(f"`backbone-sha256` must be 64 lowercase hex digits, got {sha!r:.80}")
-        return cls(rnd, num_classes, sha)
+        rnd = config_int(config, "server-round", 0, MAX_ROUNDS, 0)
+        return cls(rnd, config_num_classes(config), config_sha256(config))
 
 
 def eval_reply(split_figures: dict[str, dict] | None, *, site: str, reason: str = "") -> RecordDict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -50,25 +49,14 @@ class PersonalizeRequest:
 
     @classmethod
     def parse(cls, config) -> PersonalizeRequest:
-        from fedtl.federation.records import MAX_CLASSES
+        from fedtl.federation.records import config_int, config_num_classes, config_sha256
 
-        def integer(key: str, low: int, high: int, default: int | None = None) -> int:
-            value = config.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or int(value) != value or not low <= int(value) <= high:
-                raise ValueError(f"`{key}` must be an integer in [{low}, {high}], got {value!r:.60}")
-            return int(value)
-
-        epochs = integer("epochs", 1, MAX_PERSONALIZE_EPOCHS)
-        num_classes = integer("num-classes", 0, MAX_CLASSES, 0)
-        if num_classes == 1:
-            raise ValueError("`num-classes` must be at least 2, got 1")
+        epochs = config_int(config, "epochs", 1, MAX_PERSONALIZE_EPOCHS)
+        num_classes = config_num_classes(config)
         run_id = config.get("run-id", "")
         if not isinstance(run_id, str) or not run_id or len(run_id) > 128:
             raise ValueError("`run-id` must be a non-empty string of at most 128 characters")
-        sha = config.get("backbone-sha256", "")
-        if not isinstance(sha, str) or (sha and not re.fullmatch(r"[0-9a-f]{64}", sha)):
-            raise ValueError(f"`backbone-sha256` must be 64 lowercase hex digits, got {sha!r:.80}")
+        sha = config_sha256(config)
         return cls(run_id, epochs, num_classes, sha)
 
 
