@@ -170,6 +170,14 @@ class SiteEvaluation:
     raw: dict[str, dict] = field(default_factory=dict)  # site -> parsed figures incl. histograms
     decision: Decision = field(default_factory=Decision)
 
+    def add(self, site: str, figs: dict | None, reason: str) -> None:
+        """A parsed reply (:func:`parse_eval_reply`): its figures, or why the site has none."""
+        if figs is None:
+            self.skipped[site] = reason or "does not evaluate"
+            return
+        self.raw[site] = figs
+        self.sites[site] = {f"{s}_{k}": figs[s][k] for s in SPLITS for k in _FIGS}
+
     def pooled(self, weight_cap: float) -> dict:
         rows = list(self.sites.values())
         return {**pooled(rows, "val", weight_cap), **pooled(rows, "test", weight_cap)}
@@ -197,18 +205,21 @@ class SiteEvaluation:
                     row[f"{s}_acc"] = accuracy_at(f, decision.threshold)
 
 
-def evaluate_at_sites(grid, strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                      timeout: float, num_classes: int) -> SiteEvaluation:
-    """Send ``arrays`` to every connected site for evaluation; collect validated figures within ``timeout``."""
-    node_ids = sorted(grid.get_node_ids())
-    config = ConfigRecord({**dict(config), "server-round": server_round})
-    messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
-                        message_type=MessageType.EVALUATE) for node in node_ids]
-    t0 = time.perf_counter()
+def ask_sites(grid, strategy, result, message_type: str, arrays: ArrayRecord, config: ConfigRecord, *,
+              timeout: float, parse, what: str) -> None:
+    """Send ``arrays`` and ``config`` as ``message_type`` to every connected site and put each reply that arrives
+    within ``timeout`` into ``result`` (a :class:`SiteEvaluation` or a ``personalize.Personalization``).
+
+    ``parse(content)`` validates a reply into (site name claimed, figures, reason), which ``result.add`` records
+    under that name (another node's already: ``"<name> (node <id>)"``; none: the node's own name). A failed or
+    rejected reply (logged: "<what> reply from … rejected") goes to ``result.skipped``, never ending the run;
+    nodes that did not answer, to ``result.timed_out``."""
     from fedtl.federation.polling import send_and_receive
 
+    node_ids = sorted(grid.get_node_ids())
+    messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                        message_type=message_type) for node in node_ids]
     replies = send_and_receive(grid, messages, timeout=timeout) if messages else []  # polled every 0.2 s
-    result = SiteEvaluation()
     answered = set()
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -218,20 +229,26 @@ def evaluate_at_sites(grid, strategy, server_round: int, arrays: ArrayRecord, co
             result.skipped[fallback] = f"failed: {reply.error.reason}"[:500]
             continue
         try:
-            site, figs, reason = parse_eval_reply(reply.content, num_classes)
+            site, parsed, reason = parse(reply.content)
         except Exception as exc:  # any malformed reply is that reply's rejection, never the run's end
             result.skipped[fallback] = f"rejected: {exc}"[:500]
-            log.warning("Round %d: evaluation reply from %s rejected: %s", server_round, fallback, exc)
+            log.warning("%s reply from %s rejected: %s", what, fallback, exc)
             continue
         site = site or fallback
-        if site in result.sites or site in result.skipped:  # two nodes claiming one name: keep neither silently
+        if site in result.sites or site in result.skipped:  # two nodes claiming one name: keep both, visibly
             site = f"{site} (node {node})"
-        if figs is None:
-            result.skipped[site] = reason or "does not evaluate"
-            continue
-        result.raw[site] = figs
-        result.sites[site] = {f"{s}_{k}": figs[s][k] for s in SPLITS for k in _FIGS}
+        result.add(site, parsed, reason)
     result.timed_out = sorted(strategy.site_name(n) for n in set(node_ids) - answered)
+
+
+def evaluate_at_sites(grid, strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                      timeout: float, num_classes: int) -> SiteEvaluation:
+    """Send ``arrays`` to every connected site for evaluation; collect validated figures within ``timeout``."""
+    config = ConfigRecord({**dict(config), "server-round": server_round})
+    t0 = time.perf_counter()
+    result = SiteEvaluation()
+    ask_sites(grid, strategy, result, MessageType.EVALUATE, arrays, config, timeout=timeout,
+              parse=lambda content: parse_eval_reply(content, num_classes), what=f"Round {server_round}: evaluation")
     log.debug("Round %d: federated evaluation at %d sites in %.2f s", server_round, len(result.sites),
               time.perf_counter() - t0)
     return result

@@ -19,10 +19,10 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from fedtl.config import MAX_PERSONALIZE_EPOCHS
-from fedtl.federation.fedeval import CheckedReply
+from fedtl.federation.fedeval import CheckedReply, ask_sites
 
 log = logging.getLogger(__name__)
 
@@ -140,32 +140,9 @@ def compare(sites: dict[str, dict], split: str = "test") -> dict:
 
 def personalize_at_sites(grid, strategy, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> Personalization:
     """Send the final global suffix to every connected site to fine-tune; collect validated figures."""
-    from fedtl.federation.polling import send_and_receive
-
-    node_ids = sorted(grid.get_node_ids())
-    messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
-                        message_type=f"{MessageType.TRAIN}.{ACTION}") for node in node_ids]
-    replies = send_and_receive(grid, messages, timeout=timeout) if messages else []
     result = Personalization()
-    answered = set()
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        answered.add(node)
-        fallback = strategy.site_name(node)
-        if reply.has_error():
-            result.skipped[fallback] = f"failed: {reply.error.reason}"[:500]
-            continue
-        try:
-            site, parsed, reason = parse_personal_reply(reply.content)
-        except Exception as exc:  # a malformed reply is that reply's rejection, never the run's end
-            result.skipped[fallback] = f"rejected: {exc}"[:500]
-            log.warning("Personalization reply from %s rejected: %s", fallback, exc)
-            continue
-        site = site or fallback
-        if site in result.sites or site in result.skipped:  # two nodes claiming one name: keep both, visibly
-            site = f"{site} (node {node})"
-        result.add(site, parsed, reason)
-    result.timed_out = sorted(strategy.site_name(n) for n in set(node_ids) - answered)
+    ask_sites(grid, strategy, result, f"{MessageType.TRAIN}.{ACTION}", arrays, config, timeout=timeout,
+              parse=parse_personal_reply, what="Personalization")
     t = result.table()
     if t["worst_site"] is not None:
         log.info("Personalization at %d site(s): worst site's test AUC %.4f (global) -> %.4f (personal); largest "
