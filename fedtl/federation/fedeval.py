@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -46,25 +48,10 @@ class EvalRequest:
 
     @classmethod
     def parse(cls, config) -> EvalRequest:
-        import re
+        from fedtl.federation.records import MAX_ROUNDS, config_int, config_num_classes, config_sha256
 
-        from fedtl.federation.records import MAX_CLASSES, MAX_ROUNDS
-
-        def integer(key: str, low: int, high: int, default: int) -> int:
-            value = config.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or int(value) != value or not low <= int(value) <= high:
-                raise ValueError(f"`{key}` must be an integer in [{low}, {high}], got {value!r:.60}")
-            return int(value)
-
-        rnd = integer("server-round", 0, MAX_ROUNDS, 0)
-        num_classes = integer("num-classes", 0, MAX_CLASSES, 0)
-        if num_classes == 1:
-            raise ValueError("`num-classes` must be at least 2, got 1")
-        sha = config.get("backbone-sha256", "")
-        if not isinstance(sha, str) or (sha and not re.fullmatch(r"[0-9a-f]{64}", sha)):
-            raise ValueError(f"`backbone-sha256` must be 64 lowercase hex digits, got {sha!r:.80}")
-        return cls(rnd, num_classes, sha)
+        rnd = config_int(config, "server-round", 0, MAX_ROUNDS, 0)
+        return cls(rnd, config_num_classes(config), config_sha256(config))
 
 
 def eval_reply(split_figures: dict[str, dict] | None, *, site: str, reason: str = "") -> RecordDict:
@@ -83,45 +70,76 @@ def eval_reply(split_figures: dict[str, dict] | None, *, site: str, reason: str 
     return RecordDict({"metrics": MetricRecord(values), "info": ConfigRecord({"site": site[:64], "reason": reason[:1000]})})
 
 
-def parse_eval_reply(content: RecordDict, num_classes: int) -> tuple[str, dict | None, str]:
-    """(site name claimed, {split: figures} or None if it did not evaluate, reason). Raises ValueError
-    naming every problem of a malformed reply."""
-    if len(content.metric_records) != 1:
-        raise ValueError(f"expected one MetricRecord, got {len(content.metric_records)}")
-    raw = next(iter(content.metric_records.values()))
-    keys = set(raw.keys())
-    if keys != set(EVAL_METRIC_KEYS):
-        extra, missing = sorted(keys - set(EVAL_METRIC_KEYS)), sorted(set(EVAL_METRIC_KEYS) - keys)
-        raise ValueError(f"metric keys differ from the protocol's (unexpected: {extra[:5]}, missing: {missing[:5]})")
-    info = content["info"] if "info" in content.config_records else {}
-    for key, value in info.items():
-        if key not in EVAL_INFO_KEYS or not isinstance(value, str):
-            raise ValueError(f"info `{key}` is not part of the protocol or not a string")
-    site, reason = str(info.get("site", ""))[:64], str(info.get("reason", ""))[:1000]
+@dataclass(frozen=True)
+class CheckedReply:
+    """A site's figures-only reply (evaluate, personalize) whose layout matches its protocol; its values are read
+    through :meth:`number`, :meth:`optional` and :meth:`figures`, each range-checked as it is read."""
 
-    def number(key: str, low: float, high: float, integer: bool = False) -> float:
-        v = raw[key]
+    metrics: Mapping[str, Any]
+    site: str  # as the site claims it (at most 64 characters)
+    reason: str  # at most 1000 characters
+
+    @classmethod
+    def check(cls, content: RecordDict, metric_keys: Iterable[str], info_keys: Iterable[str], *,
+              info_only: bool = False) -> CheckedReply:
+        """Raises ValueError naming the problem: not exactly one MetricRecord; metric keys other than exactly
+        ``metric_keys`` (naming the unexpected and the missing ones); with ``info_only``, a config record besides
+        ``info``; an info entry outside ``info_keys`` or not a string."""
+        if len(content.metric_records) != 1:
+            raise ValueError(f"expected one MetricRecord, got {len(content.metric_records)}")
+        raw = next(iter(content.metric_records.values()))
+        keys, expected = set(raw.keys()), set(metric_keys)
+        if keys != expected:
+            extra, missing = sorted(keys - expected), sorted(expected - keys)
+            raise ValueError(f"metric keys differ from the protocol's (unexpected: {extra[:5]}, missing: {missing[:5]})")
+        if info_only and set(content.config_records.keys()) - {"info"}:
+            raise ValueError("unexpected config records in the reply")
+        info = content["info"] if "info" in content.config_records else {}
+        allowed = set(info_keys)
+        for key, value in info.items():
+            if key not in allowed or not isinstance(value, str):
+                raise ValueError(f"info `{key}` is not part of the protocol or not a string")
+        return cls(raw, str(info.get("site", ""))[:64], str(info.get("reason", ""))[:1000])
+
+    def number(self, key: str, low: float, high: float, integer: bool = False) -> float:
+        """Metric ``key``: a finite number (``integer``: a whole one), not a bool, in [low, high]."""
+        v = self.metrics[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) \
                 or not low <= float(v) <= high or (integer and int(v) != v):
             raise ValueError(f"`{key}` must be {'an integer' if integer else 'a number'} in [{low:g}, {high:g}], got {v!r:.60}")
         return float(v)
 
-    if number("evaluated", 0, 1, integer=True) == 0:
+    def optional(self, key: str, high: float, unset: str = "undefined") -> float:
+        """Metric ``key``: a number in [0, high], or −1 (``unset``) read as NaN."""
+        v = self.number(key, -1.0, high)
+        if v < 0 and v != -1.0:
+            raise ValueError(f"`{key}` must be >= 0 or -1 ({unset}), got {v!r}")
+        return float("nan") if v == -1.0 else v
+
+    def figures(self, prefix: str, max_examples: int, max_loss: float) -> dict:
+        """``{prefix}-n``, ``-auc``, ``-acc``, ``-loss`` as {"n": int, "auc", "acc", "loss": float, NaN: undefined}."""
+        fig: dict = {"n": int(self.number(f"{prefix}-n", 0, max_examples, integer=True))}
+        for k, high in (("auc", 1.0), ("acc", 1.0), ("loss", max_loss)):
+            fig[k] = self.optional(f"{prefix}-{k}", high)
+        return fig
+
+
+def parse_eval_reply(content: RecordDict, num_classes: int) -> tuple[str, dict | None, str]:
+    """(site name claimed, {split: figures} or None if it did not evaluate, reason). Raises ValueError
+    naming every problem of a malformed reply."""
+    reply = CheckedReply.check(content, EVAL_METRIC_KEYS, EVAL_INFO_KEYS)
+    site, reason = reply.site, reply.reason
+    if reply.number("evaluated", 0, 1, integer=True) == 0:
         return site, None, reason
     out: dict[str, dict] = {}
     for s in SPLITS:
-        n = int(number(f"{s}-n", 0, MAX_EVAL_EXAMPLES, integer=True))
-        fig = {"n": n}
-        for k, high in (("auc", 1.0), ("acc", 1.0), ("loss", MAX_LOSS)):
-            v = number(f"{s}-{k}", -1.0, high)
-            if v < 0 and v != -1.0:
-                raise ValueError(f"`{s}-{k}` must be >= 0 or -1 (undefined), got {v!r}")
-            fig[k] = float("nan") if v == -1.0 else v
+        fig = reply.figures(s, MAX_EVAL_EXAMPLES, MAX_LOSS)
+        n = fig["n"]
         if n and (math.isnan(fig["acc"]) or math.isnan(fig["loss"])):
             raise ValueError(f"`{s}`: accuracy and loss are required when n > 0")
         hists = []
         for k in ("hist-neg", "hist-pos"):
-            h = raw[f"{s}-{k}"]
+            h = reply.metrics[f"{s}-{k}"]
             if not isinstance(h, list) or len(h) != HIST_BINS or any(
                     isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= MAX_EVAL_EXAMPLES for x in h):
                 raise ValueError(f"`{s}-{k}` must be {HIST_BINS} non-negative integer counts")
@@ -152,6 +170,14 @@ class SiteEvaluation:
     raw: dict[str, dict] = field(default_factory=dict)  # site -> parsed figures incl. histograms
     decision: Decision = field(default_factory=Decision)
 
+    def add(self, site: str, figs: dict | None, reason: str) -> None:
+        """A parsed reply (:func:`parse_eval_reply`): its figures, or why the site has none."""
+        if figs is None:
+            self.skipped[site] = reason or "does not evaluate"
+            return
+        self.raw[site] = figs
+        self.sites[site] = {f"{s}_{k}": figs[s][k] for s in SPLITS for k in _FIGS}
+
     def pooled(self, weight_cap: float) -> dict:
         rows = list(self.sites.values())
         return {**pooled(rows, "val", weight_cap), **pooled(rows, "test", weight_cap)}
@@ -179,18 +205,21 @@ class SiteEvaluation:
                     row[f"{s}_acc"] = accuracy_at(f, decision.threshold)
 
 
-def evaluate_at_sites(grid, strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                      timeout: float, num_classes: int) -> SiteEvaluation:
-    """Send ``arrays`` to every connected site for evaluation; collect validated figures within ``timeout``."""
-    node_ids = sorted(grid.get_node_ids())
-    config = ConfigRecord({**dict(config), "server-round": server_round})
-    messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
-                        message_type=MessageType.EVALUATE) for node in node_ids]
-    t0 = time.perf_counter()
+def ask_sites(grid, strategy, result, message_type: str, arrays: ArrayRecord, config: ConfigRecord, *,
+              timeout: float, parse, what: str) -> None:
+    """Send ``arrays`` and ``config`` as ``message_type`` to every connected site and put each reply that arrives
+    within ``timeout`` into ``result`` (a :class:`SiteEvaluation` or a ``personalize.Personalization``).
+
+    ``parse(content)`` validates a reply into (site name claimed, figures, reason), which ``result.add`` records
+    under that name (another node's already: ``"<name> (node <id>)"``; none: the node's own name). A failed or
+    rejected reply (logged: "<what> reply from … rejected") goes to ``result.skipped``, never ending the run;
+    nodes that did not answer, to ``result.timed_out``."""
     from fedtl.federation.polling import send_and_receive
 
+    node_ids = sorted(grid.get_node_ids())
+    messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                        message_type=message_type) for node in node_ids]
     replies = send_and_receive(grid, messages, timeout=timeout) if messages else []  # polled every 0.2 s
-    result = SiteEvaluation()
     answered = set()
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -200,20 +229,26 @@ def evaluate_at_sites(grid, strategy, server_round: int, arrays: ArrayRecord, co
             result.skipped[fallback] = f"failed: {reply.error.reason}"[:500]
             continue
         try:
-            site, figs, reason = parse_eval_reply(reply.content, num_classes)
+            site, parsed, reason = parse(reply.content)
         except Exception as exc:  # any malformed reply is that reply's rejection, never the run's end
             result.skipped[fallback] = f"rejected: {exc}"[:500]
-            log.warning("Round %d: evaluation reply from %s rejected: %s", server_round, fallback, exc)
+            log.warning("%s reply from %s rejected: %s", what, fallback, exc)
             continue
         site = site or fallback
-        if site in result.sites or site in result.skipped:  # two nodes claiming one name: keep neither silently
+        if site in result.sites or site in result.skipped:  # two nodes claiming one name: keep both, visibly
             site = f"{site} (node {node})"
-        if figs is None:
-            result.skipped[site] = reason or "does not evaluate"
-            continue
-        result.raw[site] = figs
-        result.sites[site] = {f"{s}_{k}": figs[s][k] for s in SPLITS for k in _FIGS}
+        result.add(site, parsed, reason)
     result.timed_out = sorted(strategy.site_name(n) for n in set(node_ids) - answered)
+
+
+def evaluate_at_sites(grid, strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                      timeout: float, num_classes: int) -> SiteEvaluation:
+    """Send ``arrays`` to every connected site for evaluation; collect validated figures within ``timeout``."""
+    config = ConfigRecord({**dict(config), "server-round": server_round})
+    t0 = time.perf_counter()
+    result = SiteEvaluation()
+    ask_sites(grid, strategy, result, MessageType.EVALUATE, arrays, config, timeout=timeout,
+              parse=lambda content: parse_eval_reply(content, num_classes), what=f"Round {server_round}: evaluation")
     log.debug("Round %d: federated evaluation at %d sites in %.2f s", server_round, len(result.sites),
               time.perf_counter() - t0)
     return result

@@ -58,6 +58,49 @@ def _train_site_of(conf: FedTLConfig, node: Mapping[str, Any], num_classes: int)
     return (model, *_site_of(conf, node, model))
 
 
+_BAD_SUFFIX = "the server's suffix tensors do not match the model"  # the reason of a reply refusing them
+
+
+def _load_suffix(model, content: RecordDict, site: str, purpose: str = "") -> bool:
+    """Load the server's suffix (``content["arrays"]``) into ``model``; False, logged, when its tensors are malformed
+    or do not fit the model: the site refuses them (reason ``_BAD_SUFFIX``), it never crashes on them."""
+    try:
+        model.load_trainable_state(to_state(content["arrays"]))
+    except Exception as exc:  # anything the server's tensors cause is that message's refusal
+        log.error("Site %s refused the server's suffix%s: %s", site, f" {purpose}" if purpose else "", exc)
+        return False
+    return True
+
+
+def _parse_request(kind: str, parse, refuse, content: RecordDict, run_config: Mapping[str, Any],
+                   node: Mapping[str, Any], cfg: FedTLConfig | None,
+                   node_id: int | None = None) -> tuple[FedTLConfig, Any, str] | RecordDict:
+    """``(conf, request, site)`` for a server's ``kind`` message, or the reply refusing it.
+
+    Everything the server sends is untrusted input: the run's config, then the message's ``config`` through
+    ``parse`` (a deployed site requires its ``num-classes``); whatever does not validate is logged and answered
+    with ``refuse(site=…, reason="invalid <kind> request: …")``. With ``node_id``, ``site`` is this site's name
+    (a deployed site's from its site.toml, else ``site-<partition-id>`` or the node id); without it (train), ''.
+    """
+    deployed = "site-config" in node
+    site = ""
+    if node_id is not None:
+        site = f"site-{int(node['partition-id'])}" if "partition-id" in node else str(node_id)
+    try:
+        conf = run_config_of(run_config, cfg)
+        if deployed and node_id is not None:
+            from fedtl.federation.deployment import load_site_config
+
+            site = load_site_config(str(node["site-config"])).name
+        request = parse(content["config"])
+        if deployed and not request.num_classes:
+            raise ValueError("`num-classes` is required by a deployed site")
+    except (FedTLError, ValueError, KeyError, TypeError) as exc:
+        log.error("%s request refused: %s", kind.capitalize(), exc)
+        return refuse(site=site, reason=f"invalid {kind} request: {exc}")
+    return conf, request, site
+
+
 def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any], run_id: int, *,
                  cfg: FedTLConfig | None = None, threads: int = 0) -> RecordDict:
     """The reply's content to a train message: the trained suffix, or a refusal with its reason."""
@@ -69,14 +112,11 @@ def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config
 
         load_site_config(str(node_config["site-config"]))  # its weights dir is looked up first
     base = {"num-examples": 0, "declined": 1.0, "epsilon": -1.0}
-    try:  # everything the server sends is untrusted input: refuse what does not validate
-        conf = run_config_of(run_config, cfg)
-        request = TrainRequest.parse(content["config"])
-        if deployed and not request.num_classes:
-            raise ValueError("`num-classes` is required by a deployed site")
-    except (FedTLError, ValueError, KeyError, TypeError) as exc:
-        log.error("Train request refused: %s", exc)
-        return train_reply(ArrayRecord(), base, reason=f"invalid train request: {exc}")
+    parsed = _parse_request("train", TrainRequest.parse, functools.partial(train_reply, ArrayRecord(), base), content,
+                            run_config, node_config, cfg)
+    if isinstance(parsed, RecordDict):
+        return parsed
+    conf, request, _ = parsed
     num_classes = request.num_classes or load_source(conf.data.path).num_classes
     model, policy, data = _train_site_of(conf, node_config, num_classes)
     base.update({"num-examples": len(data.labels), "delta": policy.delta, "target-epsilon": policy.target_epsilon})
@@ -87,11 +127,8 @@ def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config
                              "will not train.")
     if len(data.labels) and int(data.labels.max()) >= num_classes:
         return refuse(reason=f"Site `{policy.site}` has labels outside the federation's {num_classes} classes.")
-    try:
-        model.load_trainable_state(to_state(content["arrays"]))
-    except Exception as exc:  # a malformed suffix from the server: refuse, never crash the site
-        log.error("Site %s refused the server's suffix: %s", policy.site, exc)
-        return refuse(reason="the server's suffix tensors do not match the model")
+    if not _load_suffix(model, content, policy.site):
+        return refuse(reason=_BAD_SUFFIX)
     proposal = Proposal(total_rounds=request.total_rounds, batch_size=conf.train.batch_size,
                         epochs=conf.train.epochs, noise_multiplier=request.noise_multiplier,
                         personalize_epochs=request.personalize_epochs)
@@ -114,23 +151,15 @@ def handle_evaluate(content: RecordDict, run_config: Mapping[str, Any], node_con
         torch.set_num_threads(threads)
     node = node_config
     deployed = "site-config" in node
-    site = f"site-{int(node['partition-id'])}" if "partition-id" in node else str(node_id)
-    try:
-        conf = run_config_of(run_config, cfg)
-        if deployed:
-            from fedtl.federation.deployment import load_site_config
-
-            site = load_site_config(str(node["site-config"])).name
-        request = EvalRequest.parse(content["config"])
-        if deployed and not request.num_classes:
-            raise ValueError("`num-classes` is required by a deployed site")
-    except (FedTLError, ValueError, KeyError, TypeError) as exc:
-        log.error("Evaluate request refused: %s", exc)
-        return eval_reply(None, site=site, reason=f"invalid evaluate request: {exc}")
+    parsed = _parse_request("evaluate", EvalRequest.parse, functools.partial(eval_reply, None), content, run_config,
+                            node, cfg, node_id)
+    if isinstance(parsed, RecordDict):
+        return parsed
+    conf, request, site = parsed
     num_classes = request.num_classes or load_source(conf.data.path).num_classes
     warm = None
     if deployed:
-        from fedtl.federation.deployment import cached_eval_site
+        from fedtl.federation.deployment import cached_eval_site, load_site_config
 
         if not load_site_config(str(node["site-config"])).evaluation.enabled:  # before any model is built
             return eval_reply(None, site=site, reason="this site does not evaluate")
@@ -138,11 +167,8 @@ def handle_evaluate(content: RecordDict, run_config: Mapping[str, Any], node_con
     model = warm[0] if warm is not None else build_transfer_model(conf, num_classes)
     if request.backbone_sha256 and model.weights_sha256 != request.backbone_sha256:
         return eval_reply(None, site=site, reason="the server pinned other backbone weights")
-    try:
-        model.load_trainable_state(to_state(content["arrays"]))
-    except Exception as exc:  # a malformed suffix from the server: refuse, never crash the site
-        log.error("Site %s refused the server's suffix for evaluation: %s", site, exc)
-        return eval_reply(None, site=site, reason="the server's suffix tensors do not match the model")
+    if not _load_suffix(model, content, site, "for evaluation"):
+        return eval_reply(None, site=site, reason=_BAD_SUFFIX)
     if warm is not None:
         data = warm[1]
     elif deployed:
@@ -169,30 +195,19 @@ def handle_personalize(content: RecordDict, run_config: Mapping[str, Any], node_
         torch.set_num_threads(threads)
     node = node_config
     deployed = "site-config" in node
-    site = f"site-{int(node['partition-id'])}" if "partition-id" in node else str(node_id)
-    try:
-        conf = run_config_of(run_config, cfg)
-        if deployed:
-            from fedtl.federation.deployment import load_site_config
-
-            site = load_site_config(str(node["site-config"])).name
-        request = PersonalizeRequest.parse(content["config"])
-        if deployed and not request.num_classes:
-            raise ValueError("`num-classes` is required by a deployed site")
-    except (FedTLError, ValueError, KeyError, TypeError) as exc:
-        log.error("Personalize request refused: %s", exc)
-        return personal_reply(None, site=site, reason=f"invalid personalize request: {exc}")
+    parsed = _parse_request("personalize", PersonalizeRequest.parse, functools.partial(personal_reply, None), content,
+                            run_config, node, cfg, node_id)
+    if isinstance(parsed, RecordDict):
+        return parsed
+    conf, request, site = parsed
     num_classes = request.num_classes or load_source(conf.data.path).num_classes
     model, policy, data = _train_site_of(conf, node, num_classes)
     if request.backbone_sha256 and model.weights_sha256 != request.backbone_sha256:
         return personal_reply(None, site=site, reason="the server pinned other backbone weights")
     if len(data.labels) and int(data.labels.max()) >= num_classes:
         return personal_reply(None, site=site, reason="labels outside the federation's classes")
-    try:
-        model.load_trainable_state(to_state(content["arrays"]))
-    except Exception as exc:  # a malformed suffix from the server: refuse, never crash the site
-        log.error("Site %s refused the server's suffix for personalization: %s", site, exc)
-        return personal_reply(None, site=site, reason="the server's suffix tensors do not match the model")
+    if not _load_suffix(model, content, site, "for personalization"):
+        return personal_reply(None, site=site, reason=_BAD_SUFFIX)
     if deployed:
         from fedtl.federation.deployment import cached_eval_site, deployed_eval_data
 

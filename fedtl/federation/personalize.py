@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from fedtl.config import MAX_PERSONALIZE_EPOCHS
+from fedtl.federation.fedeval import CheckedReply, ask_sites
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +49,14 @@ class PersonalizeRequest:
 
     @classmethod
     def parse(cls, config) -> PersonalizeRequest:
-        from fedtl.federation.records import MAX_CLASSES
+        from fedtl.federation.records import config_int, config_num_classes, config_sha256
 
-        def integer(key: str, low: int, high: int, default: int | None = None) -> int:
-            value = config.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or int(value) != value or not low <= int(value) <= high:
-                raise ValueError(f"`{key}` must be an integer in [{low}, {high}], got {value!r:.60}")
-            return int(value)
-
-        epochs = integer("epochs", 1, MAX_PERSONALIZE_EPOCHS)
-        num_classes = integer("num-classes", 0, MAX_CLASSES, 0)
-        if num_classes == 1:
-            raise ValueError("`num-classes` must be at least 2, got 1")
+        epochs = config_int(config, "epochs", 1, MAX_PERSONALIZE_EPOCHS)
+        num_classes = config_num_classes(config)
         run_id = config.get("run-id", "")
         if not isinstance(run_id, str) or not run_id or len(run_id) > 128:
             raise ValueError("`run-id` must be a non-empty string of at most 128 characters")
-        sha = config.get("backbone-sha256", "")
-        if not isinstance(sha, str) or (sha and not re.fullmatch(r"[0-9a-f]{64}", sha)):
-            raise ValueError(f"`backbone-sha256` must be 64 lowercase hex digits, got {sha!r:.80}")
+        sha = config_sha256(config)
         return cls(run_id, epochs, num_classes, sha)
 
 
@@ -94,46 +83,17 @@ def parse_personal_reply(content: RecordDict) -> tuple[str, dict, str]:
     """
     if len(content.array_records):
         raise ValueError("the reply carries tensors; a personalize reply holds metrics only")
-    if len(content.metric_records) != 1:
-        raise ValueError(f"expected one MetricRecord, got {len(content.metric_records)}")
-    raw = next(iter(content.metric_records.values()))
-    keys = set(raw.keys())
-    if keys != set(PERSONAL_METRIC_KEYS):
-        extra, missing = sorted(keys - set(PERSONAL_METRIC_KEYS)), sorted(set(PERSONAL_METRIC_KEYS) - keys)
-        raise ValueError(f"metric keys differ from the protocol's (unexpected: {extra[:5]}, missing: {missing[:5]})")
-    if set(content.config_records.keys()) - {"info"}:
-        raise ValueError("unexpected config records in the reply")
-    info = content["info"] if "info" in content.config_records else {}
-    for key, value in info.items():
-        if key not in PERSONAL_INFO_KEYS or not isinstance(value, str):
-            raise ValueError(f"info `{key}` is not part of the protocol or not a string")
-    site, reason = str(info.get("site", ""))[:64], str(info.get("reason", ""))[:1000]
-
-    def number(key: str, low: float, high: float, integer: bool = False) -> float:
-        v = raw[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) \
-                or not low <= float(v) <= high or (integer and int(v) != v):
-            raise ValueError(f"`{key}` must be {'an integer' if integer else 'a number'} in [{low:g}, {high:g}], got {v!r:.60}")
-        return float(v)
-
-    out: dict = {"personalized": bool(number("personalized", 0, 1, integer=True)),
-                 "kept_tuned": bool(number("kept-tuned", 0, 1, integer=True))}
-    eps = number("epsilon", -1.0, MAX_EPSILON)
-    if eps < 0 and eps != -1.0:
-        raise ValueError(f"`epsilon` must be >= 0 or -1 (not reported), got {eps!r}")
-    out["epsilon"] = None if eps == -1.0 else eps
+    reply = CheckedReply.check(content, PERSONAL_METRIC_KEYS, PERSONAL_INFO_KEYS, info_only=True)
+    out: dict = {"personalized": bool(reply.number("personalized", 0, 1, integer=True)),
+                 "kept_tuned": bool(reply.number("kept-tuned", 0, 1, integer=True))}
+    eps = reply.optional("epsilon", MAX_EPSILON, unset="not reported")
+    out["epsilon"] = None if math.isnan(eps) else eps
     if out["kept_tuned"] and not out["personalized"]:
         raise ValueError("`kept-tuned` is 1 but the site did not fine-tune")
     for m in MODELS:
         for s in SPLITS:
-            fig = {"n": int(number(f"{m}-{s}-n", 0, MAX_EXAMPLES, integer=True))}
-            for k, high in (("auc", 1.0), ("acc", 1.0), ("loss", MAX_LOSS)):
-                v = number(f"{m}-{s}-{k}", -1.0, high)
-                if v < 0 and v != -1.0:
-                    raise ValueError(f"`{m}-{s}-{k}` must be >= 0 or -1 (undefined), got {v!r}")
-                fig[k] = float("nan") if v == -1.0 else v
-            out[f"{m}_{s}"] = fig
-    return site, out, reason
+            out[f"{m}_{s}"] = reply.figures(f"{m}-{s}", MAX_EXAMPLES, MAX_LOSS)
+    return reply.site, out, reply.reason
 
 
 @dataclass
@@ -180,32 +140,9 @@ def compare(sites: dict[str, dict], split: str = "test") -> dict:
 
 def personalize_at_sites(grid, strategy, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> Personalization:
     """Send the final global suffix to every connected site to fine-tune; collect validated figures."""
-    from fedtl.federation.polling import send_and_receive
-
-    node_ids = sorted(grid.get_node_ids())
-    messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
-                        message_type=f"{MessageType.TRAIN}.{ACTION}") for node in node_ids]
-    replies = send_and_receive(grid, messages, timeout=timeout) if messages else []
     result = Personalization()
-    answered = set()
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        answered.add(node)
-        fallback = strategy.site_name(node)
-        if reply.has_error():
-            result.skipped[fallback] = f"failed: {reply.error.reason}"[:500]
-            continue
-        try:
-            site, parsed, reason = parse_personal_reply(reply.content)
-        except Exception as exc:  # a malformed reply is that reply's rejection, never the run's end
-            result.skipped[fallback] = f"rejected: {exc}"[:500]
-            log.warning("Personalization reply from %s rejected: %s", fallback, exc)
-            continue
-        site = site or fallback
-        if site in result.sites or site in result.skipped:  # two nodes claiming one name: keep both, visibly
-            site = f"{site} (node {node})"
-        result.add(site, parsed, reason)
-    result.timed_out = sorted(strategy.site_name(n) for n in set(node_ids) - answered)
+    ask_sites(grid, strategy, result, f"{MessageType.TRAIN}.{ACTION}", arrays, config, timeout=timeout,
+              parse=parse_personal_reply, what="Personalization")
     t = result.table()
     if t["worst_site"] is not None:
         log.info("Personalization at %d site(s): worst site's test AUC %.4f (global) -> %.4f (personal); largest "

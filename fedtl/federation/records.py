@@ -29,6 +29,32 @@ def coarse_count(n: int) -> int:
     return max(1, int(round(2 ** (round(4 * math.log2(n)) / 4))))
 
 
+def config_int(config, key: str, low: int, high: int, default: int | None = None) -> int:
+    """A request's ``config[key]`` (``default`` when absent) as an int: a whole number (an int, or a float without
+    a fraction; never a bool) in [low, high], else ValueError naming the key, the range and the value."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or int(value) != value or not low <= int(value) <= high:
+        raise ValueError(f"`{key}` must be an integer in [{low}, {high}], got {value!r:.60}")
+    return int(value)
+
+
+def config_num_classes(config) -> int:
+    """A request's ``num-classes``: 0 when not given (simulation: the data set's), else 2 to :data:`MAX_CLASSES`."""
+    num_classes = config_int(config, "num-classes", 0, MAX_CLASSES, 0)
+    if num_classes == 1:
+        raise ValueError("`num-classes` must be at least 2, got 1")
+    return num_classes
+
+
+def config_sha256(config) -> str:
+    """A request's ``backbone-sha256``: '' when not given, else 64 lowercase hex digits."""
+    sha = config.get("backbone-sha256", "")
+    if not isinstance(sha, str) or (sha and not re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise ValueError(f"`backbone-sha256` must be 64 lowercase hex digits, got {sha!r:.80}")
+    return sha
+
+
 @dataclass(frozen=True)
 class TrainRequest:
     """A server's train message, validated at the site like a file from a stranger."""
@@ -43,30 +69,19 @@ class TrainRequest:
 
     @classmethod
     def parse(cls, config) -> TrainRequest:
-        def integer(key: str, low: int, high: int, default: int | None = None) -> int:
-            value = config.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or int(value) != value or not low <= int(value) <= high:
-                raise ValueError(f"`{key}` must be an integer in [{low}, {high}], got {value!r}")
-            return int(value)
-
-        total = integer("total-rounds", 1, MAX_ROUNDS)
-        rnd = integer("server-round", 1, total)
-        num_classes = integer("num-classes", 0, MAX_CLASSES, 0)
-        if num_classes == 1:
-            raise ValueError("`num-classes` must be at least 2, got 1")
+        total = config_int(config, "total-rounds", 1, MAX_ROUNDS)
+        rnd = config_int(config, "server-round", 1, total)
+        num_classes = config_num_classes(config)
         run_id = config.get("run-id", "")
         if not isinstance(run_id, str) or len(run_id) > 128:
             raise ValueError("`run-id` must be a string of at most 128 characters")
-        sha = config.get("backbone-sha256", "")
-        if not isinstance(sha, str) or (sha and not re.fullmatch(r"[0-9a-f]{64}", sha)):
-            raise ValueError(f"`backbone-sha256` must be 64 lowercase hex digits, got {sha!r:.80}")
+        sha = config_sha256(config)
         sigma = config.get("noise-multiplier", 0.0)
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or not 0 <= sigma <= 1e4:
             raise ValueError(f"`noise-multiplier` must be a finite number in [0, 10000], got {sigma!r}")
         from fedtl.config import MAX_PERSONALIZE_EPOCHS
 
-        epochs = integer("personalize-epochs", 0, MAX_PERSONALIZE_EPOCHS, 0)
+        epochs = config_int(config, "personalize-epochs", 0, MAX_PERSONALIZE_EPOCHS, 0)
         return cls(rnd, total, run_id, num_classes, sha, float(sigma), epochs)
 
 

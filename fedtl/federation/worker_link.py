@@ -110,14 +110,19 @@ def decode_content(body: bytes):
 
 
 # ---- who may use the socket ----------------------------------------------------------------------------------
-def private_dir_problem(st: os.stat_result, what: str) -> str:
-    if not stat.S_ISDIR(st.st_mode):
-        return f"{what} is not a directory (a link or file in its place)"
+def _ownership_problem(st: os.stat_result, what: str, expected_mode: int) -> str:
+    """'' when ``st`` is owned by this user and open to no one else (no group or other bits); else why not."""
     if st.st_uid != os.getuid():
         return f"{what} is owned by uid {st.st_uid}, not this user ({os.getuid()})"
     if st.st_mode & 0o077:
-        return f"{what} has mode {oct(st.st_mode & 0o777)}, expected 0o700"
+        return f"{what} has mode {oct(st.st_mode & 0o777)}, expected {oct(expected_mode)}"
     return ""
+
+
+def private_dir_problem(st: os.stat_result, what: str) -> str:
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{what} is not a directory (a link or file in its place)"
+    return _ownership_problem(st, what, 0o700)
 
 
 def socket_problem(path: Path) -> str:
@@ -134,11 +139,7 @@ def socket_problem(path: Path) -> str:
         return f"cannot inspect {path} ({exc})"
     if not stat.S_ISSOCK(st.st_mode):
         return f"{path} is not a socket (a link or file in its place)"
-    if st.st_uid != os.getuid():
-        return f"the socket {path} is owned by uid {st.st_uid}, not this user ({os.getuid()})"
-    if st.st_mode & 0o077:
-        return f"the socket {path} has mode {oct(st.st_mode & 0o777)}, expected 0o600"
-    return ""
+    return _ownership_problem(st, f"the socket {path}", 0o600)
 
 
 def peer_uid(sock: socket.socket) -> int | None:
