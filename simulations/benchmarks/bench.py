@@ -1,7 +1,9 @@
 """Reproduce the headline figures: accuracy at a privacy budget, bytes, speed, scale, full-model baseline.
 
-    python simulations/benchmarks/bench.py --out results/bench            # everything (~30 min, 2 cores)
+    python simulations/benchmarks/bench.py --out results/bench            # everything (~2 h, 2 cores)
     python simulations/benchmarks/bench.py --out results/bench --only accuracy,speed
+    python simulations/benchmarks/bench.py --out results/bench --only accuracy \
+        --retinamnist PATH/retinamnist.npz --skip LoRA                           # 5 seeds per row
 
 Writes ``results.json``, ``results.md`` and PNG plots into ``--out``. Accuracy rows use the
 in-process FedAvg loop (``inprocess_fedavg.py``: the ClientApp's own calls, no process
@@ -33,36 +35,59 @@ MEDMNIST_V2 = [  # published PneumoniaMNIST test rows (Yang et al., Sci Data 202
     ("Google AutoML Vision", 0.991, 0.946),
 ]
 
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
+SCRATCH_LR = 0.05  # chosen on validation AUC, seed 0 (docs/benchmarks.md, "No transfer")
 
 
-def accuracy_rows(save=lambda rows: None) -> list[dict]:
+def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
+    """(row name, model kind, config overrides). ``retinamnist``: the RetinaMNIST npz for its rows ("" = none)."""
     rows = [
-        ("centralized, non-private, head only", {"federation.sites": 1, "privacy.enabled": False, "adapters.kind": "none", "adapters.blocks": 0}),
-        ("federated 10 sites, non-private", {"federation.sites": 10, "privacy.enabled": False}),
+        ("centralized, non-private, head only", "transfer",
+         {"federation.sites": 1, "privacy.enabled": False, "adapters.kind": "none", "adapters.blocks": 0}),
+        ("federated 10 sites, non-private", "transfer", {"federation.sites": 10, "privacy.enabled": False}),
     ]
-    for sites in (10, 3):
-        for eps in (3.0, 1.0, 8.0):
-            rows.append((f"federated {sites} sites, DP ε={eps:g}", {"federation.sites": sites, "privacy.target-epsilon": eps}))
+    for eps in (3.0, 1.0, 8.0):
+        rows.append((f"federated 10 sites, DP ε={eps:g}", "transfer", {"federation.sites": 10, "privacy.target-epsilon": eps}))
+    rows.append(("federated 3 sites, DP ε=3", "transfer", {"federation.sites": 3, "privacy.target-epsilon": 3.0}))
+    # no transfer: the same federation and budget, a small CNN trained from scratch (scratch_cnn.py)
+    rows.append(("no transfer: small CNN from scratch, federated 10 sites, DP ε=3", "scratch",
+                 {"federation.sites": 10, "privacy.target-epsilon": 3.0, "train.lr": SCRATCH_LR}))
+    if retinamnist:
+        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3 (same defaults)", "transfer",
+                     {"data.path": retinamnist, "federation.sites": 10, "privacy.target-epsilon": 3.0}))
+        rows.append(("RetinaMNIST, no transfer: small CNN from scratch, 10 sites, DP ε=3", "scratch",
+                     {"data.path": retinamnist, "federation.sites": 10, "privacy.target-epsilon": 3.0,
+                      "train.lr": SCRATCH_LR}))
     # the LoRA suffix runs a backbone block per step: the slowest row, so last and with 20 rounds
-    rows.append(("centralized, non-private, LoRA suffix (20 rounds)",
+    rows.append(("centralized, non-private, LoRA suffix (20 rounds)", "transfer",
                  {"federation.sites": 1, "privacy.enabled": False, "adapters.kind": "lora", "adapters.blocks": 1,
                   "train.lr": 0.01, "federation.rounds": 20}))
+    return rows
+
+
+
+def accuracy_rows(save=lambda rows: None, retinamnist: str = "", skip: tuple[str, ...] = ()) -> list[dict]:
     out = []
-    for name, overrides in rows:
+    for name, kind, overrides in accuracy_plan(retinamnist):
+        if any(word in name for word in skip):
+            continue
         results = []
         for seed in SEEDS:
             with tempfile.TemporaryDirectory() as tmp:
                 cfg = FedTLConfig().with_overrides({**overrides, "data.seed": 42 + seed, "train.seed": seed,
                                                     "output.state-dir": tmp})
-                results.append(run_inprocess(cfg))
+                results.append(run_inprocess(cfg, model_kind=kind))
         auc = [r["test_auc"] for r in results]
         acc = [r["test_acc"] for r in results]
-        row = {"name": name, "overrides": overrides, "test_auc_mean": statistics.mean(auc), "test_auc_std": statistics.stdev(auc),
+        arg = [r["test_acc_argmax"] for r in results]
+        row = {"name": name, "model": kind, "overrides": overrides, "seeds": len(results),
+               "test_auc_mean": statistics.mean(auc), "test_auc_std": statistics.stdev(auc),
                "test_acc_mean": statistics.mean(acc), "test_acc_std": statistics.stdev(acc),
-               "eps_max": max(r["eps_max"] for r in results), "runs": results}
+               "test_acc_argmax_mean": statistics.mean(arg), "test_acc_argmax_std": statistics.stdev(arg),
+               "eps_max": max(r["eps_max"] for r in results), "trainable_params": results[0]["trainable_params"],
+               "seconds_mean": statistics.mean(r["seconds"] for r in results), "runs": results}
         print(f"{name}: AUC {row['test_auc_mean']:.4f} ± {row['test_auc_std']:.4f}, ACC {row['test_acc_mean']:.4f} ± "
-              f"{row['test_acc_std']:.4f}", file=sys.stderr, flush=True)
+              f"{row['test_acc_std']:.4f} (argmax {row['test_acc_argmax_mean']:.4f})", file=sys.stderr, flush=True)
         out.append(row)
         save(out)
     return out
@@ -228,13 +253,18 @@ def write_report(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    lines = ["| setting | test AUC (mean ± std, 3 seeds) | test ACC | max site ε |", "|---|---|---|---|"]
+    lines = ["| setting | seeds | test AUC (mean ± std) | test ACC at the rule (mean ± std) | ACC at the argmax | "
+             "trainable params | max site ε |", "|---|---|---|---|---|---|---|"]
     for r in results.get("accuracy", []):
         eps = f"{r['eps_max']:.2f}" if r["eps_max"] > 0 else "—"
-        lines.append(f"| {r['name']} | {r['test_auc_mean']:.3f} ± {r['test_auc_std']:.3f} | {r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f} | {eps} |")
+        lines.append(f"| {r['name']} | {r.get('seeds', 3)} | {r['test_auc_mean']:.3f} ± {r['test_auc_std']:.3f} | "
+                     f"{r['test_acc_mean']:.3f} ± {r['test_acc_std']:.3f} | "
+                     f"{r.get('test_acc_argmax_mean', float('nan')):.3f} ± {r.get('test_acc_argmax_std', float('nan')):.3f} | "
+                     f"{r.get('trainable_params', '')} | {eps} |")
     for name, auc, acc in MEDMNIST_V2:
-        lines.append(f"| MedMNIST v2: {name} (centralized, non-private) | {auc:.3f} | {acc:.3f} | — |")
-    md = ["# fedtl benchmark results", "", "## Accuracy (PneumoniaMNIST test split)", "", *lines, ""]
+        lines.append(f"| MedMNIST v2: {name} (centralized, non-private) | — | {auc:.3f} | {acc:.3f} | — | — | — |")
+    md = ["# fedtl benchmark results", "", "## Accuracy (test splits; PneumoniaMNIST unless the row says otherwise)",
+          "", *lines, ""]
     for key in ("comms", "speed", "full_model_baseline"):
         if key in results:
             md += [f"## {key}", "", "| figure | value |", "|---|---|"]
@@ -250,7 +280,8 @@ def write_report(results: dict, out: Path) -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
         for sites in (3, 10):
             pts = [(r["overrides"]["privacy.target-epsilon"], r["test_auc_mean"], r["test_auc_std"]) for r in results["accuracy"]
-                   if r["overrides"].get("federation.sites") == sites and "privacy.target-epsilon" in r["overrides"]]
+                   if r["overrides"].get("federation.sites") == sites and "privacy.target-epsilon" in r["overrides"]
+                   and r.get("model", "transfer") == "transfer" and "data.path" not in r["overrides"]]
             if pts:
                 xs, ys, es = zip(*sorted(pts))
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"fedtl, {sites} sites, DP")
@@ -282,6 +313,9 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--only", default="accuracy,comms,speed,scale,baseline")
     p.add_argument("--baseline-seconds", type=float, default=300.0)
+    p.add_argument("--retinamnist", default="", metavar="NPZ",
+                   help="the RetinaMNIST npz (MedMNIST v2): adds its rows to the accuracy table")
+    p.add_argument("--skip", default="", help="comma-separated words: accuracy rows whose name contains one are skipped")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -296,7 +330,8 @@ def main() -> None:
         write_report(results, out)
 
     sections = [("comms", "comms", comms_rows), ("speed", "speed", speed_rows),
-                ("accuracy", "accuracy", lambda: accuracy_rows(save_accuracy)),
+                ("accuracy", "accuracy", lambda: accuracy_rows(save_accuracy, args.retinamnist,
+                                                                  tuple(w for w in args.skip.split(",") if w))),
                 ("scale", "scale", scale_rows),
                 ("baseline", "full_model_baseline", lambda: full_model_baseline(args.baseline_seconds))]
     for part, key, fn in sections:

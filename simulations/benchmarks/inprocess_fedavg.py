@@ -5,6 +5,11 @@ here is the same ``train_site`` on the same cached features, then FedAvg weighte
 Final figures are always confirmed with ``fedtl simulate``.
 
     python simulations/benchmarks/inprocess_fedavg.py --set adapters.kind=none --set train.lr=0.05
+    python simulations/benchmarks/inprocess_fedavg.py --model scratch --set train.lr=0.5   # no transfer
+
+The round reported is the one with the best validation AUC (``evaluation.select-by`` = central); test
+accuracy is at the decision rule chosen on validation data at that round (``fedtl.evaluation
+.central_decision``, as ``fedtl simulate`` does), and ``test_acc_argmax`` at the argmax.
 """
 
 from __future__ import annotations
@@ -18,24 +23,44 @@ import time
 import torch
 
 from fedtl.config import FedTLConfig, parse_assignment
-from fedtl.federation.site import (build_transfer_model, cached_features, load_source, simulated_policy,
-                                   simulated_site_data, train_site)
+from fedtl.evaluation import central_decision
+from fedtl.federation.site import (SiteData, build_transfer_model, cached_features, load_source, simulated_policy,
+                                   simulated_site_data, site_indices, train_site)
 from fedtl.federation.records import coarse_count
 from fedtl.model import check_state
 from fedtl.privacy import Proposal
 from fedtl.training import evaluate_suffix
 
 
-def run(cfg: FedTLConfig, verbose: bool = False) -> dict:
+def run(cfg: FedTLConfig, verbose: bool = False, model_kind: str = "transfer", ema: float = 0.0) -> dict:
+    """One federated run; ``model_kind="scratch"``: the small CNN of ``scratch_cnn.py`` on the raw images.
+    ``ema`` > 0: also evaluate an exponential moving average of the global suffix over rounds (server-side
+    post-processing, no privacy cost), reported as ``ema_*`` at its own best-validation round."""
     source = load_source(cfg.data.path)
-    model = build_transfer_model(cfg, source.num_classes)
-    val_f, _ = cached_features(cfg, model, source.val, progress=False)
-    test_f, _ = cached_features(cfg, model, source.test, progress=False)
     yv, yt = torch.as_tensor(source.val.labels), torch.as_tensor(source.test.labels)
     n = cfg.federation.sites
-    sites = [simulated_site_data(cfg, model, s, n) for s in range(n)]
+    if model_kind == "scratch":
+        from scratch_cnn import ScratchModel, scratch_features
+
+        channels = 1 if source.train.images.ndim == 3 else source.train.images.shape[-1]
+        model = ScratchModel(channels, source.num_classes, seed=cfg.train.seed)
+        val_f, test_f, train_f = (scratch_features(s.images) for s in (source.val, source.test, source.train))
+        labels = torch.as_tensor(source.train.labels)
+        sites = []
+        for s in range(n):
+            idx = torch.as_tensor(site_indices(cfg, s, n))
+            sites.append(SiteData(f"site-{s}", train_f[idx], labels[idx], True))
+    elif model_kind == "transfer":
+        model = build_transfer_model(cfg, source.num_classes)
+        val_f, _ = cached_features(cfg, model, source.val, progress=False)
+        test_f, _ = cached_features(cfg, model, source.test, progress=False)
+        sites = [simulated_site_data(cfg, model, s, n) for s in range(n)]
+    else:
+        raise ValueError(f"model_kind must be transfer or scratch, got {model_kind!r}")
     global_state = model.trainable_state()
     best = {"val_auc": -1.0}
+    ema_best = {"ema_val_auc": -1.0}
+    ema_state = None
     t0 = time.perf_counter()
     eps = {}
     for r in range(1, cfg.federation.rounds + 1):
@@ -63,14 +88,36 @@ def run(cfg: FedTLConfig, verbose: bool = False) -> dict:
         if verbose:
             print(f"round {r}: val {v.auc:.4f} test {t.auc:.4f}/{t.accuracy:.4f} eps {max(eps.values()):.3f}", file=sys.stderr)
         if v.auc > best["val_auc"]:
-            best = {"round": r, "val_auc": v.auc, "test_auc": t.auc, "test_acc": t.accuracy}
-    best.update(final_test_auc=t.auc, final_test_acc=t.accuracy, eps_max=max(eps.values()), seconds=time.perf_counter() - t0)
+            decision = central_decision(v.probabilities, yv.numpy(), cfg.evaluation.decision)
+            best = {"round": r, "val_auc": v.auc, "test_auc": t.auc,
+                    "test_acc": float((decision.apply(t.probabilities) == yt.numpy()).mean()),
+                    "test_acc_argmax": t.accuracy, "decision": decision.to_dict()}
+        if ema > 0:
+            ema_state = dict(global_state) if ema_state is None else \
+                {k: ema * ema_state[k] + (1 - ema) * global_state[k] for k in global_state}
+            model.load_trainable_state(ema_state)
+            ev, et = evaluate_suffix(model, val_f, yv), evaluate_suffix(model, test_f, yt)
+            if verbose:
+                print(f"          ema: val {ev.auc:.4f} test {et.auc:.4f}", file=sys.stderr)
+            if ev.auc > ema_best["ema_val_auc"]:
+                d = central_decision(ev.probabilities, yv.numpy(), cfg.evaluation.decision)
+                ema_best = {"ema_round": r, "ema_val_auc": ev.auc, "ema_test_auc": et.auc,
+                            "ema_test_acc": float((d.apply(et.probabilities) == yt.numpy()).mean())}
+            model.load_trainable_state(global_state)
+    if ema > 0:
+        best.update(ema_best)
+    best.update(final_test_auc=t.auc, final_test_acc_argmax=t.accuracy, eps_max=max(eps.values()),
+                trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                seconds=time.perf_counter() - t0)
     return best
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--model", choices=("transfer", "scratch"), default="transfer",
+                   help="scratch: the small CNN of scratch_cnn.py trained from scratch on the raw images (no prefix)")
+    p.add_argument("--ema", type=float, default=0.0, help="also evaluate an EMA of the global suffix (decay)")
     p.add_argument("-v", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -78,8 +125,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         overrides.setdefault("output.state-dir", tmp)
         cfg = FedTLConfig().with_overrides(overrides)
-        res = run(cfg, verbose=args.v)
-    print(json.dumps({"overrides": {k: v for k, v in overrides.items() if k != "output.state-dir"}, **res}))
+        res = run(cfg, verbose=args.v, model_kind=args.model, ema=args.ema)
+    print(json.dumps({"model": args.model, "overrides": {k: v for k, v in overrides.items() if k != "output.state-dir"}, **res}))
 
 
 if __name__ == "__main__":
