@@ -18,6 +18,7 @@ from typing import Any
 
 from fedtl.errors import ConfigError
 
+MAX_VIEWS = 8  # train.views: shifted views per training image (each is one more cached prefix output)
 MAX_PERSONALIZE_EPOCHS = 20  # also the most a site's policy allows (fedtl.privacy.policy)
 
 
@@ -203,8 +204,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: str = "sgd"  # sgd | adam
     seed: int = 0
+    views: int = 1  # augmentation multiplicity: each example's loss over this many shifted views (fedtl.features)
 
     def __post_init__(self) -> None:
+        if not 1 <= self.views <= MAX_VIEWS:
+            _fail("train.views", self.views, f"must be between 1 and {MAX_VIEWS}")
         if self.epochs < 1:
             _fail("train.epochs", self.epochs, "must be >= 1")
         if self.batch_size < 1:
@@ -309,6 +313,9 @@ class FedTLConfig:
                 value = getattr(part, f.name)
                 if isinstance(value, float) and not math.isfinite(value):
                     _fail(f"{section}.{f.name.replace('_', '-')}", value, "must be a finite number")
+        if self.train.views > 1 and self.adapters.kind != "none":
+            _fail("train.views", self.train.views, "needs the head-only suffix (adapters.kind = none): the views are "
+                  "cached prefix outputs")
 
     # ---- flat kebab-case view (Flower's run config) -------------------------------------
     @staticmethod

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -58,6 +59,41 @@ class CacheKey:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.parts(), sort_keys=True).encode()).hexdigest()[:40]
+
+
+# Augmentation multiplicity (``train.views``; De et al., "Unlocking High-Accuracy Differentially Private Image
+# Classification through Scale", 2022): view k of a training image is the image translated by VIEW_SHIFTS[k] steps
+# of 1/14 of its side (2 px at 28 px), edges repeated. Each view is an ordinary data set to the cache (its own
+# fingerprint, so its own entry); view 0 is the image itself. The suffix averages its prediction over an example's
+# views (fedtl.model.Suffix), so one example is still one clipped gradient: the privacy accounting is unchanged.
+VIEW_SHIFTS = ((0, 0), (1, 0), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1), (-1, 0))
+
+
+def shifted_view(data: ImageSet, k: int) -> ImageSet:
+    """View ``k`` of ``data`` (see VIEW_SHIFTS); view 0 is ``data`` itself."""
+    dy, dx = VIEW_SHIFTS[k]
+    if (dy, dx) == (0, 0):
+        return data
+    h, w = data.images.shape[1:3]
+    step = max(1, round(min(h, w) / 14))
+    widths = [(0, 0), (step, step), (step, step)] + [(0, 0)] * (data.images.ndim - 3)
+    padded = np.pad(data.images, widths, mode="edge")
+    top, left = step - dy * step, step - dx * step
+    images = np.ascontiguousarray(padded[:, top:top + h, left:left + w])
+    return ImageSet(images, data.labels, f"{data.name} (view {k})")
+
+
+def view_features(get, data: ImageSet, views: int) -> tuple[torch.Tensor, bool]:
+    """Prefix features of ``views`` views of ``data`` through ``get(ImageSet) -> (features, cache hit)``:
+    ``(N, D)`` for one view, ``(N, views, D)`` for more; hit when every view came from the cache."""
+    if views <= 1:
+        return get(data)
+    out, hits = [], True
+    for k in range(views):
+        feats, hit = get(shifted_view(data, k))
+        out.append(feats)
+        hits = hits and hit
+    return torch.stack(out, 1), hits
 
 
 def cache_key(model: TransferModel, pre: Preprocessing, data: ImageSet) -> CacheKey:

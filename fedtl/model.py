@@ -10,6 +10,7 @@ require grad (all in the suffix) are trained, exchanged and aggregated.
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 
 import numpy as np
@@ -41,6 +42,9 @@ class Suffix(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if len(self.blocks):
             z = self.pool(self.blocks(z))  # (B, C', h, w) -> (B, D)
+        elif z.ndim == 3:  # (B, K, D): K views of each example (train.views) -> log of the mean probability
+            logp = torch.log_softmax(self.head(z), dim=-1)  # a valid logit vector: cross-entropy of the mixture
+            return torch.logsumexp(logp, dim=1) - math.log(z.shape[1])
         return self.head(z)  # (B, D) -> (B, C)
 
 

@@ -29,7 +29,7 @@ from fedtl.backbones import available, get_spec
 from fedtl.backbones.registry import file_sha256, weights_candidates
 from fedtl.config import FedTLConfig
 from fedtl.errors import BackboneError, FedTLError
-from fedtl.features import CacheKey, FeatureCache
+from fedtl.features import CacheKey, FeatureCache, view_features
 from fedtl.federation.site import SiteData, preprocessing_for
 from fedtl.model import SuffixModel, TransferModel
 from fedtl.privacy.policy import PrivacyPolicy, policy_for_site
@@ -71,7 +71,8 @@ def deployed_site_data(cfg: FedTLConfig, model: TransferModel, site_config_path:
     site = load_site_config(site_config_path)
     images = _site_images(site_config_path).images
     cache = FeatureCache(Path(site.state_dir) / "features")
-    feats, hit = cache.get_or_build(model, preprocessing_for(cfg), images)
+    pre = preprocessing_for(cfg)
+    feats, hit = view_features(lambda d: cache.get_or_build(model, pre, d), images, cfg.train.views)
     feats, labels = _without_holdout(site, images, feats, torch.as_tensor(images.labels))
     return SiteData(site.name, feats, labels, hit)
 
@@ -163,14 +164,15 @@ def _eval_splits(site: SiteConfig, images, feats):
                                         labels[torch.as_tensor(split[s], dtype=torch.long)]) for s in ("val", "test")})
 
 
-def _warm(cfg: FedTLConfig, site: SiteConfig, images, num_classes: int):
+def _warm(cfg: FedTLConfig, site: SiteConfig, images, num_classes: int, views: int = 1):
     """(SuffixModel, features of ``images``) from the site's feature cache without the backbone, or None.
 
     The cache key is the one a build would compute: the backbone's name, the sha256 of the weights file this
     site would load (the same file and hash a build checks, so the server's pin is compared with it exactly as
     before), the preprocessing, the split point and the data's fingerprint. An entry exists only for a key a
     build produced, so a hit means these weights, this split and these images; the feature width is the
-    entry's.
+    entry's. With ``views`` > 1 (``train.views``, training only) every view's entry must be cached:
+    ``(N, views, D)``.
     """
     if cfg.adapters.kind != "none":  # the suffix holds backbone blocks (and PEFT's adapters)
         return None
@@ -179,11 +181,20 @@ def _warm(cfg: FedTLConfig, site: SiteConfig, images, num_classes: int):
     weights_sha256 = local_backbone_sha256(spec.name) if split else ""
     if not weights_sha256:  # the whole network's last unit is named by the build; a site without weights is cold
         return None
-    key = CacheKey(spec.name, weights_sha256, preprocessing_for(cfg).key(), f"{split}:pooled", images.fingerprint)
-    feats = FeatureCache(Path(site.state_dir) / "features").load(key, len(images))
-    if feats is None or feats.ndim != 2:
+    cache = FeatureCache(Path(site.state_dir) / "features")
+
+    def cached(data):
+        feats = cache.load(CacheKey(spec.name, weights_sha256, preprocessing_for(cfg).key(), f"{split}:pooled",
+                                    data.fingerprint), len(data))
+        if feats is None or feats.ndim != 2:
+            raise LookupError  # not cached (or not head-only features): the caller builds, as a cold site
+        return feats, True
+
+    try:
+        feats, _ = view_features(cached, images, views)
+    except LookupError:
         return None
-    model = SuffixModel(spec.name, weights_sha256, split, int(feats.shape[1]), num_classes, cfg.model,
+    model = SuffixModel(spec.name, weights_sha256, split, int(feats.shape[-1]), num_classes, cfg.model,
                         seed=cfg.train.seed)
     return model, feats
 
@@ -197,7 +208,7 @@ def cached_site(cfg: FedTLConfig, site_config_path: str, num_classes: int) -> tu
 
     site = load_site_config(site_config_path)  # first: its weights dir is where the weights are looked up first
     images = _site_images(site_config_path).images
-    warm = _warm(cfg, site, images, num_classes)
+    warm = _warm(cfg, site, images, num_classes, cfg.train.views)  # training: every view (train.views)
     if warm is None:
         return None
     model, feats = warm

@@ -71,7 +71,7 @@ def cached_features(cfg: FedTLConfig, model: TransferModel, data: ImageSet, prog
     pre = preprocessing_for(cfg)
     digest = cache_key(model, pre, data).digest()
     if digest not in _FEATURE_MEMO:
-        if len(_FEATURE_MEMO) > 8:
+        if len(_FEATURE_MEMO) > 16:  # train (up to 8 views), validation and test of two configurations
             _FEATURE_MEMO.clear()
         _FEATURE_MEMO[digest] = FeatureCache(default_cache_dir(cfg.data.cache_dir)).get_or_build(model, pre, data, progress=progress)
     return _FEATURE_MEMO[digest]
@@ -83,8 +83,10 @@ def simulated_site_data(cfg: FedTLConfig, model: TransferModel, site: int, num_s
     The cache entry covers the whole source split (computed once per machine); the site takes
     its rows, which equals computing its own images' features.
     """
+    from fedtl.features import view_features
+
     source = load_source(cfg.data.path)
-    feats, hit = cached_features(cfg, model, source.train)
+    feats, hit = view_features(lambda d: cached_features(cfg, model, d), source.train, cfg.train.views)
     idx = torch.as_tensor(site_indices(cfg, site, num_sites))
     return SiteData(f"site-{site}", feats[idx], torch.as_tensor(source.train.labels)[idx], hit)
 

@@ -49,12 +49,16 @@ def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
     for eps in (3.0, 1.0, 8.0):
         rows.append((f"federated 10 sites, DP ε={eps:g}", "transfer", {"federation.sites": 10, "privacy.target-epsilon": eps}))
     rows.append(("federated 3 sites, DP ε=3", "transfer", {"federation.sites": 3, "privacy.target-epsilon": 3.0}))
+    rows.append(("federated 10 sites, DP ε=3, train.views=4 (augmentation multiplicity)", "transfer",
+                 {"federation.sites": 10, "privacy.target-epsilon": 3.0, "train.views": 4}))
     # no transfer: the same federation and budget, a small CNN trained from scratch (scratch_cnn.py)
     rows.append(("no transfer: small CNN from scratch, federated 10 sites, DP ε=3", "scratch",
                  {"federation.sites": 10, "privacy.target-epsilon": 3.0, "train.lr": SCRATCH_LR}))
     if retinamnist:
         rows.append(("RetinaMNIST: federated 10 sites, DP ε=3 (same defaults)", "transfer",
                      {"data.path": retinamnist, "federation.sites": 10, "privacy.target-epsilon": 3.0}))
+        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, train.views=4", "transfer",
+                     {"data.path": retinamnist, "federation.sites": 10, "privacy.target-epsilon": 3.0, "train.views": 4}))
         rows.append(("RetinaMNIST, no transfer: small CNN from scratch, 10 sites, DP ε=3", "scratch",
                      {"data.path": retinamnist, "federation.sites": 10, "privacy.target-epsilon": 3.0,
                       "train.lr": SCRATCH_LR}))
@@ -66,10 +70,11 @@ def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
 
 
 
-def accuracy_rows(save=lambda rows: None, retinamnist: str = "", skip: tuple[str, ...] = ()) -> list[dict]:
+def accuracy_rows(save=lambda rows: None, retinamnist: str = "", skip: tuple[str, ...] = (),
+                  only: tuple[str, ...] = ()) -> list[dict]:
     out = []
     for name, kind, overrides in accuracy_plan(retinamnist):
-        if any(word in name for word in skip):
+        if any(word in name for word in skip) or (only and not any(word in name for word in only)):
             continue
         results = []
         for seed in SEEDS:
@@ -317,6 +322,7 @@ def main() -> None:
     p.add_argument("--retinamnist", default="", metavar="NPZ",
                    help="the RetinaMNIST npz (MedMNIST v2): adds its rows to the accuracy table")
     p.add_argument("--skip", default="", help="comma-separated words: accuracy rows whose name contains one are skipped")
+    p.add_argument("--rows", default="", help="comma-separated words: only the accuracy rows whose name contains one")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,7 +338,8 @@ def main() -> None:
 
     sections = [("comms", "comms", comms_rows), ("speed", "speed", speed_rows),
                 ("accuracy", "accuracy", lambda: accuracy_rows(save_accuracy, args.retinamnist,
-                                                                  tuple(w for w in args.skip.split(",") if w))),
+                                                                  tuple(w for w in args.skip.split(",") if w),
+                                                                  tuple(w for w in args.rows.split(",") if w))),
                 ("scale", "scale", scale_rows),
                 ("baseline", "full_model_baseline", lambda: full_model_baseline(args.baseline_seconds))]
     for part, key, fn in sections:

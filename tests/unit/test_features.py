@@ -54,3 +54,44 @@ def test_corrupt_entry_is_rebuilt_not_trusted(tiny_backbone, toy_images, tmp_pat
     assert hit is False
     assert torch.allclose(feats, compute_prefix_features(model, pre, data), atol=1e-6)
     assert cache.load(cache_key(model, pre, data), len(data)) is not None  # rewritten whole
+
+
+def test_shifted_views_translate_by_a_fourteenth_of_the_side_with_edges_repeated():
+    import numpy as np
+
+    from fedtl.features import VIEW_SHIFTS, shifted_view
+
+    imgs = (np.arange(2 * 28 * 28).reshape(2, 28, 28) % 251).astype(np.uint8)
+    data = ImageSet(imgs, np.array([0, 1]), "toy")
+    assert shifted_view(data, 0) is data  # view 0: the image itself, the same cache entry
+    assert VIEW_SHIFTS[1] == (1, 0) and VIEW_SHIFTS[3] == (-1, -1)
+    down = shifted_view(data, 1).images  # content 2 px down (28 / 14), the top rows repeat the first row
+    assert (down[:, 2:] == imgs[:, :-2]).all() and (down[:, 0] == imgs[:, 0]).all() and (down[:, 1] == imgs[:, 0]).all()
+    up_left = shifted_view(data, 3).images
+    assert (up_left[:, :-2, :-2] == imgs[:, 2:, 2:]).all() and (up_left[:, -1, :-2] == imgs[:, -1, 2:]).all()
+    rgb = ImageSet(np.repeat(imgs[..., None], 3, -1), np.array([0, 1]), "rgb")
+    big = ImageSet(np.zeros((1, 224, 224), np.uint8), np.array([0]), "big")
+    assert shifted_view(rgb, 2).images.shape == (2, 28, 28, 3)
+    assert (shifted_view(rgb, 2).images[:, :, 2:, 0] == imgs[:, :, :-2]).all()  # right by 2, every channel alike
+    big_img = big.images.copy()
+    big_img[0, 100, 100] = 255
+    moved = shifted_view(ImageSet(big_img, big.labels, "big"), 1).images
+    assert moved[0, 116, 100] == 255  # 224 / 14 = 16 px
+    assert len({shifted_view(data, k).fingerprint for k in range(len(VIEW_SHIFTS))}) == len(VIEW_SHIFTS)
+
+
+def test_view_features_stack_every_view_and_hit_only_when_all_were_cached(tiny_backbone, toy_images, tmp_path):
+    from fedtl.config import AdaptersConfig, ModelConfig
+    from fedtl.features import view_features
+
+    model = TransferModel(tiny_backbone, 2, ModelConfig(), AdaptersConfig())
+    pre = Preprocessing(resolution=12, mean=(0.5,) * 3, std=(0.25,) * 3)
+    data = ImageSet(*toy_images, name="toy")
+    cache = FeatureCache(tmp_path)
+    one, _ = view_features(lambda d: cache.get_or_build(model, pre, d, progress=False), data, 1)
+    assert one.ndim == 2  # one view: the plain features, the entry every other path uses
+    three, hit = view_features(lambda d: cache.get_or_build(model, pre, d, progress=False), data, 3)
+    assert three.shape == (len(data), 3, one.shape[1]) and hit is False  # views 1 and 2 were built
+    assert torch.equal(three[:, 0], one) and not torch.equal(three[:, 1], one)
+    again, hit = view_features(lambda d: cache.get_or_build(model, pre, d, progress=False), data, 3)
+    assert hit is True and torch.equal(again, three) and len(list(tmp_path.glob("*.safetensors"))) == 3

@@ -96,3 +96,36 @@ def test_unfrozen_blocks_train_at_a_lower_learning_rate_by_default(tiny_backbone
     groups = model.trainable_param_groups(0.5, scale)
     assert [g["lr"] for g in groups] == [0.5, 0.05]
     assert AdaptersConfig(kind="lora", blocks=1).effective_lr_scale() == 1.0
+
+
+def test_a_suffix_given_views_predicts_their_mean_and_each_example_is_clipped_as_one():
+    """train.views: (B, K, D) features → log of the mean probability over an example's K views. Opacus' per-example
+    gradient of an example depends on its own views only, so one example is still one clipped gradient."""
+    import torch
+    from opacus import GradSampleModule
+
+    from fedtl.config import ModelConfig
+    from fedtl.model import Suffix
+
+    torch.manual_seed(0)
+    suffix = Suffix(torch.nn.Sequential(), 6, 3, ModelConfig())
+    torch.nn.init.normal_(suffix.head[-1].weight)
+    z = torch.randn(4, 5, 6)
+    expected = torch.log(torch.softmax(suffix.head(z), -1).mean(1))
+    assert torch.allclose(suffix(z), expected, atol=1e-6)
+    assert torch.allclose(suffix(z[:, 0]), suffix.head(z[:, 0]))  # one view: the plain head
+
+    def per_example(feats):
+        gsm = GradSampleModule(Suffix(torch.nn.Sequential(), 6, 3, ModelConfig()))
+        gsm._module.head.load_state_dict(suffix.head.state_dict())
+        torch.nn.functional.cross_entropy(gsm(feats), torch.tensor([0, 1, 2, 0])).backward()
+        grads = torch.cat([p.grad_sample.flatten(1) for p in gsm.parameters() if p.requires_grad], 1)
+        gsm._close()
+        return grads
+
+    base = per_example(z)
+    changed = z.clone()
+    changed[0] += 3.0  # every view of example 0
+    after = per_example(changed)
+    assert base.shape[0] == 4 and not torch.allclose(after[0], base[0])
+    assert torch.allclose(after[1:], base[1:], atol=1e-6)

@@ -128,9 +128,37 @@ def test_the_warm_path_without_a_backbone_also_keeps_the_hold_out_out_of_trainin
     deployment.load_site_config.cache_clear()
     deployment._site_images.cache_clear()
     feats = torch.arange(40, dtype=torch.float32)[:, None].repeat(1, 4)  # row i: image i
-    monkeypatch.setattr(deployment, "_warm", lambda cfg, site, images, n: ("suffix-model", feats[: len(images)]))
+    monkeypatch.setattr(deployment, "_warm", lambda cfg, site, images, n, views=1: ("suffix-model", feats[: len(images)]))
     model, train = deployment.cached_site(FedTLConfig(), path, 2)
     _, ev = deployment.cached_eval_site(FedTLConfig(), path, 2)
     trained = {int(r[0]) for r in train.features}
     held = {int(r[0]) for s in ("val", "test") for r in ev.splits[s][0]}
     assert len(trained) == 30 and len(held) == 10 and not trained & held and trained | held == set(range(40))
+
+
+def test_a_deployed_site_with_views_trains_on_every_view_of_its_training_images_only(tmp_path, monkeypatch):
+    from fedtl.config import FedTLConfig
+    from tests.unit.federation.test_server import _tiny_model
+
+    _folder_site(tmp_path, 40, "imgs")
+    path = str(write(tmp_path, 'name = "s"\n[data]\nformat = "folder"\npath = "imgs"\nlabels = "imgs.csv"\n'
+                               'image-size = 12\n[evaluation]\nholdout = 0.25\n'))
+    deployment.load_site_config.cache_clear()
+    deployment._site_images.cache_clear()
+    model = _tiny_model()
+    monkeypatch.setattr(deployment, "preprocessing_for", lambda conf: _identity_preprocessing())
+    one = FedTLConfig().with_overrides({"model.resolution": 32})
+    plain = deployment.deployed_site_data(one, model, path)
+    viewed = deployment.deployed_site_data(one.with_overrides({"train.views": 3}), model, path)
+    ev = deployment.deployed_eval_data(one.with_overrides({"train.views": 3}), model, path)
+    assert viewed.features.shape == (30, 3, plain.features.shape[1]) and plain.features.ndim == 2
+    assert torch_equal(viewed.features[:, 0], plain.features) and torch_equal(viewed.labels, plain.labels)
+    assert ev.splits["val"][0].ndim == 2  # evaluation sees the images themselves, not their views
+    assert viewed.cache_hit is False and deployment.deployed_site_data(
+        one.with_overrides({"train.views": 3}), model, path).cache_hit is True
+
+
+def torch_equal(a, b):
+    import torch
+
+    return torch.equal(a, b)
