@@ -86,7 +86,7 @@ def simulated_site_data(cfg: FedTLConfig, model: TransferModel, site: int, num_s
     from fedtl.features import view_features
 
     source = load_source(cfg.data.path)
-    feats, hit = view_features(lambda d: cached_features(cfg, model, d), source.train, cfg.train.views)
+    feats, hit = view_features(lambda d: cached_features(cfg, model, d), source.train, cfg.train_views)
     idx = torch.as_tensor(site_indices(cfg, site, num_sites))
     return SiteData(f"site-{site}", feats[idx], torch.as_tensor(source.train.labels)[idx], hit)
 

@@ -40,34 +40,39 @@ SCRATCH_LR = 0.05  # chosen on validation AUC, seed 0 (docs/benchmarks.md, "No t
 
 
 def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
-    """(row name, model kind, config overrides). ``retinamnist``: the RetinaMNIST npz for its rows ("" = none)."""
+    """(row name, model kind, config overrides). ``retinamnist``: the RetinaMNIST npz for its rows ("" = none).
+
+    Rows marked ``train.views=1`` are measured without augmentation multiplicity (the default until
+    2026-12-02); the default (``train.views`` auto: 4 views for the head-only suffix) is named as such."""
+    one = {"train.views": 1}
     rows = [
-        ("centralized, non-private, head only", "transfer",
-         {"federation.sites": 1, "privacy.enabled": False, "adapters.kind": "none", "adapters.blocks": 0}),
-        ("federated 10 sites, non-private", "transfer", {"federation.sites": 10, "privacy.enabled": False}),
+        ("centralized, non-private, head only, train.views=1", "transfer",
+         {"federation.sites": 1, "privacy.enabled": False, "adapters.kind": "none", "adapters.blocks": 0, **one}),
+        ("federated 10 sites, non-private, train.views=1", "transfer",
+         {"federation.sites": 10, "privacy.enabled": False, **one}),
     ]
     for eps in (3.0, 1.0, 8.0):
-        rows.append((f"federated 10 sites, DP ε={eps:g}", "transfer", {"federation.sites": 10, "privacy.target-epsilon": eps}))
-    rows.append(("federated 3 sites, DP ε=3", "transfer", {"federation.sites": 3, "privacy.target-epsilon": 3.0}))
-    rows.append(("federated 10 sites, DP ε=3, train.views=4 (augmentation multiplicity)", "transfer",
-                 {"federation.sites": 10, "privacy.target-epsilon": 3.0, "train.views": 4}))
+        rows.append((f"federated 10 sites, DP ε={eps:g}, train.views=1", "transfer",
+                     {"federation.sites": 10, "privacy.target-epsilon": eps, **one}))
+    rows.append(("federated 3 sites, DP ε=3, train.views=1", "transfer",
+                 {"federation.sites": 3, "privacy.target-epsilon": 3.0, **one}))
+    for eps in (3.0, 1.0):
+        rows.append((f"federated 10 sites, DP ε={eps:g}, the default (train.views auto = 4)", "transfer",
+                     {"federation.sites": 10, "privacy.target-epsilon": eps}))
     # no transfer: the same federation and budget, a small CNN trained from scratch (scratch_cnn.py)
     rows.append(("no transfer: small CNN from scratch, federated 10 sites, DP ε=3", "scratch",
                  {"federation.sites": 10, "privacy.target-epsilon": 3.0, "train.lr": SCRATCH_LR}))
     if retinamnist:
-        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3 (same defaults)", "transfer",
-                     {"data.path": retinamnist, "federation.sites": 10, "privacy.target-epsilon": 3.0}))
-        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, train.views=4", "transfer",
-                     {"data.path": retinamnist, "federation.sites": 10, "privacy.target-epsilon": 3.0, "train.views": 4}))
+        retina = {"data.path": retinamnist, "federation.sites": 10, "privacy.target-epsilon": 3.0}
+        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, train.views=1", "transfer", {**retina, **one}))
+        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, the default (train.views auto = 4)", "transfer", retina))
         rows.append(("RetinaMNIST, no transfer: small CNN from scratch, 10 sites, DP ε=3", "scratch",
-                     {"data.path": retinamnist, "federation.sites": 10, "privacy.target-epsilon": 3.0,
-                      "train.lr": SCRATCH_LR}))
+                     {**retina, "train.lr": SCRATCH_LR}))
     # the LoRA suffix runs a backbone block per step: the slowest row, so last and with 20 rounds
     rows.append(("centralized, non-private, LoRA suffix (20 rounds)", "transfer",
                  {"federation.sites": 1, "privacy.enabled": False, "adapters.kind": "lora", "adapters.blocks": 1,
                   "train.lr": 0.01, "federation.rounds": 20}))
     return rows
-
 
 
 def accuracy_rows(save=lambda rows: None, retinamnist: str = "", skip: tuple[str, ...] = (),
@@ -285,12 +290,16 @@ def write_report(results: dict, out: Path) -> None:
     if results.get("accuracy"):
         fig, ax = plt.subplots(figsize=(6, 4))
         for sites in (3, 10):
-            pts = [(r["overrides"]["privacy.target-epsilon"], r["test_auc_mean"], r["test_auc_std"]) for r in results["accuracy"]
-                   if r["overrides"].get("federation.sites") == sites and "privacy.target-epsilon" in r["overrides"]
-                   and r.get("model", "transfer") == "transfer" and "data.path" not in r["overrides"]]
-            if pts:
-                xs, ys, es = zip(*sorted(pts))
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"fedtl, {sites} sites, DP")
+            for views in (1, 0):  # 0: the default (train.views auto)
+                pts = [(r["overrides"]["privacy.target-epsilon"], r["test_auc_mean"], r["test_auc_std"])
+                       for r in results["accuracy"]
+                       if r["overrides"].get("federation.sites") == sites and "privacy.target-epsilon" in r["overrides"]
+                       and r.get("model", "transfer") == "transfer" and "data.path" not in r["overrides"]
+                       and int(r["overrides"].get("train.views", 0)) in ((1,) if views == 1 else (0, 4))]
+                if pts:
+                    xs, ys, es = zip(*sorted(pts))
+                    what = "train.views=1" if views == 1 else "default (4 views)"
+                    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"fedtl, {sites} sites, DP, {what}")
         ax.axhline(0.944, color="gray", ls="--", label="MedMNIST v2 ResNet-18 (28), non-private")
         ax.axhline(0.956, color="gray", ls=":", label="MedMNIST v2 ResNet-18 (224), non-private")
         ax.set_xscale("log")

@@ -147,7 +147,7 @@ def test_a_deployed_site_with_views_trains_on_every_view_of_its_training_images_
     deployment._site_images.cache_clear()
     model = _tiny_model()
     monkeypatch.setattr(deployment, "preprocessing_for", lambda conf: _identity_preprocessing())
-    one = FedTLConfig().with_overrides({"model.resolution": 32})
+    one = FedTLConfig().with_overrides({"model.resolution": 32, "train.views": 1})
     plain = deployment.deployed_site_data(one, model, path)
     viewed = deployment.deployed_site_data(one.with_overrides({"train.views": 3}), model, path)
     ev = deployment.deployed_eval_data(one.with_overrides({"train.views": 3}), model, path)

@@ -259,7 +259,7 @@ def _warm_site(tmp_path: Path, monkeypatch) -> tuple[Path, RecordDict]:
     from fedtl.backbones import get_spec
     from fedtl.config import FedTLConfig
     from fedtl.data.site_sources import load_site_data
-    from fedtl.features import CacheKey, FeatureCache
+    from fedtl.features import CacheKey, FeatureCache, shifted_view
     from fedtl.federation import deployment
     from fedtl.federation.records import to_record
     from fedtl.federation.site import preprocessing_for
@@ -277,8 +277,10 @@ def _warm_site(tmp_path: Path, monkeypatch) -> tuple[Path, RecordDict]:
     weights.write_bytes(b"stand-in weights")
     sha = hashlib.sha256(b"stand-in weights").hexdigest()
     images = load_site_data(SiteConfig.load(site).data).images
-    key = CacheKey(spec.name, sha, preprocessing_for(cfg).key(), f"{spec.recommended_cut}:pooled", images.fingerprint)
-    FeatureCache(tmp_path / "state" / "features").store(key, torch.randn(len(images), 16))
+    for k in range(cfg.train_views):  # every view a train request uses (train.views)
+        view = shifted_view(images, k)
+        key = CacheKey(spec.name, sha, preprocessing_for(cfg).key(), f"{spec.recommended_cut}:pooled", view.fingerprint)
+        FeatureCache(tmp_path / "state" / "features").store(key, torch.randn(len(images), 16))
     suffix = SuffixModel(spec.name, sha, spec.recommended_cut, 16, 2, cfg.model, seed=cfg.train.seed)
     content = RecordDict({"config": ConfigRecord({"server-round": 1, "total-rounds": 4, "num-classes": 2,
                                                   "run-id": "r1", "backbone-sha256": sha}),
