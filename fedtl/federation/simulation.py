@@ -57,7 +57,11 @@ def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False, resu
     for s in range(cfg.federation.sites):  # partitions: fail early on an impossible split
         site_indices(cfg, s, cfg.federation.sites)
     model = build_transfer_model(cfg, source.num_classes)
-    hits = [cached_features(cfg, model, split)[1] for split in (source.train, source.val, source.test)]
+    from fedtl.features import view_features
+
+    # every cache entry the sites and the server will read, built here once (not by each site's process at once)
+    hits = [view_features(lambda d: cached_features(cfg, model, d), source.train, cfg.train_views)[1],
+            *(cached_features(cfg, model, split)[1] for split in (source.val, source.test))]
     if not resume:
         prepare_run_dir(out, overwrite=overwrite)
     cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out), resume=resume))
