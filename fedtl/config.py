@@ -18,7 +18,6 @@ from typing import Any
 
 from fedtl.errors import ConfigError
 
-AUTO_VIEWS = 4  # train.views = 0 (auto) with the head-only suffix
 MAX_VIEWS = 8  # train.views: shifted views per training image (each is one more cached prefix output)
 MAX_PERSONALIZE_EPOCHS = 20  # also the most a site's policy allows (fedtl.privacy.policy)
 
@@ -205,12 +204,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: str = "sgd"  # sgd | adam
     seed: int = 0
-    views: int = 0  # augmentation multiplicity: an example's prediction over this many shifted views (fedtl.features);
-    #                 0 = auto: 4 with the head-only suffix, 1 with adapters (FedTLConfig.train_views)
+    views: int = 1  # augmentation multiplicity: an example's prediction over this many shifted views (fedtl.features)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.views <= MAX_VIEWS:
-            _fail("train.views", self.views, f"must be between 0 (auto) and {MAX_VIEWS}")
+        if not 1 <= self.views <= MAX_VIEWS:
+            _fail("train.views", self.views, f"must be between 1 and {MAX_VIEWS}")
         if self.epochs < 1:
             _fail("train.epochs", self.epochs, "must be >= 1")
         if self.batch_size < 1:
@@ -321,10 +319,9 @@ class FedTLConfig:
 
     @property
     def train_views(self) -> int:
-        """Views per training image: ``train.views``, or with 0 (auto) 4 for the head-only suffix and 1 with adapters
-        (their features are not cached per view). Chosen on validation AUC: docs/benchmarks.md, "Augmentation
-        multiplicity"."""
-        return self.train.views or (AUTO_VIEWS if self.adapters.kind == "none" else 1)
+        """Views per training image (``train.views``; more than one needs the head-only suffix). 4 measured better
+        than 1 but is not the default yet: docs/benchmarks.md, "Augmentation multiplicity"."""
+        return self.train.views
 
     # ---- flat kebab-case view (Flower's run config) -------------------------------------
     @staticmethod

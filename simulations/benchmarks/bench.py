@@ -42,8 +42,8 @@ SCRATCH_LR = 0.05  # chosen on validation AUC, seed 0 (docs/benchmarks.md, "No t
 def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
     """(row name, model kind, config overrides). ``retinamnist``: the RetinaMNIST npz for its rows ("" = none).
 
-    Rows marked ``train.views=1`` are measured without augmentation multiplicity (the default until
-    2026-12-02); the default (``train.views`` auto: 4 views for the head-only suffix) is named as such."""
+    Rows marked ``train.views=1`` are measured without augmentation multiplicity (the default); the
+    ``train.views=4`` rows with it."""
     one = {"train.views": 1}
     rows = [
         ("centralized, non-private, head only, train.views=1", "transfer",
@@ -57,15 +57,15 @@ def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
     rows.append(("federated 3 sites, DP ε=3, train.views=1", "transfer",
                  {"federation.sites": 3, "privacy.target-epsilon": 3.0, **one}))
     for eps in (3.0, 1.0):
-        rows.append((f"federated 10 sites, DP ε={eps:g}, the default (train.views auto = 4)", "transfer",
-                     {"federation.sites": 10, "privacy.target-epsilon": eps}))
+        rows.append((f"federated 10 sites, DP ε={eps:g}, train.views=4", "transfer",
+                     {"federation.sites": 10, "privacy.target-epsilon": eps, "train.views": 4}))
     # no transfer: the same federation and budget, a small CNN trained from scratch (scratch_cnn.py)
     rows.append(("no transfer: small CNN from scratch, federated 10 sites, DP ε=3", "scratch",
                  {"federation.sites": 10, "privacy.target-epsilon": 3.0, "train.lr": SCRATCH_LR}))
     if retinamnist:
         retina = {"data.path": retinamnist, "federation.sites": 10, "privacy.target-epsilon": 3.0}
         rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, train.views=1", "transfer", {**retina, **one}))
-        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, the default (train.views auto = 4)", "transfer", retina))
+        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, train.views=4", "transfer", {**retina, "train.views": 4}))
         rows.append(("RetinaMNIST, no transfer: small CNN from scratch, 10 sites, DP ε=3", "scratch",
                      {**retina, "train.lr": SCRATCH_LR}))
     # the LoRA suffix runs a backbone block per step: the slowest row, so last and with 20 rounds
@@ -290,15 +290,15 @@ def write_report(results: dict, out: Path) -> None:
     if results.get("accuracy"):
         fig, ax = plt.subplots(figsize=(6, 4))
         for sites in (3, 10):
-            for views in (1, 0):  # 0: the default (train.views auto)
+            for views in (1, 4):
                 pts = [(r["overrides"]["privacy.target-epsilon"], r["test_auc_mean"], r["test_auc_std"])
                        for r in results["accuracy"]
                        if r["overrides"].get("federation.sites") == sites and "privacy.target-epsilon" in r["overrides"]
                        and r.get("model", "transfer") == "transfer" and "data.path" not in r["overrides"]
-                       and int(r["overrides"].get("train.views", 0)) in ((1,) if views == 1 else (0, 4))]
+                       and int(r["overrides"].get("train.views", 1)) == views]
                 if pts:
                     xs, ys, es = zip(*sorted(pts))
-                    what = "train.views=1" if views == 1 else "default (4 views)"
+                    what = f"train.views={views}"
                     ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"fedtl, {sites} sites, DP, {what}")
         ax.axhline(0.944, color="gray", ls="--", label="MedMNIST v2 ResNet-18 (28), non-private")
         ax.axhline(0.956, color="gray", ls=":", label="MedMNIST v2 ResNet-18 (224), non-private")
