@@ -317,12 +317,6 @@ class FedTLConfig:
             _fail("train.views", self.train.views, "needs the head-only suffix (adapters.kind = none): the views are "
                   "cached prefix outputs")
 
-    @property
-    def train_views(self) -> int:
-        """Views per training image (``train.views``; more than one needs the head-only suffix). 4 measured better
-        than 1 but is not the default yet: docs/benchmarks.md, "Augmentation multiplicity"."""
-        return self.train.views
-
     # ---- flat kebab-case view (Flower's run config) -------------------------------------
     @staticmethod
     def known_keys() -> dict[str, type]:

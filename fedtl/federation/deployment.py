@@ -72,7 +72,7 @@ def deployed_site_data(cfg: FedTLConfig, model: TransferModel, site_config_path:
     images = _site_images(site_config_path).images
     cache = FeatureCache(Path(site.state_dir) / "features")
     pre = preprocessing_for(cfg)
-    feats, hit = view_features(lambda d: cache.get_or_build(model, pre, d), images, cfg.train_views)
+    feats, hit = view_features(lambda d: cache.get_or_build(model, pre, d), images, cfg.train.views)
     feats, labels = _without_holdout(site, images, feats, torch.as_tensor(images.labels))
     return SiteData(site.name, feats, labels, hit)
 
@@ -182,10 +182,10 @@ def _warm(cfg: FedTLConfig, site: SiteConfig, images, num_classes: int, views: i
     if not weights_sha256:  # the whole network's last unit is named by the build; a site without weights is cold
         return None
     cache = FeatureCache(Path(site.state_dir) / "features")
+    pre_key = preprocessing_for(cfg).key()
 
     def cached(data):
-        feats = cache.load(CacheKey(spec.name, weights_sha256, preprocessing_for(cfg).key(), f"{split}:pooled",
-                                    data.fingerprint), len(data))
+        feats = cache.load(CacheKey(spec.name, weights_sha256, pre_key, f"{split}:pooled", data.fingerprint), len(data))
         if feats is None or feats.ndim != 2:
             raise LookupError  # not cached (or not head-only features): the caller builds, as a cold site
         return feats, True
@@ -208,7 +208,7 @@ def cached_site(cfg: FedTLConfig, site_config_path: str, num_classes: int) -> tu
 
     site = load_site_config(site_config_path)  # first: its weights dir is where the weights are looked up first
     images = _site_images(site_config_path).images
-    warm = _warm(cfg, site, images, num_classes, cfg.train_views)  # training: every view (train.views)
+    warm = _warm(cfg, site, images, num_classes, cfg.train.views)  # training: every view (train.views)
     if warm is None:
         return None
     model, feats = warm

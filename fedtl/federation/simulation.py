@@ -52,16 +52,13 @@ def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False, resu
     else:
         check_out_dir(out, overwrite)
     source = load_source(cfg.data.path)
-    from fedtl.federation.site import site_indices
+    from fedtl.federation.site import site_indices, train_features
 
     for s in range(cfg.federation.sites):  # partitions: fail early on an impossible split
         site_indices(cfg, s, cfg.federation.sites)
     model = build_transfer_model(cfg, source.num_classes)
-    from fedtl.features import view_features
-
     # every cache entry the sites and the server will read, built here once (not by each site's process at once)
-    hits = [view_features(lambda d: cached_features(cfg, model, d), source.train, cfg.train_views)[1],
-            *(cached_features(cfg, model, split)[1] for split in (source.val, source.test))]
+    hits = [train_features(cfg, model)[1], *(cached_features(cfg, model, split)[1] for split in (source.val, source.test))]
     if not resume:
         prepare_run_dir(out, overwrite=overwrite)
     cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out), resume=resume))

@@ -77,16 +77,21 @@ def cached_features(cfg: FedTLConfig, model: TransferModel, data: ImageSet, prog
     return _FEATURE_MEMO[digest]
 
 
+def train_features(cfg: FedTLConfig, model: TransferModel) -> tuple[torch.Tensor, bool]:
+    """The training split's prefix features, one entry per view (``train.views``): ``(N, D)`` or ``(N, K, D)``."""
+    from fedtl.features import view_features
+
+    return view_features(lambda d: cached_features(cfg, model, d), load_source(cfg.data.path).train, cfg.train.views)
+
+
 def simulated_site_data(cfg: FedTLConfig, model: TransferModel, site: int, num_sites: int) -> SiteData:
     """A simulated site's share of the training split, as cached prefix features.
 
     The cache entry covers the whole source split (computed once per machine); the site takes
     its rows, which equals computing its own images' features.
     """
-    from fedtl.features import view_features
-
     source = load_source(cfg.data.path)
-    feats, hit = view_features(lambda d: cached_features(cfg, model, d), source.train, cfg.train_views)
+    feats, hit = train_features(cfg, model)
     idx = torch.as_tensor(site_indices(cfg, site, num_sites))
     return SiteData(f"site-{site}", feats[idx], torch.as_tensor(source.train.labels)[idx], hit)
 

@@ -32,9 +32,8 @@ def test_out_of_range_values_name_key_and_value(key, value, fragment):
 
 
 def test_views_need_the_head_only_suffix():
-    assert FedTLConfig().train_views == 1  # one view unless asked (docs/benchmarks.md, "Augmentation multiplicity")
-    assert FedTLConfig.from_run_config({"adapters.kind": "lora", "adapters.blocks": 1}).train_views == 1
-    assert FedTLConfig.from_run_config({"train.views": 4}).train_views == 4
+    assert FedTLConfig().train.views == 1  # one view unless asked (docs/benchmarks.md, "Augmentation multiplicity")
+    assert FedTLConfig.from_run_config({"train.views": 4}).train.views == 4
     with pytest.raises(ConfigError, match="`train.views` needs the head-only suffix"):
         FedTLConfig.from_run_config({"train.views": 4, "adapters.kind": "lora", "adapters.blocks": 1})
 
