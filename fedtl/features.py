@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -69,18 +70,37 @@ class CacheKey:
 VIEW_SHIFTS = ((0, 0), (1, 0), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1), (-1, 0))
 
 
-def shifted_view(data: ImageSet, k: int) -> ImageSet:
+class ShiftedView:
+    """View ``k`` of an image set, as the cache sees it: its fingerprint is derived from the base set's and the
+    shift (no pass over the shifted pixels), and the shifted images are made only when an entry must be built.
+    A site asked for its views on every request finds them at the cost of hashing its images once."""
+
+    def __init__(self, base: ImageSet, k: int):
+        self.base, self.shift = base, VIEW_SHIFTS[k]
+        self.labels, self.name = base.labels, f"{base.name} (view {k})"
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"view {self.shift[0]},{self.shift[1]} of {self.base.fingerprint}".encode()).hexdigest()
+
+    @cached_property
+    def images(self) -> np.ndarray:
+        dy, dx = self.shift
+        data = self.base.images
+        h, w = data.shape[1:3]
+        step = max(1, round(min(h, w) / 14))
+        widths = [(0, 0), (step, step), (step, step)] + [(0, 0)] * (data.ndim - 3)
+        padded = np.pad(data, widths, mode="edge")
+        top, left = step - dy * step, step - dx * step
+        return np.ascontiguousarray(padded[:, top:top + h, left:left + w])
+
+
+def shifted_view(data: ImageSet, k: int) -> ImageSet | ShiftedView:
     """View ``k`` of ``data`` (see VIEW_SHIFTS); view 0 is ``data`` itself."""
-    dy, dx = VIEW_SHIFTS[k]
-    if (dy, dx) == (0, 0):
-        return data
-    h, w = data.images.shape[1:3]
-    step = max(1, round(min(h, w) / 14))
-    widths = [(0, 0), (step, step), (step, step)] + [(0, 0)] * (data.images.ndim - 3)
-    padded = np.pad(data.images, widths, mode="edge")
-    top, left = step - dy * step, step - dx * step
-    images = np.ascontiguousarray(padded[:, top:top + h, left:left + w])
-    return ImageSet(images, data.labels, f"{data.name} (view {k})")
+    return data if VIEW_SHIFTS[k] == (0, 0) else ShiftedView(data, k)
 
 
 def view_features(get, data: ImageSet, views: int) -> tuple[torch.Tensor, bool]:

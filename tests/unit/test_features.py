@@ -78,6 +78,23 @@ def test_shifted_views_translate_by_a_fourteenth_of_the_side_with_edges_repeated
     moved = shifted_view(ImageSet(big_img, big.labels, "big"), 1).images
     assert moved[0, 116, 100] == 255  # 224 / 14 = 16 px
     assert len({shifted_view(data, k).fingerprint for k in range(len(VIEW_SHIFTS))}) == len(VIEW_SHIFTS)
+    other = ImageSet(imgs[::-1].copy(), np.array([0, 1]), "toy")  # same pixels' multiset, other order: other data
+    assert shifted_view(other, 1).fingerprint != shifted_view(data, 1).fingerprint
+
+
+def test_a_cached_view_is_found_without_shifting_or_hashing_its_pixels(tiny_backbone, toy_images, tmp_path):
+    from fedtl.features import shifted_view
+
+    model = TransferModel(tiny_backbone, 2, ModelConfig(), AdaptersConfig())
+    pre = Preprocessing(resolution=12, mean=(0.5,) * 3, std=(0.25,) * 3)
+    data = ImageSet(*toy_images, name="toy")
+    cache = FeatureCache(tmp_path)
+    built, hit = cache.get_or_build(model, pre, shifted_view(data, 2), progress=False)
+    assert not hit
+    again = shifted_view(ImageSet(*toy_images, name="toy"), 2)
+    feats, hit = cache.get_or_build(model, pre, again, progress=False)
+    assert hit and torch.equal(feats, built)
+    assert "images" not in again.__dict__  # a hit never made the shifted copy
 
 
 def test_view_features_stack_every_view_and_hit_only_when_all_were_cached(tiny_backbone, toy_images, tmp_path):
