@@ -18,6 +18,7 @@ from typing import Any
 
 from fedtl.errors import ConfigError
 
+AUTO_VIEWS = 4  # train.views = 0 (auto) with the head-only suffix
 MAX_VIEWS = 8  # train.views: shifted views per training image (each is one more cached prefix output)
 MAX_PERSONALIZE_EPOCHS = 20  # also the most a site's policy allows (fedtl.privacy.policy)
 
@@ -204,11 +205,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: str = "sgd"  # sgd | adam
     seed: int = 0
-    views: int = 1  # augmentation multiplicity: an example's prediction over this many shifted views (fedtl.features)
+    views: int = 0  # augmentation multiplicity: an example's prediction over this many shifted views (fedtl.features);
+    #                 0 = auto: 4 with the head-only suffix, 1 with adapters (FedTLConfig.train_views)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.views <= MAX_VIEWS:
-            _fail("train.views", self.views, f"must be between 1 and {MAX_VIEWS}")
+        if not 0 <= self.views <= MAX_VIEWS:
+            _fail("train.views", self.views, f"must be between 0 (auto) and {MAX_VIEWS}")
         if self.epochs < 1:
             _fail("train.epochs", self.epochs, "must be >= 1")
         if self.batch_size < 1:
@@ -316,6 +318,13 @@ class FedTLConfig:
         if self.train.views > 1 and self.adapters.kind != "none":
             _fail("train.views", self.train.views, "needs the head-only suffix (adapters.kind = none): the views are "
                   "cached prefix outputs")
+
+    @property
+    def train_views(self) -> int:
+        """Views per training image: ``train.views``, or with 0 (auto) 4 for the head-only suffix and 1 with adapters
+        (their inputs are feature maps, not cached per view). Chosen on validation AUC: docs/benchmarks.md,
+        "Augmentation multiplicity"."""
+        return self.train.views or (AUTO_VIEWS if self.adapters.kind == "none" else 1)
 
     # ---- flat kebab-case view (Flower's run config) -------------------------------------
     @staticmethod

@@ -72,7 +72,7 @@ def deployed_site_data(cfg: FedTLConfig, model: TransferModel, site_config_path:
     images = _site_images(site_config_path).images
     cache = FeatureCache(Path(site.state_dir) / "features")
     pre = preprocessing_for(cfg)
-    feats, hit = view_features(lambda d: cache.get_or_build(model, pre, d), images, cfg.train.views)
+    feats, hit = view_features(lambda d: cache.get_or_build(model, pre, d), images, cfg.train_views)
     feats, labels = _without_holdout(site, images, feats, torch.as_tensor(images.labels))
     return SiteData(site.name, feats, labels, hit)
 
@@ -208,7 +208,7 @@ def cached_site(cfg: FedTLConfig, site_config_path: str, num_classes: int) -> tu
 
     site = load_site_config(site_config_path)  # first: its weights dir is where the weights are looked up first
     images = _site_images(site_config_path).images
-    warm = _warm(cfg, site, images, num_classes, cfg.train.views)  # training: every view (train.views)
+    warm = _warm(cfg, site, images, num_classes, cfg.train_views)  # training: every view (train.views)
     if warm is None:
         return None
     model, feats = warm

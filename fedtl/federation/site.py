@@ -78,10 +78,10 @@ def cached_features(cfg: FedTLConfig, model: TransferModel, data: ImageSet, prog
 
 
 def train_features(cfg: FedTLConfig, model: TransferModel) -> tuple[torch.Tensor, bool]:
-    """The training split's prefix features, one entry per view (``train.views``): ``(N, D)`` or ``(N, K, D)``."""
+    """The training split's prefix features, one entry per view (``FedTLConfig.train_views``): ``(N, D)`` or ``(N, K, D)``."""
     from fedtl.features import view_features
 
-    return view_features(lambda d: cached_features(cfg, model, d), load_source(cfg.data.path).train, cfg.train.views)
+    return view_features(lambda d: cached_features(cfg, model, d), load_source(cfg.data.path).train, cfg.train_views)
 
 
 def simulated_site_data(cfg: FedTLConfig, model: TransferModel, site: int, num_sites: int) -> SiteData:

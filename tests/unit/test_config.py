@@ -22,8 +22,8 @@ def test_unknown_key_suggests_the_close_match():
     ("data.partitioner", "random", "`data.partitioner` must be one of"),
     ("model.resolution", 8, "`model.resolution` must be between 32 and 1024"),
     ("privacy.site-epsilons", "3,abc", "`privacy.site-epsilons` must be a comma-separated list"),
-    ("train.views", 0, "`train.views` must be between 1 and 8, got 0"),
-    ("train.views", 9, "`train.views` must be between 1 and 8, got 9"),
+    ("train.views", -1, "`train.views` must be between 0 (auto) and 8, got -1"),
+    ("train.views", 9, "`train.views` must be between 0 (auto) and 8, got 9"),
 ])
 def test_out_of_range_values_name_key_and_value(key, value, fragment):
     with pytest.raises(ConfigError) as err:
@@ -32,8 +32,9 @@ def test_out_of_range_values_name_key_and_value(key, value, fragment):
 
 
 def test_views_need_the_head_only_suffix():
-    assert FedTLConfig().train.views == 1  # one view unless asked (docs/benchmarks.md, "Augmentation multiplicity")
-    assert FedTLConfig.from_run_config({"train.views": 4}).train.views == 4
+    assert FedTLConfig().train_views == 4  # auto: augmentation multiplicity on the cached head-only features
+    assert FedTLConfig.from_run_config({"adapters.kind": "lora", "adapters.blocks": 1}).train_views == 1
+    assert FedTLConfig.from_run_config({"train.views": 1}).train_views == 1
     with pytest.raises(ConfigError, match="`train.views` needs the head-only suffix"):
         FedTLConfig.from_run_config({"train.views": 4, "adapters.kind": "lora", "adapters.blocks": 1})
 

@@ -277,7 +277,7 @@ def _warm_site(tmp_path: Path, monkeypatch) -> tuple[Path, RecordDict]:
     weights.write_bytes(b"stand-in weights")
     sha = hashlib.sha256(b"stand-in weights").hexdigest()
     images = load_site_data(SiteConfig.load(site).data).images
-    for k in range(cfg.train.views):  # every view a train request uses (train.views)
+    for k in range(cfg.train_views):  # every view a train request uses (train.views)
         view = shifted_view(images, k)
         key = CacheKey(spec.name, sha, preprocessing_for(cfg).key(), f"{spec.recommended_cut}:pooled", view.fingerprint)
         FeatureCache(tmp_path / "state" / "features").store(key, torch.randn(len(images), 16))
