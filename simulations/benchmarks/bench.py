@@ -42,8 +42,8 @@ SCRATCH_LR = 0.05  # chosen on validation AUC, seed 0 (docs/benchmarks.md, "No t
 def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
     """(row name, model kind, config overrides). ``retinamnist``: the RetinaMNIST npz for its rows ("" = none).
 
-    Rows marked ``train.views=1`` are measured without augmentation multiplicity (the default); the
-    ``train.views=4`` rows with it."""
+    Rows marked ``train.views=1`` are measured without augmentation multiplicity; the ``train.views=4`` rows
+    with it (the default: ``train.views`` auto = 4 with the head-only suffix)."""
     one = {"train.views": 1}
     rows = [
         ("centralized, non-private, head only, train.views=1", "transfer",
