@@ -32,6 +32,7 @@ import torch
 
 from fedtl.config import FedTLConfig, parse_assignment
 from fedtl.data import ImageSet, partition_indices
+from fedtl.features import view_features
 from fedtl.federation.personal_site import personalize_site
 from fedtl.federation.personalize import Personalization, compare, parse_personal_reply, personal_reply
 from fedtl.federation.records import coarse_count
@@ -114,7 +115,7 @@ def run(cfg: FedTLConfig, n_sites: int, eval_split: str = "iid", verbose: bool =
     model = build_transfer_model(cfg, source.num_classes)
     sites, evals, shifts = [], [], []
     for i, (shift, train, splits) in enumerate(site_sets(cfg, n_sites, eval_split)):
-        feats, _ = cached_features(cfg, model, train, progress=False)
+        feats, _ = view_features(lambda d: cached_features(cfg, model, d, progress=False), train, cfg.train_views)
         sites.append(SiteData(f"site-{i}", feats, torch.as_tensor(train.labels), True))
         evals.append(SiteEvalData(f"site-{i}", {s: (cached_features(cfg, model, im, progress=False)[0],
                                                     torch.as_tensor(im.labels)) for s, im in splits.items()}))
