@@ -12,9 +12,10 @@ from pathlib import Path
 
 from fedtl.config import FedTLConfig
 from fedtl.errors import ConfigError, FederationError
-from fedtl.federation.server import jsonable, prepare_run_dir, resume_hint
+from fedtl.federation.server import prepare_run_dir, resume_hint
 from fedtl.federation.supervisor import ProcessTreeWatcher
 from fedtl.federation.site import build_transfer_model, cached_features, load_source
+from fedtl.federation.tracking import jsonable
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from fedtl.decision import decision_from_metadata
 from fedtl.errors import ConfigError
 from fedtl.evaluation import (HIST_BINS, Decision, decision_of, pooled, score_histograms, stratified_split,
                               threshold_from_histograms)
-from fedtl.federation import server
+from fedtl.federation import server, tracking
 from fedtl.federation.fedeval import (EVAL_METRIC_KEYS, EvalRequest, SiteEvaluation, accuracy_at, eval_reply,
                                       evaluate_at_sites, parse_eval_reply)
 from fedtl.federation.records import to_record
@@ -235,7 +235,7 @@ def test_without_server_data_rounds_are_selected_by_the_sites_pooled_validation(
 
     monkeypatch.setattr(server, "evaluate_at_sites", lambda grid, strategy, rnd, arrays, *a: site_eval(rnd, arrays))
     monkeypatch.setattr(server, "build_transfer_model", lambda cfg, n: _tiny_model())
-    monkeypatch.setattr(server, "load_source", lambda path: pytest.fail("a deployed server must not load demo data"))
+    monkeypatch.setattr(tracking, "load_source", lambda path: pytest.fail("a deployed server must not load demo data"))
     script = [_head({1: 1.0}), _head({0: 2.0}), _head({0: -1.0})]  # only round 2 separates the classes
     monkeypatch.setattr(server, "_train_round", lambda *a: [])
     from fedtl.federation.strategy import BoundedSuffixAggregation
@@ -262,12 +262,12 @@ def test_a_deployed_server_without_data_or_class_count_says_what_to_set(monkeypa
     from fedtl.config import FedTLConfig
     from fedtl.errors import ConfigError
 
-    monkeypatch.setattr(server, "load_source", lambda path: pytest.fail("no demo data for a deployed server"))
+    monkeypatch.setattr(tracking, "load_source", lambda path: pytest.fail("no demo data for a deployed server"))
     with pytest.raises(ConfigError, match="model.num-classes"):
-        server.plan_evaluation(FedTLConfig(), demo_data=False)
+        tracking.plan_evaluation(FedTLConfig(), demo_data=False)
     with pytest.raises(ConfigError, match="data.path"):
-        server.plan_evaluation(FedTLConfig().with_overrides({"evaluation.central": "on"}), demo_data=False)
-    plan = server.plan_evaluation(FedTLConfig().with_overrides({"model.num-classes": 3}), demo_data=False)
+        tracking.plan_evaluation(FedTLConfig().with_overrides({"evaluation.central": "on"}), demo_data=False)
+    plan = tracking.plan_evaluation(FedTLConfig().with_overrides({"model.num-classes": 3}), demo_data=False)
     assert (plan.source, plan.sites, plan.select_by, plan.num_classes) == (None, "every-round", "federated", 3)
 
 
@@ -280,13 +280,13 @@ def test_the_servers_evaluation_data_may_be_an_image_folder_with_a_csv(tmp_path)
     (tmp_path / "named.csv").write_text("file,label\n" + "".join(f"{i}.png,{'ab'[i % 2]}\n" for i in range(30)))
     cfg = FedTLConfig().with_overrides({"evaluation.data-format": "folder", "evaluation.data-path": str(tmp_path / "srv"),
                                         "evaluation.data-labels": str(tmp_path / "srv.csv")})
-    plan = server.plan_evaluation(cfg, demo_data=False)
+    plan = tracking.plan_evaluation(cfg, demo_data=False)
     assert plan.num_classes == 2 and plan.data.endswith("(folder)") and plan.select_by == "central"
     assert len(plan.source.val) + len(plan.source.test) == 30
     assert all(c in (7, 8) for c in np.bincount(plan.source.val.labels).tolist())  # half of each class
     named = cfg.with_overrides({"evaluation.data-labels": str(tmp_path / "named.csv"), "evaluation.data-classes": "a,b"})
-    assert server.plan_evaluation(named, demo_data=False).num_classes == 2
+    assert tracking.plan_evaluation(named, demo_data=False).num_classes == 2
     with pytest.raises(ConfigError, match="evaluation.data-labels"):
-        server.plan_evaluation(cfg.with_overrides({"evaluation.data-labels": ""}), demo_data=False)
+        tracking.plan_evaluation(cfg.with_overrides({"evaluation.data-labels": ""}), demo_data=False)
     with pytest.raises(ConfigError, match="evaluation.data-format"):
         FedTLConfig().with_overrides({"evaluation.data-path": "x"})

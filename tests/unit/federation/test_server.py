@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from fedtl.config import AdaptersConfig, FedTLConfig, ModelConfig
 from fedtl.errors import ConfigError, FederationError
-from fedtl.federation import server
+from fedtl.federation import server, tracking
 from fedtl.federation.records import to_record
 from fedtl.federation.server import prepare_run_dir
 from fedtl.federation.strategy import BoundedSuffixAggregation, RoundStats, SuffixFedAvg
@@ -72,10 +72,10 @@ def _head(dim_weights: dict[int, float]) -> dict[str, torch.Tensor]:
 SCRIPT = [_head({1: 1.0}), _head({0: 1.0}), _head({0: 0.5, 1: 0.5}), _head({0: -1.0, 1: 0.3})]
 
 
-def _tracker(tmp_path, val, test) -> server.Tracker:
+def _tracker(tmp_path, val, test) -> tracking.Tracker:
     model = _tiny_model()
     strategy = SuffixFedAvg(expected=model.expected_state())
-    return server.Tracker(model, val, test, strategy, tmp_path / "metrics.jsonl")
+    return tracking.Tracker(model, val, test, strategy, tmp_path / "metrics.jsonl")
 
 
 def test_tracker_keeps_the_best_validation_round_by_auc(tmp_path):
@@ -92,7 +92,7 @@ def test_tracker_keeps_the_best_validation_round_by_auc(tmp_path):
 
 def test_one_class_validation_selects_by_lowest_loss_and_says_so_once(tmp_path, caplog):
     tracker = _tracker(tmp_path, _one_class(), _split(1, seed=1))
-    with caplog.at_level(logging.WARNING, logger="fedtl.federation.server"):
+    with caplog.at_level(logging.WARNING, logger="fedtl.federation.tracking"):
         tracker(0, to_record(_tiny_model().trainable_state()))
         for r, state in enumerate([_head({0: 0.2}), _head({0: 2.0}), _head({0: -0.5}), _head({0: 1.0})], start=1):
             tracker(r, to_record(state))
@@ -100,7 +100,7 @@ def test_one_class_validation_selects_by_lowest_loss_and_says_so_once(tmp_path, 
     assert all(math.isnan(row["val_auc"]) for row in rows)
     assert tracker.selection_metric == "val_loss"
     assert tracker.best_round == min(range(1, 5), key=lambda r: rows[r]["val_loss"]) == 2
-    ours = [rec.getMessage() for rec in caplog.records if rec.name == "fedtl.federation.server"]
+    ours = [rec.getMessage() for rec in caplog.records if rec.name == "fedtl.federation.tracking"]
     assert len(ours) == 1 and "lowest validation loss" in ours[0] and "30 example(s) of class(es) [0]" in ours[0]
 
 
@@ -123,7 +123,7 @@ def _fake_run(monkeypatch, tmp_path, val, test, script, *, stats=None, overrides
     source = SimpleNamespace(num_classes=2, val=SimpleNamespace(labels=val[1].numpy()),
                              test=SimpleNamespace(labels=test[1].numpy()))
     features = {id(source.val): (val[0], hits[0]), id(source.test): (test[0], hits[1])}
-    monkeypatch.setattr(server, "load_source", lambda path: source)
+    monkeypatch.setattr(tracking, "load_source", lambda path: source)
     monkeypatch.setattr(server, "build_transfer_model", lambda cfg, n: _tiny_model())
     monkeypatch.setattr(server, "cached_features", lambda cfg, model, data: features[id(data)])
     stats = stats or (lambda r: RoundStats(trained=["site-0"], epsilon={"site-0": 0.1 * r}))
@@ -384,7 +384,7 @@ def test_run_server_asks_every_site_for_the_pinned_backbone_first(monkeypatch, t
                         lambda grid, cfg, sha, sites, **kw: asked.append((grid, cfg, sha, sites, kw["timeout"])))
     source = SimpleNamespace(num_classes=2, val=SimpleNamespace(labels=_split(0)[1].numpy()),
                              test=SimpleNamespace(labels=_split(1)[1].numpy()))
-    monkeypatch.setattr(server, "load_source", lambda path: source)
+    monkeypatch.setattr(tracking, "load_source", lambda path: source)
     monkeypatch.setattr(server, "build_transfer_model", lambda cfg, n: _tiny_model())
     monkeypatch.setattr(server, "cached_features", lambda cfg, model, data: (_split(0)[0], True))
     monkeypatch.setattr(server, "_train_round", lambda *args: [])
@@ -398,7 +398,7 @@ def test_run_server_asks_every_site_for_the_pinned_backbone_first(monkeypatch, t
 
 def test_a_run_in_which_no_round_was_evaluated_fails_with_a_reason(monkeypatch, tmp_path):
     _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:1])  # installs the fakes
-    monkeypatch.setattr(server.Tracker, "__call__", lambda self, rnd, arrays: self.history.append({"round": rnd}))
+    monkeypatch.setattr(tracking.Tracker, "__call__", lambda self, rnd, arrays: self.history.append({"round": rnd}))
     cfg = FedTLConfig().with_overrides({"federation.rounds": 1, "output.dir": str(tmp_path / "r2"),
                                         "evaluation.sites": "off"})
     with pytest.raises(FederationError, match="No round produced a global model; see the log for the sites' reasons."):
@@ -450,13 +450,13 @@ def test_a_multiclass_round_gets_offsets_chosen_on_validation_and_reports_both_a
     w = torch.zeros(3, 16)
     w[0, 0], w[1, 1], w[2, 2] = 1.0, 1.0, 1.0
     state = {W: w, B: torch.tensor([2.0, 0.0, 0.0])}
-    tracker = server.Tracker(model, split(0), split(1), SuffixFedAvg(expected=model.expected_state()),
+    tracker = tracking.Tracker(model, split(0), split(1), SuffixFedAvg(expected=model.expected_state()),
                              tmp_path / "metrics.jsonl", num_classes=3)
     tracker(1, to_record(state))
     row = tracker.history[-1]
     assert row["decision"]["rule"] == "bias" and row["decision"]["chosen-on"] == "central validation (150 images)"
     assert row["test_acc"] > row["test_acc_argmax"] + 0.1
-    argmax = server.Tracker(model, split(0), split(1), SuffixFedAvg(expected=model.expected_state()),
+    argmax = tracking.Tracker(model, split(0), split(1), SuffixFedAvg(expected=model.expected_state()),
                             tmp_path / "m2.jsonl", num_classes=3, decision_mode="argmax")
     argmax(1, to_record(state))
     assert argmax.history[-1]["decision"] == {"rule": "argmax"}
