@@ -1,4 +1,5 @@
-"""The aggregation server's work: central evaluation, model selection and the run directory.
+"""The aggregation server's work: the round loop, checkpoints and the run directory (central evaluation and
+model selection: :mod:`fedtl.federation.tracking`).
 
 Run directory layout::
 
