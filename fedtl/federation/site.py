@@ -77,11 +77,14 @@ def cached_features(cfg: FedTLConfig, model: TransferModel, data: ImageSet, prog
     return _FEATURE_MEMO[digest]
 
 
-def train_features(cfg: FedTLConfig, model: TransferModel) -> tuple[torch.Tensor, bool]:
-    """The training split's prefix features, one entry per view (``FedTLConfig.train_views``): ``(N, D)`` or ``(N, K, D)``."""
+def train_features(cfg: FedTLConfig, model: TransferModel, data: ImageSet | None = None,
+                   progress: bool = True) -> tuple[torch.Tensor, bool]:
+    """Prefix features of training images (``data``, by default the source's training split), one entry per view
+    (``FedTLConfig.train_views``): ``(N, D)`` or ``(N, K, D)``."""
     from fedtl.features import view_features
 
-    return view_features(lambda d: cached_features(cfg, model, d), load_source(cfg.data.path).train, cfg.train_views)
+    images = data if data is not None else load_source(cfg.data.path).train
+    return view_features(lambda d: cached_features(cfg, model, d, progress), images, cfg.train_views)
 
 
 def simulated_site_data(cfg: FedTLConfig, model: TransferModel, site: int, num_sites: int) -> SiteData:

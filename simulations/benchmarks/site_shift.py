@@ -32,12 +32,11 @@ import torch
 
 from fedtl.config import FedTLConfig, parse_assignment
 from fedtl.data import ImageSet, partition_indices
-from fedtl.features import view_features
 from fedtl.federation.personal_site import personalize_site
 from fedtl.federation.personalize import Personalization, compare, parse_personal_reply, personal_reply
 from fedtl.federation.records import coarse_count
 from fedtl.federation.site import (SiteData, SiteEvalData, build_transfer_model, cached_features, evaluate_site,
-                                   load_source, share_like, simulated_policy, train_site)
+                                   load_source, share_like, simulated_policy, train_features, train_site)
 from fedtl.model import check_state
 from fedtl.privacy import Proposal
 
@@ -115,7 +114,7 @@ def run(cfg: FedTLConfig, n_sites: int, eval_split: str = "iid", verbose: bool =
     model = build_transfer_model(cfg, source.num_classes)
     sites, evals, shifts = [], [], []
     for i, (shift, train, splits) in enumerate(site_sets(cfg, n_sites, eval_split)):
-        feats, _ = view_features(lambda d: cached_features(cfg, model, d, progress=False), train, cfg.train_views)
+        feats, _ = train_features(cfg, model, train, progress=False)
         sites.append(SiteData(f"site-{i}", feats, torch.as_tensor(train.labels), True))
         evals.append(SiteEvalData(f"site-{i}", {s: (cached_features(cfg, model, im, progress=False)[0],
                                                     torch.as_tensor(im.labels)) for s, im in splits.items()}))
