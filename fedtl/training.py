@@ -121,10 +121,27 @@ def _run_epochs(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
             else:
                 loss = F.cross_entropy(module(x), y)
                 loss.backward()
+                _finite_per_sample(optimizer)
                 optimizer.step()
                 losses.append(float(loss.detach()))
             steps += 1
     return losses, steps
+
+
+@torch.no_grad()
+def _finite_per_sample(optimizer: torch.optim.Optimizer) -> None:
+    """Zero the non-finite entries of every per-sample gradient (DP-SGD only) before Opacus clips them.
+
+    A server chooses the suffix a site trains; with large enough weights one example's logits overflow and its
+    gradient is inf / NaN, which clipping turns into NaN and the noisy sum spreads to the whole update, so whether
+    the released update is finite would tell whether that example was sampled. Replacing such entries by zero is a
+    function of that example alone, so the clipped sum still moves by at most the clipping norm per example
+    (tests/unit/privacy/test_dp.py has the attack)."""
+    for p in getattr(optimizer, "params", ()):
+        samples = getattr(p, "grad_sample", None)
+        for g in samples if isinstance(samples, list) else [samples]:
+            if isinstance(g, torch.Tensor):
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 @torch.no_grad()

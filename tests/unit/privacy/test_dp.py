@@ -181,3 +181,30 @@ def test_seeded_mode_is_reproducible():
 def test_os_seeds_differ():
     assert len({rng.os_seed() for _ in range(64)}) == 64
     assert np.all(np.array([rng.os_seed() for _ in range(64)]) < 2**63)
+
+
+def test_a_servers_huge_suffix_cannot_make_the_updates_finiteness_reveal_one_example():
+    """Attack: the server sends head weights so large that one example with large features overflows its logits.
+    Opacus would clip that example's inf / NaN gradient into NaN and the whole released update would be NaN exactly
+    when the example was sampled. The site zeroes non-finite per-sample gradient entries before clipping, so the
+    update is finite with or without the example, and still moves by at most the clipping norm per example."""
+    from fedtl.config import ModelConfig
+    from fedtl.model import SuffixModel
+    from fedtl.privacy.policy import steps_per_epoch
+
+    def update(with_outlier: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = SuffixModel("b", "0" * 64, "unit", 8, 2, ModelConfig())
+        with torch.no_grad():
+            model.suffix.head[0].weight.fill_(1e37)
+        x, y = torch.rand(64, 8), torch.randint(0, 2, (64,))
+        if with_outlier:
+            x[0] = 100.0  # 1e37 × 100 × 8 overflows float32; 1e37 × 8 × [0, 1) does not
+        before = model.suffix.head[0].weight.detach().clone()
+        dp = DPSettings(noise_multiplier=0.0, max_grad_norm=1.0, sample_rate=1 / steps_per_epoch(64, 64))
+        train_suffix(model, x, y, TrainConfig(lr=1.0, momentum=0.0, batch_size=64), dp=dp,
+                     generator=rng.seeded_generator(0, "s", "r", 1), reseed=False)
+        return (model.suffix.head[0].weight.detach().double() - before.double()).flatten()
+
+    plain, attacked = update(False), update(True)
+    assert torch.isfinite(plain).all() and torch.isfinite(attacked).all()
