@@ -20,6 +20,7 @@ from fedtl.errors import ConfigError
 
 AUTO_VIEWS = 4  # train.views = 0 (auto) with the head-only suffix
 MAX_VIEWS = 8  # train.views: shifted views per training image (each is one more cached prefix output)
+POOLINGS = ("avg", "avg-std", "avg-std-grid")
 MAX_PERSONALIZE_EPOCHS = 20  # also the most a site's policy allows (fedtl.privacy.policy)
 
 
@@ -40,6 +41,8 @@ class ModelConfig:
     head_hidden: int = 256  # width of the MLP head's hidden layer
     cut_after: str = "auto"  # last backbone unit kept ("" = the whole backbone, "auto" = the backbone's recommendation)
     feature_norm: str = "none"  # none | layernorm (per-sample, parameter-free: safe under DP)
+    pooling: str = "avg-std-grid"  # how the head's input is pooled from feature maps: avg | avg-std | avg-std-grid
+    #                                (fedtl.model.SpatialPool; docs/benchmarks.md, "Feature standardization")
     num_classes: int = 0  # 0: from the server's evaluation data (required when the server has none)
 
     def __post_init__(self) -> None:
@@ -49,6 +52,7 @@ class ModelConfig:
             _fail("model.resolution", self.resolution, "must be between 32 and 1024 pixels")
         _choice("model.head", self.head, ("linear", "mlp"))
         _choice("model.feature-norm", self.feature_norm, ("none", "layernorm"))
+        _choice("model.pooling", self.pooling, POOLINGS)
         if self.head_hidden < 1:
             _fail("model.head-hidden", self.head_hidden, "must be >= 1")
 
@@ -207,6 +211,9 @@ class TrainConfig:
     seed: int = 0
     views: int = 0  # augmentation multiplicity: an example's prediction over this many shifted views (fedtl.features);
     #                 0 = auto: 4 with the head-only suffix, 1 with adapters (FedTLConfig.train_views)
+    standardize: str = "server"  # server: train the head on features standardized with the server's validation
+    #                              statistics (fedtl.standardize; head-only suffix, no layernorm) | none
+    standardize_gain: float = 0.3  # standardized features are z-scores times this
 
     def __post_init__(self) -> None:
         if not 0 <= self.views <= MAX_VIEWS:
@@ -222,6 +229,9 @@ class TrainConfig:
         if self.weight_decay < 0:
             _fail("train.weight-decay", self.weight_decay, "must be >= 0")
         _choice("train.optimizer", self.optimizer, ("sgd", "adam"))
+        _choice("train.standardize", self.standardize, ("server", "none"))
+        if not 0 < self.standardize_gain <= 100:
+            _fail("train.standardize-gain", self.standardize_gain, "must be in (0, 100]")
 
 
 @dataclass(frozen=True)
@@ -318,6 +328,12 @@ class FedTLConfig:
         if self.train.views > 1 and self.adapters.kind != "none":
             _fail("train.views", self.train.views, "needs the head-only suffix (adapters.kind = none): the views are "
                   "cached prefix outputs")
+
+    @property
+    def standardizes(self) -> bool:
+        """Whether the head trains on standardized features when the server has validation data: ``train.standardize
+        = server`` with the head-only suffix and no per-sample layernorm (fedtl.standardize)."""
+        return self.train.standardize == "server" and self.adapters.kind == "none" and self.model.feature_norm == "none"
 
     @property
     def train_views(self) -> int:

@@ -116,9 +116,19 @@ def view_features(get, data: ImageSet, views: int) -> tuple[torch.Tensor, bool]:
     return torch.stack(out, 1), hits
 
 
+def split_key(split_name: str, pooling: str | None) -> str:
+    """A cache key's split part: the prefix's last unit and how its maps were pooled (``model.pooling``; None:
+    kept as maps, for a suffix that holds backbone units). ``avg`` keeps the key entries had before poolings
+    were selectable, so those entries stay valid."""
+    if pooling is None:
+        return f"{split_name}:map"
+    return f"{split_name}:pooled" if pooling == "avg" else f"{split_name}:pooled-{pooling}"
+
+
 def cache_key(model: TransferModel, pre: Preprocessing, data: ImageSet) -> CacheKey:
-    pooled = "pooled" if len(model.suffix.blocks) == 0 else "map"
-    return CacheKey(model.backbone_name, model.weights_sha256, pre.key(), f"{model.split_name}:{pooled}", data.fingerprint)
+    pooling = model.pooling if len(model.suffix.blocks) == 0 else None
+    return CacheKey(model.backbone_name, model.weights_sha256, pre.key(), split_key(model.split_name, pooling),
+                    data.fingerprint)
 
 
 class FeatureCache:

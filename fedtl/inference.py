@@ -81,6 +81,8 @@ def load_run(run_dir: str | Path) -> RunModel:
         values = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{config_path} is not readable JSON ({exc}).") from exc
+    if isinstance(values, dict):  # runs made before `model.pooling` existed pooled the maps by their mean
+        values.setdefault("model.pooling", "avg")
     cfg = FedTLConfig.from_run_config(values)
     try:
         with safe_open(str(suffix_path), framework="pt") as fh:

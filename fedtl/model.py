@@ -3,8 +3,9 @@
     image (B, 3, R, R) ─► prefix (frozen units, eval mode) ─► z ─► suffix ─► logits (B, C)
 
 ``z`` is the prefix output ("bottleneck feature"): ``(B, C', h, w)`` when the suffix keeps
-backbone units, or the pooled ``(B, D)`` when the suffix is the head alone. Only tensors that
-require grad (all in the suffix) are trained, exchanged and aggregated.
+backbone units, or the pooled ``(B, D)`` when the suffix is the head alone (:class:`SpatialPool`,
+``model.pooling``). Only tensors that require grad (all in the suffix) are trained, exchanged and
+aggregated.
 """
 
 from __future__ import annotations
@@ -25,11 +26,37 @@ from fedtl.errors import ConfigError
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
+class SpatialPool(nn.Module):
+    """Feature maps ``(B, C, h, w)`` → ``(B, D)``: ``avg``, the mean over positions (D = C); ``avg-std``, also
+    their standard deviation over positions (2C); ``avg-std-grid``, also the means of the four quadrants, which
+    overlap by a row / column when a side is odd, as ``adaptive_avg_pool2d(·, 2)``'s do (6C). Under DP the
+    richer poolings need standardized training (``train.standardize``; docs/benchmarks.md)."""
+
+    WIDTH = {"avg": 1, "avg-std": 2, "avg-std-grid": 6}
+
+    def __init__(self, kind: str = "avg"):
+        super().__init__()
+        if kind not in self.WIDTH:
+            raise ConfigError(f"`model.pooling` must be one of {', '.join(self.WIDTH)}, got {kind!r}.")
+        self.kind = kind
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        parts = [m.mean((2, 3))]
+        if self.kind != "avg":
+            parts.append(torch.sqrt(m.var((2, 3), unbiased=False) + 1e-6))  # + ε: a finite gradient on flat maps
+        if self.kind == "avg-std-grid":
+            h, w = m.shape[2:]
+            rows = (slice(0, (h + 1) // 2), slice(h // 2, h))
+            cols = (slice(0, (w + 1) // 2), slice(w // 2, w))
+            parts += [m[:, :, r, c].mean((2, 3)) for r in rows for c in cols]
+        return torch.cat(parts, 1)
+
+
 class Suffix(nn.Module):
     def __init__(self, blocks: nn.Sequential, feature_dim: int, num_classes: int, cfg: ModelConfig):
         super().__init__()
         self.blocks = blocks  # trailing backbone units (may be empty)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.pool = SpatialPool(cfg.pooling)
         norm = [nn.LayerNorm(feature_dim, elementwise_affine=False)] if cfg.feature_norm == "layernorm" else []
         if cfg.head == "linear":
             self.head = nn.Sequential(*norm, nn.Linear(feature_dim, num_classes))
@@ -102,7 +129,8 @@ class TransferModel(_TrainableSuffix, nn.Module):
         self.split_index = len(units) - k
         self.split_name = units[self.split_index - 1][0]  # last unit of the prefix
         self.prefix = nn.Sequential(OrderedDict(units[: self.split_index]))
-        self.prefix_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)) if k == 0 else nn.Identity()
+        self.pooling = model_cfg.pooling
+        self.prefix_pool = SpatialPool(model_cfg.pooling) if k == 0 else nn.Identity()
         for p in self.prefix.parameters():
             p.requires_grad_(False)
         blocks = nn.Sequential(OrderedDict(units[self.split_index:]))
@@ -116,7 +144,8 @@ class TransferModel(_TrainableSuffix, nn.Module):
         else:
             self.adapter_params = []
         self.cut_after = units[-1][0]
-        feature_dim = backbone.spec.feature_dim if len(units) == len(backbone.units) else _output_channels(units)
+        channels = backbone.spec.feature_dim if len(units) == len(backbone.units) else _output_channels(units)
+        feature_dim = channels * SpatialPool.WIDTH[model_cfg.pooling]
         self.suffix = Suffix(blocks, feature_dim, num_classes, model_cfg)
         self.num_classes = num_classes
         self.eval()
@@ -155,6 +184,7 @@ class SuffixModel(_TrainableSuffix, nn.Module):
         super().__init__()
         self.backbone_name, self.weights_sha256 = backbone_name, weights_sha256
         self.split_name = self.cut_after = split_name
+        self.pooling = model_cfg.pooling
         self.adapter_params: list[nn.Parameter] = []
         torch.manual_seed(seed)
         self.suffix = Suffix(nn.Sequential(), feature_dim, num_classes, model_cfg)

@@ -22,6 +22,7 @@ from fedtl.config import TrainConfig
 from fedtl.model import TransferModel
 from fedtl.privacy.engine import make_private, unwrap
 from fedtl.privacy.policy import steps_per_epoch
+from fedtl.standardize import FeatureStandardizer
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def _optimizer(model: TransferModel, cfg: TrainConfig, lr_scale: float) -> torch
 def train_suffix(model: TransferModel, feats: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *,
                  lr_scale: float = 1.0, batch_size: int | None = None, epochs: int | None = None,
                  dp: DPSettings | None = None, generator: torch.Generator | None = None,
-                 reseed: bool = True) -> TrainResult:
+                 reseed: bool = True, standardize: FeatureStandardizer | None = None) -> TrainResult:
     """Train the suffix on cached prefix features; with ``dp``, DP-SGD through Opacus.
 
     ``batch_size`` / ``epochs`` default to ``cfg``'s (a site's privacy plan may clamp them).
@@ -72,7 +73,13 @@ def train_suffix(model: TransferModel, feats: torch.Tensor, labels: torch.Tensor
     passes a seeded one), re-seeded from the OS before every noise draw when ``reseed``
     (:mod:`fedtl.privacy.rng`). The returned ``history`` is the accountant's record of exactly
     the steps taken; the caller records it in the site's ledger before releasing the update.
+    With ``standardize`` (the server's statistics), the head trains on standardized features and is returned in
+    raw coordinates (:mod:`fedtl.standardize`).
     """
+    if standardize is not None:
+        with standardize.training_coordinates(model):
+            return train_suffix(model, standardize.transform(feats), labels, cfg, lr_scale=lr_scale,
+                                batch_size=batch_size, epochs=epochs, dp=dp, generator=generator, reseed=reseed)
     from fedtl.privacy import rng
 
     t0 = time.perf_counter()

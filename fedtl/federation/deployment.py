@@ -29,7 +29,7 @@ from fedtl.backbones import available, get_spec
 from fedtl.backbones.registry import file_sha256, weights_candidates
 from fedtl.config import FedTLConfig
 from fedtl.errors import BackboneError, FedTLError
-from fedtl.features import CacheKey, FeatureCache, view_features
+from fedtl.features import CacheKey, FeatureCache, split_key, view_features
 from fedtl.federation.site import SiteData, preprocessing_for
 from fedtl.model import SuffixModel, TransferModel
 from fedtl.privacy.policy import PrivacyPolicy, policy_for_site
@@ -185,7 +185,8 @@ def _warm(cfg: FedTLConfig, site: SiteConfig, images, num_classes: int, views: i
     pre_key = preprocessing_for(cfg).key()
 
     def cached(data):
-        feats = cache.load(CacheKey(spec.name, weights_sha256, pre_key, f"{split}:pooled", data.fingerprint), len(data))
+        key = CacheKey(spec.name, weights_sha256, pre_key, split_key(split, cfg.model.pooling), data.fingerprint)
+        feats = cache.load(key, len(data))
         if feats is None or feats.ndim != 2:
             raise LookupError  # not cached (or not head-only features): the caller builds, as a cold site
         return feats, True

@@ -72,6 +72,14 @@ def _load_suffix(model, content: RecordDict, site: str, purpose: str = "") -> bo
     return True
 
 
+def _standardize_problem(model, request) -> str:
+    """Why the server's feature statistics (if any) cannot train this model ('' when they can, or none came)."""
+    if request.standardize is None:
+        return ""
+    problem = request.standardize.problem(model)
+    return f"the server's feature statistics do not fit the model: {problem}" if problem else ""
+
+
 def _parse_request(kind: str, parse, refuse, content: RecordDict, run_config: Mapping[str, Any],
                    node: Mapping[str, Any], cfg: FedTLConfig | None,
                    node_id: int | None = None) -> tuple[FedTLConfig, Any, str] | RecordDict:
@@ -129,11 +137,15 @@ def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config
         return refuse(reason=f"Site `{policy.site}` has labels outside the federation's {num_classes} classes.")
     if not _load_suffix(model, content, policy.site):
         return refuse(reason=_BAD_SUFFIX)
+    problem = _standardize_problem(model, request)
+    if problem:
+        log.error("Site %s refused the train request: %s", policy.site, problem)
+        return refuse(reason=f"invalid train request: {problem}")
     proposal = Proposal(total_rounds=request.total_rounds, batch_size=conf.train.batch_size,
                         epochs=conf.train.epochs, noise_multiplier=request.noise_multiplier,
                         personalize_epochs=request.personalize_epochs)
     result = train_site(conf, model, data, policy, run_id=request.run_id or str(run_id),
-                        server_round=request.server_round, proposal=proposal)
+                        server_round=request.server_round, proposal=proposal, standardize=request.standardize)
     metrics = {"num-examples": result.num_examples, "declined": float(result.declined),
                "epsilon": result.epsilon, "delta": result.delta, "target-epsilon": result.budget}
     arrays = ArrayRecord() if result.declined else to_record(model.trainable_state())
@@ -208,6 +220,10 @@ def handle_personalize(content: RecordDict, run_config: Mapping[str, Any], node_
         return personal_reply(None, site=site, reason="labels outside the federation's classes")
     if not _load_suffix(model, content, site, "for personalization"):
         return personal_reply(None, site=site, reason=_BAD_SUFFIX)
+    problem = _standardize_problem(model, request)
+    if problem:
+        log.error("Site %s refused the personalize request: %s", site, problem)
+        return personal_reply(None, site=site, reason=f"invalid personalize request: {problem}")
     if deployed:
         from fedtl.federation.deployment import cached_eval_site, deployed_eval_data
 
@@ -218,6 +234,7 @@ def handle_personalize(content: RecordDict, run_config: Mapping[str, Any], node_
             eval_data = warm[1] if warm is not None else None
     else:
         eval_data = simulated_eval_data(conf, model, int(node["partition-id"]), int(node["num-partitions"]))
-    out = personalize_site(conf, model, data, eval_data, policy, run_id=request.run_id, epochs=request.epochs)
+    out = personalize_site(conf, model, data, eval_data, policy, run_id=request.run_id, epochs=request.epochs,
+                           standardize=request.standardize)
     return personal_reply(out.figures, site=policy.site, personalized=out.personalized, kept_tuned=out.kept_tuned,
                           epsilon=out.epsilon, reason=out.reason)

@@ -20,6 +20,7 @@ from fedtl.model import TransferModel
 from fedtl.privacy import open_ledger, plan_personalize
 from fedtl.privacy.ledger import PERSONALIZE
 from fedtl.privacy.policy import Decline, PrivacyPolicy, personalize_epochs
+from fedtl.standardize import FeatureStandardizer
 from fedtl.training import DPSettings, train_suffix
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,13 @@ def _better(tuned: dict, glob: dict) -> bool:
 
 
 def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, policy: PrivacyPolicy, *,
-                     run_id: str, epochs: int) -> PersonalOutcome:
+                     run_id: str, epochs: int, standardize: FeatureStandardizer | None = None) -> PersonalOutcome:
     """Fine-tune the loaded (global) suffix at this site; save the kept one in the state dir.
 
     ``data``: the site's :class:`~fedtl.federation.site.SiteData`; ``eval_data``: its
     :class:`~fedtl.federation.site.SiteEvalData` or None (no evaluation data: figures stay empty).
     On decline (policy, budget, ledger) the global suffix is what the site keeps, and nothing is spent.
+    ``standardize``: the server's feature statistics, when it sent any (as in its train requests).
     """
     from fedtl.federation.checkpoint import save_tensors_atomically
     from fedtl.federation.site import _generator, evaluate_site
@@ -81,7 +83,8 @@ def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, po
             out.reason = f"Site `{policy.site}` does not fine-tune locally; it keeps the global suffix."
             return out
         res = train_suffix(model, data.features, data.labels, cfg.train, lr_scale=lr_scale,
-                           batch_size=cfg.train.batch_size, epochs=granted, generator=_generator(policy, run_id, 0))
+                           batch_size=cfg.train.batch_size, epochs=granted, generator=_generator(policy, run_id, 0),
+                           standardize=standardize)
         out.personalized = True
         log.info("Site %s fine-tuned locally without DP: %d steps, loss %.4f", policy.site, res.steps, res.loss)
     else:
@@ -99,7 +102,8 @@ def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, po
                 dp = DPSettings(plan.noise_multiplier, policy.max_grad_norm, plan.sample_rate, policy.accountant)
                 res = train_suffix(model, data.features, data.labels, cfg.train, lr_scale=lr_scale,
                                    batch_size=plan.batch_size, epochs=plan.epochs, dp=dp,
-                                   generator=_generator(policy, run_id, 0), reseed=not policy.seeded)
+                                   generator=_generator(policy, run_id, 0), reseed=not policy.seeded,
+                                   standardize=standardize)
                 ledger.append(run=run_id, round=0, noise_multiplier=plan.noise_multiplier,
                               sample_rate=plan.sample_rate, steps=res.steps, kind=PERSONALIZE)
                 ledger.save()  # durable before any figure of the fine-tuned suffix is reported

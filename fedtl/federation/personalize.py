@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from fedtl.config import MAX_PERSONALIZE_EPOCHS
+from fedtl.standardize import FeatureStandardizer
 from fedtl.federation.fedeval import CheckedReply, ask_sites
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class PersonalizeRequest:
     epochs: int
     num_classes: int  # 0: not given (simulation: the data set's)
     backbone_sha256: str
+    standardize: FeatureStandardizer | None = None  # the server's feature statistics (fedtl.standardize)
 
     @classmethod
     def parse(cls, config) -> PersonalizeRequest:
@@ -57,7 +59,7 @@ class PersonalizeRequest:
         if not isinstance(run_id, str) or not run_id or len(run_id) > 128:
             raise ValueError("`run-id` must be a non-empty string of at most 128 characters")
         sha = config_sha256(config)
-        return cls(run_id, epochs, num_classes, sha)
+        return cls(run_id, epochs, num_classes, sha, FeatureStandardizer.from_config(config))
 
 
 def personal_reply(figures: dict[str, dict[str, dict]] | None, *, site: str, personalized: bool = False,

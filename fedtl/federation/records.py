@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtl.model import check_state
+from fedtl.standardize import FeatureStandardizer
 
 # Every train reply carries exactly these metric keys (Flower's FedAvg requires equal keys), and
 # nothing else leaves a site: no training loss, no exact example count, no steps or timings.
@@ -66,6 +67,7 @@ class TrainRequest:
     backbone_sha256: str
     noise_multiplier: float  # a proposal; 0 = none
     personalize_epochs: int = 0  # local fine-tuning after the last round to reserve budget for (site may cap)
+    standardize: FeatureStandardizer | None = None  # the server's feature statistics (fedtl.standardize)
 
     @classmethod
     def parse(cls, config) -> TrainRequest:
@@ -82,7 +84,7 @@ class TrainRequest:
         from fedtl.config import MAX_PERSONALIZE_EPOCHS
 
         epochs = config_int(config, "personalize-epochs", 0, MAX_PERSONALIZE_EPOCHS, 0)
-        return cls(rnd, total, run_id, num_classes, sha, float(sigma), epochs)
+        return cls(rnd, total, run_id, num_classes, sha, float(sigma), epochs, FeatureStandardizer.from_config(config))
 
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -117,10 +117,11 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     transfer: dict = {}
     if distribute_backbone:
         ensure_backbone(grid, cfg, model.weights_sha256, fed.sites, timeout=fed.round_timeout, report=transfer)
+    stats = feature_statistics(cfg, val)
     train_config = ConfigRecord({"total-rounds": fed.rounds, "run-id": fedtl_run, "num-classes": plan.num_classes,
                                  "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256,
                                  "noise-multiplier": cfg.privacy.noise_multiplier,
-                                 "personalize-epochs": cfg.personalization.requested_epochs})
+                                 "personalize-epochs": cfg.personalization.requested_epochs, **stats})
     eval_config["run-id"] = fedtl_run
     for rnd in range(start, fed.rounds + 1):
         replies = _train_round(grid, strategy, rnd, arrays, train_config, fed, out)
@@ -138,9 +139,30 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
 
         personal = personalize_at_sites(grid, strategy, to_record(tracker.best_state), ConfigRecord({
             "run-id": fedtl_run, "epochs": cfg.personalization.epochs, "num-classes": plan.num_classes,
-            "backbone-sha256": model.weights_sha256}), fed.round_timeout).table()
+            "backbone-sha256": model.weights_sha256, **stats}), fed.round_timeout).table()
     return _finish(cfg, out, model, tracker, to_record(model.trainable_state()), t_start, val_hit and test_hit,
                    transfer, plan, per_site, personal)
+
+
+def feature_statistics(cfg: FedTLConfig, val: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, list[float]]:
+    """The request entries that let sites train on standardized features (``train.standardize``,
+    :mod:`fedtl.standardize`): per-dimension mean and scale of the server's validation features; none when the
+    run does not standardize or the server has no validation data (logged)."""
+    from fedtl.standardize import server_standardizer
+
+    if not cfg.standardizes:
+        return {}
+    stats = server_standardizer(cfg, val[0] if val is not None else None)
+    if stats is None:
+        if cfg.model.pooling != "avg":
+            log.warning("train.standardize = server, but the server has no validation data: sites train the head on "
+                        "raw features, and with model.pooling = %s that trains worse than with standardized ones "
+                        "(docs/benchmarks.md, \"Feature standardization\"). Give the server validation data, or set "
+                        "model.pooling = avg.", cfg.model.pooling)
+        return {}
+    log.info("Sites train the head on %d features standardized with the statistics of the server's %d validation "
+             "images (train.standardize = server).", stats.dim, val[0].shape[0])
+    return stats.to_config()
 
 
 def _train_round(grid: Grid, strategy: SuffixFedAvg, rnd: int, arrays: ArrayRecord, train_config: ConfigRecord,

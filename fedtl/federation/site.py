@@ -22,6 +22,7 @@ from fedtl.errors import LedgerError
 from fedtl.privacy import PrivacyPolicy, Proposal, open_ledger, plan_round
 from fedtl.privacy.policy import Decline, policy_for_simulation
 from fedtl.privacy.rng import secret_generator, seeded_generator
+from fedtl.standardize import FeatureStandardizer
 from fedtl.training import DPSettings, TrainResult, train_suffix
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,9 @@ class SiteRound:
 
 
 def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: PrivacyPolicy, *, run_id: str,
-               server_round: int, proposal: Proposal) -> SiteRound:
+               server_round: int, proposal: Proposal, standardize: FeatureStandardizer | None = None) -> SiteRound:
     """One local round under the site's policy: plan, DP-SGD on the suffix, ledger saved before returning.
+    ``standardize``: the server's feature statistics, when it sent any (:mod:`fedtl.standardize`).
 
     The ledger stays locked from reading it to saving it, so concurrent trainings on one
     state-dir serialize and none can under-count. On decline, the suffix is left untouched.
@@ -204,7 +206,7 @@ def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: P
     if not policy.dp:  # simulation with --no-dp only (a deployed policy cannot be built so)
         res = train_suffix(model, data.features, data.labels, cfg.train, lr_scale=cfg.adapters.effective_lr_scale(),
                            batch_size=proposal.batch_size, epochs=proposal.epochs,
-                           generator=_generator(policy, run_id, server_round))
+                           generator=_generator(policy, run_id, server_round), standardize=standardize)
         out.train = res
         return out
     out.delta, out.accountant, out.budget = policy.delta, policy.accountant, policy.target_epsilon
@@ -224,7 +226,8 @@ def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: P
             dp = DPSettings(plan.noise_multiplier, policy.max_grad_norm, plan.sample_rate, policy.accountant)
             res = train_suffix(model, data.features, data.labels, cfg.train, lr_scale=cfg.adapters.effective_lr_scale(),
                                batch_size=plan.batch_size, epochs=plan.epochs, dp=dp,
-                               generator=_generator(policy, run_id, server_round), reseed=not policy.seeded)
+                               generator=_generator(policy, run_id, server_round), reseed=not policy.seeded,
+                               standardize=standardize)
             releases.save(run_id, server_round, model.trainable_state())  # kept to answer a repeated request
             ledger.append(run=run_id, round=server_round, noise_multiplier=plan.noise_multiplier,
                           sample_rate=plan.sample_rate, steps=res.steps)

@@ -39,33 +39,47 @@ SEEDS = (0, 1, 2, 3, 4)
 SCRATCH_LR = 0.05  # chosen on validation AUC, seed 0 (docs/benchmarks.md, "No transfer")
 
 
+MEAN_POOLING = {"model.pooling": "avg", "train.standardize": "none"}  # the head's input before 2026-12-02
+
+
 def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
     """(row name, model kind, config overrides). ``retinamnist``: the RetinaMNIST npz for its rows ("" = none).
 
-    Rows marked ``train.views=1`` are measured without augmentation multiplicity; the ``train.views=4`` rows
-    with it (the default: ``train.views`` auto = 4 with the head-only suffix)."""
-    one = {"train.views": 1}
-    rows = [
-        ("centralized, non-private, head only, train.views=1", "transfer",
-         {"federation.sites": 1, "privacy.enabled": False, "adapters.kind": "none", "adapters.blocks": 0, **one}),
-        ("federated 10 sites, non-private, train.views=1", "transfer",
-         {"federation.sites": 10, "privacy.enabled": False, **one}),
+    "(the default)" rows run ``FedTLConfig``'s defaults: mean, std and quadrant pooling of the cut network's maps,
+    the head trained on features standardized with the server's validation statistics (``train.standardize``),
+    4 views per training image. "mean pooling" rows are the head on the spatial mean, unstandardized (the default
+    before 2026-12-02); ``train.views=1`` rows are without augmentation multiplicity."""
+    one, mean = {"train.views": 1}, MEAN_POOLING
+    rows = []
+    for eps in (3.0, 1.0):
+        rows.append((f"federated 10 sites, DP ε={eps:g} (the default)", "transfer",
+                     {"federation.sites": 10, "privacy.target-epsilon": eps}))
+    rows.append(("federated 10 sites, non-private (the default)", "transfer",
+                 {"federation.sites": 10, "privacy.enabled": False}))
+    rows += [
+        ("centralized, non-private, head only, train.views=1, mean pooling", "transfer",
+         {"federation.sites": 1, "privacy.enabled": False, "adapters.kind": "none", "adapters.blocks": 0, **one, **mean}),
+        ("federated 10 sites, non-private, train.views=1, mean pooling", "transfer",
+         {"federation.sites": 10, "privacy.enabled": False, **one, **mean}),
     ]
     for eps in (3.0, 1.0, 8.0):
-        rows.append((f"federated 10 sites, DP ε={eps:g}, train.views=1", "transfer",
-                     {"federation.sites": 10, "privacy.target-epsilon": eps, **one}))
-    rows.append(("federated 3 sites, DP ε=3, train.views=1", "transfer",
-                 {"federation.sites": 3, "privacy.target-epsilon": 3.0, **one}))
+        rows.append((f"federated 10 sites, DP ε={eps:g}, train.views=1, mean pooling", "transfer",
+                     {"federation.sites": 10, "privacy.target-epsilon": eps, **one, **mean}))
+    rows.append(("federated 3 sites, DP ε=3, train.views=1, mean pooling", "transfer",
+                 {"federation.sites": 3, "privacy.target-epsilon": 3.0, **one, **mean}))
     for eps in (3.0, 1.0):
-        rows.append((f"federated 10 sites, DP ε={eps:g}, train.views=4", "transfer",
-                     {"federation.sites": 10, "privacy.target-epsilon": eps, "train.views": 4}))
+        rows.append((f"federated 10 sites, DP ε={eps:g}, train.views=4, mean pooling", "transfer",
+                     {"federation.sites": 10, "privacy.target-epsilon": eps, "train.views": 4, **mean}))
     # no transfer: the same federation and budget, a small CNN trained from scratch (scratch_cnn.py)
     rows.append(("no transfer: small CNN from scratch, federated 10 sites, DP ε=3", "scratch",
                  {"federation.sites": 10, "privacy.target-epsilon": 3.0, "train.lr": SCRATCH_LR}))
     if retinamnist:
         retina = {"data.path": retinamnist, "federation.sites": 10, "privacy.target-epsilon": 3.0}
-        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, train.views=1", "transfer", {**retina, **one}))
-        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, train.views=4", "transfer", {**retina, "train.views": 4}))
+        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3 (the default)", "transfer", retina))
+        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, train.views=1, mean pooling", "transfer",
+                     {**retina, **one, **mean}))
+        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, train.views=4, mean pooling", "transfer",
+                     {**retina, "train.views": 4, **mean}))
         rows.append(("RetinaMNIST, no transfer: small CNN from scratch, 10 sites, DP ε=3", "scratch",
                      {**retina, "train.lr": SCRATCH_LR}))
     # the LoRA suffix runs a backbone block per step: the slowest row, so last and with 20 rounds
@@ -340,8 +354,12 @@ def main() -> None:
     parts = set(args.only.split(","))
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
     results["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    def save_accuracy(rows: list[dict]) -> None:
-        results["accuracy"] = rows
+    kept = list(results.get("accuracy", []))
+
+    def save_accuracy(rows: list[dict]) -> None:  # rows run now replace those of the same name; others are kept
+        fresh = {r["name"]: r for r in rows}
+        merged = [fresh.pop(r["name"], r) for r in kept]
+        results["accuracy"] = merged + list(fresh.values())
         path.write_text(json.dumps(results, indent=1))
         write_report(results, out)
 

@@ -29,6 +29,7 @@ from fedtl.federation.site import (SiteData, build_transfer_model, cached_featur
 from fedtl.federation.records import coarse_count
 from fedtl.model import check_state
 from fedtl.privacy import Proposal
+from fedtl.standardize import server_standardizer
 from fedtl.training import evaluate_suffix
 
 
@@ -46,7 +47,7 @@ def run(cfg: FedTLConfig, verbose: bool = False, model_kind: str = "transfer", e
         model = ScratchModel(channels, source.num_classes, seed=cfg.train.seed)
         val_f, test_f, train_f = (scratch_features(s.images) for s in (source.val, source.test, source.train))
         labels = torch.as_tensor(source.train.labels)
-        sites = []
+        sites, standardize = [], None
         for s in range(n):
             idx = torch.as_tensor(site_indices(cfg, s, n))
             sites.append(SiteData(f"site-{s}", train_f[idx], labels[idx], True))
@@ -55,6 +56,7 @@ def run(cfg: FedTLConfig, verbose: bool = False, model_kind: str = "transfer", e
         val_f, _ = cached_features(cfg, model, source.val, progress=False)
         test_f, _ = cached_features(cfg, model, source.test, progress=False)
         sites = [simulated_site_data(cfg, model, s, n) for s in range(n)]
+        standardize = server_standardizer(cfg, val_f)  # what fedtl simulate's server sends (train.standardize)
     else:
         raise ValueError(f"model_kind must be transfer or scratch, got {model_kind!r}")
     global_state = model.trainable_state()
@@ -69,7 +71,8 @@ def run(cfg: FedTLConfig, verbose: bool = False, model_kind: str = "transfer", e
             model.load_trainable_state(global_state)
             proposal = Proposal(total_rounds=cfg.federation.rounds, batch_size=cfg.train.batch_size,
                                 epochs=cfg.train.epochs, noise_multiplier=cfg.privacy.noise_multiplier)
-            res = train_site(cfg, model, data, simulated_policy(cfg, s), run_id="tune", server_round=r, proposal=proposal)
+            res = train_site(cfg, model, data, simulated_policy(cfg, s), run_id="tune", server_round=r, proposal=proposal,
+                             standardize=standardize)
             eps[s] = res.epsilon
             if res.declined:
                 continue

@@ -35,6 +35,7 @@ from fedtl.federation.site import (SiteData, build_transfer_model, cached_featur
                                    simulated_site_data, train_site)
 from fedtl.federation.strategy import make_strategy
 from fedtl.privacy import Proposal
+from fedtl.standardize import server_standardizer
 from fedtl.training import evaluate_suffix
 
 ATTACKS = ("none", "sign_flip", "scale", "huge_weight", "nan", "noise", "label_flip", "stale")
@@ -62,6 +63,7 @@ def run(cfg: FedTLConfig, aggregation: str, attack: str, hostile: int, seed: int
     yv, yt = torch.as_tensor(source.val.labels), torch.as_tensor(source.test.labels)
     n_sites = cfg.federation.sites
     sites = [simulated_site_data(cfg, model, s, n_sites) for s in range(n_sites)]
+    standardize = server_standardizer(cfg, val_f)  # what fedtl simulate's server sends (train.standardize)
     fed = cfg.federation
     strategy = make_strategy(aggregation, model.expected_state(), max_hostile=max(1, hostile), sites=n_sites,
                              update_clip=fed.update_clip, weight_cap=fed.weight_cap)
@@ -79,7 +81,7 @@ def run(cfg: FedTLConfig, aggregation: str, attack: str, hostile: int, seed: int
                 data = SiteData(data.name, data.features, 1 - data.labels, data.cache_hit)
             proposal = Proposal(total_rounds=fed.rounds, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs)
             res = train_site(cfg, model, data, simulated_policy(cfg, s), run_id="robust", server_round=r,
-                             proposal=proposal)
+                             proposal=proposal, standardize=standardize)
             if res.declined:
                 continue
             state, n = model.trainable_state(), coarse_count(res.num_examples)

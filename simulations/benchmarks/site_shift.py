@@ -39,6 +39,7 @@ from fedtl.federation.site import (SiteData, SiteEvalData, build_transfer_model,
                                    load_source, share_like, simulated_policy, train_features, train_site)
 from fedtl.model import check_state
 from fedtl.privacy import Proposal
+from fedtl.standardize import server_standardizer
 
 DATA = "/work/shared/data/medmnist/pneumoniamnist.npz"
 # One acquisition chain per site (cycled for more sites): what differs between scanners and protocols.
@@ -120,6 +121,8 @@ def run(cfg: FedTLConfig, n_sites: int, eval_split: str = "iid", verbose: bool =
                                                     torch.as_tensor(im.labels)) for s, im in splits.items()}))
         shifts.append(shift["name"])
     t_features = time.perf_counter() - t0
+    # the server's statistics (train.standardize): its own validation split, which no site's shift touches
+    standardize = server_standardizer(cfg, cached_features(cfg, model, source.val, progress=False)[0])
     rounds, ft_epochs = cfg.federation.rounds, cfg.personalization.requested_epochs
     global_state, best = model.trainable_state(), -math.inf
     best_state, best_round = global_state, 0
@@ -130,7 +133,7 @@ def run(cfg: FedTLConfig, n_sites: int, eval_split: str = "iid", verbose: bool =
             proposal = Proposal(total_rounds=rounds, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs,
                                 noise_multiplier=cfg.privacy.noise_multiplier, personalize_epochs=ft_epochs)
             res = train_site(cfg, model, data, simulated_policy(cfg, s), run_id="shift", server_round=r,
-                             proposal=proposal)
+                             proposal=proposal, standardize=standardize)
             st = model.trainable_state()
             if res.declined or check_state(st, model.expected_state()):
                 continue
@@ -148,7 +151,8 @@ def run(cfg: FedTLConfig, n_sites: int, eval_split: str = "iid", verbose: bool =
     table = Personalization()
     for s, (data, ev) in enumerate(zip(sites, evals)):
         model.load_trainable_state(best_state)
-        out = personalize_site(cfg, model, data, ev, simulated_policy(cfg, s), run_id="shift", epochs=ft_epochs or 1)
+        out = personalize_site(cfg, model, data, ev, simulated_policy(cfg, s), run_id="shift", epochs=ft_epochs or 1,
+                               standardize=standardize)
         # through the reply a real site sends, and the server's validation of it
         _, parsed, reason = parse_personal_reply(personal_reply(
             out.figures, site=out.site, personalized=out.personalized, kept_tuned=out.kept_tuned,

@@ -330,3 +330,26 @@ def test_personalization_is_refused_when_hostile_and_otherwise_kept_at_the_site_
     assert (site.state / "personal-suffix.safetensors").is_file()
     _, again, why = parse_personal_reply(_personalize(site, arrays).content)  # twice: nothing spent again
     assert not again["personalized"] and "already" in why and len(read_ledger(site.ledger).entries) == entries + 1
+
+
+def test_a_servers_feature_statistics_are_checked_and_cannot_raise_the_spend(tmp_path, images, initial):
+    """The statistics a server sends for standardized training (``train.standardize``) are untrusted input.
+    Malformed ones (one without the other, NaN, a scale of zero, the wrong width) are refused before anything is
+    spent, as are scales outside [1e-6, 1e6] (with them the head written in standardized coordinates, or back, could
+    overflow); valid but hostile ones (the extreme scale and mean) change only what the update looks like: it stays
+    finite and the site's ε stays what its ledger says (recomputed)."""
+    site = Site(tmp_path, images[1])
+    width = int(initial["suffix.head.0.weight"].numpy().shape[1])
+    for bad in ({"feature-mean": [0.0] * width},
+                {"feature-mean": [float("nan")] * width, "feature-scale": [1.0] * width},
+                {"feature-mean": [0.0] * width, "feature-scale": [0.0] * width},
+                {"feature-mean": [0.0] * width, "feature-scale": [1e-300] * width},
+                {"feature-mean": [0.0] * (width - 1), "feature-scale": [1.0] * (width - 1)}):
+        reply = site.train(initial, **bad)
+        assert _metrics(reply)["declined"] == 1 and len(reply.content["arrays"]) == 0
+        assert "invalid train request" in reply.content["info"]["reason"], reply.content["info"]["reason"]
+    assert not site.ledger.exists()
+    reply = site.train(initial, **{"feature-mean": [1e6] * width, "feature-scale": [1e-6] * width})  # the extremes
+    assert _metrics(reply)["declined"] == 0
+    assert torch.isfinite(_update(reply, initial)).all()
+    assert site.check_ledger()["rdp"] > 0

@@ -33,7 +33,7 @@ def test_only_suffix_tensors_change_prefix_and_bn_stats_bit_identical(tiny_backb
 
 
 def test_prefix_plus_suffix_reproduces_the_backbone(tiny_backbone):
-    model = TransferModel(tiny_backbone, 2, ModelConfig(), AdaptersConfig(kind="lora", blocks=2))
+    model = TransferModel(tiny_backbone, 2, ModelConfig(pooling="avg"), AdaptersConfig(kind="lora", blocks=2))
     x = torch.randn(3, 3, 12, 12)
     with torch.no_grad():
         reference = torch.nn.functional.adaptive_avg_pool2d(tiny_backbone.features()(x), 1).flatten(1)
@@ -49,7 +49,7 @@ def test_suffix_train_mode_keeps_batchnorm_in_eval(tiny_backbone):
 
 
 def test_load_trainable_state_rejects_wrong_shapes_and_nan(tiny_backbone):
-    model = TransferModel(tiny_backbone, 2, ModelConfig(), AdaptersConfig(kind="none", blocks=0))
+    model = TransferModel(tiny_backbone, 2, ModelConfig(pooling="avg"), AdaptersConfig(kind="none", blocks=0))
     state = model.trainable_state()
     bad = dict(state, **{"suffix.head.0.weight": torch.zeros(3, 16)})
     with pytest.raises(UpdateRejected, match=r"`suffix.head.0.weight` has shape \(3, 16\), expected \(2, 16\)"):
@@ -81,7 +81,7 @@ def test_real_backbone_lora_suffix_leaves_prefix_untouched(tmp_path):
 
 
 def test_cut_after_truncates_and_infers_the_feature_width(tiny_backbone):
-    model = TransferModel(tiny_backbone, 2, ModelConfig(cut_after="b2"), AdaptersConfig(kind="none", blocks=0))
+    model = TransferModel(tiny_backbone, 2, ModelConfig(cut_after="b2", pooling="avg"), AdaptersConfig(kind="none", blocks=0))
     assert model.cut_after == "b2" and model.suffix.head[-1].in_features == 12
     assert model.prefix_features(torch.randn(2, 3, 12, 12)).shape == (2, 12)
     with pytest.raises(ConfigError, match=r"`model.cut-after` must name a unit of tiny .* got 'b9'. Units: stem, b1, b2, head_conv"):

@@ -12,7 +12,7 @@ from fedtl.training import steps_per_epoch, train_suffix
 
 
 def _model(tiny_backbone) -> TransferModel:
-    return TransferModel(tiny_backbone, 2, ModelConfig(), AdaptersConfig(kind="none", blocks=0))
+    return TransferModel(tiny_backbone, 2, ModelConfig(pooling="avg"), AdaptersConfig(kind="none", blocks=0))
 
 
 def _data(n: int = 24, seed: int = 0):

@@ -243,7 +243,7 @@ def test_without_server_data_rounds_are_selected_by_the_sites_pooled_validation(
     monkeypatch.setattr(BoundedSuffixAggregation, "aggregate_train", lambda self, rnd, replies: (to_record(script[rnd - 1]), None))
     from fedtl.config import FedTLConfig
 
-    cfg = FedTLConfig().with_overrides({"federation.rounds": 3, "federation.sites": 2, "model.num-classes": 2,
+    cfg = FedTLConfig().with_overrides({"model.pooling": "avg", "federation.rounds": 3, "federation.sites": 2, "model.num-classes": 2,
                                         "output.dir": str(tmp_path / "run")})
     summary = server.run_server(object(), cfg, "t", distribute_backbone=False)  # a deployment: no demo data
     assert summary["selected_round"] == 2 and summary["evaluation"]["selected_by"] == "federated"

@@ -196,7 +196,7 @@ def _site_data(n=200, seed=0):
 
 def test_a_site_fine_tunes_with_dp_and_keeps_its_suffix_in_its_state_dir(tmp_path):
     cfg = FedTLConfig.from_run_config({"train.lr": 0.5, "privacy.randomness": "seeded"})
-    model = TransferModel(make_tiny_backbone(), 2, ModelConfig(), AdaptersConfig())
+    model = TransferModel(make_tiny_backbone(), 2, ModelConfig(pooling="avg"), AdaptersConfig())
     global_state = {k: v.clone() for k, v in model.trainable_state().items()}
     x, y = _site_data()
     xv, yv = _site_data(80, seed=1)
@@ -224,7 +224,7 @@ def test_a_site_fine_tunes_with_dp_and_keeps_its_suffix_in_its_state_dir(tmp_pat
 
 def test_a_site_whose_budget_is_spent_keeps_the_global_suffix_and_writes_nothing(tmp_path):
     cfg = FedTLConfig()
-    model = TransferModel(make_tiny_backbone(), 2, ModelConfig(), AdaptersConfig())
+    model = TransferModel(make_tiny_backbone(), 2, ModelConfig(pooling="avg"), AdaptersConfig())
     x, y = _site_data()
     policy = _policy(tmp_path, max_noise_multiplier=10.0)
     _train_rounds(policy, 4, personalize_epochs=0, n=200)

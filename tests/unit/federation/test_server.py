@@ -41,7 +41,7 @@ B = "suffix.head.0.bias"
 
 
 def _tiny_model() -> TransferModel:
-    return TransferModel(make_tiny_backbone(), 2, ModelConfig(), AdaptersConfig(kind="none", blocks=0))
+    return TransferModel(make_tiny_backbone(), 2, ModelConfig(pooling="avg"), AdaptersConfig(kind="none", blocks=0))
 
 
 def _split(informative: int, n: int = 60, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +143,7 @@ def _fake_run(monkeypatch, tmp_path, val, test, script, *, stats=None, overrides
 
     monkeypatch.setattr(server, "_train_round", train_round)
     monkeypatch.setattr(BoundedSuffixAggregation, "aggregate_train", aggregate)
-    cfg = FedTLConfig().with_overrides({"federation.rounds": len(script), "federation.sites": 1,
+    cfg = FedTLConfig().with_overrides({"model.pooling": "avg", "federation.rounds": len(script), "federation.sites": 1,
                                         "output.dir": str(tmp_path / "run"), "evaluation.sites": "off",
                                         **(overrides or {})})
     return server.run_server(GRID, cfg, "t", distribute_backbone=False, demo_data=True)
@@ -196,8 +196,8 @@ def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkey
     summary = _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:3], stats=stats,
                         overrides=overrides, calls=calls)
     out = tmp_path / "run"
-    cfg = FedTLConfig().with_overrides({"federation.rounds": 3, "output.dir": str(out), "evaluation.sites": "off",
-                                        **overrides})
+    cfg = FedTLConfig().with_overrides({"model.pooling": "avg", "federation.rounds": 3, "output.dir": str(out),
+                                        "evaluation.sites": "off", **overrides})
     assert json.loads((out / "config.json").read_text()) == cfg.to_run_config()
 
     # What the strategy was built and started with.
@@ -205,9 +205,14 @@ def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkey
     strategy = call["strategy"]
     model = _tiny_model()
     assert call["grid"] is GRID and call["num_rounds"] == 3
-    assert call["train_config"] == {"total-rounds": 3, "run-id": "t", "num-classes": 2,
-                                    "backbone": "efficientnet_lite0", "backbone-sha256": model.weights_sha256,
-                                    "noise-multiplier": 0.0, "personalize-epochs": 0}
+    sent = dict(call["train_config"])
+    mean, scale = (torch.tensor(sent.pop(k), dtype=torch.float64) for k in ("feature-mean", "feature-scale"))
+    assert sent == {"total-rounds": 3, "run-id": "t", "num-classes": 2,
+                    "backbone": "efficientnet_lite0", "backbone-sha256": model.weights_sha256,
+                    "noise-multiplier": 0.0, "personalize-epochs": 0}
+    # train.standardize = server: the statistics of the server's validation features, z-scores × the gain
+    val = _split(0)[0].double()
+    assert torch.allclose(mean, val.mean(0)) and torch.allclose(scale, val.std(0) / cfg.train.standardize_gain)
     assert strategy.expected == model.expected_state()
     # min-available is the quorum: the round loop waits (bounded) for the others itself
     assert (strategy.fraction_train, strategy.min_train_nodes, strategy.min_available_nodes) == (0.5, 1, 1)
@@ -390,7 +395,7 @@ def test_run_server_asks_every_site_for_the_pinned_backbone_first(monkeypatch, t
     monkeypatch.setattr(server, "_train_round", lambda *args: [])
     monkeypatch.setattr(BoundedSuffixAggregation, "aggregate_train",
                         lambda self, rnd, replies: (to_record(_tiny_model().trainable_state()), None))
-    cfg = FedTLConfig().with_overrides({"federation.rounds": 1, "federation.sites": 4, "output.dir": str(tmp_path / "r"),
+    cfg = FedTLConfig().with_overrides({"model.pooling": "avg", "federation.rounds": 1, "federation.sites": 4, "output.dir": str(tmp_path / "r"),
                                         "evaluation.sites": "off"})
     server.run_server(GRID, cfg, "t", demo_data=True)
     assert asked == [(GRID, cfg, _tiny_model().weights_sha256, 4, 300.0)]
@@ -399,7 +404,7 @@ def test_run_server_asks_every_site_for_the_pinned_backbone_first(monkeypatch, t
 def test_a_run_in_which_no_round_was_evaluated_fails_with_a_reason(monkeypatch, tmp_path):
     _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:1])  # installs the fakes
     monkeypatch.setattr(tracking.Tracker, "__call__", lambda self, rnd, arrays: self.history.append({"round": rnd}))
-    cfg = FedTLConfig().with_overrides({"federation.rounds": 1, "output.dir": str(tmp_path / "r2"),
+    cfg = FedTLConfig().with_overrides({"model.pooling": "avg", "federation.rounds": 1, "output.dir": str(tmp_path / "r2"),
                                         "evaluation.sites": "off"})
     with pytest.raises(FederationError, match="No round produced a global model; see the log for the sites' reasons."):
         server.run_server(GRID, cfg, "t", distribute_backbone=False, demo_data=True)
@@ -438,7 +443,7 @@ def test_a_file_where_the_run_directory_should_be_is_refused(tmp_path):
 def test_a_multiclass_round_gets_offsets_chosen_on_validation_and_reports_both_accuracies(tmp_path):
     # 3 classes; the head is biased toward class 0 (as a model trained on another class mix would be): the
     # tracker's bias rule, chosen on validation only, must recover accuracy that the argmax loses on test.
-    model = TransferModel(make_tiny_backbone(), 3, ModelConfig(), AdaptersConfig(kind="none", blocks=0))
+    model = TransferModel(make_tiny_backbone(), 3, ModelConfig(pooling="avg"), AdaptersConfig(kind="none", blocks=0))
 
     def split(seed):
         g = torch.Generator().manual_seed(seed)

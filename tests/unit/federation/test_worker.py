@@ -259,12 +259,13 @@ def _warm_site(tmp_path: Path, monkeypatch) -> tuple[Path, RecordDict]:
     from fedtl.backbones import get_spec
     from fedtl.config import FedTLConfig
     from fedtl.data.site_sources import load_site_data
-    from fedtl.features import CacheKey, FeatureCache, shifted_view
+    from fedtl.features import CacheKey, FeatureCache, shifted_view, split_key
     from fedtl.federation import deployment
     from fedtl.federation.records import to_record
     from fedtl.federation.site import preprocessing_for
     from fedtl.model import SuffixModel
     from fedtl.site_config import SiteConfig
+    from fedtl.standardize import FeatureStandardizer
 
     site = _site(tmp_path)
     for cached in (deployment.load_site_config, deployment._site_images):
@@ -279,11 +280,13 @@ def _warm_site(tmp_path: Path, monkeypatch) -> tuple[Path, RecordDict]:
     images = load_site_data(SiteConfig.load(site).data).images
     for k in range(cfg.train_views):  # every view a train request uses (train.views)
         view = shifted_view(images, k)
-        key = CacheKey(spec.name, sha, preprocessing_for(cfg).key(), f"{spec.recommended_cut}:pooled", view.fingerprint)
+        key = CacheKey(spec.name, sha, preprocessing_for(cfg).key(), split_key(spec.recommended_cut, cfg.model.pooling),
+                       view.fingerprint)
         FeatureCache(tmp_path / "state" / "features").store(key, torch.randn(len(images), 16))
     suffix = SuffixModel(spec.name, sha, spec.recommended_cut, 16, 2, cfg.model, seed=cfg.train.seed)
+    stats = FeatureStandardizer(torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64))
     content = RecordDict({"config": ConfigRecord({"server-round": 1, "total-rounds": 4, "num-classes": 2,
-                                                  "run-id": "r1", "backbone-sha256": sha}),
+                                                  "run-id": "r1", "backbone-sha256": sha, **stats.to_config()}),
                           "arrays": to_record(suffix.trainable_state())})
     return site, content
 

@@ -154,7 +154,7 @@ def _dp_update(generator=None, seed_global: int | None = None) -> torch.Tensor:
     from fedtl.model import TransferModel
     from tests.conftest import make_tiny_backbone
 
-    model = TransferModel(make_tiny_backbone(), 2, ModelConfig(), AdaptersConfig())
+    model = TransferModel(make_tiny_backbone(), 2, ModelConfig(pooling="avg"), AdaptersConfig())
     feats = torch.linspace(-1, 1, 40 * 16).reshape(40, 16)
     labels = (torch.arange(40) % 2).long()
     before = torch.cat([v.flatten() for v in model.trainable_state().values()])
