@@ -41,8 +41,9 @@ class ModelConfig:
     head_hidden: int = 256  # width of the MLP head's hidden layer
     cut_after: str = "auto"  # last backbone unit kept ("" = the whole backbone, "auto" = the backbone's recommendation)
     feature_norm: str = "none"  # none | layernorm (per-sample, parameter-free: safe under DP)
-    pooling: str = "avg-std-grid"  # how the head's input is pooled from feature maps: avg | avg-std | avg-std-grid
-    #                                (fedtl.model.SpatialPool; docs/benchmarks.md, "Feature standardization")
+    pooling: str = "auto"  # how the head's input is pooled from feature maps: avg | avg-std | avg-std-grid
+    #                        (fedtl.model.SpatialPool); auto: avg-std-grid when the head trains on standardized
+    #                        features (the server has validation data), avg otherwise (FedTLConfig.resolved)
     num_classes: int = 0  # 0: from the server's evaluation data (required when the server has none)
 
     def __post_init__(self) -> None:
@@ -52,7 +53,7 @@ class ModelConfig:
             _fail("model.resolution", self.resolution, "must be between 32 and 1024 pixels")
         _choice("model.head", self.head, ("linear", "mlp"))
         _choice("model.feature-norm", self.feature_norm, ("none", "layernorm"))
-        _choice("model.pooling", self.pooling, POOLINGS)
+        _choice("model.pooling", self.pooling, ("auto", *POOLINGS))
         if self.head_hidden < 1:
             _fail("model.head-hidden", self.head_hidden, "must be >= 1")
 
@@ -328,6 +329,21 @@ class FedTLConfig:
         if self.train.views > 1 and self.adapters.kind != "none":
             _fail("train.views", self.train.views, "needs the head-only suffix (adapters.kind = none): the views are "
                   "cached prefix outputs")
+
+    def has_reference(self, demo_data: bool = False) -> bool:
+        """Whether the server will hold validation data to standardize with: central evaluation on or auto, and
+        ``data.path`` or ``evaluation.data-path`` set (``demo_data``: ``fedtl simulate``'s bundled data counts)."""
+        ev = self.evaluation
+        return ev.central != "off" and bool(self.data.path or ev.data_path or demo_data)
+
+    def resolved(self, has_reference: bool) -> FedTLConfig:
+        """This config with ``model.pooling = auto`` made concrete: the mean, std and quadrant pooling when the head
+        will train on standardized features (:attr:`standardizes`, and the server has validation data), the spatial
+        mean otherwise — unstandardized, the richer features measured worse than the mean (docs/benchmarks.md,
+        "Richer pooling with standardized training"). The server resolves it once and tells every site."""
+        if self.model.pooling != "auto":
+            return self
+        return replace(self, "model", pooling="avg-std-grid" if has_reference and self.standardizes else "avg")
 
     @property
     def standardizes(self) -> bool:

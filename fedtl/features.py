@@ -120,8 +120,11 @@ def split_key(split_name: str, pooling: str | None) -> str:
     """A cache key's split part: the prefix's last unit and how its maps were pooled (``model.pooling``; None:
     kept as maps, for a suffix that holds backbone units). ``avg`` keeps the key entries had before poolings
     were selectable, so those entries stay valid."""
+    from fedtl.model import concrete_pooling
+
     if pooling is None:
         return f"{split_name}:map"
+    pooling = concrete_pooling(pooling)
     return f"{split_name}:pooled" if pooling == "avg" else f"{split_name}:pooled-{pooling}"
 
 

@@ -36,6 +36,7 @@ class SpatialPool(nn.Module):
 
     def __init__(self, kind: str = "avg"):
         super().__init__()
+        kind = concrete_pooling(kind)
         if kind not in self.WIDTH:
             raise ConfigError(f"`model.pooling` must be one of {', '.join(self.WIDTH)}, got {kind!r}.")
         self.kind = kind
@@ -50,6 +51,12 @@ class SpatialPool(nn.Module):
             cols = (slice(0, (w + 1) // 2), slice(w // 2, w))
             parts += [m[:, :, r, c].mean((2, 3)) for r in rows for c in cols]
         return torch.cat(parts, 1)
+
+
+def concrete_pooling(kind: str) -> str:
+    """``model.pooling`` as a model uses it: ``auto`` that nobody resolved (``FedTLConfig.resolved``, which the server
+    does and sends to its sites) is the spatial mean."""
+    return "avg" if kind == "auto" else kind
 
 
 class Suffix(nn.Module):
@@ -129,8 +136,8 @@ class TransferModel(_TrainableSuffix, nn.Module):
         self.split_index = len(units) - k
         self.split_name = units[self.split_index - 1][0]  # last unit of the prefix
         self.prefix = nn.Sequential(OrderedDict(units[: self.split_index]))
-        self.pooling = model_cfg.pooling
-        self.prefix_pool = SpatialPool(model_cfg.pooling) if k == 0 else nn.Identity()
+        self.pooling = concrete_pooling(model_cfg.pooling)
+        self.prefix_pool = SpatialPool(self.pooling) if k == 0 else nn.Identity()
         for p in self.prefix.parameters():
             p.requires_grad_(False)
         blocks = nn.Sequential(OrderedDict(units[self.split_index:]))
@@ -145,8 +152,7 @@ class TransferModel(_TrainableSuffix, nn.Module):
             self.adapter_params = []
         self.cut_after = units[-1][0]
         channels = backbone.spec.feature_dim if len(units) == len(backbone.units) else _output_channels(units)
-        feature_dim = channels * SpatialPool.WIDTH[model_cfg.pooling]
-        self.suffix = Suffix(blocks, feature_dim, num_classes, model_cfg)
+        self.suffix = Suffix(blocks, channels * SpatialPool.WIDTH[self.pooling], num_classes, model_cfg)
         self.num_classes = num_classes
         self.eval()
 
@@ -184,7 +190,7 @@ class SuffixModel(_TrainableSuffix, nn.Module):
         super().__init__()
         self.backbone_name, self.weights_sha256 = backbone_name, weights_sha256
         self.split_name = self.cut_after = split_name
-        self.pooling = model_cfg.pooling
+        self.pooling = concrete_pooling(model_cfg.pooling)
         self.adapter_params: list[nn.Parameter] = []
         torch.manual_seed(seed)
         self.suffix = Suffix(nn.Sequential(), feature_dim, num_classes, model_cfg)

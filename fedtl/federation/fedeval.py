@@ -45,13 +45,14 @@ class EvalRequest:
     server_round: int
     num_classes: int  # 0: not given (simulation: the data set's)
     backbone_sha256: str
+    pooling: str = ""  # the server's model.pooling ('' = not given)
 
     @classmethod
     def parse(cls, config) -> EvalRequest:
-        from fedtl.federation.records import MAX_ROUNDS, config_int, config_num_classes, config_sha256
+        from fedtl.federation.records import MAX_ROUNDS, config_int, config_num_classes, config_pooling, config_sha256
 
         rnd = config_int(config, "server-round", 0, MAX_ROUNDS, 0)
-        return cls(rnd, config_num_classes(config), config_sha256(config))
+        return cls(rnd, config_num_classes(config), config_sha256(config), config_pooling(config))
 
 
 def eval_reply(split_figures: dict[str, dict] | None, *, site: str, reason: str = "") -> RecordDict:

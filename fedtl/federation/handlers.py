@@ -80,6 +80,16 @@ def _standardize_problem(model, request) -> str:
     return f"the server's feature statistics do not fit the model: {problem}" if problem else ""
 
 
+def _with_pooling(conf: FedTLConfig, pooling: str) -> FedTLConfig:
+    """The run config with the server's pooling (``model.pooling = auto`` is decided by the server and sent with
+    every request); a request without one means the spatial mean, the pooling of servers that sent none."""
+    from fedtl.config import replace
+
+    if pooling:
+        return replace(conf, "model", pooling=pooling)
+    return conf.resolved(has_reference=False)
+
+
 def _parse_request(kind: str, parse, refuse, content: RecordDict, run_config: Mapping[str, Any],
                    node: Mapping[str, Any], cfg: FedTLConfig | None,
                    node_id: int | None = None) -> tuple[FedTLConfig, Any, str] | RecordDict:
@@ -103,6 +113,7 @@ def _parse_request(kind: str, parse, refuse, content: RecordDict, run_config: Ma
         request = parse(content["config"])
         if deployed and not request.num_classes:
             raise ValueError("`num-classes` is required by a deployed site")
+        conf = _with_pooling(conf, request.pooling)
     except (FedTLError, ValueError, KeyError, TypeError) as exc:
         log.error("%s request refused: %s", kind.capitalize(), exc)
         return refuse(site=site, reason=f"invalid {kind} request: {exc}")

@@ -48,10 +48,11 @@ class PersonalizeRequest:
     num_classes: int  # 0: not given (simulation: the data set's)
     backbone_sha256: str
     standardize: FeatureStandardizer | None = None  # the server's feature statistics (fedtl.standardize)
+    pooling: str = ""  # the server's model.pooling ('' = not given)
 
     @classmethod
     def parse(cls, config) -> PersonalizeRequest:
-        from fedtl.federation.records import config_int, config_num_classes, config_sha256
+        from fedtl.federation.records import config_int, config_num_classes, config_pooling, config_sha256
 
         epochs = config_int(config, "epochs", 1, MAX_PERSONALIZE_EPOCHS)
         num_classes = config_num_classes(config)
@@ -59,7 +60,7 @@ class PersonalizeRequest:
         if not isinstance(run_id, str) or not run_id or len(run_id) > 128:
             raise ValueError("`run-id` must be a non-empty string of at most 128 characters")
         sha = config_sha256(config)
-        return cls(run_id, epochs, num_classes, sha, FeatureStandardizer.from_config(config))
+        return cls(run_id, epochs, num_classes, sha, FeatureStandardizer.from_config(config), config_pooling(config))
 
 
 def personal_reply(figures: dict[str, dict[str, dict]] | None, *, site: str, personalized: bool = False,

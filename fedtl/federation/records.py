@@ -56,6 +56,17 @@ def config_sha256(config) -> str:
     return sha
 
 
+def config_pooling(config) -> str:
+    """A request's ``pooling`` (how the server's model pools the cut network's maps): '' when not given (a site
+    whose run config says ``auto`` then uses the spatial mean), else one of :data:`fedtl.config.POOLINGS`."""
+    from fedtl.config import POOLINGS
+
+    pooling = config.get("pooling", "")
+    if pooling != "" and (not isinstance(pooling, str) or pooling not in POOLINGS):
+        raise ValueError(f"`pooling` must be one of {', '.join(POOLINGS)}, got {pooling!r:.60}")
+    return pooling
+
+
 @dataclass(frozen=True)
 class TrainRequest:
     """A server's train message, validated at the site like a file from a stranger."""
@@ -68,6 +79,7 @@ class TrainRequest:
     noise_multiplier: float  # a proposal; 0 = none
     personalize_epochs: int = 0  # local fine-tuning after the last round to reserve budget for (site may cap)
     standardize: FeatureStandardizer | None = None  # the server's feature statistics (fedtl.standardize)
+    pooling: str = ""  # the server's model.pooling ('' = not given)
 
     @classmethod
     def parse(cls, config) -> TrainRequest:
@@ -84,7 +96,8 @@ class TrainRequest:
         from fedtl.config import MAX_PERSONALIZE_EPOCHS
 
         epochs = config_int(config, "personalize-epochs", 0, MAX_PERSONALIZE_EPOCHS, 0)
-        return cls(rnd, total, run_id, num_classes, sha, float(sigma), epochs, FeatureStandardizer.from_config(config))
+        return cls(rnd, total, run_id, num_classes, sha, float(sigma), epochs, FeatureStandardizer.from_config(config),
+                   config_pooling(config))
 
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:

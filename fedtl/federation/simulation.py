@@ -57,9 +57,11 @@ def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False, resu
 
     for s in range(cfg.federation.sites):  # partitions: fail early on an impossible split
         site_indices(cfg, s, cfg.federation.sites)
-    model = build_transfer_model(cfg, source.num_classes)
+    resolved = cfg.resolved(cfg.has_reference(demo_data=True))  # the pooling the ServerApp will decide on
+    model = build_transfer_model(resolved, source.num_classes)
     # every cache entry the sites and the server will read, built here once (not by each site's process at once)
-    hits = [train_features(cfg, model)[1], *(cached_features(cfg, model, split)[1] for split in (source.val, source.test))]
+    hits = [train_features(resolved, model)[1],
+            *(cached_features(resolved, model, split)[1] for split in (source.val, source.test))]
     if not resume:
         prepare_run_dir(out, overwrite=overwrite)
     cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out), resume=resume))
@@ -96,7 +98,8 @@ def _check_plan_in_background(cfg: FedTLConfig) -> None:
             from fedtl.planning import plan_sizes, warnings_for
             from fedtl.federation.site import site_indices
 
-            model = build_transfer_model(cfg, load_source(cfg.data.path).num_classes)
+            resolved = cfg.resolved(cfg.has_reference(demo_data=True))
+            model = build_transfer_model(resolved, load_source(cfg.data.path).num_classes)
             sizes = [len(site_indices(cfg, s, cfg.federation.sites)) for s in range(cfg.federation.sites)]
             for line in warnings_for(plan_sizes(cfg, sizes, model.param_counts()["trainable_params"], advise=False)):
                 log.warning("Plan: %s", line)

@@ -128,6 +128,7 @@ def speed_rows() -> dict:
 
     torch.set_num_threads(2)
     cfg = FedTLConfig().with_overrides({"data.partitioner": "iid", "train.views": 1})  # one view: the live prefix's
+    cfg = cfg.resolved(cfg.has_reference(demo_data=True))
     source = load_source(cfg.data.path)
     model = build_transfer_model(cfg, source.num_classes)
     pre: Preprocessing = preprocessing_for(cfg)
@@ -171,13 +172,14 @@ def comms_rows() -> dict:
     from fedtl.federation.records import record_bytes, to_record
     from fedtl.federation.site import build_transfer_model, load_source
 
-    cfg = FedTLConfig()
+    cfg = FedTLConfig().resolved(True)
     model = build_transfer_model(cfg, load_source(cfg.data.path).num_classes)
     ours = record_bytes(to_record(model.trainable_state()))
     bb = build_backbone(cfg.model.backbone)
     full = torch.nn.Sequential(bb.features(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(bb.spec.feature_dim, 2))
     baseline = record_bytes(to_record(full.state_dict()))  # a plain Flower user ships the whole state dict
-    lora = build_transfer_model(FedTLConfig().with_overrides({"adapters.kind": "lora", "adapters.blocks": 1}), 2)
+    lora = build_transfer_model(FedTLConfig().with_overrides({"adapters.kind": "lora", "adapters.blocks": 1})
+                                .resolved(True), 2)  # auto: the mean (adapters do not train standardized)
     lora_bytes = record_bytes(to_record(lora.trainable_state()))
     return {"bytes_per_site_round_ours": ours, "bytes_per_site_round_lora_suffix": lora_bytes,
             "bytes_per_site_round_full_model": baseline, "fraction": ours / baseline, "fraction_lora": lora_bytes / baseline}

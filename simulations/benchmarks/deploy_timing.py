@@ -85,7 +85,7 @@ def _warm_caches(work: Path, sites: dict[str, Path], server_data: Path) -> None:
     from fedtl.federation.deployment import deployed_site_data
     from fedtl.federation.site import build_transfer_model, cached_features, load_source
 
-    cfg = FedTLConfig.from_run_config({"data.path": str(server_data)})
+    cfg = FedTLConfig.from_run_config({"data.path": str(server_data)}).resolved(has_reference=True)
     model = build_transfer_model(cfg, 2)
     for path in sites.values():
         deployed_site_data(cfg, model, str(path))

@@ -188,7 +188,8 @@ def test_two_sites_of_equal_size_with_different_data_draw_different_noise(tmp_pa
 def test_labels_outside_the_classes_and_malformed_requests_are_refused(tmp_path, images, initial):
     site = Site(tmp_path, images[1])
     for config in ({"num-classes": 1}, {"num-classes": 0}, {"server-round": 0}, {"total-rounds": float("nan")},
-                   {"noise-multiplier": float("inf")}, {"backbone-sha256": "../../etc/passwd"}):
+                   {"noise-multiplier": float("inf")}, {"backbone-sha256": "../../etc/passwd"}, {"pooling": "max"},
+                   {"pooling": "avg-std-grid"}):  # the last: a valid pooling whose head is not the suffix sent
         reply = site.train(initial, **config)
         assert _metrics(reply)["declined"] == 1, config
         assert len(reply.content["arrays"]) == 0

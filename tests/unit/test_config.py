@@ -60,3 +60,20 @@ def test_pyproject_flower_config_mirrors_the_defaults():
 def test_site_budgets():
     cfg = FedTLConfig.from_run_config({"privacy.site-epsilons": "3, 1.5", "privacy.target-epsilon": 2.0})
     assert [cfg.privacy.budget_for(i) for i in range(3)] == [3.0, 1.5, 2.0]
+
+
+def test_auto_pooling_is_the_richer_one_only_where_the_head_trains_standardized():
+    cfg = FedTLConfig()
+    assert cfg.model.pooling == "auto"
+    assert cfg.resolved(has_reference=True).model.pooling == "avg-std-grid"
+    assert cfg.resolved(has_reference=False).model.pooling == "avg"  # no server statistics: the spatial mean
+    for overrides in ({"train.standardize": "none"}, {"model.feature-norm": "layernorm"},
+                      {"adapters.kind": "lora", "adapters.blocks": 1}):
+        assert cfg.with_overrides(overrides).resolved(has_reference=True).model.pooling == "avg", overrides
+    explicit = cfg.with_overrides({"model.pooling": "avg-std"})
+    assert explicit.resolved(True) is explicit and explicit.resolved(False) is explicit
+    # what the server will hold: its data (or fedtl simulate's bundled data), unless central evaluation is off
+    assert not cfg.has_reference() and cfg.has_reference(demo_data=True)
+    assert cfg.with_overrides({"data.path": "x.npz"}).has_reference()
+    assert cfg.with_overrides({"evaluation.data-format": "folder", "evaluation.data-path": "imgs"}).has_reference()
+    assert not cfg.with_overrides({"data.path": "x.npz", "evaluation.central": "off"}).has_reference()

@@ -162,6 +162,7 @@ def test_a_run_made_before_poolings_were_selectable_still_loads_with_mean_poolin
                                                               "weights_sha256": tiny_backbone.weights_sha256})
     run = load_run(tmp_path)
     assert run.config.model.pooling == "avg" and run.model.suffix.head[0].in_features == 16
-    (tmp_path / "config.json").write_text(json.dumps(FedTLConfig().to_run_config()))  # says the new default
+    resolved = FedTLConfig().resolved(has_reference=True)  # what a server with validation data writes
+    (tmp_path / "config.json").write_text(json.dumps(resolved.to_run_config()))
     with pytest.raises(UpdateRejected, match=r"expected \(2, 96\)"):
         load_run(tmp_path)

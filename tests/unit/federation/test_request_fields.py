@@ -31,3 +31,12 @@ def test_num_classes_is_absent_or_at_least_two_and_the_sha256_absent_or_hex():
     for bad in ("A" * 64, "a" * 63, 7):
         with pytest.raises(ValueError, match="backbone-sha256"):
             config_sha256({"backbone-sha256": bad})
+
+
+def test_the_pooling_a_server_names_is_one_a_model_can_build_or_none():
+    from fedtl.federation.records import config_pooling
+
+    assert config_pooling({}) == "" and config_pooling({"pooling": "avg-std-grid"}) == "avg-std-grid"
+    for bad in ("auto", "max", 3, "../avg", None):
+        with pytest.raises(ValueError, match="`pooling` must be one of avg, avg-std, avg-std-grid"):
+            config_pooling({"pooling": bad})

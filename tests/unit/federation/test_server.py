@@ -209,7 +209,7 @@ def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkey
     mean, scale = (torch.tensor(sent.pop(k), dtype=torch.float64) for k in ("feature-mean", "feature-scale"))
     assert sent == {"total-rounds": 3, "run-id": "t", "num-classes": 2,
                     "backbone": "efficientnet_lite0", "backbone-sha256": model.weights_sha256,
-                    "noise-multiplier": 0.0, "personalize-epochs": 0}
+                    "noise-multiplier": 0.0, "personalize-epochs": 0, "pooling": "avg"}
     # train.standardize = server: the statistics of the server's validation features, z-scores × the gain
     val = _split(0)[0].double()
     assert torch.allclose(mean, val.mean(0)) and torch.allclose(scale, val.std(0) / cfg.train.standardize_gain)
@@ -465,3 +465,11 @@ def test_a_multiclass_round_gets_offsets_chosen_on_validation_and_reports_both_a
                             tmp_path / "m2.jsonl", num_classes=3, decision_mode="argmax")
     argmax(1, to_record(state))
     assert argmax.history[-1]["decision"] == {"rule": "argmax"}
+
+
+def test_auto_pooling_is_decided_once_by_the_server_written_to_config_json_and_sent(monkeypatch, tmp_path):
+    calls = []
+    _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:1], overrides={"model.pooling": "auto"},
+              calls=calls)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model.pooling"] == "avg-std-grid"
+    assert calls[0]["train_config"]["pooling"] == "avg-std-grid"  # the server has validation data: standardized

@@ -280,13 +280,14 @@ def _warm_site(tmp_path: Path, monkeypatch) -> tuple[Path, RecordDict]:
     images = load_site_data(SiteConfig.load(site).data).images
     for k in range(cfg.train_views):  # every view a train request uses (train.views)
         view = shifted_view(images, k)
-        key = CacheKey(spec.name, sha, preprocessing_for(cfg).key(), split_key(spec.recommended_cut, cfg.model.pooling),
+        key = CacheKey(spec.name, sha, preprocessing_for(cfg).key(), split_key(spec.recommended_cut, "avg"),
                        view.fingerprint)
         FeatureCache(tmp_path / "state" / "features").store(key, torch.randn(len(images), 16))
     suffix = SuffixModel(spec.name, sha, spec.recommended_cut, 16, 2, cfg.model, seed=cfg.train.seed)
     stats = FeatureStandardizer(torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64))
     content = RecordDict({"config": ConfigRecord({"server-round": 1, "total-rounds": 4, "num-classes": 2,
-                                                  "run-id": "r1", "backbone-sha256": sha, **stats.to_config()}),
+                                                  "run-id": "r1", "backbone-sha256": sha, "pooling": "avg",
+                                                  **stats.to_config()}),
                           "arrays": to_record(suffix.trainable_state())})
     return site, content
 
