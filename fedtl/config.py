@@ -345,6 +345,10 @@ class FedTLConfig:
             return self
         return replace(self, "model", pooling="avg-std-grid" if has_reference and self.standardizes else "avg")
 
+    def simulated(self) -> FedTLConfig:
+        """:meth:`resolved` as ``fedtl simulate``'s server decides it: its bundled data counts as validation data."""
+        return self.resolved(self.has_reference(demo_data=True))
+
     @property
     def standardizes(self) -> bool:
         """Whether the head trains on standardized features when the server has validation data: ``train.standardize

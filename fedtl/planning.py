@@ -150,7 +150,7 @@ def plan_simulation(cfg) -> tuple[list[SitePlan], int]:
     from fedtl.federation.site import build_transfer_model, load_source, site_indices
 
     source = load_source(cfg.data.path)
-    model = build_transfer_model(cfg.resolved(cfg.has_reference(demo_data=True)), source.num_classes)
+    model = build_transfer_model(cfg.simulated(), source.num_classes)
     params = model.param_counts()["trainable_params"]
     sizes = [len(site_indices(cfg, s, cfg.federation.sites)) for s in range(cfg.federation.sites)]
     return plan_sizes(cfg, sizes, params), params

@@ -14,7 +14,7 @@ For a site they are a fixed preprocessing that does not depend on its data, so i
 never leak more). The model stays in raw coordinates: the site rewrites the head's first linear layer into
 u-coordinates before training (``W' = W · std / gain``, ``b' = b + W · mean``) and back after, so what is sent,
 aggregated, checkpointed, exported and used for prediction is the ordinary head on the pooled features.
-Measured: docs/benchmarks.md, "Feature standardization".
+Measured: docs/benchmarks.md, "Richer pooling with standardized training".
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ class FeatureStandardizer:
         return cls(mean, scale)
 
     def transform(self, feats: torch.Tensor) -> torch.Tensor:
-        """``(…, D)`` raw features → standardized (float32)."""
-        return ((feats.double() - self.mean) / self.scale).to(feats.dtype)
+        """``(…, D)`` raw features → standardized, in the features' dtype (no float64 copy of a site's features)."""
+        return (feats - self.mean.to(feats.dtype)) / self.scale.to(feats.dtype)
 
     def _rewritten(self, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
         w, b = layer.weight.detach().double(), layer.bias.detach().double()

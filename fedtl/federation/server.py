@@ -160,8 +160,8 @@ def feature_statistics(cfg: FedTLConfig, val: tuple[torch.Tensor, torch.Tensor] 
         if cfg.model.pooling != "avg":
             log.warning("train.standardize = server, but the server has no validation data: sites train the head on "
                         "raw features, and with model.pooling = %s that trains worse than with standardized ones "
-                        "(docs/benchmarks.md, \"Feature standardization\"). Give the server validation data, or set "
-                        "model.pooling = avg.", cfg.model.pooling)
+                        "(docs/benchmarks.md, \"Richer pooling with standardized training\"). Give the server "
+                        "validation data, or set model.pooling = avg (or auto).", cfg.model.pooling)
         return {}
     log.info("Sites train the head on %d features standardized with the statistics of the server's %d validation "
              "images (train.standardize = server).", stats.dim, val[0].shape[0])

@@ -57,7 +57,7 @@ def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False, resu
 
     for s in range(cfg.federation.sites):  # partitions: fail early on an impossible split
         site_indices(cfg, s, cfg.federation.sites)
-    resolved = cfg.resolved(cfg.has_reference(demo_data=True))  # the pooling the ServerApp will decide on
+    resolved = cfg.simulated()  # the pooling the ServerApp will decide on
     model = build_transfer_model(resolved, source.num_classes)
     # every cache entry the sites and the server will read, built here once (not by each site's process at once)
     hits = [train_features(resolved, model)[1],
@@ -98,7 +98,7 @@ def _check_plan_in_background(cfg: FedTLConfig) -> None:
             from fedtl.planning import plan_sizes, warnings_for
             from fedtl.federation.site import site_indices
 
-            resolved = cfg.resolved(cfg.has_reference(demo_data=True))
+            resolved = cfg.simulated()
             model = build_transfer_model(resolved, load_source(cfg.data.path).num_classes)
             sizes = [len(site_indices(cfg, s, cfg.federation.sites)) for s in range(cfg.federation.sites)]
             for line in warnings_for(plan_sizes(cfg, sizes, model.param_counts()["trainable_params"], advise=False)):

@@ -128,7 +128,7 @@ def speed_rows() -> dict:
 
     torch.set_num_threads(2)
     cfg = FedTLConfig().with_overrides({"data.partitioner": "iid", "train.views": 1})  # one view: the live prefix's
-    cfg = cfg.resolved(cfg.has_reference(demo_data=True))
+    cfg = cfg.simulated()
     source = load_source(cfg.data.path)
     model = build_transfer_model(cfg, source.num_classes)
     pre: Preprocessing = preprocessing_for(cfg)

@@ -37,7 +37,7 @@ def run(cfg: FedTLConfig, verbose: bool = False, model_kind: str = "transfer", e
     """One federated run; ``model_kind="scratch"``: the small CNN of ``scratch_cnn.py`` on the raw images.
     ``ema`` > 0: also evaluate an exponential moving average of the global suffix over rounds (server-side
     post-processing, no privacy cost), reported as ``ema_*`` at its own best-validation round."""
-    cfg = cfg.resolved(cfg.has_reference(demo_data=True))  # model.pooling = auto, as fedtl simulate's server decides
+    cfg = cfg.simulated()  # model.pooling = auto, as fedtl simulate's server decides
     source = load_source(cfg.data.path)
     yv, yt = torch.as_tensor(source.val.labels), torch.as_tensor(source.test.labels)
     n = cfg.federation.sites

@@ -56,7 +56,7 @@ def _message(node: int, state: dict, n: float, site: str) -> Message:
 
 
 def run(cfg: FedTLConfig, aggregation: str, attack: str, hostile: int, seed: int = 0) -> dict:
-    cfg = cfg.resolved(cfg.has_reference(demo_data=True))  # model.pooling = auto, as fedtl simulate's server decides
+    cfg = cfg.simulated()  # model.pooling = auto, as fedtl simulate's server decides
     source = load_source(cfg.data.path)
     model = build_transfer_model(cfg, source.num_classes)
     val_f, _ = cached_features(cfg, model, source.val, progress=False)

@@ -110,7 +110,7 @@ def pooled_val_auc(model, evals: list[SiteEvalData]) -> float:
 
 
 def run(cfg: FedTLConfig, n_sites: int, eval_split: str = "iid", verbose: bool = False) -> dict:
-    cfg = cfg.resolved(cfg.has_reference(demo_data=True))  # model.pooling = auto, as fedtl simulate's server decides
+    cfg = cfg.simulated()  # model.pooling = auto, as fedtl simulate's server decides
     t0 = time.perf_counter()
     source = load_source(cfg.data.path)
     model = build_transfer_model(cfg, source.num_classes)

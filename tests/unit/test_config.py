@@ -74,6 +74,8 @@ def test_auto_pooling_is_the_richer_one_only_where_the_head_trains_standardized(
     assert explicit.resolved(True) is explicit and explicit.resolved(False) is explicit
     # what the server will hold: its data (or fedtl simulate's bundled data), unless central evaluation is off
     assert not cfg.has_reference() and cfg.has_reference(demo_data=True)
+    assert cfg.simulated().model.pooling == "avg-std-grid"  # fedtl simulate's bundled data is validation data
+    assert cfg.with_overrides({"evaluation.central": "off"}).simulated().model.pooling == "avg"
     assert cfg.with_overrides({"data.path": "x.npz"}).has_reference()
     assert cfg.with_overrides({"evaluation.data-format": "folder", "evaluation.data-path": "imgs"}).has_reference()
     assert not cfg.with_overrides({"data.path": "x.npz", "evaluation.central": "off"}).has_reference()
