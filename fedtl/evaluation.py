@@ -145,3 +145,41 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     first_arr = np.array(sorted(first), dtype=np.int64)
     rest = np.setdiff1d(np.arange(len(labels)), first_arr)
     return first_arr, rest
+
+
+
+def _bootstrap_aucs(probs: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """AUC (binary) or macro one-vs-rest AUC of each resample ``rows[b]`` at once (Mann–Whitney on ranks,
+    ties averaged: what :func:`auc_of` computes, vectorized over resamples; sklearn's per-call checks cost
+    ~6 ms each, 12 s for a 1,000-resample comparison)."""
+    from scipy.stats import rankdata
+
+    y = labels[rows[0]]  # stratified resamples: every row holds the same labels in the same order
+    classes = [1] if probs.shape[1] == 2 else list(np.unique(y))
+    out = np.zeros(len(rows))
+    for c in classes:
+        pos = y == c
+        n1, n0 = int(pos.sum()), int((~pos).sum())
+        ranks = rankdata(probs[rows, c], axis=1)
+        out += (ranks[:, pos].sum(axis=1) - n1 * (n1 + 1) / 2) / (n0 * n1)
+    return out / len(classes)
+
+
+def auc_gain_bound(base: np.ndarray, candidate: np.ndarray, labels: np.ndarray, *, confidence: float = 0.9,
+                   resamples: int = 1000, seed: int = 0) -> float:
+    """A one-sided lower confidence bound on ``AUC(candidate) − AUC(base)`` over the same examples: the
+    ``1 − confidence`` quantile of the paired, class-stratified bootstrap of the difference (each resample
+    keeps every class's count, so each has an AUC). ``base``/``candidate``: (N, K) probabilities. NaN when
+    the AUC is undefined (fewer than two classes). A bound above 0 is evidence the candidate ranks better
+    on data like these; a point difference of 0.0001 on 100 images is not.
+    """
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2 or len(labels) != len(base) or len(labels) != len(candidate):
+        return float("nan")
+    if not 0 < confidence < 1 or resamples < 1:
+        raise ValueError(f"confidence must be in (0, 1) and resamples >= 1, got {confidence}, {resamples}")
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    rows = np.concatenate([rng.choice(ix, size=(resamples, len(ix)), replace=True) for ix in by_class], axis=1)
+    gains = _bootstrap_aucs(np.asarray(candidate), labels, rows) - _bootstrap_aucs(np.asarray(base), labels, rows)
+    return float(np.quantile(gains, 1 - confidence))

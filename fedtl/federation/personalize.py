@@ -6,7 +6,8 @@ Protocol (both directions are untrusted input for the receiver):
   ``config`` with ``run-id``, ``epochs``, ``num-classes``, ``backbone-sha256``;
 - reply: **metrics only**, never arrays — exactly :data:`PERSONAL_METRIC_KEYS`: whether the site
   fine-tuned, whether it kept the fine-tuned suffix (chosen on its validation split), its cumulative ε,
-  and for the global and the fine-tuned suffix on its validation and test splits the number of examples,
+  and for the global and the fine-tuned suffix (the candidate it weighed: fine-tuned or halfway blended,
+  ``fedtl.federation.personal_site.choose_personal``) on its validation and test splits the number of examples,
   AUC (−1: undefined), argmax accuracy and loss; ``info`` (``site``, ``reason``).
 
 The personal suffix stays in the site's state dir (``fedtl.federation.personal_site``). Its DP steps were

@@ -124,3 +124,41 @@ def test_central_decision_is_chosen_on_validation_by_class_count_and_mode():
     assert central_decision(probs, np.zeros(80, int)).rule == "argmax"  # one class: no threshold
     k3 = np.tile([[0.5, 0.3, 0.2]], (9, 1))  # 9 < 5 × 3 examples: too few to move the argmax
     assert central_decision(k3, np.arange(9) % 3).rule == "argmax"
+
+
+def test_the_bootstrap_auc_gain_bound_is_paired_stratified_and_honest():
+    from fedtl.evaluation import _bootstrap_aucs, auc_gain_bound, auc_of
+
+    rng = np.random.default_rng(0)
+
+    def probs(s):
+        p = 1 / (1 + np.exp(-s))
+        return np.stack([1 - p, p], axis=1)
+
+    y = rng.integers(0, 2, 105)
+    s = y + rng.normal(0, 1, 105)
+    # the vectorized AUC is auc_of's, binary and multi-class (ties included: a resample repeats examples)
+    rows = np.sort(rng.integers(0, 105, (1, 105)), axis=1)
+    rows = rows[:, np.argsort(y[rows[0]], kind="stable")]
+    assert _bootstrap_aucs(probs(s), y, rows)[0] == pytest.approx(auc_of(probs(s)[rows[0]], y[rows[0]]))
+    y5 = rng.integers(0, 5, 200)
+    p5 = rng.dirichlet(np.ones(5), 200)
+    p5[np.arange(200), y5] += 0.3
+    p5 /= p5.sum(1, keepdims=True)
+    r5 = rng.integers(0, 200, 200)
+    r5 = r5[np.argsort(y5[r5], kind="stable")]
+    assert _bootstrap_aucs(p5, y5, r5[None])[0] == pytest.approx(auc_of(p5[r5], y5[r5]))
+    # identical models: no gain, and no evidence of one
+    assert auc_gain_bound(probs(s), probs(s), y) == 0.0
+    # a tiny point gain on ~100 images is not evidence; a large one is, and the bound sits below the point gain
+    tiny = s + rng.normal(0, 0.05, 105)
+    assert auc_gain_bound(probs(s), probs(tiny), y) < 0
+    better = 3 * y + rng.normal(0, 1, 105)
+    point = auc_of(probs(better), y) - auc_of(probs(s), y)
+    bound = auc_gain_bound(probs(s), probs(better), y)
+    assert 0 < bound < point
+    assert bound == auc_gain_bound(probs(s), probs(better), y)  # reproducible: a fixed resampling seed
+    # one class: AUC undefined, no bound; bad arguments are refused
+    assert np.isnan(auc_gain_bound(probs(s[y == 1]), probs(better[y == 1]), y[y == 1]))
+    with pytest.raises(ValueError, match="confidence"):
+        auc_gain_bound(probs(s), probs(better), y, confidence=1.0)

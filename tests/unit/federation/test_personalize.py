@@ -246,13 +246,28 @@ def test_the_fine_tuning_itself_is_held_to_the_per_round_cap(tmp_path):
 
 
 def test_the_site_keeps_the_fine_tuned_suffix_only_on_validation_evidence():
-    from fedtl.federation.personal_site import _better
+    from fedtl.federation.personal_site import choose_personal
 
-    def figs(auc, loss, n=40):
-        return {"val": {"n": n, "auc": auc, "loss": loss}}
-
-    assert _better(figs(0.91, 0.5), figs(0.90, 0.4))
-    assert not _better(figs(0.89, 0.1), figs(0.90, 0.6))
-    # one class in validation (AUC undefined): a lower loss is no evidence; the global suffix is kept
-    assert not _better(figs(math.nan, 0.01), figs(math.nan, 0.9))
-    assert not _better({}, {})  # no validation data at all
+    model = TransferModel(make_tiny_backbone(), 2, ModelConfig(pooling="avg"), AdaptersConfig())
+    g = {k: v.clone() for k, v in model.trainable_state().items()}  # zeros: every score ties (AUC 0.5)
+    xv, yv = _site_data(120, seed=1)
+    tuned = {k: v.clone() for k, v in g.items()}
+    tuned["suffix.head.0.weight"][1, 3], tuned["suffix.head.0.weight"][0, 3] = 1.0, -1.0  # the informative feature
+    ev = SiteEvalData("st-mary", {"val": (xv, yv)})
+    # 1. a clearly better fine-tuned suffix is kept (a blend or the suffix itself)
+    model.load_trainable_state(g)
+    alpha, kept, evidence = choose_personal(model, g, tuned, ev)
+    assert evidence > 0.2 and alpha in (0.5, 1.0)
+    assert torch.allclose(kept["suffix.head.0.weight"], alpha * tuned["suffix.head.0.weight"])
+    # a fine-tuned suffix that ranks worse is not kept, nor is any blend of it
+    worse = {k: -v for k, v in tuned.items()}
+    alpha, kept, evidence = choose_personal(model, tuned, worse, ev)
+    assert evidence < 0
+    # 2. a "fine-tuned" suffix identical to the global one is no evidence: a tie keeps the global suffix
+    alpha, kept, evidence = choose_personal(model, g, g, ev)
+    assert not evidence > 0
+    # 3. one class in validation (AUC undefined), or no validation data: no evidence, the global suffix
+    one = SiteEvalData("st-mary", {"val": (xv[yv == 1], yv[yv == 1])})
+    assert choose_personal(model, g, tuned, one)[0] == 0.0
+    assert math.isnan(choose_personal(model, g, tuned, None)[2])
+    assert all(torch.equal(model.trainable_state()[k], g[k]) for k in g)  # the model is left on the global suffix
