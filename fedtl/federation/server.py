@@ -83,7 +83,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     fed = cfg.federation
     strategy = make_strategy(
         fed.aggregation, model.expected_state(), max_hostile=fed.max_hostile, sites=fed.sites,
-        update_clip=fed.update_clip, weight_cap=fed.weight_cap, fraction_train=fed.fraction_train,
+        update_clip=fed.update_clip, weight_cap=fed.weight_cap, weighting=fed.weighting, fraction_train=fed.fraction_train,
         min_train_nodes=fed.min_sites, min_available_nodes=fed.min_sites,  # the round loop waits (bounded)
     )
     eval_config = ConfigRecord({"num-classes": plan.num_classes, "backbone": cfg.model.backbone,
@@ -95,7 +95,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     tracker = Tracker(model, val, test, strategy, out / "metrics.jsonl",
                       site_eval=site_eval if plan.sites == "every-round" else None, select_by=plan.select_by,
                       decision_mode=cfg.evaluation.decision, num_classes=plan.num_classes,
-                      weight_cap=fed.weight_cap or 0.0, total_rounds=fed.rounds)
+                      total_rounds=fed.rounds)  # pooled figures: their own cap (4 × the median n)
     if cfg.output.resume:
         ckpt = load_for_resume(out, cfg)
         fedtl_run, start = ckpt.run_id, ckpt.round + 1

@@ -8,8 +8,10 @@ Every reply goes through the same gate, whatever the aggregation:
    looking at one reply is that reply's rejection (with its reason in ``metrics.jsonl``), never
    the round's end.
 2. **Bounded**: the update ``Δ = w_site − w_global`` is clipped to ``update_clip`` × the median
-   update norm of the round, and the FedAvg weight (``num-examples``) to ``weight_cap`` × the
-   median weight: one site can neither scale its update nor claim a huge data set.
+   update norm of the round, and the weight (``num-examples``) is replaced by the server's
+   (``federation.weighting``, :func:`fedtl.config.aggregation_weights`): by default the reported count
+   capped at ``weight_cap`` × the median (1 ×), or 1 per site — one site can neither scale its update
+   nor claim a huge data set.
 3. **Aggregated** by Flower's own strategy, chosen by ``federation.aggregation``: FedAvg, FedMedian,
    FedTrimmedAvg, Krum, MultiKrum or Bulyan (``flwr.serverapp.strategy``; not rewritten here).
 """
@@ -26,6 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
+from fedtl.config import aggregation_weights
 from fedtl.federation.records import record_bytes, validate_reply
 
 log = logging.getLogger(__name__)
@@ -53,11 +56,12 @@ class BoundedSuffixAggregation:
     """Mixin over a Flower strategy: only validated, bounded suffix updates reach its ``aggregate_train``."""
 
     def __init__(self, expected: dict[str, tuple[tuple[int, ...], str]], *, update_clip: float = 3.0,
-                 weight_cap: float = 4.0, **kwargs) -> None:
+                 weight_cap: float = 1.0, weighting: str = "examples", **kwargs) -> None:
         kwargs.setdefault("fraction_evaluate", 0.0)  # the server evaluates centrally
         super().__init__(**kwargs)
         self.expected = expected
-        self.update_clip, self.weight_cap = update_clip, weight_cap
+        self.update_clip, self.weight_cap, self.weighting = update_clip, weight_cap, weighting
+        aggregation_weights([], weighting, weight_cap)  # an unknown weighting fails here, not in round 1
         self.rounds: dict[int, RoundStats] = {}
         self.node_sites: dict[int, str] = {}  # node id -> the site name it last replied with
         self.current: dict[str, np.ndarray] | None = None  # the global suffix sent this round
@@ -139,38 +143,40 @@ class BoundedSuffixAggregation:
 
     # ---- bounded influence -------------------------------------------------------------
     def _bound(self, accepted: list, stats: RoundStats) -> None:
-        """Clip each update to ``update_clip`` × the round's median update norm and each weight to
-        ``weight_cap`` × the median weight (in place; noted in ``stats.bounded``)."""
-        if self.current is None:
-            return
-        names = list(self.expected)
-        deltas = []
-        for _, msg in accepted:
-            arrays = next(iter(msg.content.array_records.values()))
-            deltas.append({k: arrays[k].numpy().astype(np.float64) - self.current[k] for k in names})
-        norms = [math.sqrt(sum(float((d[k] ** 2).sum()) for k in names)) for d in deltas]
+        """Set each weight to the server's (:func:`fedtl.config.aggregation_weights`) and clip each update to
+        ``update_clip`` × the round's median update norm (in place; clips and caps noted in ``stats.bounded``)."""
+        notes: dict[str, list[str]] = {site: [] for site, _ in accepted}
         weights = [float(next(iter(m.content.metric_records.values()))["num-examples"]) for _, m in accepted]
-        bound = self.update_clip * float(np.median(norms)) if self.update_clip > 0 else math.inf
-        cap = self.weight_cap * float(np.median(weights)) if self.weight_cap > 0 else math.inf
-        for (site, msg), delta, norm, weight in zip(accepted, deltas, norms, weights):
-            notes = []
-            if norm > bound and norm > 0:
-                scale = bound / norm
-                key = next(iter(msg.content.array_records))
-                msg.content[key] = ArrayRecord({k: Array((self.current[k] + delta[k] * scale).astype(self.expected[k][1]))
-                                                for k in names})
-                notes.append(f"update norm {norm:.3g} clipped to {bound:.3g}")
-            if weight > cap:
-                metrics = next(iter(msg.content.metric_records.values()))
-                metrics["num-examples"] = cap
-                notes.append(f"weight {weight:.4g} capped to {cap:.4g}")
-            if notes:
-                stats.bounded[site] = "; ".join(notes)
+        for (site, msg), weight, server_weight in zip(accepted, weights,
+                                                      aggregation_weights(weights, self.weighting, self.weight_cap)):
+            if server_weight != weight:
+                next(iter(msg.content.metric_records.values()))["num-examples"] = server_weight
+                if self.weighting == "examples":  # with `sites` every weight is 1: not a bound worth a note
+                    notes[site].append(f"weight {weight:.4g} capped to {server_weight:.4g}")
+        if self.current is not None:
+            names = list(self.expected)
+            deltas = []
+            for _, msg in accepted:
+                arrays = next(iter(msg.content.array_records.values()))
+                deltas.append({k: arrays[k].numpy().astype(np.float64) - self.current[k] for k in names})
+            norms = [math.sqrt(sum(float((d[k] ** 2).sum()) for k in names)) for d in deltas]
+            bound = self.update_clip * float(np.median(norms)) if self.update_clip > 0 else math.inf
+            for (site, msg), delta, norm in zip(accepted, deltas, norms):
+                if norm > bound and norm > 0:
+                    scale = bound / norm
+                    key = next(iter(msg.content.array_records))
+                    msg.content[key] = ArrayRecord({k: Array((self.current[k] + delta[k] * scale).astype(
+                        self.expected[k][1])) for k in names})
+                    notes[site].insert(0, f"update norm {norm:.3g} clipped to {bound:.3g}")
+        for site, found in notes.items():
+            if found:
+                stats.bounded[site] = "; ".join(found)
                 log.debug("Site %s bounded: %s", site, stats.bounded[site])  # counted in the round's line
 
 
 def make_strategy(aggregation: str, expected: dict[str, tuple[tuple[int, ...], str]], *, max_hostile: int = 1,
-                  sites: int = 10, update_clip: float = 3.0, weight_cap: float = 4.0, **kwargs):
+                  sites: int = 10, update_clip: float = 3.0, weight_cap: float = 1.0, weighting: str = "examples",
+                  **kwargs):
     """The validated, bounded version of Flower's strategy ``aggregation`` (see :data:`AGGREGATIONS`)."""
     base = AGGREGATIONS[aggregation]
     cls = type(f"BoundedSuffix{base.__name__}", (BoundedSuffixAggregation, base), {})
@@ -179,7 +185,7 @@ def make_strategy(aggregation: str, expected: dict[str, tuple[tuple[int, ...], s
         kwargs["num_malicious_nodes"] = max_hostile
     if base is MultiKrum:
         kwargs.setdefault("num_nodes_to_select", max(1, sites - max_hostile))  # average all but f
-    return cls(expected, update_clip=update_clip, weight_cap=weight_cap, **kwargs)
+    return cls(expected, update_clip=update_clip, weight_cap=weight_cap, weighting=weighting, **kwargs)
 
 
 class SuffixFedAvg(BoundedSuffixAggregation, FedAvg):

@@ -69,7 +69,7 @@ class Tracker:
     select_by: str = "central"  # central | federated | last
     decision_mode: str = "threshold"
     num_classes: int = 2
-    weight_cap: float = 4.0
+    weight_cap: float = 4.0  # a site's weight in the pooled federated figures: at most this × the median n
     total_rounds: int = 0
     best_round: int = -1
     best_score: float = -math.inf  # val AUC, or minus val loss under the fallback; higher is better

@@ -1,7 +1,9 @@
 """Fast in-process FedAvg over the same library calls the ClientApp makes (for tuning sweeps).
 
 Flower's simulation runtime adds process start-up and messaging but no arithmetic: each round
-here is the same ``train_site`` on the same cached features, then FedAvg weighted by examples.
+here is the same ``train_site`` on the same cached features, then FedAvg with the server's weights
+(``federation.weighting``: one per site by default) — not the default MultiKrum selection, nor the
+update clip.
 Final figures are always confirmed with ``fedtl simulate``.
 
     python simulations/benchmarks/inprocess_fedavg.py --set adapters.kind=none --set train.lr=0.05
@@ -31,6 +33,13 @@ from fedtl.model import check_state
 from fedtl.privacy import Proposal
 from fedtl.standardize import server_standardizer
 from fedtl.training import evaluate_suffix
+
+
+def weighted_mean(cfg: FedTLConfig, updates: list[tuple[dict, float]]) -> dict:
+    """FedAvg of ``(state, reported count)`` pairs with the server's weights (``federation.weighting``)."""
+    weights = cfg.federation.aggregation_weights([n for _, n in updates])
+    total = sum(weights)
+    return {k: sum(st[k] * w for (st, _), w in zip(updates, weights)) / total for k in updates[0][0]}
 
 
 def run(cfg: FedTLConfig, verbose: bool = False, model_kind: str = "transfer", ema: float = 0.0) -> dict:
@@ -67,7 +76,7 @@ def run(cfg: FedTLConfig, verbose: bool = False, model_kind: str = "transfer", e
     t0 = time.perf_counter()
     eps = {}
     for r in range(1, cfg.federation.rounds + 1):
-        acc, total = None, 0
+        updates = []
         for s, data in enumerate(sites):
             model.load_trainable_state(global_state)
             proposal = Proposal(total_rounds=cfg.federation.rounds, batch_size=cfg.train.batch_size,
@@ -77,15 +86,13 @@ def run(cfg: FedTLConfig, verbose: bool = False, model_kind: str = "transfer", e
             eps[s] = res.epsilon
             if res.declined:
                 continue
-            w = coarse_count(res.num_examples)  # the weight a site reports to the server
             st = model.trainable_state()
             if check_state(st, model.expected_state()):  # the server drops non-finite updates too
                 continue
-            acc = {k: v * w for k, v in st.items()} if acc is None else {k: acc[k] + st[k] * w for k in acc}
-            total += w
-        if acc is None:  # no valid update: keep the model, as the server does
+            updates.append((st, coarse_count(res.num_examples)))  # the count a site reports to the server
+        if not updates:  # no valid update: keep the model, as the server does
             continue
-        global_state = {k: v / total for k, v in acc.items()}
+        global_state = weighted_mean(cfg, updates)
         model.load_trainable_state(global_state)
         v = evaluate_suffix(model, val_f, yv)
         t = evaluate_suffix(model, test_f, yt)

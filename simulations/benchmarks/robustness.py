@@ -67,7 +67,7 @@ def run(cfg: FedTLConfig, aggregation: str, attack: str, hostile: int, seed: int
     standardize = server_standardizer(cfg, val_f)  # what fedtl simulate's server sends (train.standardize)
     fed = cfg.federation
     strategy = make_strategy(aggregation, model.expected_state(), max_hostile=max(1, hostile), sites=n_sites,
-                             update_clip=fed.update_clip, weight_cap=fed.weight_cap)
+                             update_clip=fed.update_clip, weight_cap=fed.weight_cap, weighting=fed.weighting)
     global_state = model.trainable_state()
     stale: dict[int, dict] = {}
     best = {"val_auc": -1.0}

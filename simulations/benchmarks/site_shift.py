@@ -10,7 +10,7 @@ set's class mix); ``--eval-split like-train`` draws it with the site's training 
 sites are evaluated — under Dirichlet 0.5 that left one image of a class in some sites' test shares.
 
 The federation runs in process over the library calls the ClientApp makes (``train_site`` with the
-site's plan, FedAvg weighted by the coarse counts sites report, as ``inprocess_fedavg.py``); the round is
+site's plan, FedAvg with the server's weights, as ``inprocess_fedavg.py``); the round is
 selected by the sites' pooled validation AUC; then every site runs ``personalize_site`` — DP fine-tuning
 of the selected suffix, its ε reserved from round 1, the better of global and fine-tuned kept on its
 validation split. One JSON line: per-site test AUC global vs personal, the worst site's gain, the largest loss.
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from fedtl.config import FedTLConfig, parse_assignment
+from inprocess_fedavg import weighted_mean
 from fedtl.data import ImageSet, partition_indices
 from fedtl.federation.personal_site import personalize_site
 from fedtl.federation.personalize import Personalization, compare, parse_personal_reply, personal_reply
@@ -128,7 +129,7 @@ def run(cfg: FedTLConfig, n_sites: int, eval_split: str = "iid", verbose: bool =
     global_state, best = model.trainable_state(), -math.inf
     best_state, best_round = global_state, 0
     for r in range(1, rounds + 1):
-        acc, total = None, 0
+        updates = []
         for s, data in enumerate(sites):
             model.load_trainable_state(global_state)
             proposal = Proposal(total_rounds=rounds, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs,
@@ -138,11 +139,9 @@ def run(cfg: FedTLConfig, n_sites: int, eval_split: str = "iid", verbose: bool =
             st = model.trainable_state()
             if res.declined or check_state(st, model.expected_state()):
                 continue
-            w = coarse_count(res.num_examples)
-            acc = {k: v * w for k, v in st.items()} if acc is None else {k: acc[k] + st[k] * w for k in acc}
-            total += w
-        if acc is not None:
-            global_state = {k: v / total for k, v in acc.items()}
+            updates.append((st, coarse_count(res.num_examples)))
+        if updates:
+            global_state = weighted_mean(cfg, updates)
         model.load_trainable_state(global_state)
         score = pooled_val_auc(model, evals)
         if verbose:

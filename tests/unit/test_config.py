@@ -79,3 +79,18 @@ def test_auto_pooling_is_the_richer_one_only_where_the_head_trains_standardized(
     assert cfg.with_overrides({"data.path": "x.npz"}).has_reference()
     assert cfg.with_overrides({"evaluation.data-format": "folder", "evaluation.data-path": "imgs"}).has_reference()
     assert not cfg.with_overrides({"data.path": "x.npz", "evaluation.central": "off"}).has_reference()
+
+
+def test_aggregation_weights_are_one_per_site_or_capped_counts():
+    from fedtl.config import FederationConfig, aggregation_weights
+
+    reported = [10.0, 20.0, 30.0, 1000.0]
+    assert FederationConfig().aggregation_weights(reported) == [10.0, 20.0, 25.0, 25.0]  # the default: ≤ the median
+    assert aggregation_weights(reported, "sites", 1.0) == [1.0] * 4
+    assert aggregation_weights(reported, "examples", 4.0) == [10.0, 20.0, 30.0, 100.0]  # 4 × median 25
+    assert aggregation_weights(reported, "examples", 0.0) == reported  # no cap
+    assert aggregation_weights([], "sites", 4.0) == []
+    with pytest.raises(ValueError, match="weighting"):
+        aggregation_weights(reported, "median", 4.0)
+    with pytest.raises(ConfigError, match="federation.weighting"):
+        FedTLConfig.from_run_config({"federation.weighting": "site"})

@@ -40,8 +40,22 @@ def _clean_mean(honest: int = 9) -> dict:
     return {k: torch.stack([s[k] for s in states]).mean(0) for k in GLOBAL}
 
 
-def _fedavg():
-    return make_strategy("fedavg", EXPECTED)
+def _fedavg(weighting: str = "examples", weight_cap: float = 4.0):
+    return make_strategy("fedavg", EXPECTED, weighting=weighting, weight_cap=weight_cap)
+
+
+@pytest.mark.parametrize("weighting", ["examples", "sites"])
+def test_a_huge_claimed_data_set_buys_no_more_weight_than_an_honest_median_site(weighting):
+    """The default (examples, capped at 1 × the median) and ``sites``: claiming 10¹² examples weighs the same
+    as telling the median count (64 here)."""
+    liar = _msg(66, to_record(_honest(66)), {"num-examples": 1e12})
+    honest = _msg(66, to_record(_honest(66)), {"num-examples": 64})
+    lied, stats = _round(make_strategy("fedavg", EXPECTED, weighting=weighting), [liar])
+    told, _ = _round(make_strategy("fedavg", EXPECTED, weighting=weighting), [honest])
+    assert all(torch.equal(lied[k], told[k]) for k in lied)
+    ten = [_honest(i) for i in range(1, 10)] + [_honest(66)]
+    assert all(torch.allclose(lied[k], torch.stack([s[k] for s in ten]).mean(0)) for k in lied)  # the plain mean
+    assert ("s66" in stats.bounded) == (weighting == "examples")  # a cap is reported; `sites` has none
 
 
 def test_a_huge_weight_with_extreme_values_cannot_take_over():
@@ -54,11 +68,12 @@ def test_a_huge_weight_with_extreme_values_cannot_take_over():
     assert all(torch.isfinite(v).all() for v in avg.values())
 
 
-def test_two_sites_claiming_1e308_do_not_zero_the_model():
+@pytest.mark.parametrize("weighting", ["examples", "sites"])
+def test_two_sites_claiming_1e308_do_not_zero_the_model(weighting):
     hostile = [_msg(n, to_record(_honest(n)), {"num-examples": 1e308}) for n in (70, 71)]
-    avg, stats = _round(_fedavg(), hostile)
+    avg, stats = _round(_fedavg(weighting), hostile)
     assert all(torch.isfinite(v).all() and v.abs().min() > 0.05 for v in avg.values())
-    assert set(stats.bounded) == {"s70", "s71"}
+    assert set(stats.bounded) == ({"s70", "s71"} if weighting == "examples" else set())
 
 
 def test_finite_but_huge_values_are_rejected_before_evaluation():

@@ -34,8 +34,9 @@ def _reply(node: int, state: dict | None, n: int, declined: bool = False, reason
     return Message(train_reply(arrays, metrics, site=f"s{node}", reason=reason), reply_to=instruction)
 
 
-def test_bad_updates_are_dropped_with_reasons_and_the_rest_averaged_by_weight(caplog):
-    strategy = SuffixFedAvg(expected=EXPECTED)
+@pytest.mark.parametrize("weighting, weight_cap", [("examples", 0.0), ("examples", 1.0), ("sites", 1.0)])
+def test_bad_updates_are_dropped_with_reasons_and_the_rest_averaged_by_weight(caplog, weighting, weight_cap):
+    strategy = SuffixFedAvg(expected=EXPECTED, weighting=weighting, weight_cap=weight_cap)
     nan_state = _state(1.0)
     nan_state["suffix.head.0.bias"][0] = float("nan")
     extra = dict(_state(5.0), **{"prefix.stem.0.weight": torch.zeros(3)})
@@ -51,7 +52,10 @@ def test_bad_updates_are_dropped_with_reasons_and_the_rest_averaged_by_weight(ca
     with caplog.at_level(logging.WARNING):
         arrays, _ = strategy.aggregate_train(1, replies)
     avg = arrays.to_torch_state_dict()
-    assert torch.allclose(avg["suffix.head.0.weight"], torch.full((2, 4), (1.0 * 8 + 4.0 * 32) / 40))
+    expected = {("examples", 0.0): (1.0 * 8 + 4.0 * 32) / 40,  # FedAvg's weights
+                ("examples", 1.0): (1.0 * 8 + 4.0 * 20) / 28,  # the default: 32 capped at the median, 20
+                ("sites", 1.0): (1.0 + 4.0) / 2}[weighting, weight_cap]  # one each
+    assert torch.allclose(avg["suffix.head.0.weight"], torch.full((2, 4), expected))
     stats = strategy.rounds[1]
     assert sorted(stats.trained) == ["s1", "s2"]
     assert set(stats.rejected) == {"s3", "s4", "s5", "s6"} and set(stats.declined) == {"s7"}
@@ -91,7 +95,7 @@ def test_an_update_with_a_bad_weight_is_rejected_and_left_out_of_the_average(num
     arrays, _ = strategy.aggregate_train(1, [_reply(1, _state(1.0), 8), _reply(2, _state(4.0), 32),
                                              _hostile_reply(9, _state(1000.0), num_examples)])
     avg = arrays.to_torch_state_dict()
-    expected = (1.0 * 8 + 4.0 * 32) / 40  # the hostile reply's 1000s and weight have no part in it
+    expected = (1.0 * 8 + 4.0 * 20) / 28  # 32 capped at the median (20); the hostile reply has no part in it
     assert torch.allclose(avg["suffix.head.0.weight"], torch.full((2, 4), expected))
     assert torch.allclose(avg["suffix.head.0.bias"], torch.full((2,), expected))
     stats = strategy.rounds[1]
