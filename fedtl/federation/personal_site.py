@@ -4,8 +4,9 @@ The site scores the global suffix on its validation and test splits, fine-tunes 
 under its privacy plan (:func:`fedtl.privacy.policy.plan_personalize`; the ledger entry is saved before
 anything is reported), and keeps the fine-tuned suffix (or the halfway blend of global and fine-tuned) only on
 evidence that it ranks the site's *validation* split better than the global one — a paired bootstrap lower
-bound on the AUC gain above 0 (never test; without a defined validation AUC, the global one). The kept suffix is written atomically to ``<state dir>/personal-suffix.safetensors``
-and never sent; only the figures of :func:`fedtl.federation.personalize.personal_reply` leave the site.
+bound on the AUC gain above 0 (never test; without a defined validation AUC, the global one). The kept suffix
+is written atomically to ``<state dir>/personal-suffix.safetensors`` and never sent; only the figures of
+:func:`fedtl.federation.personalize.personal_reply` leave the site.
 """
 
 from __future__ import annotations
@@ -161,9 +162,8 @@ def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, po
     out.path = personal_suffix_path(policy)
     out.path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors_atomically(kept, out.path, metadata={
-        "run": str(run_id)[:128], "kept": "tuned" if out.kept_tuned else "global", "blend": f"{alpha:g}" if out.kept_tuned else "0",
-        "epochs": str(epochs),
-        "epsilon": f"{out.epsilon:.6f}"})
+        "run": str(run_id)[:128], "kept": "tuned" if out.kept_tuned else "global",
+        "blend": f"{alpha:g}" if out.kept_tuned else "0", "epochs": str(epochs), "epsilon": f"{out.epsilon:.6f}"})
     log.info("Site %s keeps the %s suffix (validation AUC gain, %.0f%% lower bound: %.4f); saved to %s", policy.site,
              f"fine-tuned (blend {alpha:g})" if out.kept_tuned else "global", 100 * EVIDENCE, evidence, out.path)
     return out

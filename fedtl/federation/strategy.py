@@ -48,7 +48,8 @@ class RoundStats:
     epsilon: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, dict] = field(default_factory=dict)  # per site, as the site reported it
     timed_out: list[str] = field(default_factory=list)  # sites asked that did not reply in time
-    bounded: dict[str, str] = field(default_factory=dict)  # sites whose update or weight was clipped
+    bounded: dict[str, str] = field(default_factory=dict)  # sites whose update norm was clipped
+    capped: dict[str, str] = field(default_factory=dict)  # sites whose reported weight was capped (routine: the median)
     attempts: int = 1
 
 
@@ -144,15 +145,15 @@ class BoundedSuffixAggregation:
     # ---- bounded influence -------------------------------------------------------------
     def _bound(self, accepted: list, stats: RoundStats) -> None:
         """Set each weight to the server's (:func:`fedtl.config.aggregation_weights`) and clip each update to
-        ``update_clip`` × the round's median update norm (in place; clips and caps noted in ``stats.bounded``)."""
-        notes: dict[str, list[str]] = {site: [] for site, _ in accepted}
+        ``update_clip`` × the round's median update norm (in place; caps noted in ``stats.capped``, clips in
+        ``stats.bounded``)."""
         weights = [float(next(iter(m.content.metric_records.values()))["num-examples"]) for _, m in accepted]
         for (site, msg), weight, server_weight in zip(accepted, weights,
                                                       aggregation_weights(weights, self.weighting, self.weight_cap)):
             if server_weight != weight:
                 next(iter(msg.content.metric_records.values()))["num-examples"] = server_weight
-                if self.weighting == "examples":  # with `sites` every weight is 1: not a bound worth a note
-                    notes[site].append(f"weight {weight:.4g} capped to {server_weight:.4g}")
+                if self.weighting == "examples":  # with `sites` every weight is 1: not a cap worth a note
+                    stats.capped[site] = f"weight {weight:.4g} capped to {server_weight:.4g}"
         if self.current is not None:
             names = list(self.expected)
             deltas = []
@@ -167,11 +168,8 @@ class BoundedSuffixAggregation:
                     key = next(iter(msg.content.array_records))
                     msg.content[key] = ArrayRecord({k: Array((self.current[k] + delta[k] * scale).astype(
                         self.expected[k][1])) for k in names})
-                    notes[site].insert(0, f"update norm {norm:.3g} clipped to {bound:.3g}")
-        for site, found in notes.items():
-            if found:
-                stats.bounded[site] = "; ".join(found)
-                log.debug("Site %s bounded: %s", site, stats.bounded[site])  # counted in the round's line
+                    stats.bounded[site] = f"update norm {norm:.3g} clipped to {bound:.3g}"
+                    log.debug("Site %s bounded: %s", site, stats.bounded[site])  # counted in the round's line
 
 
 def make_strategy(aggregation: str, expected: dict[str, tuple[tuple[int, ...], str]], *, max_hostile: int = 1,

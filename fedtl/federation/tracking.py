@@ -146,6 +146,7 @@ class Tracker:
             row.update({"bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down, "sites_trained": sorted(stats.trained),
                         "declined": stats.declined, "rejected": stats.rejected, "failed": stats.failed,
                         "timed_out": stats.timed_out, "attempts": stats.attempts, "bounded": stats.bounded,
+                        "capped": stats.capped,
                         "epsilon": dict(sorted(stats.epsilon.items())),
                         "privacy": dict(sorted(stats.privacy.items()))})
         self.history.append(row)

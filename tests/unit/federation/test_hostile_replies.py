@@ -55,14 +55,14 @@ def test_a_huge_claimed_data_set_buys_no_more_weight_than_an_honest_median_site(
     assert all(torch.equal(lied[k], told[k]) for k in lied)
     ten = [_honest(i) for i in range(1, 10)] + [_honest(66)]
     assert all(torch.allclose(lied[k], torch.stack([s[k] for s in ten]).mean(0)) for k in lied)  # the plain mean
-    assert ("s66" in stats.bounded) == (weighting == "examples")  # a cap is reported; `sites` has none
+    assert ("s66" in stats.capped) == (weighting == "examples")  # a cap is reported; `sites` has none
 
 
 def test_a_huge_weight_with_extreme_values_cannot_take_over():
     hostile = _msg(66, to_record({W: torch.full((2, 4), -50.0), B: torch.full((2,), -50.0)}), {"num-examples": 1e12})
     avg, stats = _round(_fedavg(), [hostile])
     clean = _clean_mean()
-    assert "weight" in stats.bounded["s66"] and "clipped" in stats.bounded["s66"]
+    assert "capped" in stats.capped["s66"] and "clipped" in stats.bounded["s66"]
     # clipped to 3x the median update norm, weighted at most 4x the median weight: 4/13 of a small step
     assert all((avg[k] - clean[k]).abs().max() < 0.2 for k in avg), avg  # not -50
     assert all(torch.isfinite(v).all() for v in avg.values())
@@ -73,7 +73,7 @@ def test_two_sites_claiming_1e308_do_not_zero_the_model(weighting):
     hostile = [_msg(n, to_record(_honest(n)), {"num-examples": 1e308}) for n in (70, 71)]
     avg, stats = _round(_fedavg(weighting), hostile)
     assert all(torch.isfinite(v).all() and v.abs().min() > 0.05 for v in avg.values())
-    assert set(stats.bounded) == ({"s70", "s71"} if weighting == "examples" else set())
+    assert set(stats.capped) == ({"s70", "s71"} if weighting == "examples" else set())
 
 
 def test_finite_but_huge_values_are_rejected_before_evaluation():
