@@ -132,7 +132,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plans = plan_sizes(cfg, sizes, params)
     else:
         plans, params = plan_simulation(cfg)
-    for line in format_plans(plans, params, cfg.federation.weighting, cfg.federation.weight_cap):
+    for line in format_plans(plans, params, cfg.federation):
         print(line)
     return 0
 

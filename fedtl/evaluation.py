@@ -16,6 +16,7 @@ import json
 
 import numpy as np
 
+from fedtl.config import aggregation_weights
 from fedtl.decision import METADATA_KEY, Decision, decision_from_metadata
 
 HIST_BINS = 50  # score histogram bins a site releases per class (binary tasks), on [0, 1]
@@ -118,9 +119,7 @@ def pooled(rows: list[dict], prefix: str, weight_cap: float = 4.0) -> dict[str, 
     sized = [r for r in rows if r.get(f"{prefix}_n", 0) > 0]
     if not sized:
         return {f"{prefix}_auc": float("nan"), f"{prefix}_acc": float("nan"), f"{prefix}_loss": float("nan"), f"{prefix}_n": 0}
-    w = np.array([float(r[f"{prefix}_n"]) for r in sized])
-    if weight_cap > 0:
-        w = np.minimum(w, weight_cap * float(np.median(w)))
+    w = np.array(aggregation_weights([float(r[f"{prefix}_n"]) for r in sized], "examples", weight_cap))
     for key in ("auc", "acc", "loss"):
         vals = np.array([float(r[f"{prefix}_{key}"]) for r in sized])
         ok = np.isfinite(vals)
@@ -145,7 +144,6 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     first_arr = np.array(sorted(first), dtype=np.int64)
     rest = np.setdiff1d(np.arange(len(labels)), first_arr)
     return first_arr, rest
-
 
 
 def _bootstrap_aucs(probs: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:

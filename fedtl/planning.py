@@ -33,6 +33,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
+from fedtl.config import FederationConfig
 from fedtl.privacy.policy import steps_per_epoch
 
 NOISY, NOISE = 0.5, 1.0  # NSR thresholds of the verdicts
@@ -170,32 +171,32 @@ def plan_sizes(cfg, sizes: list[int], params: int, advise: bool = True) -> list[
     return plans
 
 
-def federation_nsr(plans: list[SitePlan], weighting: str = "examples", weight_cap: float = 1.0) -> float:
-    """NSR of one round's aggregate: the sites' updates averaged with the server's weights
-    (``federation.weighting``: w ∝ n capped, or one per site; :func:`fedtl.config.aggregation_weights`);
+def federation_nsr(plans: list[SitePlan], fed: FederationConfig | None = None) -> float:
+    """NSR of one round's aggregate: the sites' updates averaged with the server's weights (``fed``'s
+    ``weighting`` and ``weight_cap``, default the defaults: :meth:`FederationConfig.aggregation_weights`);
     independent noise adds in quadrature, signal linearly: √(Σ w²·NSR²) / Σ w."""
-    from fedtl.config import aggregation_weights
-
     live = [p for p in plans if p.verdict != "declines"]
     if not live:
         return math.inf
-    w = aggregation_weights([float(p.n) for p in live], weighting, weight_cap)
+    w = (fed or FederationConfig()).aggregation_weights([float(p.n) for p in live])
     return math.sqrt(sum((wi * p.nsr) ** 2 for wi, p in zip(w, live))) / sum(w)
 
 
-def format_plans(plans: list[SitePlan], params: int, weighting: str = "examples", weight_cap: float = 1.0) -> list[str]:
+def format_plans(plans: list[SitePlan], params: int, fed: FederationConfig | None = None) -> list[str]:
     lines = [f"{'site':<10}{'n':>6}{'batch':>6}{'steps/rd':>9}{'rounds':>7}{'σ':>7}{'ε/round':>9}{'ε total':>8}"
              f"{'NSR':>7}{'run NSR':>9}  verdict"]
     for p in plans:
         sigma = f"{p.sigma:.2f}" if math.isfinite(p.sigma) else ">100"
         lines.append(f"{p.site:<10}{p.n:>6}{p.batch:>6}{p.steps_per_round:>9}{p.rounds:>7}{sigma:>7}"
                      f"{p.epsilon_per_round:>9.3f}{p.epsilon_total:>8.3f}{p.nsr:>7.2f}{p.run_nsr:>9.2f}  {p.verdict}")
-    fed = federation_nsr(plans, weighting, weight_cap)
+    weights = "one weight per site" if (fed or FederationConfig()).weighting == "sites" else \
+        "weights as the server: examples, capped"
+    fed_nsr = federation_nsr(plans, fed)
     rounds = max((p.rounds for p in plans), default=1)
     lines.append(f"trainable parameters d = {params}; federation NSR of a round's aggregate "
                  f"({sum(p.verdict != 'declines' for p in plans)} sites, "
-                 f"{'one weight per site' if weighting == 'sites' else 'weights as the server: examples, capped'}) = {fed:.2f}, "
-                 f"of the run's {rounds} rounds = {fed / math.sqrt(max(rounds, 1)):.2f}")
+                 f"{weights}) = {fed_nsr:.2f}, "
+                 f"of the run's {rounds} rounds = {fed_nsr / math.sqrt(max(rounds, 1)):.2f}")
     if any(p.personalize_steps for p in plans):
         lines.append("σ and ε total include each site's fine-tuning after the last round (personalization.kind = "
                      "finetune), reserved from round 1: "
@@ -208,26 +209,26 @@ def format_plans(plans: list[SitePlan], params: int, weighting: str = "examples"
         lines.extend(f"    - {a}" for a in p.advice)
     if len(bad) > 5:
         lines.append(f"! … and {len(bad) - 5} more such sites")
-    if fed >= NOISE:
+    if fed_nsr >= NOISE:
         lines.append("! The federation's aggregate update of a round is mostly noise: expect a model near chance. "
                      "Fewer rounds, larger batches or budgets, or pooled sites (see above) would help.")
-    elif fed >= NOISY:
+    elif fed_nsr >= NOISY:
         lines.append("! The federation's aggregate update of a round is noisy: expect slow learning.")
     return lines
 
 
-def warnings_for(plans: list[SitePlan], weighting: str = "examples", weight_cap: float = 1.0) -> list[str]:
+def warnings_for(plans: list[SitePlan], fed: FederationConfig | None = None) -> list[str]:
     """The plan's warnings in a few lines (the check at the start of a simulation)."""
     out = []
     bad = [p for p in plans if p.verdict in ("noise", "declines")]
     if bad:
         names = ", ".join(f"{p.site} ({p.n} images, NSR {p.nsr:.1f})" for p in bad[:6]) + (" …" if len(bad) > 6 else "")
-        fed = federation_nsr(plans, weighting, weight_cap)
-        after = (f" The aggregate's NSR is {fed:.2f}: the federation learns from the others." if fed < NOISY else "")
+        agg = federation_nsr(plans, fed)
+        after = (f" The aggregate's NSR is {agg:.2f}: the federation learns from the others." if agg < NOISY else "")
         out.append(f"{len(bad)} of {len(plans)} sites will send updates that are mostly noise or decline: {names}. "
                    f"`fedtl plan` shows what would help.{after}")
-    fed = federation_nsr(plans, weighting, weight_cap)
-    if fed >= NOISY:
-        out.append(f"The aggregate update of a round has a noise-to-signal ratio of {fed:.2f}: expect "
-                   f"{'a model near chance' if fed >= NOISE else 'slow learning'} (`fedtl plan`).")
+    agg = federation_nsr(plans, fed)
+    if agg >= NOISY:
+        out.append(f"The aggregate update of a round has a noise-to-signal ratio of {agg:.2f}: expect "
+                   f"{'a model near chance' if agg >= NOISE else 'slow learning'} (`fedtl plan`).")
     return out

@@ -156,7 +156,7 @@ def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, po
     if eval_data is not None:  # the candidate the site weighed against the global suffix
         model.load_trainable_state(candidate if math.isfinite(evidence) else tuned_state)
         out.figures["tuned"] = evaluate_site(model, eval_data)
-    out.kept_tuned = math.isfinite(evidence) and evidence > 0
+    out.kept_tuned = evidence > 0  # NaN (no evidence) is not
     kept = candidate if out.kept_tuned else global_state
     model.load_trainable_state(kept)
     out.path = personal_suffix_path(policy)

@@ -102,7 +102,7 @@ def _check_plan_in_background(cfg: FedTLConfig) -> None:
             model = build_transfer_model(resolved, load_source(cfg.data.path).num_classes)
             sizes = [len(site_indices(cfg, s, cfg.federation.sites)) for s in range(cfg.federation.sites)]
             plans = plan_sizes(cfg, sizes, model.param_counts()["trainable_params"], advise=False)
-            for line in warnings_for(plans, cfg.federation.weighting, cfg.federation.weight_cap):
+            for line in warnings_for(plans, cfg.federation):
                 log.warning("Plan: %s", line)
         except Exception as exc:  # advice only
             log.debug("The plan check failed: %s", exc)

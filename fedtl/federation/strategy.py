@@ -28,10 +28,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
-from fedtl.config import aggregation_weights
+from fedtl.config import FederationConfig, aggregation_weights
 from fedtl.federation.records import record_bytes, validate_reply
 
 log = logging.getLogger(__name__)
+_DEFAULTS = FederationConfig()  # the bounds' defaults are the config's, stated once
 
 AGGREGATIONS = {"fedavg": FedAvg, "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum,
                 "multikrum": MultiKrum, "bulyan": Bulyan}
@@ -56,8 +57,8 @@ class RoundStats:
 class BoundedSuffixAggregation:
     """Mixin over a Flower strategy: only validated, bounded suffix updates reach its ``aggregate_train``."""
 
-    def __init__(self, expected: dict[str, tuple[tuple[int, ...], str]], *, update_clip: float = 3.0,
-                 weight_cap: float = 1.0, weighting: str = "examples", **kwargs) -> None:
+    def __init__(self, expected: dict[str, tuple[tuple[int, ...], str]], *, update_clip: float = _DEFAULTS.update_clip,
+                 weight_cap: float = _DEFAULTS.weight_cap, weighting: str = _DEFAULTS.weighting, **kwargs) -> None:
         kwargs.setdefault("fraction_evaluate", 0.0)  # the server evaluates centrally
         super().__init__(**kwargs)
         self.expected = expected
@@ -173,8 +174,8 @@ class BoundedSuffixAggregation:
 
 
 def make_strategy(aggregation: str, expected: dict[str, tuple[tuple[int, ...], str]], *, max_hostile: int = 1,
-                  sites: int = 10, update_clip: float = 3.0, weight_cap: float = 1.0, weighting: str = "examples",
-                  **kwargs):
+                  sites: int = 10, update_clip: float = _DEFAULTS.update_clip, weight_cap: float = _DEFAULTS.weight_cap,
+                  weighting: str = _DEFAULTS.weighting, **kwargs):
     """The validated, bounded version of Flower's strategy ``aggregation`` (see :data:`AGGREGATIONS`)."""
     base = AGGREGATIONS[aggregation]
     cls = type(f"BoundedSuffix{base.__name__}", (BoundedSuffixAggregation, base), {})

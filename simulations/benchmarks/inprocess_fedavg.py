@@ -2,8 +2,8 @@
 
 Flower's simulation runtime adds process start-up and messaging but no arithmetic: each round
 here is the same ``train_site`` on the same cached features, then FedAvg with the server's weights
-(``federation.weighting``: one per site by default) — not the default MultiKrum selection, nor the
-update clip.
+(``federation.weighting``: reported counts capped at the median by default) — not the default
+MultiKrum selection, nor the update clip.
 Final figures are always confirmed with ``fedtl simulate``.
 
     python simulations/benchmarks/inprocess_fedavg.py --set adapters.kind=none --set train.lr=0.05

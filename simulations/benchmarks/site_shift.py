@@ -12,8 +12,8 @@ sites are evaluated — under Dirichlet 0.5 that left one image of a class in so
 The federation runs in process over the library calls the ClientApp makes (``train_site`` with the
 site's plan, FedAvg with the server's weights, as ``inprocess_fedavg.py``); the round is
 selected by the sites' pooled validation AUC; then every site runs ``personalize_site`` — DP fine-tuning
-of the selected suffix, its ε reserved from round 1, the better of global and fine-tuned kept on its
-validation split. One JSON line: per-site test AUC global vs personal, the worst site's gain, the largest loss.
+of the selected suffix, its ε reserved from round 1, kept only on validation evidence
+(``choose_personal``). One JSON line: per-site test AUC global vs personal, the worst site's gain, the largest loss.
 
     python simulations/benchmarks/site_shift.py --sites 5 --set federation.rounds=15
 """
@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from fedtl.config import FedTLConfig, parse_assignment
-from inprocess_fedavg import weighted_mean
 from fedtl.data import ImageSet, partition_indices
 from fedtl.federation.personal_site import personalize_site
 from fedtl.federation.personalize import Personalization, compare, parse_personal_reply, personal_reply
@@ -41,6 +40,7 @@ from fedtl.federation.site import (SiteData, SiteEvalData, build_transfer_model,
 from fedtl.model import check_state
 from fedtl.privacy import Proposal
 from fedtl.standardize import server_standardizer
+from inprocess_fedavg import weighted_mean  # this folder: the same aggregation as the tuning loop
 
 DATA = "/work/shared/data/medmnist/pneumoniamnist.npz"
 # One acquisition chain per site (cycled for more sites): what differs between scanners and protocols.

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from fedtl.cli import main
-from fedtl.config import FedTLConfig
+from fedtl.config import FederationConfig, FedTLConfig
 from fedtl.planning import Budget, federation_nsr, nsr, plan_site, plan_sizes, warnings_for
 from fedtl.privacy.accounting import epsilon_of
 
@@ -38,10 +38,10 @@ def test_a_tiny_site_is_told_it_sends_noise_and_every_alternative_is_measured():
 def test_the_federation_weighs_sites_as_the_server_does():
     big = plan_site("big", 2000, rounds=40, batch_size=64, epochs=1, params=226, budget=BUDGET)
     tiny = plan_site("tiny", 15, rounds=40, batch_size=64, epochs=1, params=226, budget=BUDGET)
-    fed = federation_nsr([big, tiny], "examples", 0.0)
+    fed = federation_nsr([big, tiny], FederationConfig(weight_cap=0.0))
     assert big.nsr < fed < tiny.nsr and fed < 2 * big.nsr  # FedAvg's weights: the tiny site's noise weighs by its n
     # one weight per site: the tiny site's noise counts as much as the big site's
-    equal = federation_nsr([big, tiny], "sites")
+    equal = federation_nsr([big, tiny], FederationConfig(weighting="sites"))
     assert equal == pytest.approx(math.hypot(big.nsr, tiny.nsr) / 2) and equal > fed
     # the default, capped at the median (of two sites: their mean, 1007.5): the tiny site weighs a little more
     assert fed < federation_nsr([big, tiny]) < equal
