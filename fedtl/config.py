@@ -37,7 +37,7 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
 class ModelConfig:
     backbone: str = "efficientnet_lite0"
     resolution: int = 112  # square input side in pixels, after resizing
-    head: str = "linear"  # linear | mlp
+    head: str = "linear"  # linear | mlp | ordinal (classes in order, e.g. grades: one score and C − 1 cut points)
     head_hidden: int = 256  # width of the MLP head's hidden layer
     cut_after: str = "auto"  # last backbone unit kept ("" = the whole backbone, "auto" = the backbone's recommendation)
     feature_norm: str = "none"  # none | layernorm (per-sample, parameter-free: safe under DP)
@@ -51,7 +51,7 @@ class ModelConfig:
             _fail("model.num-classes", self.num_classes, "must be 0 (from the server's data) or between 2 and 1000")
         if not 32 <= self.resolution <= 1024:
             _fail("model.resolution", self.resolution, "must be between 32 and 1024 pixels")
-        _choice("model.head", self.head, ("linear", "mlp"))
+        _choice("model.head", self.head, ("linear", "mlp", "ordinal"))
         _choice("model.feature-norm", self.feature_norm, ("none", "layernorm"))
         _choice("model.pooling", self.pooling, ("auto", *POOLINGS))
         if self.head_hidden < 1:

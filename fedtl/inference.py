@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _HEAD_BIAS = re.compile(r"^suffix\.head\.(\d+)\.bias$")
+_CUTS = re.compile(r"^suffix\.head\.\d+\.cuts$")
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,6 +126,12 @@ def check_run_dir(run_dir: str | Path) -> Path:
 
 
 def _num_classes(state: dict[str, torch.Tensor], path: Path) -> int:
+    cuts = [k for k in state if _CUTS.match(k)]  # an ordinal head: C − 1 cut points
+    if cuts:
+        shape = tuple(state[cuts[0]].shape)
+        if len(shape) != 1 or shape[0] < 1:
+            raise ConfigError(f"{path}: `{cuts[0]}` has shape {shape}; an ordinal head's cut points are one vector.")
+        return shape[0] + 1
     layers = sorted((int(m.group(1)), k) for k in state if (m := _HEAD_BIAS.match(k)))
     if not layers:
         raise ConfigError(f"{path} holds no head (`suffix.head.N.bias`); it is not a fedtl suffix.")

@@ -17,6 +17,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fedtl.adapters import apply_lora, apply_unfreeze
 from fedtl.backbones import Backbone
@@ -59,6 +60,38 @@ def concrete_pooling(kind: str) -> str:
     return "avg" if kind == "auto" else kind
 
 
+class CumulativeLink(nn.Module):
+    """Ordered classes from one score (``model.head = ordinal``): the proportional-odds model
+    ``P(y ≤ j) = σ(θ_j − s)``, j = 0 … C−2, with cut points ``θ`` kept increasing (the first, then softplus gaps).
+    Input ``(…, 1)`` scores, output ``(…, C)`` log class probabilities: a valid logit vector, so cross-entropy,
+    ``softmax``, the decision rule and the exports read it as they read a linear head's logits. One weight vector
+    instead of C: under DP the clipped gradient is not spread over C − 1 directions (docs/benchmarks.md, RetinaMNIST).
+    With two classes it is logistic regression on one logit."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError(f"`model.head = ordinal` needs at least 2 classes, got {num_classes}.")
+        # start from a uniform prediction: θ_j = logit((j + 1) / C)
+        theta = torch.logit(torch.arange(1, num_classes, dtype=torch.float64) / num_classes)
+        gaps = torch.diff(theta)
+        raw = torch.cat([theta[:1], gaps + torch.log(-torch.expm1(-gaps))])  # softplus⁻¹ of the gaps
+        self.cuts = nn.Parameter(raw.float())
+
+    def thresholds(self) -> torch.Tensor:
+        return torch.cat([self.cuts[:1], self.cuts[:1] + torch.cumsum(F.softplus(self.cuts[1:]), 0)])
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        theta = self.thresholds()
+        below = theta - s  # (…, C−1): log-odds of y ≤ j
+        first = F.logsigmoid(below[..., :1])
+        last = F.logsigmoid(-below[..., -1:])
+        # log(σ(a) − σ(b)), a > b: log σ(a) + log σ(−b) + log(1 − e^(b − a)); the gap a − b = θ_j − θ_{j−1} > 0
+        gap = (theta[1:] - theta[:-1]).clamp_min(1e-6)
+        middle = F.logsigmoid(below[..., 1:]) + F.logsigmoid(-below[..., :-1]) + torch.log(-torch.expm1(-gap))
+        return torch.cat([first, middle, last], -1)
+
+
 class Suffix(nn.Module):
     def __init__(self, blocks: nn.Sequential, feature_dim: int, num_classes: int, cfg: ModelConfig):
         super().__init__()
@@ -67,11 +100,14 @@ class Suffix(nn.Module):
         norm = [nn.LayerNorm(feature_dim, elementwise_affine=False)] if cfg.feature_norm == "layernorm" else []
         if cfg.head == "linear":
             self.head = nn.Sequential(*norm, nn.Linear(feature_dim, num_classes))
+        elif cfg.head == "ordinal":
+            self.head = nn.Sequential(*norm, nn.Linear(feature_dim, 1), CumulativeLink(num_classes))
         else:
             self.head = nn.Sequential(*norm, nn.Linear(feature_dim, cfg.head_hidden), nn.ReLU(),
                                       nn.Linear(cfg.head_hidden, num_classes))
-        nn.init.zeros_(self.head[-1].weight)  # start from a uniform prediction
-        nn.init.zeros_(self.head[-1].bias)
+        last = [m for m in self.head if isinstance(m, nn.Linear)][-1]
+        nn.init.zeros_(last.weight)  # start from a uniform prediction
+        nn.init.zeros_(last.bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if len(self.blocks):
