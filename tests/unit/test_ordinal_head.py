@@ -71,6 +71,7 @@ def _ordinal_data(n=240, d=6, classes=4, seed=0):
     return x, torch.bucketize(latent, cuts)
 
 
+@pytest.mark.slow
 def test_the_ordinal_head_learns_grades_under_dp_sgd_with_per_example_gradients():
     """Opacus computes the cut points' per-example gradients (a module of its own, outside its layer list) and the
     head learns: macro one-vs-rest AUC well above chance on held-out grades."""
@@ -106,13 +107,17 @@ def _ordinal_run(backbone, classes=3) -> RunModel:
                     metadata={"round": "3", "weights_sha256": "0" * 64})
 
 
-def test_an_ordinal_run_exports_to_onnx_with_the_probabilities_predict_gives(tiny_backbone, toy_images, tmp_path):
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_an_ordinal_run_exports_to_onnx_and_torchscript_with_the_probabilities_predict_gives(tiny_backbone, toy_images, tmp_path):
     pytest.importorskip("onnxruntime")
     run = _ordinal_run(tiny_backbone)
     images = toy_images[0][:12]
     probs = run.probabilities(images)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     report = export_run(run, "onnx", tmp_path / "m.onnx", images, latency_runs=1)
+    assert report.max_abs_diff <= 1e-4 and report.checked_images == 12
+    report = export_run(run, "torchscript", tmp_path / "m.pt", images, latency_runs=1)
     assert report.max_abs_diff <= 1e-4 and report.checked_images == 12
 
 
