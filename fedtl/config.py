@@ -102,7 +102,7 @@ class PrivacyConfig:
     max_epsilon_per_run: float = 0.0  # 0: the whole budget
     max_epsilon_per_round: float = 0.0  # 0: a quarter of the budget
     max_rounds_per_run: int = 200
-    max_noise_multiplier: float = 10.0  # a site declines rounds that would need more noise than this
+    max_noise_multiplier: float = 50.0  # a site declines rounds that would need more noise than this
     randomness: str = "os"  # os (secret, from the OS CSPRNG) | seeded (reproducible; simulations only)
 
     def __post_init__(self) -> None:

@@ -36,7 +36,12 @@ from dataclasses import dataclass, field
 from fedtl.config import FederationConfig
 from fedtl.privacy.policy import steps_per_epoch
 
-NOISY, NOISE = 0.5, 1.0  # NSR thresholds of the verdicts
+NOISY, NOISE = 0.5, 1.0  # NSR thresholds of a site's verdict (its own update, one round)
+# Thresholds of the federation's verdict, on the run NSR of the aggregate (per-round aggregate NSR / √rounds):
+# measured (docs/benchmarks.md, "The plan's verdict"), the default PneumoniaMNIST federation reached test AUC
+# 0.966 at 0.08 (ε = 3), 0.957–0.960 at 0.18–0.22 (ε = 1) and 0.939 at 0.43 (ε = 0.5), although every site's own
+# update was "noise" at ε ≤ 1. At 1 the run's summed noise is as large as the largest possible signal.
+RUN_NOISY, RUN_NOISE = 0.3, 1.0
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,24 @@ def federation_nsr(plans: list[SitePlan], fed: FederationConfig | None = None) -
     return math.sqrt(sum((wi * p.nsr) ** 2 for wi, p in zip(w, live))) / sum(w)
 
 
+def federation_run_nsr(plans: list[SitePlan], fed: FederationConfig | None = None) -> float:
+    """Run NSR of the aggregate: :func:`federation_nsr` over √rounds (the rounds' noise adds in quadrature)."""
+    rounds = max((p.rounds for p in plans), default=1)
+    return federation_nsr(plans, fed) / math.sqrt(max(rounds, 1))
+
+
+def _federation_verdict(plans: list[SitePlan], fed: FederationConfig | None) -> str:
+    """'' when the federation learns; else one sentence on what to expect (run NSR of the aggregate)."""
+    run = federation_run_nsr(plans, fed)
+    if run >= RUN_NOISE:
+        return (f"The federation's aggregate over the run is mostly noise (run NSR {run:.2f}): expect a model near "
+                "chance. Fewer trainable parameters, larger budgets, or pooled sites would help.")
+    if run >= RUN_NOISY:
+        return (f"The federation's aggregate over the run is noisy (run NSR {run:.2f}): expect a clearly weaker model "
+                "than a larger budget would give (measured: 0.939 test AUC at run NSR 0.43 against 0.966 at 0.08).")
+    return ""
+
+
 def format_plans(plans: list[SitePlan], params: int, fed: FederationConfig | None = None) -> list[str]:
     lines = [f"{'site':<10}{'n':>6}{'batch':>6}{'steps/rd':>9}{'rounds':>7}{'σ':>7}{'ε/round':>9}{'ε total':>8}"
              f"{'NSR':>7}{'run NSR':>9}  verdict"]
@@ -209,26 +232,27 @@ def format_plans(plans: list[SitePlan], params: int, fed: FederationConfig | Non
         lines.extend(f"    - {a}" for a in p.advice)
     if len(bad) > 5:
         lines.append(f"! … and {len(bad) - 5} more such sites")
-    if fed_nsr >= NOISE:
-        lines.append("! The federation's aggregate update of a round is mostly noise: expect a model near chance. "
-                     "Fewer rounds, larger batches or budgets, or pooled sites (see above) would help.")
-    elif fed_nsr >= NOISY:
-        lines.append("! The federation's aggregate update of a round is noisy: expect slow learning.")
+    verdict = _federation_verdict(plans, fed)
+    if verdict:
+        lines.append(f"! {verdict}")
+    elif bad:
+        lines.append(f"Averaged over the sites and the run's {rounds} rounds the noise is small against the signal "
+                     f"(run NSR of the aggregate {fed_nsr / math.sqrt(max(rounds, 1)):.2f}): the federation learns.")
     return lines
 
 
 def warnings_for(plans: list[SitePlan], fed: FederationConfig | None = None) -> list[str]:
     """The plan's warnings in a few lines (the check at the start of a simulation)."""
     out = []
-    bad = [p for p in plans if p.verdict in ("noise", "declines")]
-    if bad:
-        names = ", ".join(f"{p.site} ({p.n} images, NSR {p.nsr:.1f})" for p in bad[:6]) + (" …" if len(bad) > 6 else "")
-        agg = federation_nsr(plans, fed)
-        after = (f" The aggregate's NSR is {agg:.2f}: the federation learns from the others." if agg < NOISY else "")
-        out.append(f"{len(bad)} of {len(plans)} sites will send updates that are mostly noise or decline: {names}. "
-                   f"`fedtl plan` shows what would help.{after}")
-    agg = federation_nsr(plans, fed)
-    if agg >= NOISY:
-        out.append(f"The aggregate update of a round has a noise-to-signal ratio of {agg:.2f}: expect "
-                   f"{'a model near chance' if agg >= NOISE else 'slow learning'} (`fedtl plan`).")
+    declining = [p for p in plans if p.verdict == "declines"]
+    if declining:
+        names = ", ".join(f"{p.site} ({p.n} images)" for p in declining[:6]) + (" …" if len(declining) > 6 else "")
+        out.append(f"{len(declining)} of {len(plans)} sites will decline every round (no σ within their policy fits "
+                   f"the run): {names}. `fedtl plan` shows what would help.")
+    verdict = _federation_verdict(plans, fed)
+    if verdict:
+        noisy = [p for p in plans if p.verdict == "noise"]
+        names = ", ".join(f"{p.site} ({p.n} images, NSR {p.nsr:.1f})" for p in noisy[:6]) + (" …" if len(noisy) > 6 else "")
+        out.append(verdict + (f" Sites whose own updates are mostly noise: {names}." if noisy else "")
+                   + " `fedtl plan` shows what would help.")
     return out

@@ -30,7 +30,7 @@ The site operator writes it (``site.toml``), never the server::
     max-epsilon-per-run = 0        # 0: the whole budget
     max-epsilon-per-round = 0      # 0: a quarter of the budget
     max-rounds-per-run = 200
-    max-noise-multiplier = 10      # rounds that would need more noise are declined (pure noise)
+    max-noise-multiplier = 50      # rounds that would need more noise are declined (pure noise)
     max-personalize-epochs = 5     # local DP fine-tuning after the last round, planned in ε (0: never)
 
     [tls]

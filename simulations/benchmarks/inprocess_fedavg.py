@@ -115,6 +115,9 @@ def run(cfg: FedTLConfig, verbose: bool = False, model_kind: str = "transfer", e
                 ema_best = {"ema_round": r, "ema_val_auc": ev.auc, "ema_test_auc": et.auc,
                             "ema_test_acc": float((d.apply(et.probabilities) == yt.numpy()).mean())}
             model.load_trainable_state(global_state)
+    if "round" not in best:
+        raise SystemExit("No round had an update: every site declined every round (`fedtl plan` with the same "
+                         "--set says why); nothing to report.")
     if ema > 0:
         best.update(ema_best)
     best.update(final_test_auc=t.auc, final_test_acc_argmax=t.accuracy, eps_max=max(eps.values()),

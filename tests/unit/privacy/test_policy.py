@@ -62,7 +62,7 @@ def test_a_round_that_would_be_noise_is_declined(tmp_path):
     policy = _policy(tmp_path, target_epsilon=0.05)
     plan = _plan(policy, Proposal(total_rounds=40, batch_size=64), n=100)
     assert isinstance(plan, Decline)
-    assert "above its policy's max-noise-multiplier 10" in plan.reason and "/" not in plan.reason
+    assert "above its policy's max-noise-multiplier 50" in plan.reason and "/" not in plan.reason
     assert not policy.ledger_path.exists()  # nothing spent, nothing written
 
 
@@ -120,8 +120,8 @@ def test_a_site_that_cannot_afford_a_round_declines_after_one_bound_check(tmp_pa
     accounting._rdp_curve.cache_clear()
     policy = _policy(tmp_path, target_epsilon=0.05)
     plan = _plan(policy, Proposal(total_rounds=5, batch_size=64), n=100)
-    assert isinstance(plan, Decline) and "σ>10 to stay within its policy" in plan.reason, plan
-    assert accounting._rdp_curve.cache_info().misses == 1  # the curve at (σ=10, q) only
+    assert isinstance(plan, Decline) and "σ>50 to stay within its policy" in plan.reason, plan
+    assert accounting._rdp_curve.cache_info().misses == 1  # the curve at (σ=50, q) only
     assert not policy.ledger_path.exists()
 
 
