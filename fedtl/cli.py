@@ -172,7 +172,8 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     for key, path in missing:
         print(f"missing file: `{key}` = {path}")
     result = load_site_data(site.data, allow_empty=True)
-    print(f"images read: {len(result.images)} of {result.listed} listed, {site.data.image_size}x{site.data.image_size} grayscale")
+    kind = "RGB (colour kept)" if result.images.images.ndim == 4 else "grayscale"
+    print(f"images read: {len(result.images)} of {result.listed} listed, {site.data.image_size}x{site.data.image_size} {kind}")
     for index, (name, count) in enumerate(result.class_counts().items()):
         print(f"  class {index} {name}: {count}")
     print(f"unreadable: {len(result.problems)}")

@@ -1,7 +1,7 @@
 """Predictions from a finished run: the pinned backbone, the selected suffix, the run's decision rule.
 
     run dir ─► config.json (backbone, resolution, cut, adapters) + suffix.safetensors (tensors, metadata)
-    image file ─► grayscale uint8 (S, S) as a data site reads it ─► backbone preprocessing ─► prefix ─► suffix
+    image file ─► uint8 (S, S) gray or (S, S, 3) colour, as a data site reads it ─► backbone preprocessing ─► prefix ─► suffix
               ─► softmax (N, C) ─► decision rule ─► label
 
 Files are read exactly as a data site reads its training images (:func:`fedtl.data.site_sources.read_image_file`
@@ -62,7 +62,7 @@ class RunModel:
 
     @torch.no_grad()
     def probabilities(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """uint8 ``(N, H, W)`` grayscale → float32 ``(N, C)`` class probabilities."""
+        """uint8 ``(N, H, W)`` grayscale or ``(N, H, W, 3)`` RGB → float32 ``(N, C)`` class probabilities."""
         self.model.eval()
         out = [self.model(self.preprocessing(images[i:i + batch_size])).softmax(-1)
                for i in range(0, len(images), batch_size)]
@@ -177,7 +177,7 @@ def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Probl
 
 def read_inputs(files: Iterable[Path], image_size: int = DEFAULT_IMAGE_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS
                 ) -> tuple[list[Path], np.ndarray, list[Problem]]:
-    """Read each file as a data site would: ``(read files, (N, S, S) uint8, problems)``."""
+    """Read each file as a data site would: ``(read files, (N, S, S) or (N, S, S, 3) uint8, problems)``."""
     read: list[Path] = []
     arrays: list[np.ndarray] = []
     problems: list[Problem] = []
@@ -189,6 +189,8 @@ def read_inputs(files: Iterable[Path], image_size: int = DEFAULT_IMAGE_SIZE, max
             problems.append(Problem(str(path), _reason(exc)))
             continue
         read.append(path)
+    if any(a.ndim == 3 for a in arrays):  # one colour image: all get 3 channels, as a site stacks them
+        arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
     images = np.stack(arrays) if arrays else np.zeros((0, image_size, image_size), np.uint8)
     return read, images, problems
 

@@ -3,8 +3,11 @@
 Folder and DICOM sites list their images in a CSV with header ``file,label`` (paths relative to
 the data folder; labels are integers, or class names when ``data.classes`` lists them in class-index
 order); ``data.labels-column`` names another label column (``file,abnormal,site``: ``"abnormal"``), and
-other columns are ignored. Every image becomes grayscale uint8 resized to ``image_size`` x ``image_size`` (PIL,
-bilinear, aspect ratio not kept), so a site yields one :class:`~fedtl.data.sources.ImageSet`.
+other columns are ignored. Every image becomes uint8 resized to ``image_size`` x ``image_size`` (PIL,
+bilinear, aspect ratio not kept): ``(S, S)`` when it is grayscale (or RGB with equal channels, as X-rays are
+often saved), ``(S, S, 3)`` when it has colour (fundus photographs, dermoscopy, histology), so a site yields one
+:class:`~fedtl.data.sources.ImageSet` — of 3 channels as soon as one of its images has colour (a grayscale image
+among them is its channel repeated, as the backbone's preprocessing would repeat it).
 
 One bad file never stops a site: a missing, corrupt, undecodable or oversized image (or a CSV row
 with a bad label) is skipped and reported as a :class:`Problem`. :class:`~fedtl.errors.DataError` is raised
@@ -69,7 +72,7 @@ class Problem(NamedTuple):
 class SiteImages:
     """What a site could read: the images, the names of its classes and every skipped file."""
 
-    images: ImageSet  # (N, S, S) uint8, labels (N,) int64
+    images: ImageSet  # (N, S, S) or, when any image has colour, (N, S, S, 3) uint8; labels (N,) int64
     class_names: tuple[str, ...]  # index -> name ("0", "1", … when the labels are plain integers)
     problems: tuple[Problem, ...] = ()
     listed: int = 0  # entries considered (CSV rows, or images in the npz split)
@@ -111,21 +114,22 @@ def _load_medmnist_split(cfg: SiteDataConfig) -> SiteImages:
             raise DataError(f"{cfg.path} holds {num_classes} classes but `data.classes` names only "
                             f"{len(cfg.classes)} ({', '.join(cfg.classes)}); name every class in index order.")
         num_classes = len(cfg.classes)
-    native = part.images.ndim == 3 and part.images.shape[1] == part.images.shape[2]
+    native = part.images.ndim in (3, 4) and part.images.shape[1] == part.images.shape[2]
     if native and cfg.image_size in (0, part.images.shape[1]):
-        images = part.images.copy()  # already square grayscale: the backbone's preprocessing resizes
+        images = part.images.copy()  # already square (grayscale or RGB): the backbone's preprocessing resizes
     else:
         size = cfg.image_size or DEFAULT_IMAGE_SIZE
-        images = np.empty((len(part), size, size), np.uint8)
-        for i, img in enumerate(part.images):
-            images[i] = _to_square_uint8(img, size)
+        resized = [_to_square_uint8(img, size) for img in part.images]
+        colour = any(r.ndim == 3 for r in resized)
+        images = np.stack([np.repeat(r[..., None], 3, -1) if colour and r.ndim == 2 else r for r in resized]) \
+            if resized else np.empty((0, size, size), np.uint8)
     names = cfg.classes or tuple(str(i) for i in range(num_classes))
     return SiteImages(ImageSet(images, part.labels.copy(), part.name), names, (), len(part))
 
 
 # ---- folder and DICOM sites: a CSV lists the files ---------------------------------------------------
 
-Reader = Callable[..., np.ndarray]  # reader(path, image_size, max_pixels=...) -> (S, S) uint8
+Reader = Callable[..., np.ndarray]  # reader(path, image_size, max_pixels=...) -> (S, S) or (S, S, 3) uint8
 
 
 class LabelRow(NamedTuple):
@@ -146,7 +150,7 @@ def load_labelled_files(folder: Path, labels_csv: Path, reader: Reader, image_si
         raise DataError(f"Image folder {folder} does not exist or is not a folder; set `data.path` to the folder "
                         "the labels CSV's paths are relative to.")
     rows = read_labels_csv(labels_csv, classes, label_column)
-    images = np.empty((len(rows), image_size, image_size), np.uint8)
+    images = np.empty((len(rows), image_size, image_size), np.uint8)  # (…, 3) from the first colour image on
     labels = np.empty(len(rows), np.int64)
     problems: list[Problem] = []
     kept = 0
@@ -159,7 +163,10 @@ def load_labelled_files(folder: Path, labels_csv: Path, reader: Reader, image_si
             problems.append(Problem(row.file, "file does not exist" if not path.exists() else "not a regular file"))
             continue
         try:
-            images[kept] = reader(path, image_size, max_pixels=max_pixels)
+            image = reader(path, image_size, max_pixels=max_pixels)
+            if image.ndim == 3 and images.ndim == 3:  # the first colour image: every image gets 3 channels
+                images = np.repeat(images[..., None], 3, axis=-1)
+            images[kept] = image[..., None] if image.ndim < images.ndim - 1 else image
         except Exception as exc:  # noqa: BLE001 - decoders raise many types; one bad file must not stop the site
             problems.append(Problem(row.file, _reason(exc)))
             continue
@@ -241,7 +248,8 @@ def _reason(exc: Exception) -> str:
 # ---- single files ---------------------------------------------------------------------------------------
 
 def read_image_file(path: Path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A PNG / JPEG (or other Pillow-readable) image as ``(S, S)`` uint8 grayscale; its size is checked first."""
+    """A PNG / JPEG (or other Pillow-readable) image as ``(S, S)`` uint8 grayscale or ``(S, S, 3)`` RGB when it has
+    colour (:func:`_pixels`); its size is checked first."""
     with warnings.catch_warnings():
         # Pillow warns of a possible bomb above its own 89 Mpx while reading the header; the size is
         # checked against data.max-pixels (at most Pillow's hard limit) right below, before decoding.
@@ -253,10 +261,7 @@ def read_image_file(path: Path, image_size: int, max_pixels: int = DEFAULT_MAX_P
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):  # 16/32-bit gray: stretch its own range
             return _to_square_uint8(_minmax_uint8(np.asarray(img)), image_size)
-        gray = img if img.mode == "L" else img.convert("L")  # as _to_square_uint8 would, without two more copies
-        if gray.size != (image_size, image_size):
-            gray = gray.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        return np.array(gray, dtype=np.uint8)
+        return _pixels(img, image_size)
 
 
 def check_pixels(width: int, height: int, max_pixels: int, frames: int = 1) -> None:
@@ -272,7 +277,7 @@ def check_pixels(width: int, height: int, max_pixels: int, frames: int = 1) -> N
 
 
 def read_dicom_image(path: Path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A DICOM file's first frame as ``(S, S)`` uint8 grayscale (see the module notes)."""
+    """A DICOM file's first frame as ``(S, S)`` uint8 grayscale, ``(S, S, 3)`` for a colour one (see the module notes)."""
     return _to_square_uint8(dicom_to_uint8(read_dicom(path, max_pixels)), image_size)
 
 
@@ -390,8 +395,7 @@ def dicom_to_uint8(ds: Dataset) -> np.ndarray:
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise ValueError(f"unsupported PhotometricInterpretation {photometric!r} with shape {arr.shape}")
-        rgb = arr if arr.dtype == np.uint8 else _minmax_uint8(arr)
-        return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("L"))
+        return arr if arr.dtype == np.uint8 else _minmax_uint8(arr)  # (H, W, 3): _to_square_uint8 keeps its colour
 
     def modality(chunk: np.ndarray) -> np.ndarray:  # float64 when rescaled: only ever a chunk at a time
         return apply_modality_lut(chunk, ds)
@@ -458,15 +462,30 @@ def _minmax_uint8(arr: np.ndarray, fn: Callable[[np.ndarray], np.ndarray] | None
 
 
 def _to_square_uint8(arr: np.ndarray, size: int) -> np.ndarray:
-    """``(H, W)`` or ``(H, W, C)`` uint8 → ``(size, size)`` grayscale uint8."""
+    """``(H, W)`` or ``(H, W, C)`` uint8 → ``(size, size)`` grayscale or ``(size, size, 3)`` RGB (:func:`_pixels`)."""
     if arr.dtype != np.uint8:
         raise ValueError(f"image has dtype {arr.dtype}; expected uint8")
     if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
-        img = Image.fromarray(np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr)).convert("L")
+        img = Image.fromarray(np.ascontiguousarray(arr[..., 0] if arr.shape[-1] == 1 else arr))
     elif arr.ndim == 2:
         img = Image.fromarray(np.ascontiguousarray(arr))
     else:
         raise ValueError(f"image has shape {arr.shape}; expected (H, W) or (H, W, C)")
+    return _pixels(img, size)
+
+
+_GRAY_MODES = ("1", "L", "LA", "La")
+
+
+def _pixels(img: Image.Image, size: int) -> np.ndarray:
+    """A decoded Pillow image resized to ``size`` x ``size``: ``(S, S)`` uint8 when it is grayscale or RGB with three
+    equal channels (one array, the same features: the backbone's preprocessing repeats a gray channel), else ``(S, S,
+    3)`` RGB — colour is information (fundus, dermoscopy, histology), not something to average away. Alpha is
+    dropped."""
+    img = img.convert("L" if img.mode in _GRAY_MODES else "RGB") if img.mode not in ("L", "RGB") else img
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+    arr = np.array(img, dtype=np.uint8)
+    if arr.ndim == 3 and (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all():
+        return np.ascontiguousarray(arr[..., 0])
+    return arr

@@ -244,3 +244,70 @@ def test_labels_column_names_the_csv_column_that_holds_the_labels(tmp_path):
     # a named column that is absent is named too
     with pytest.raises(DataError, match="no `finding` column; its header is 'file,abnormal,site'"):
         load_site_data(dataclasses.replace(cfg, labels_column="finding"))
+
+
+# ---- colour ------------------------------------------------------------------------------------------------
+
+def _colour(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    img[..., 0] = 200  # a red cast: the channels differ
+    return img
+
+
+def test_colour_images_keep_their_colour_and_grayscale_ones_in_a_colour_site_get_three_equal_channels(tmp_path):
+    """Fundus photographs read from a folder were averaged to gray; colour is information the prefix uses."""
+    from fedtl.inference import read_inputs
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.full((20, 20), 90, np.uint8)).save(folder / "gray.png")
+    Image.fromarray(_colour(30, 30)).save(folder / "fundus.png")
+    Image.fromarray(np.dstack([np.full((12, 12), 70, np.uint8)] * 3)).save(folder / "xray_saved_as_rgb.png")
+    Image.fromarray(_colour(16, 16, 1)).convert("RGBA").save(folder / "alpha.png")
+    labels = write_csv(tmp_path / "labels.csv", [("gray.png", 0), ("fundus.png", 1), ("xray_saved_as_rgb.png", 0),
+                                                 ("alpha.png", 1)])
+    assert read_image_file(folder / "xray_saved_as_rgb.png", 16).shape == (16, 16)  # equal channels: gray
+    fundus = read_image_file(folder / "fundus.png", 16)
+    assert fundus.shape == (16, 16, 3) and not np.array_equal(fundus[..., 0], fundus[..., 1])
+    site = load_site_data(SiteDataConfig(format="folder", path=folder, labels=labels, image_size=16))
+    images = site.images.images
+    assert images.shape == (4, 16, 16, 3) and site.problems == ()
+    assert (images[0] == 90).all() and (images[2] == 70).all()  # gray, repeated into the three channels
+    np.testing.assert_array_equal(images[1], fundus)
+    assert images[3].shape == (16, 16, 3) and not np.array_equal(images[3][..., 0], images[3][..., 2])  # alpha dropped
+    # `fedtl predict` reads the same files into the same arrays
+    _, predicted, problems = read_inputs([folder / n for n in ("gray.png", "fundus.png", "xray_saved_as_rgb.png",
+                                                              "alpha.png")], 16)
+    assert problems == [] and np.array_equal(predicted, images)
+    # a site of grayscale images only stays (N, S, S)
+    gray_only = write_csv(tmp_path / "gray.csv", [("gray.png", 0), ("xray_saved_as_rgb.png", 1)])
+    assert load_site_data(SiteDataConfig(format="folder", path=folder, labels=gray_only,
+                                         image_size=16)).images.images.shape == (2, 16, 16)
+
+
+def test_a_colour_medmnist_site_resized_and_a_colour_dicom_keep_their_colour(tmp_path):
+    arrays = {}
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        arrays[f"{split}_images"] = np.stack([_colour(8, 8, i) for i in range(n)])
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(n, 1)
+    np.savez(tmp_path / "rgb.npz", **arrays)
+    resized = load_site_data(SiteDataConfig(format="medmnist", path=tmp_path / "rgb.npz", image_size=16))
+    assert resized.images.images.shape == (4, 16, 16, 3)
+    assert not np.array_equal(resized.images.images[..., 0], resized.images.images[..., 1])
+    native = load_site_data(SiteDataConfig(format="medmnist", path=tmp_path / "rgb.npz"))
+    np.testing.assert_array_equal(native.images.images, arrays["train_images"])
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(tmp_path / "c.dcm"), Dataset(), file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = "XC", 3, "RGB", 0
+    ds.Rows, ds.Columns = 10, 10
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    pixels = _colour(10, 10, 5)
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(tmp_path / "c.dcm", enforce_file_format=True)
+    out = read_dicom_image(tmp_path / "c.dcm", 10)
+    np.testing.assert_array_equal(out, pixels)
