@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from fedtl.config import FedTLConfig
+from fedtl.federation.polling import destinations, reply_node
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,15 @@ def ensure_backbone(grid: Grid, cfg: FedTLConfig, pinned_sha256: str, expected_s
         time.sleep(1.0)
     nodes = list(grid.get_node_ids())
     ask = ConfigRecord({"action": "backbone-status", "backbone": cfg.model.backbone, "sha256": pinned_sha256})
-    replies = grid.send_and_receive([Message(RecordDict({"config": ask}), dst_node_id=n, message_type=MessageType.QUERY)
-                                     for n in nodes], timeout=timeout)
+    asked = [Message(RecordDict({"config": ask}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    replies = grid.send_and_receive(asked, timeout=timeout)
+    sent = destinations(asked)  # errors for unavailable nodes come from the SuperLink's id: match by message
     lacking, problems = [], {}
     for r in replies:
         if r.has_error():
-            problems[r.metadata.src_node_id] = r.error.reason
+            problems[reply_node(r, sent)] = r.error.reason
         elif not r.content["status"]["has"]:
-            lacking.append(r.metadata.src_node_id)
+            lacking.append(reply_node(r, sent))
     if lacking:
         path = build_backbone(cfg.model.backbone).weights_path
         payload = np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)
@@ -51,18 +53,19 @@ def ensure_backbone(grid: Grid, cfg: FedTLConfig, pinned_sha256: str, expected_s
         send = ConfigRecord({"action": "backbone-install", "backbone": cfg.model.backbone, "sha256": pinned_sha256})
         weights = ArrayRecord({"file": Array(payload)})
         t0 = time.perf_counter()
-        replies = grid.send_and_receive(
-            [Message(RecordDict({"config": send, "weights": weights}), dst_node_id=n, message_type=MessageType.QUERY)
-             for n in lacking], timeout=timeout)
+        installs = [Message(RecordDict({"config": send, "weights": weights}), dst_node_id=n,
+                            message_type=MessageType.QUERY) for n in lacking]
+        replies = grid.send_and_receive(installs, timeout=timeout)
+        sent = destinations(installs)
         seconds = time.perf_counter() - t0
         log.info("Backbone transfer: %d bytes to %d site(s), replies in %.2f s.", payload.size, len(lacking), seconds)
         if report is not None:
             report.update(bytes=int(payload.size), sites=len(lacking), seconds=round(seconds, 2))
         for r in replies:
             if r.has_error():
-                problems[r.metadata.src_node_id] = r.error.reason
+                problems[reply_node(r, sent)] = r.error.reason
             elif not r.content["status"]["has"]:
-                problems[r.metadata.src_node_id] = str(r.content["status"]["error"])
+                problems[reply_node(r, sent)] = str(r.content["status"]["error"])
     for node, problem in problems.items():
         log.warning("Node %d cannot use the pinned backbone: %s", node, problem)
     return problems

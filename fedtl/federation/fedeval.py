@@ -215,15 +215,16 @@ def ask_sites(grid, strategy, result, message_type: str, arrays: ArrayRecord, co
     under that name (another node's already: ``"<name> (node <id>)"``; none: the node's own name). A failed or
     rejected reply (logged: "<what> reply from … rejected") goes to ``result.skipped``, never ending the run;
     nodes that did not answer, to ``result.timed_out``."""
-    from fedtl.federation.polling import send_and_receive
+    from fedtl.federation.polling import destinations, reply_node, send_and_receive
 
     node_ids = sorted(grid.get_node_ids())
     messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
                         message_type=message_type) for node in node_ids]
     replies = send_and_receive(grid, messages, timeout=timeout) if messages else []  # polled every 0.2 s
+    sent = destinations(messages)
     answered = set()
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = reply_node(reply, sent)
         answered.add(node)
         fallback = strategy.site_name(node)
         if reply.has_error():

@@ -33,3 +33,14 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float,
             break
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
     return replies
+
+
+def destinations(messages: Iterable[Message]) -> dict[str, int]:
+    """Message id → destination node of pushed ``messages`` (a grid sets each id when it pushes the message)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+
+def reply_node(reply: Message, sent: dict[str, int]) -> int:
+    """The node a reply is about: the destination of the message it answers. An error the SuperLink writes for a
+    node that stopped reporting (Node Unavailable) has the SuperLink's own id as its source, not the node's."""
+    return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)

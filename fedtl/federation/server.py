@@ -27,7 +27,7 @@ from fedtl.errors import ConfigError, FederationError
 from fedtl.federation.checkpoint import CHECKPOINT, Checkpoint
 from fedtl.federation.distribution import ensure_backbone
 from fedtl.federation.fedeval import evaluate_at_sites
-from fedtl.federation.polling import send_and_receive
+from fedtl.federation.polling import destinations, send_and_receive
 from fedtl.federation.records import record_bytes, to_record, to_state
 from fedtl.federation.site import build_transfer_model, cached_features
 from fedtl.federation.strategy import RoundStats, SuffixFedAvg, make_strategy
@@ -186,9 +186,11 @@ def _train_round(grid: Grid, strategy: SuffixFedAvg, rnd: int, arrays: ArrayReco
             continue
         messages = list(strategy.configure_train(rnd, arrays, train_config, grid))
         replies = send_and_receive(grid, messages, timeout=fed.round_timeout)  # polled every 0.2 s, not 3 s
+        strategy.sent_to = destinations(messages)  # replies are matched to sites by the message they answer
         sent = {m.metadata.dst_node_id for m in messages}
-        answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
-        stats.timed_out = sorted(strategy.site_name(n) for n in sent - {r.metadata.src_node_id for r in replies})
+        replied = {strategy.reply_node(r) for r in replies}
+        answered = {strategy.reply_node(r) for r in replies if not r.has_error()}
+        stats.timed_out = sorted(strategy.site_name(n) for n in sent - replied)
         stats.attempts = attempt
         if len(answered) >= fed.min_sites:
             if stats.timed_out:

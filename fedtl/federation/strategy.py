@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
 from fedtl.config import FederationConfig, aggregation_weights
+from fedtl.federation.polling import reply_node
 from fedtl.federation.records import record_bytes, validate_reply
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,16 @@ class BoundedSuffixAggregation:
         aggregation_weights([], weighting, weight_cap)  # an unknown weighting fails here, not in round 1
         self.rounds: dict[int, RoundStats] = {}
         self.node_sites: dict[int, str] = {}  # node id -> the site name it last replied with
+        self.sent_to: dict[str, int] = {}  # this round's message id -> the node it went to (set by the server)
         self.current: dict[str, np.ndarray] | None = None  # the global suffix sent this round
         self._said: set[tuple[str, str]] = set()  # (site, decline reason) already logged
 
     def site_name(self, node: int) -> str:
         return self.node_sites.get(node, f"node-{node}")
+
+    def reply_node(self, msg: Message) -> int:
+        """The node a reply is about (:func:`fedtl.federation.polling.reply_node`, this round's messages)."""
+        return reply_node(msg, self.sent_to)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -86,7 +92,7 @@ class BoundedSuffixAggregation:
             try:
                 ok = self._admit(server_round, msg, stats)
             except Exception as exc:  # noqa: BLE001 - a reply must never end the round
-                site = self.site_name(msg.metadata.src_node_id)
+                site = self.site_name(self.reply_node(msg))
                 stats.rejected[site] = f"the reply could not be processed ({type(exc).__name__}: {exc})"[:500]
                 log.warning("Round %d: update from %s rejected: %s", server_round, site, stats.rejected[site])
                 continue
@@ -109,10 +115,11 @@ class BoundedSuffixAggregation:
 
     # ---- one reply ---------------------------------------------------------------------
     def _admit(self, server_round: int, msg: Message, stats: RoundStats):
-        node = msg.metadata.src_node_id
+        node = self.reply_node(msg)
         if msg.has_error():
             stats.failed[self.site_name(node)] = str(msg.error.reason)[:500]
-            log.warning("Round %d: node %d failed: %s", server_round, node, msg.error.reason)
+            who = f"{self.node_sites[node]} (node {node})" if node in self.node_sites else f"node {node}"
+            log.warning("Round %d: %s failed: %s", server_round, who, msg.error.reason)
             return None
         content = msg.content
         info = content["info"] if "info" in content.config_records else {}

@@ -473,3 +473,50 @@ def test_auto_pooling_is_decided_once_by_the_server_written_to_config_json_and_s
               calls=calls)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model.pooling"] == "avg-std-grid"
     assert calls[0]["train_config"]["pooling"] == "avg-std-grid"  # the server has validation data: standardized
+
+
+class PushGrid:
+    """A deployment grid as Flower 1.41's: push sets each message's id; node 20 has stopped, so the SuperLink answers
+    for it with a Node Unavailable error whose source is the SuperLink's own node id (1), not node 20."""
+
+    def __init__(self):
+        self.replies = {}
+
+    def get_node_ids(self):
+        return [10, 20]
+
+    def push_messages(self, messages):
+        from flwr.app import ConfigRecord, Error, Message, RecordDict
+
+        ids = []
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{i}"
+            if m.metadata.dst_node_id == 20:
+                reply = Message(error=Error(code=5, reason="Error: Node Unavailable — no heartbeat"), reply_to=m)
+                reply.metadata.__dict__["_src_node_id"] = 1  # as linkstate.utils writes it: SUPERLINK_NODE_ID
+            else:
+                reply = Message(RecordDict({"info": ConfigRecord({"site": "st-mary"})}), reply_to=m)
+            self.replies[m.metadata.message_id] = reply
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+def test_a_site_that_stopped_is_named_as_failed_not_as_silent_and_not_as_the_superlink(task_identity, tmp_path, caplog):
+    """A deployment trial: after a site was killed, the round said "no reply within 300 s from site2" 15 s in, and
+    recorded the failure under `node-1` (the SuperLink). Replies are matched to sites by the message they answer."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    strategy = SuffixFedAvg({}, fraction_train=1.0, min_available_nodes=1, min_train_nodes=1)
+    strategy.node_sites[20] = "site2"
+    fed = FedTLConfig().with_overrides({"federation.sites": 2, "federation.min-sites": 1}).federation
+    with caplog.at_level(logging.WARNING):
+        replies = server._train_round(PushGrid(), strategy, 1, ArrayRecord(), ConfigRecord({}), fed, tmp_path)
+        assert len(replies) == 2 and strategy.rounds[1].timed_out == []
+        assert "no reply within" not in caplog.text
+        assert [strategy.reply_node(r) for r in replies if r.has_error()] == [20]
+        strategy._admit(1, next(r for r in replies if r.has_error()), strategy.rounds[1])
+    assert list(strategy.rounds[1].failed) == ["site2"] and "Node Unavailable" in strategy.rounds[1].failed["site2"]
+    assert "Round 1: site2 (node 20) failed: Error: Node Unavailable" in caplog.text
