@@ -120,7 +120,8 @@ def pooled(rows: list[dict], prefix: str, weight_cap: float = 4.0) -> dict[str, 
     if not sized:
         return {f"{prefix}_auc": float("nan"), f"{prefix}_acc": float("nan"), f"{prefix}_loss": float("nan"), f"{prefix}_n": 0}
     w = np.array(aggregation_weights([float(r[f"{prefix}_n"]) for r in sized], "examples", weight_cap))
-    for key in ("auc", "acc", "loss"):
+    keys = ("auc", "acc", "loss") + (("acc_argmax",) if all(f"{prefix}_acc_argmax" in r for r in sized) else ())
+    for key in keys:
         vals = np.array([float(r[f"{prefix}_{key}"]) for r in sized])
         ok = np.isfinite(vals)
         out[f"{prefix}_{key}"] = float(np.average(vals[ok], weights=w[ok])) if ok.any() and w[ok].sum() > 0 else float("nan")

@@ -252,6 +252,10 @@ def test_without_server_data_rounds_are_selected_by_the_sites_pooled_validation(
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "val_auc" not in rows[1] and rows[2]["fed_val_auc"] == max(r["fed_val_auc"] for r in rows[1:])
     assert summary["test_auc"] == rows[2]["fed_test_auc"]
+    # the argmax accuracy is pooled too (a deployment trial's report showed "test accuracy at argmax –")
+    sites = summary["per_site"]["sites"]
+    assert math.isclose(summary["test_acc_argmax"], np.average([sites[s]["test_acc_argmax"] for s in ("a", "b")],
+                                                               weights=[sites[s]["test_n"] for s in ("a", "b")]))
     with safe_open(tmp_path / "run" / "suffix.safetensors", "pt") as fh:
         stored = decision_from_metadata(fh.metadata())
     assert stored.rule == "threshold" and stored.chosen_on.startswith("federated validation")
