@@ -37,9 +37,10 @@ def make_server_app(cfg: FedTLConfig | None = None, distribute_backbone: bool = 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from fedtl.federation.logs import quiet_flower
+        from fedtl.federation.logs import quiet_flower, show_progress
 
         quiet_flower()  # FEDTL_VERBOSE=1 keeps Flower's own lines
+        show_progress()  # a deployed ServerApp's round lines reach `flwr run --stream`
         from fedtl.federation.server import run_server  # the ServerApp's alone: a ClientApp never imports it
 
         run_server(grid, config_from_context(context, cfg), run_id=str(context.run_id),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 # Flower's routine lines: per-round sampling/aggregation notes, the run_simulation deprecation
 # banner, and the note that its own federated evaluation is off (fedtl runs its own).
@@ -39,3 +40,22 @@ def quiet_flower(verbose: bool | None = None) -> None:
     for handler in flwr.handlers:
         if _FILTER not in handler.filters:
             handler.addFilter(_FILTER)
+
+
+class _ProgressHandler(logging.StreamHandler):
+    """fedtl's own lines on stderr in a process where nothing configured logging (:func:`show_progress`)."""
+
+
+def show_progress() -> None:
+    """fedtl's INFO lines — each round's figures, the run's summary — on stderr when nothing configured logging, as
+    in a deployed ServerApp process, whose output ``flwr run --stream`` shows (without it only warnings reached the
+    stream: a deployment trial saw no round at all). A process that configured logging (``fedtl simulate``) is left
+    alone; idempotent."""
+    fedtl = logging.getLogger("fedtl")
+    if logging.getLogger().handlers or any(isinstance(h, _ProgressHandler) for h in fedtl.handlers):
+        return
+    handler = _ProgressHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    fedtl.addHandler(handler)
+    if fedtl.getEffectiveLevel() > logging.INFO:
+        fedtl.setLevel(logging.INFO)

@@ -307,6 +307,8 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
     # no server data: no demo-data fallback; the sites' federated validation selected the round
     assert summary["evaluation"]["server_data"].startswith("none") and summary["evaluation"]["selected_by"] == "federated"
     assert "federated evaluation" in proc.stdout + proc.stderr
+    # each round's line and the summary reach the operator's stream (they were dropped: INFO, no handler)
+    assert "Round 1/2" in proc.stdout + proc.stderr and "Run directory:" in proc.stdout + proc.stderr, logs
     assert summary["per_site"]["sites"].keys() == {name for name, _, _ in DEPLOYED_SITES}, summary["per_site"]
     for name, row in summary["per_site"]["sites"].items():
         assert row["test_n"] == 8 and row["val_n"] == 8 and 0 <= row["test_acc"] <= 1, (name, row)

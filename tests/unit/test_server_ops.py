@@ -474,3 +474,18 @@ def test_a_signal_to_a_launcher_stops_its_whole_tree_within_15_s(tmp_path, sig):
     assert proc.returncode == 128 + sig
     assert err.strip() == f"error: stopped by {sig.name}; every process it started was stopped. hint"
     assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_deployed_serverapp_shows_fedtl_round_lines_once_and_leaves_configured_logging_alone():
+    """A deployed ServerApp process configures no logging, so fedtl's INFO lines (each round, the summary) never
+    reached `flwr run --stream`; where logging is configured (`fedtl simulate`) nothing is added (no duplicates)."""
+    import subprocess
+    import sys
+
+    emit = ("import logging; from fedtl.federation.logs import show_progress; {setup}show_progress(); show_progress(); "
+            "logging.getLogger('fedtl.federation.tracking').info('Round 1/2 | val AUC 0.9')")
+    bare = subprocess.run([sys.executable, "-c", emit.format(setup="")], capture_output=True, text=True, timeout=120)
+    assert bare.returncode == 0 and bare.stderr.count("Round 1/2 | val AUC 0.9") == 1, bare.stderr
+    configured = subprocess.run([sys.executable, "-c", emit.format(setup="logging.basicConfig(level=logging.INFO); ")],
+                                capture_output=True, text=True, timeout=120)
+    assert configured.returncode == 0 and configured.stderr.count("Round 1/2 | val AUC 0.9") == 1, configured.stderr
