@@ -27,7 +27,8 @@ import torch
 
 from fedtl.config import FedTLConfig
 from fedtl.data.preprocess import Preprocessing
-from fedtl.data.site_sources import (DEFAULT_IMAGE_SIZE, Problem, _reason, read_dicom_image, read_image_file)
+from fedtl.data.site_sources import (DEFAULT_IMAGE_SIZE, Problem, _reason, read_dicom_image, read_image_file,
+                                     stack_images)
 from fedtl.decision import Decision, decision_from_metadata
 from fedtl.errors import BackboneError, ConfigError
 from fedtl.model import TransferModel
@@ -189,10 +190,7 @@ def read_inputs(files: Iterable[Path], image_size: int = DEFAULT_IMAGE_SIZE, max
             problems.append(Problem(str(path), _reason(exc)))
             continue
         read.append(path)
-    if any(a.ndim == 3 for a in arrays):  # one colour image: all get 3 channels, as a site stacks them
-        arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
-    images = np.stack(arrays) if arrays else np.zeros((0, image_size, image_size), np.uint8)
-    return read, images, problems
+    return read, stack_images(arrays, image_size), problems  # one colour image: all get 3 channels, as at a site
 
 
 # ---- predictions ------------------------------------------------------------------------------------------

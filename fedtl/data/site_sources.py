@@ -119,10 +119,7 @@ def _load_medmnist_split(cfg: SiteDataConfig) -> SiteImages:
         images = part.images.copy()  # already square (grayscale or RGB): the backbone's preprocessing resizes
     else:
         size = cfg.image_size or DEFAULT_IMAGE_SIZE
-        resized = [_to_square_uint8(img, size) for img in part.images]
-        colour = any(r.ndim == 3 for r in resized)
-        images = np.stack([np.repeat(r[..., None], 3, -1) if colour and r.ndim == 2 else r for r in resized]) \
-            if resized else np.empty((0, size, size), np.uint8)
+        images = stack_images([_to_square_uint8(img, size) for img in part.images], size)
     names = cfg.classes or tuple(str(i) for i in range(num_classes))
     return SiteImages(ImageSet(images, part.labels.copy(), part.name), names, (), len(part))
 
@@ -472,6 +469,14 @@ def _to_square_uint8(arr: np.ndarray, size: int) -> np.ndarray:
     else:
         raise ValueError(f"image has shape {arr.shape}; expected (H, W) or (H, W, C)")
     return _pixels(img, size)
+
+
+def stack_images(arrays: list[np.ndarray], size: int) -> np.ndarray:
+    """``(S, S)`` / ``(S, S, 3)`` images as one array: ``(N, S, S)``, or ``(N, S, S, 3)`` as soon as one has colour
+    (a gray image's channel repeated, as the backbone's preprocessing would)."""
+    if any(a.ndim == 3 for a in arrays):
+        arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
+    return np.stack(arrays) if arrays else np.zeros((0, size, size), np.uint8)
 
 
 _GRAY_MODES = ("1", "L", "LA", "La")
