@@ -104,6 +104,8 @@ class PrivacyConfig:
     max_rounds_per_run: int = 200
     max_noise_multiplier: float = 50.0  # a site declines rounds that would need more noise than this
     randomness: str = "os"  # os (secret, from the OS CSPRNG) | seeded (reproducible; simulations only)
+    personalize_dp: bool = True  # false: a site's local fine-tuning (personalization.kind = finetune) trains without
+    #                              noise and spends no ε; its personal suffix never leaves the site (docs/privacy.md)
 
     def __post_init__(self) -> None:
         if not self.target_epsilon > 0:

@@ -170,9 +170,10 @@ def plan_sizes(cfg, sizes: list[int], params: int, advise: bool = True) -> list[
         eps = budgets[i] if i < len(budgets) else p.target_epsilon
         budget = Budget(eps, p.delta, p.max_epsilon_per_round or eps / 4, p.max_epsilon_per_run or eps,
                         p.max_noise_multiplier, p.accountant)
+        reserved = cfg.personalization.requested_epochs if p.personalize_dp else 0  # no-noise fine-tuning: none
         plans.append(plan_site(f"site-{i}", n, rounds=min(cfg.federation.rounds, p.max_rounds_per_run),
                                batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, params=params, budget=budget,
-                               advise=advise, personalize_epochs=cfg.personalization.requested_epochs))
+                               advise=advise, personalize_epochs=reserved))
     return plans
 
 

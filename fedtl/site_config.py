@@ -32,6 +32,8 @@ The site operator writes it (``site.toml``), never the server::
     max-rounds-per-run = 200
     max-noise-multiplier = 50      # rounds that would need more noise are declined (pure noise)
     max-personalize-epochs = 5     # local DP fine-tuning after the last round, planned in ε (0: never)
+    # personalize-dp = false       # fine-tune without noise, spending no ε: the personal suffix never leaves
+    #                                this site, but its validation/test figures are still reported
 
     [tls]
     ca-cert = "certs/ca.pem"
@@ -74,7 +76,7 @@ KNOWN_KEYS = (
     "data.labels-column",
     "privacy.target-epsilon", "privacy.delta", "privacy.accountant", "privacy.max-grad-norm",
     "privacy.max-epsilon-per-run", "privacy.max-epsilon-per-round", "privacy.max-rounds-per-run",
-    "privacy.max-noise-multiplier", "privacy.max-personalize-epochs",
+    "privacy.max-noise-multiplier", "privacy.max-personalize-epochs", "privacy.personalize-dp",
     "evaluation.enabled", "evaluation.holdout", "evaluation.validation-fraction", "evaluation.format",
     "evaluation.path", "evaluation.labels", "evaluation.image-size", "evaluation.classes", "evaluation.split",
     "evaluation.max-pixels", "evaluation.labels-column",
@@ -179,6 +181,7 @@ class SitePrivacyConfig:
     max_rounds_per_run: int = _DEFAULTS.max_rounds_per_run
     max_noise_multiplier: float = _DEFAULTS.max_noise_multiplier  # rounds needing more noise are declined
     max_personalize_epochs: int = 5  # local fine-tuning after the last round (0: the site never does it)
+    personalize_dp: bool = True  # False: that fine-tuning runs without noise and spends no ε (the suffix stays here)
 
     def __post_init__(self) -> None:
         def finite(key: str, value: Any, ok: bool, allowed: str) -> None:
@@ -199,6 +202,8 @@ class SitePrivacyConfig:
         m = self.max_personalize_epochs
         if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= 20:
             _fail("privacy.max-personalize-epochs", m, "must be an integer between 0 (never fine-tune) and 20")
+        if not isinstance(self.personalize_dp, bool):
+            _fail("privacy.personalize-dp", self.personalize_dp, "must be true or false")
         if self.accountant not in ("rdp", "prv"):
             _fail("privacy.accountant", self.accountant, "must be one of rdp, prv")
         # validated as written (an error says "got -1", not "got -1.0"), stored as float
@@ -352,6 +357,7 @@ def _from_mapping(flat: dict[str, Any], *, base: Path, source: Path) -> SiteConf
             max_rounds_per_run=_integer(flat, "privacy.max-rounds-per-run", _DEFAULTS.max_rounds_per_run),
             max_noise_multiplier=_number(flat, "privacy.max-noise-multiplier", _DEFAULTS.max_noise_multiplier),
             max_personalize_epochs=_integer(flat, "privacy.max-personalize-epochs", 5),
+            personalize_dp=flat.get("privacy.personalize-dp", True),
         ),
         tls=SiteTLSConfig(ca_cert=path_of("tls.ca-cert")),
         auth=SiteAuthConfig(private_key=path_of("auth.private-key"), public_key=path_of("auth.public-key")),

@@ -6,7 +6,8 @@ anything is reported), and keeps the fine-tuned suffix (or the halfway blend of 
 evidence that it ranks the site's *validation* split better than the global one — a paired bootstrap lower
 bound on the AUC gain above 0 (never test; without a defined validation AUC, the global one). The kept suffix
 is written atomically to ``<state dir>/personal-suffix.safetensors`` and never sent; only the figures of
-:func:`fedtl.federation.personalize.personal_reply` leave the site.
+:func:`fedtl.federation.personalize.personal_reply` leave the site. A site whose ``site.toml`` says
+``personalize-dp = false`` fine-tunes without noise and spends no ε (the suffix's metadata then says ``dp: false``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fedtl.errors import LedgerError
 from fedtl.model import TransferModel
 from fedtl.privacy import open_ledger, plan_personalize
 from fedtl.privacy.ledger import PERSONALIZE
-from fedtl.privacy.policy import Decline, PrivacyPolicy, personalize_epochs
+from fedtl.privacy.policy import Decline, PrivacyPolicy, personalize_epochs, personalizes_privately
 from fedtl.standardize import FeatureStandardizer
 from fedtl.training import DPSettings, train_suffix
 
@@ -135,22 +136,31 @@ def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, po
                     return out
                 for note in plan.notes:
                     log.info("Site %s: %s", policy.site, note)
-                dp = DPSettings(plan.noise_multiplier, policy.max_grad_norm, plan.sample_rate, policy.accountant)
-                res = train_suffix(model, data.features, data.labels, cfg.train, lr_scale=lr_scale,
-                                   batch_size=plan.batch_size, epochs=plan.epochs, dp=dp,
-                                   generator=_generator(policy, run_id, 0), reseed=not policy.seeded,
-                                   standardize=standardize)
-                ledger.append(run=run_id, round=0, noise_multiplier=plan.noise_multiplier,
-                              sample_rate=plan.sample_rate, steps=res.steps, kind=PERSONALIZE)
-                ledger.save()  # durable before any figure of the fine-tuned suffix is reported
+                if personalizes_privately(policy):
+                    dp = DPSettings(plan.noise_multiplier, policy.max_grad_norm, plan.sample_rate, policy.accountant)
+                    res = train_suffix(model, data.features, data.labels, cfg.train, lr_scale=lr_scale,
+                                       batch_size=plan.batch_size, epochs=plan.epochs, dp=dp,
+                                       generator=_generator(policy, run_id, 0), reseed=not policy.seeded,
+                                       standardize=standardize)
+                    ledger.append(run=run_id, round=0, noise_multiplier=plan.noise_multiplier,
+                                  sample_rate=plan.sample_rate, steps=res.steps, kind=PERSONALIZE)
+                    ledger.save()  # durable before any figure of the fine-tuned suffix is reported
+                else:  # personalize-dp = false: no noise, no ledger entry; the suffix stays here
+                    res = train_suffix(model, data.features, data.labels, cfg.train, lr_scale=lr_scale,
+                                       batch_size=plan.batch_size, epochs=plan.epochs,
+                                       generator=_generator(policy, run_id, 0), standardize=standardize)
                 out.epsilon, out.personalized = ledger.epsilon(), True
         except LedgerError as exc:  # never train blind
             log.error("Site %s does not fine-tune: %s", policy.site, exc)
             out.reason = (f"Site `{policy.site}` cannot use its privacy ledger (details in the site's log); it keeps "
                           "the global suffix.")
             return out
-        log.info("Site %s fine-tuned locally: σ=%.3f, %d steps, loss %.4f, ε=%.3f of %g", policy.site,
-                 plan.noise_multiplier, res.steps, res.loss, out.epsilon, policy.target_epsilon)
+        if personalizes_privately(policy):
+            log.info("Site %s fine-tuned locally: σ=%.3f, %d steps, loss %.4f, ε=%.3f of %g", policy.site,
+                     plan.noise_multiplier, res.steps, res.loss, out.epsilon, policy.target_epsilon)
+        else:
+            log.info("Site %s fine-tuned locally without noise (personalize-dp = false): %d steps, loss %.4f; ε "
+                     "stays %.3f of %g", policy.site, res.steps, res.loss, out.epsilon, policy.target_epsilon)
     tuned_state = {k: v.detach().clone() for k, v in model.trainable_state().items()}
     alpha, candidate, evidence = choose_personal(model, global_state, tuned_state, eval_data)
     if eval_data is not None:  # the candidate the site weighed against the global suffix
@@ -163,7 +173,9 @@ def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, po
     out.path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors_atomically(kept, out.path, metadata={
         "run": str(run_id)[:128], "kept": "tuned" if out.kept_tuned else "global",
-        "blend": f"{alpha:g}" if out.kept_tuned else "0", "epochs": str(epochs), "epsilon": f"{out.epsilon:.6f}"})
+        "blend": f"{alpha:g}" if out.kept_tuned else "0", "epochs": str(epochs), "epsilon": f"{out.epsilon:.6f}",
+        # whether the kept suffix is differentially private in this site's data (no: it must not leave the site)
+        "dp": "true" if policy.dp and (not out.kept_tuned or policy.personalize_dp) else "false"})
     log.info("Site %s keeps the %s suffix (validation AUC gain, %.0f%% lower bound: %.4f); saved to %s", policy.site,
              f"fine-tuned (blend {alpha:g})" if out.kept_tuned else "global", 100 * EVIDENCE, evidence, out.path)
     return out

@@ -310,5 +310,6 @@ def ignored_privacy_settings(conf: FedTLConfig, policy: PrivacyPolicy) -> list[s
               "max-epsilon-per-round": (p.max_epsilon_per_round or p.target_epsilon / 4, mine["max_epsilon_per_round"]),
               "max-rounds-per-run": (p.max_rounds_per_run, mine["max_rounds_per_run"]),
               "max-noise-multiplier": (p.max_noise_multiplier, mine["max_noise_multiplier"]),
+              "personalize-dp": (p.personalize_dp, mine["personalize_dp"]),
               "randomness": (p.randomness, "os"), "site-epsilons": (p.site_epsilons, "")}
     return [f"privacy.{k}={a!r} (site: {b!r})" for k, (a, b) in theirs.items() if a != b]

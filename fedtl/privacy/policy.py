@@ -16,7 +16,9 @@ multiplier, batch size, local epochs — and :func:`plan_round` clamps it to the
 * local fine-tuning after the last round (``Proposal.personalize_epochs``, capped by the policy's
   ``max_personalize_epochs``) is part of the plan from the first round: σ is calibrated so that the
   planned rounds *and* the fine-tuning steps fit every cap; :func:`plan_personalize` then spends
-  what remains on them (or declines, and the site keeps the global suffix).
+  what remains on them (or declines, and the site keeps the global suffix). A site whose policy says
+  ``personalize_dp = False`` fine-tunes without noise: nothing is reserved or spent, and the suffix it
+  trains never leaves it (:func:`personalizes_privately`).
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class PrivacyPolicy:
     max_rounds_per_run: int = DEFAULT_MAX_ROUNDS_PER_RUN
     max_noise_multiplier: float = DEFAULT_MAX_NOISE_MULTIPLIER
     max_personalize_epochs: int = DEFAULT_MAX_PERSONALIZE_EPOCHS  # 0: the site never fine-tunes locally
+    personalize_dp: bool = True  # False: the local fine-tuning trains without noise and spends (and reserves) no ε;
+    #                              its suffix never leaves the site (joint DP: what leaves is still DP)
     dp: bool = True  # False only in a simulation run with --no-dp
     seeded: bool = False  # reproducible noise: simulation only
     seed: int = 0
@@ -94,6 +98,8 @@ class PrivacyPolicy:
         if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= MAX_EPOCHS_PER_ROUND:
             raise ConfigError(f"`privacy.max-personalize-epochs` must be an integer in [0, {MAX_EPOCHS_PER_ROUND}] "
                               f"(0: never fine-tune locally), got {m!r}.")
+        if not isinstance(self.personalize_dp, bool):
+            raise ConfigError(f"`privacy.personalize-dp` must be true or false, got {self.personalize_dp!r}.")
         if self.deployed and not self.dp:
             raise ConfigError(f"Site `{self.site}`: a deployed site always trains with differential privacy.")
         if self.deployed and self.seeded:
@@ -112,6 +118,7 @@ class PrivacyPolicy:
                 "max_grad_norm": self.max_grad_norm, "max_epsilon_per_run": self.run_cap,
                 "max_epsilon_per_round": self.round_cap, "max_rounds_per_run": self.max_rounds_per_run,
                 "max_noise_multiplier": self.max_noise_multiplier, "max_personalize_epochs": self.max_personalize_epochs,
+                "personalize_dp": self.personalize_dp,
                 "randomness": "seeded" if self.seeded else "os"}
 
 
@@ -154,6 +161,12 @@ def personalize_epochs(policy: PrivacyPolicy, requested: int) -> int:
     return max(0, min(int(requested), policy.max_personalize_epochs))
 
 
+def personalizes_privately(policy: PrivacyPolicy) -> bool:
+    """Whether the site's local fine-tuning is DP-SGD planned in its ledger (False: no noise, no ε, nothing
+    reserved — ``personalize-dp = false``, or a simulation with --no-dp)."""
+    return policy.dp and policy.personalize_dp
+
+
 def plan_round(policy: PrivacyPolicy, ledger, proposal: Proposal, *, run_id: str, server_round: int,
                num_examples: int) -> RoundPlan | Decline:
     """The DP parameters of this round under ``policy``, or the reason the site declines it.
@@ -188,7 +201,8 @@ def plan_round(policy: PrivacyPolicy, ledger, proposal: Proposal, *, run_id: str
     if ft_epochs != proposal.personalize_epochs:
         notes.append(f"fine-tuning epochs clamped from {proposal.personalize_epochs} to {ft_epochs} "
                      "(max-personalize-epochs)")
-    ft_steps = per_epoch * ft_epochs  # reserved now, spent after the last round (plan_personalize)
+    # reserved now, spent after the last round (plan_personalize); a fine-tuning without DP spends nothing
+    ft_steps = per_epoch * ft_epochs if personalizes_privately(policy) else 0
 
     key = {"run": str(run_id), "sample_rate": q, "round_steps": round_steps, "planned_rounds": planned,
            "target_epsilon": policy.target_epsilon, "run_cap": policy.run_cap, "round_cap": policy.round_cap,
@@ -286,8 +300,8 @@ def plan_personalize(policy: PrivacyPolicy, ledger, *, run_id: str, requested_ep
     batch = max(1, min(int(batch_size), n))
     per_epoch = steps_per_epoch(n, batch)
     q, steps = 1.0 / per_epoch, per_epoch * epochs
-    if not policy.dp:
-        return RoundPlan(0.0, q, batch, epochs, steps, 0.0, 0.0, notes)
+    if not personalizes_privately(policy):  # no noise, nothing spent: ε stays where the ledger has it
+        return RoundPlan(0.0, q, batch, epochs, steps, spent, spent, notes)
     sigma = _calibrate(policy, ledger, run_id, q, 0, 0, extra_steps=steps, extra_is_round=True)
     if not math.isfinite(sigma) or sigma > policy.max_noise_multiplier:
         return Decline(f"Site `{name}` cannot afford {epochs} epoch(s) of local fine-tuning (spent ε={spent:.2f} of "
@@ -308,7 +322,7 @@ def policy_for_site(site_config) -> PrivacyPolicy:
         target_epsilon=p.target_epsilon, delta=p.delta, accountant=p.accountant, max_grad_norm=p.max_grad_norm,
         max_epsilon_per_run=p.max_epsilon_per_run, max_epsilon_per_round=p.max_epsilon_per_round,
         max_rounds_per_run=p.max_rounds_per_run, max_noise_multiplier=p.max_noise_multiplier,
-        max_personalize_epochs=p.max_personalize_epochs, deployed=True)
+        max_personalize_epochs=p.max_personalize_epochs, personalize_dp=p.personalize_dp, deployed=True)
 
 
 def policy_for_simulation(privacy, site: str, site_index: int, ledger_path: Path, seed: int = 0) -> PrivacyPolicy:
@@ -319,4 +333,5 @@ def policy_for_simulation(privacy, site: str, site_index: int, ledger_path: Path
         max_epsilon_per_run=privacy.max_epsilon_per_run, max_epsilon_per_round=privacy.max_epsilon_per_round,
         max_rounds_per_run=privacy.max_rounds_per_run, max_noise_multiplier=privacy.max_noise_multiplier,
         max_personalize_epochs=MAX_EPOCHS_PER_ROUND,  # one trust domain: the run's personalization.epochs decides
+        personalize_dp=privacy.personalize_dp,
         dp=privacy.enabled, seeded=privacy.randomness == "seeded", seed=seed)

@@ -119,6 +119,9 @@ def test_a_personalized_run_plans_the_fine_tuning_the_sites_reserve(tmp_path, ca
     (ft,) = plan_sizes(cfg, [200], 226)
     assert ft.personalize_steps == 3 * 4 and plain.personalize_steps == 0  # 200 images, batch 64: 4 steps an epoch
     assert ft.sigma > plain.sigma and ft.epsilon_total <= 3.0 + 1e-6
+    # a fine-tuning without noise (privacy.personalize-dp = false) reserves nothing: the rounds' σ is the plain one
+    (local,) = plan_sizes(cfg.with_overrides({"privacy.personalize-dp": False}), [200], 226)
+    assert local.personalize_steps == 0 and local.sigma == plain.sigma
     assert math.isclose(ft.epsilon_total, epsilon_of([(ft.sigma, 1 / 4, 4 * 40 + 12)], 1e-5), rel_tol=1e-9)
     # the σ a site's own policy calibrates for its first round of the same run
     policy = PrivacyPolicy(site="s", target_epsilon=3.0, delta=1e-5, ledger_path=tmp_path / "ledger.json")

@@ -212,3 +212,14 @@ def test_the_site_caps_or_refuses_local_fine_tuning_in_its_own_file(tmp_path):
     for bad in ("-1", "21", "true", "2.5"):
         with pytest.raises(ConfigError, match="max-personalize-epochs"):
             SiteConfig.load(write(tmp_path, MINIMAL + f"[privacy]\nmax-personalize-epochs = {bad}\n"))
+
+
+def test_the_site_alone_decides_whether_its_local_fine_tuning_is_private(tmp_path):
+    from fedtl.privacy.policy import policy_for_site
+
+    assert policy_for_site(SiteConfig.load(write(tmp_path, MINIMAL))).personalize_dp  # private unless it says not
+    local = SiteConfig.load(write(tmp_path, MINIMAL + "[privacy]\npersonalize-dp = false\n"))
+    assert local.privacy.personalize_dp is False and policy_for_site(local).personalize_dp is False
+    for bad in ('"false"', "0", "1"):
+        with pytest.raises(ConfigError, match="personalize-dp"):
+            SiteConfig.load(write(tmp_path, MINIMAL + f"[privacy]\npersonalize-dp = {bad}\n"))

@@ -271,3 +271,73 @@ def test_the_site_keeps_the_fine_tuned_suffix_only_on_validation_evidence():
     assert choose_personal(model, g, tuned, one)[0] == 0.0
     assert math.isnan(choose_personal(model, g, tuned, None)[2])
     assert all(torch.equal(model.trainable_state()[k], g[k]) for k in g)  # the model is left on the global suffix
+
+
+# ---- personalize-dp = false: no noise, nothing reserved or spent, and only the site's own file says so ----------
+
+def test_a_site_that_fine_tunes_without_noise_reserves_and_spends_nothing(tmp_path):
+    plain = _train_rounds(_policy(tmp_path / "a"), 4, personalize_epochs=0, train=1)
+    local = _policy(tmp_path / "b", personalize_dp=False)
+    rounds = _train_rounds(local, 4, personalize_epochs=3)
+    # the rounds do not pay for a fine-tuning that spends no ε: the same σ as without personalization
+    assert rounds[0].noise_multiplier == pytest.approx(plain[0].noise_multiplier, rel=1e-9)
+    spent = read_ledger(local.ledger_path).epsilon()
+    with _ledger(local) as ledger:
+        plan = plan_personalize(local, ledger, run_id="run-1", requested_epochs=3, batch_size=64, num_examples=400)
+    assert isinstance(plan, RoundPlan) and plan.noise_multiplier == 0.0 and plan.steps == 3 * 7
+    assert plan.epsilon_before == plan.epsilon_after == pytest.approx(spent)
+    # the policy still caps the epochs a server asks for
+    capped = _policy(tmp_path / "c", personalize_dp=False, max_personalize_epochs=1)
+    with _ledger(capped) as ledger:
+        assert plan_personalize(capped, ledger, run_id="r", requested_epochs=20, batch_size=64,
+                                num_examples=400).epochs == 1
+    with pytest.raises(ConfigError, match="personalize-dp"):
+        _policy(tmp_path, personalize_dp="false")
+
+
+def test_a_site_fine_tunes_without_noise_keeps_its_ledger_as_it_was_and_marks_the_suffix(tmp_path):
+    cfg = FedTLConfig.from_run_config({"train.lr": 0.5, "privacy.randomness": "seeded"})
+    model = TransferModel(make_tiny_backbone(), 2, ModelConfig(pooling="avg"), AdaptersConfig())
+    x, y = _site_data()
+    xv, yv = _site_data(80, seed=1)
+    data, evald = SiteData("st-mary", x, y, True), SiteEvalData("st-mary", {"val": (xv, yv), "test": (xv, yv)})
+    policy = _policy(tmp_path, seeded=True, personalize_dp=False)
+    _train_rounds(policy, 3, personalize_epochs=2, n=200)
+    before = read_ledger(policy.ledger_path).entries
+    out = personalize_site(cfg, model, data, evald, policy, run_id="run-1", epochs=2)
+    assert out.personalized and out.kept_tuned
+    assert out.epsilon == pytest.approx(_independent_epsilon(policy)) and out.epsilon <= BUDGET
+    assert read_ledger(policy.ledger_path).entries == before  # no entry: nothing was spent
+    with safe_open(str(tmp_path / "site" / PERSONAL_SUFFIX), "pt") as fh:
+        assert fh.metadata()["dp"] == "false" and fh.metadata()["kept"] == "tuned"
+    # the DP site of the test above marks its suffix as private
+    dp_policy = _policy(tmp_path / "dp", seeded=True)
+    _train_rounds(dp_policy, 3, personalize_epochs=2, n=200)
+    model2 = TransferModel(make_tiny_backbone(), 2, ModelConfig(pooling="avg"), AdaptersConfig())
+    personalize_site(cfg, model2, data, evald, dp_policy, run_id="run-1", epochs=2)
+    with safe_open(str(tmp_path / "dp" / "site" / PERSONAL_SUFFIX), "pt") as fh:
+        assert fh.metadata()["dp"] == "true"
+
+
+def test_a_run_config_cannot_turn_off_a_deployed_sites_private_fine_tuning(tmp_path, caplog, monkeypatch):
+    """The attack: a server's run config says privacy.personalize-dp=false. A deployed site's policy comes from its
+    site.toml alone, so it still fine-tunes with DP, and it logs that it ignored the setting."""
+    from fedtl.federation.deployment import load_site_config
+    from fedtl.federation.handlers import _site_of
+    from fedtl.privacy.policy import personalizes_privately
+
+    monkeypatch.delenv("FEDTL_WEIGHTS_DIR", raising=False)  # loading a site config sets it: restored after the test
+    load_site_config.cache_clear()
+
+    (tmp_path / "site.toml").write_text(f'name = "s1"\nstate-dir = "{tmp_path / "state"}"\n'
+                                        '[data]\nformat = "medmnist"\npath = "m.npz"\n')
+    hostile = FedTLConfig.from_run_config({"privacy.personalize-dp": False})
+    with caplog.at_level("WARNING"):
+        policy, _ = _site_of(hostile, {"site-config": str(tmp_path / "site.toml")}, None, data=object())
+    assert policy.personalize_dp and personalizes_privately(policy)
+    assert "privacy.personalize-dp=False (site: True)" in caplog.text
+    (tmp_path / "local.toml").write_text(f'name = "s1"\nstate-dir = "{tmp_path / "state"}"\n'
+                                         '[data]\nformat = "medmnist"\npath = "m.npz"\n[privacy]\npersonalize-dp = false\n')
+    policy, _ = _site_of(FedTLConfig(), {"site-config": str(tmp_path / "local.toml")}, None, data=object())
+    assert not personalizes_privately(policy)
+    load_site_config.cache_clear()
