@@ -239,13 +239,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"error: no file could be predicted ({len(problems + bad)} unreadable or missing, named above).",
               file=sys.stderr)
         return DataError.exit_code
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, args.suffix)
     pred = predict_images(run, read, images, problems + bad)
     out = Path(args.out) if args.out else None
     write_csv(pred.csv_rows(), out)
     print(f"predicted {len(pred.files)} file(s), skipped {len(pred.problems)}; decision: {run.decision.describe()}; "
-          f"round {run.metadata.get('round', '?')} of {run.run_dir}" + (f"; wrote {out}" if out else ""), file=sys.stderr)
+          f"round {run.metadata.get('round', '?')} of {run.run_dir}" + _personal_note(run)
+          + (f"; wrote {out}" if out else ""), file=sys.stderr)
     return 0
+
+
+def _personal_note(run) -> str:
+    m = run.metadata
+    if "personal" not in m:
+        return ""
+    kept = "its fine-tuned suffix" if m["kept"] == "tuned" else "the global suffix (fine-tuning showed no gain)"
+    private = "" if m["dp"] == "true" else "; trained without DP: keep it and its exports at the site"
+    return f", personal suffix of site {m['site']} ({kept}{private})"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -255,7 +265,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.check_count < 1:
         raise ConfigError(f"--check-count must be >= 1, got {args.check_count}.")
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, args.suffix)
     if args.check:
         files, missing = collect_inputs(args.check)
         _, images, bad = read_inputs(files, args.image_size)
@@ -280,7 +290,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         where = f"{len(images)} test image(s) of {path.name}"
     report = export_run(run, args.format, args.out, images)
     r = run.resolution
-    print(f"wrote {report.path} ({report.format}, {report.bytes:,} bytes = {report.bytes / 1e6:.2f} MB)")
+    print(f"wrote {report.path} ({report.format}, {report.bytes:,} bytes = {report.bytes / 1e6:.2f} MB)"
+          + _personal_note(run))
     print(f"input: `image` float32 (N, 3, {r}, {r}) in [0, 1] (grayscale repeated to 3 channels); outputs: "
           f"`probabilities` float32 (N, {run.num_classes}), `label` int64 (N,) by decision {run.decision.describe()}")
     print(f"checked on {where}: max |difference| to `fedtl predict` {report.max_abs_diff:.2e} (allowed 1e-4); "
@@ -341,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square size images are read at, as a site's data.image-size (default %(default)s)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="larger images are skipped unread, as a site's data.max-pixels (default %(default)s)")
+    p.add_argument("--suffix", metavar="PERSONAL_SUFFIX",
+                   help="a site's personal-suffix.safetensors of this run (personalization), used instead of the "
+                        "run's suffix, with the decision rule the site chose on its validation split")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="one self-contained ONNX / TorchScript model from a finished run, checked")
@@ -352,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-count", type=int, default=64, help="test images to check on (default %(default)s)")
     p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
                    help="square size --check images are read at (default %(default)s)")
+    p.add_argument("--suffix", metavar="PERSONAL_SUFFIX",
+                   help="export a site's personal-suffix.safetensors of this run instead of the run's suffix")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("site", help="data-site commands (a site's own TOML policy file)")

@@ -115,6 +115,9 @@ def metadata(run: RunModel) -> dict[str, str]:
         "fedtl.weights_sha256": run.metadata.get("weights_sha256", ""),
         "fedtl.round": run.metadata.get("round", ""),
         "fedtl.classes": json.dumps([str(c) for c in range(run.num_classes)]),
+        # a site's personal suffix (`fedtl export --suffix`): whose, and whether it is private in that site's data
+        **({"fedtl.personal-site": run.metadata["site"], "fedtl.dp": run.metadata["dp"]}
+           if "personal" in run.metadata else {}),
     }
 
 

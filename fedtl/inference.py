@@ -70,11 +70,42 @@ class RunModel:
         return torch.cat(out).numpy() if out else np.zeros((0, self.num_classes), np.float32)
 
 
-def load_run(run_dir: str | Path) -> RunModel:
-    """The model of a finished run: config.json's architecture, the pinned weights (hash checked), the selected suffix."""
+def _read_suffix(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {}), {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{path} is not a readable safetensors file ({exc}).") from exc
+
+
+def _personal(path: Path, run_meta: dict[str, str], run: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A site's personal suffix (``<state dir>/personal-suffix.safetensors``) that replaces ``run``'s: it must say it
+    is one, and name the run's id and pinned weights when it records them (older files do not)."""
+    if not path.is_file():
+        raise ConfigError(f"--suffix {path} does not exist; a site's personal suffix is `personal-suffix.safetensors` "
+                          "in its state dir.")
+    meta, state = _read_suffix(path)
+    if "kept" not in meta:
+        raise ConfigError(f"{path} is not a site's personal suffix (its metadata has no `kept` entry); pass the "
+                          "`personal-suffix.safetensors` a personalized run left in the site's state dir.")
+    theirs, ours = meta.get("run", ""), run_meta.get("run", "")
+    if theirs and ours and theirs != ours:
+        raise ConfigError(f"{path} was fine-tuned from run `{theirs}`, but {run} is run `{ours}`; pass that run's "
+                          "directory.")
+    pin = meta.get("weights_sha256", "")
+    if pin and pin != run_meta.get("weights_sha256", ""):
+        raise BackboneError(f"{path} was fine-tuned on backbone weights {pin[:16]}…, but {run} pinned "
+                            f"{run_meta.get('weights_sha256', '')[:16]}…: not this run's prefix.")
+    return meta, state
+
+
+def load_run(run_dir: str | Path, suffix: str | Path | None = None) -> RunModel:
+    """The model of a finished run: config.json's architecture, the pinned weights (hash checked), the selected suffix
+    — or, with ``suffix``, a site's personal suffix of that run, with the decision rule the site chose on its own
+    validation split (the argmax when it had none)."""
     from fedtl.backbones import build_backbone
 
     run = check_run_dir(run_dir)
@@ -86,12 +117,11 @@ def load_run(run_dir: str | Path) -> RunModel:
     if isinstance(values, dict):  # runs made before `model.pooling` existed pooled the maps by their mean
         values.setdefault("model.pooling", "avg")
     cfg = FedTLConfig.from_run_config(values)
-    try:
-        with safe_open(str(suffix_path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            state = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise ConfigError(f"{suffix_path} is not a readable safetensors file ({exc}).") from exc
+    meta, state = _read_suffix(suffix_path)
+    num_classes = _num_classes(state, suffix_path)  # the run's: a personal suffix must fit the run's model
+    personal: dict[str, str] = {}
+    if suffix is not None:
+        personal, state = _personal(Path(suffix), meta, run)
     if meta.get("backbone", cfg.model.backbone) != cfg.model.backbone:
         raise ConfigError(f"{suffix_path} was trained on backbone `{meta['backbone']}` but config.json names "
                           f"`{cfg.model.backbone}`; the run directory is inconsistent.")
@@ -103,11 +133,14 @@ def load_run(run_dir: str | Path) -> RunModel:
         raise BackboneError(f"The local `{cfg.model.backbone}` weights have sha256 {backbone.weights_sha256[:16]}…, "
                             f"but the run pinned {pinned[:16]}…: a different prefix. Install the run's weights "
                             "(TORCH_HOME / FEDTL_WEIGHTS_DIR) before predicting.")
-    model = TransferModel(backbone, _num_classes(state, suffix_path), cfg.model, cfg.adapters, seed=cfg.train.seed)
+    model = TransferModel(backbone, num_classes, cfg.model, cfg.adapters, seed=cfg.train.seed)
     model.load_trainable_state(state)  # names, shapes, dtypes, finite values checked
     model.eval()
-    decision = decision_from_metadata(meta)
+    decision = decision_from_metadata(personal if suffix is not None else meta)
     decision.check_classes(model.num_classes)
+    if suffix is not None:  # what `predict` names: the site's file, and whether it kept the fine-tuned suffix
+        meta = {**meta, "personal": str(suffix), "site": personal.get("site", "?"), "kept": personal["kept"],
+                "dp": personal.get("dp", "true")}
     from fedtl.backbones import get_spec
 
     pre = Preprocessing.for_backbone(get_spec(cfg.model.backbone), cfg.model.resolution)

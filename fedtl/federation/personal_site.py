@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fedtl.config import FedTLConfig
+from fedtl.decision import Decision
 from fedtl.errors import LedgerError
 from fedtl.model import TransferModel
 from fedtl.privacy import open_ledger, plan_personalize
@@ -96,6 +97,21 @@ def choose_personal(model: TransferModel, global_state: dict, tuned_state: dict,
     return best
 
 
+def personal_decision(cfg: FedTLConfig, model: TransferModel, eval_data) -> Decision:
+    """The decision rule for the loaded (kept) suffix, chosen on the site's own validation split as the server
+    chooses the run's on its own (``evaluation.decision``): the suffix serves this site's class mix. The argmax
+    without validation data."""
+    from fedtl.evaluation import central_decision
+    from fedtl.training import evaluate_suffix
+
+    feats, labels = ((eval_data.splits.get("val") if eval_data is not None else None) or (None, None))
+    if labels is None or len(labels) == 0:
+        return Decision()
+    probs = evaluate_suffix(model, feats, labels).probabilities
+    rule = central_decision(probs, labels.numpy(), cfg.evaluation.decision)
+    return rule if rule.rule == "argmax" else replace(rule, chosen_on=f"the site's validation split ({len(labels)} images)")
+
+
 def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, policy: PrivacyPolicy, *,
                      run_id: str, epochs: int, standardize: FeatureStandardizer | None = None) -> PersonalOutcome:
     """Fine-tune the loaded (global) suffix at this site; save the kept one in the state dir.
@@ -171,8 +187,11 @@ def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, po
     model.load_trainable_state(kept)
     out.path = personal_suffix_path(policy)
     out.path.parent.mkdir(parents=True, exist_ok=True)
+    decision = personal_decision(cfg, model, eval_data)  # the site's own rule for the suffix it keeps
     save_tensors_atomically(kept, out.path, metadata={
-        "run": str(run_id)[:128], "kept": "tuned" if out.kept_tuned else "global",
+        "run": str(run_id)[:128], "site": policy.site, "kept": "tuned" if out.kept_tuned else "global",
+        "backbone": cfg.model.backbone, "weights_sha256": getattr(model, "weights_sha256", "") or "",
+        **decision.to_metadata(),
         "blend": f"{alpha:g}" if out.kept_tuned else "0", "epochs": str(epochs), "epsilon": f"{out.epsilon:.6f}",
         # whether the kept suffix is differentially private in this site's data (no: it must not leave the site)
         "dp": "true" if policy.dp and (not out.kept_tuned or policy.personalize_dp) else "false"})

@@ -5,7 +5,7 @@ Run directory layout::
 
     config.json        the resolved configuration (flat kebab-case keys, as Flower's run config)
     metrics.jsonl      one JSON object per round (round 0 = the initial suffix)
-    suffix.safetensors the selected round's suffix tensors (metadata: backbone, sha256, round)
+    suffix.safetensors the selected round's suffix tensors (metadata: backbone, sha256, run, round)
     summary.json       headline figures; written last, so its presence means the run completed
 """
 
@@ -144,7 +144,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
             "backbone-sha256": model.weights_sha256, "pooling": cfg.model.pooling, **stats}),
             fed.round_timeout).table()
     return _finish(cfg, out, model, tracker, to_record(model.trainable_state()), t_start, val_hit and test_hit,
-                   transfer, plan, per_site, personal)
+                   transfer, plan, per_site, personal, run_id=fedtl_run)
 
 
 def feature_statistics(cfg: FedTLConfig, val: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, list[float]]:
@@ -247,7 +247,7 @@ def load_for_resume(out: Path, cfg: FedTLConfig) -> Checkpoint:
 
 def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker, initial: ArrayRecord,
             t_start: float, server_cache_hit: bool, transfer: dict | None, plan: EvaluationPlan,
-            per_site: dict | None, personalization: dict | None = None) -> dict:
+            per_site: dict | None, personalization: dict | None = None, run_id: str = "") -> dict:
     fed = cfg.federation
     best = tracker.history[tracker.best_round]
     final = tracker.history[-1]
@@ -255,7 +255,7 @@ def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker,
     counts = model.param_counts()
     decision = tracker.best_decision
     save_file({k: v.contiguous() for k, v in tracker.best_state.items()}, out / "suffix.safetensors",
-              metadata={"backbone": cfg.model.backbone, "weights_sha256": model.weights_sha256,
+              metadata={"backbone": cfg.model.backbone, "weights_sha256": model.weights_sha256, "run": str(run_id),
                         "round": str(tracker.best_round), "split": model.split_name,
                         "num_classes": str(plan.num_classes), **decision.to_metadata()})
     dp = cfg.privacy.enabled or bool(tracker.last_privacy)  # deployed sites always report their DP spend
@@ -266,6 +266,7 @@ def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker,
                 for k in ("test_auc", "test_acc", "test_acc_argmax", "val_auc", "val_acc", "val_loss")}
     summary = {
         **headline,
+        "run_id": str(run_id),  # what sites' personal suffixes name in their metadata (`fedtl predict --suffix`)
         "selected_round": tracker.best_round, "selection_metric": tracker.selection_metric,
         "evaluation": {"server_data": plan.data, "sites": plan.sites, "selected_by": plan.select_by,
                        "headline": "central test split" if plan.source is not None else "sites' pooled test splits"},

@@ -200,3 +200,32 @@ def test_a_run_pinned_to_other_weights_is_refused(run, capsys):
     out, err = capsys.readouterr()
     assert out == "" and "but the run pinned abababababababab…: a different prefix" in err
 
+
+
+def test_predict_with_a_sites_personal_suffix_names_it_and_refuses_another_runs(run, capsys):
+    """`fedtl predict --suffix`: a site's personal-suffix.safetensors of this run replaces the run's suffix (with the
+    site's own decision rule); one fine-tuned from another run is refused before anything is predicted."""
+    from safetensors.torch import safe_open, save_file
+
+    from fedtl.cli import main
+    from fedtl.decision import Decision
+
+    with safe_open(str(run["dir"] / "suffix.safetensors"), framework="pt") as fh:
+        meta, tensors = dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}
+    assert meta["run"]  # the run's id, which a site's personal suffix names
+    personal = run["root"] / "personal-suffix.safetensors"
+    save_file(tensors, str(personal), metadata={
+        "run": meta["run"], "site": "st-mary", "kept": "tuned", "dp": "false", "weights_sha256": meta["weights_sha256"],
+        **Decision("threshold", 0.0, 1, "the site's validation split (9 images)").to_metadata()})
+    out = run["root"] / "preds-personal.csv"
+    assert main(["predict", str(run["dir"]), str(run["folder"]), "--image-size", "28", "--suffix", str(personal),
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "personal suffix of site st-mary (its fine-tuned suffix; trained without DP" in err
+    assert "(chosen on the site's validation split (9 images))" in err
+    _, _, labels = _read_csv(out)
+    assert (labels == 1).all()  # the site's rule (threshold 0), not the run's argmax
+    save_file(tensors, str(personal), metadata={"run": "another-run", "kept": "global"})
+    assert main(["predict", str(run["dir"]), str(run["folder"] / "000.png"), "--image-size", "28",
+                 "--suffix", str(personal)]) == 2
+    assert "was fine-tuned from run `another-run`" in capsys.readouterr().err

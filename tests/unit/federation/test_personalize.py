@@ -341,3 +341,60 @@ def test_a_run_config_cannot_turn_off_a_deployed_sites_private_fine_tuning(tmp_p
     policy, _ = _site_of(FedTLConfig(), {"site-config": str(tmp_path / "local.toml")}, None, data=object())
     assert not personalizes_privately(policy)
     load_site_config.cache_clear()
+
+
+# ---- using the personal suffix: fedtl predict / export --suffix ------------------------------------------------
+
+def test_predict_uses_a_sites_personal_suffix_of_the_same_run_and_refuses_others(tmp_path, monkeypatch):
+    import json
+
+    import fedtl.backbones
+    from safetensors.torch import save_file
+
+    from fedtl.errors import BackboneError
+    from fedtl.inference import load_run
+
+    backbone = make_tiny_backbone()
+    monkeypatch.setattr(fedtl.backbones, "build_backbone", lambda name: backbone)
+    cfg = FedTLConfig.from_run_config({"model.pooling": "avg", "train.lr": 0.5})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_run_config()))
+    model = TransferModel(backbone, 2, cfg.model, cfg.adapters)
+    global_state = {k: v.clone() for k, v in model.trainable_state().items()}
+    run_meta = {"backbone": cfg.model.backbone, "weights_sha256": backbone.weights_sha256, "run": "run-1", "round": "3"}
+    save_file(global_state, run_dir / "suffix.safetensors", metadata=run_meta)
+    # the site fine-tunes (no noise: its own choice) and keeps its suffix, with a rule chosen on its validation split
+    x, y = _site_data()
+    xv, yv = _site_data(80, seed=1)
+    policy = _policy(tmp_path, personalize_dp=False)
+    out = personalize_site(cfg, model, SiteData("st-mary", x, y, True),
+                           SiteEvalData("st-mary", {"val": (xv, yv), "test": (xv, yv)}), policy, run_id="run-1", epochs=2)
+    assert out.kept_tuned
+    personal = load_file(str(out.path))
+
+    run = load_run(run_dir, suffix=out.path)
+    assert all(torch.equal(run.model.trainable_state()[k], personal[k]) for k in personal)
+    assert run.metadata["site"] == "st-mary" and run.metadata["kept"] == "tuned" and run.metadata["dp"] == "false"
+    assert "the site's validation split (80 images)" in run.decision.describe()
+    assert load_run(run_dir).decision.rule == "argmax"  # the run's own suffix is untouched
+
+    def variant(name, **meta):
+        with safe_open(str(out.path), "pt") as fh:
+            base = dict(fh.metadata())
+        path = tmp_path / name
+        save_file(personal, path, metadata={k: v for k, v in {**base, **meta}.items() if v is not None})
+        return path
+
+    with pytest.raises(ConfigError, match="not a site's personal suffix"):
+        load_run(run_dir, suffix=run_dir / "suffix.safetensors")  # the run's own file is not a personal one
+    with pytest.raises(ConfigError, match="fine-tuned from run `run-9`"):
+        load_run(run_dir, suffix=variant("other-run.safetensors", run="run-9"))
+    with pytest.raises(BackboneError, match="not this run's prefix"):
+        load_run(run_dir, suffix=variant("other-weights.safetensors", weights_sha256="ab" * 32))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run(run_dir, suffix=tmp_path / "nowhere.safetensors")
+    wrong_shape = tmp_path / "wrong-shape.safetensors"
+    save_file({k: torch.zeros(3, *v.shape[1:]) for k, v in personal.items()}, wrong_shape, metadata={"kept": "tuned"})
+    with pytest.raises(Exception, match=r"expected \(2, 16\)"):  # a 3-class suffix does not fit the 2-class run
+        load_run(run_dir, suffix=wrong_shape)

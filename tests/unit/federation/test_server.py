@@ -247,7 +247,7 @@ def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkey
     with safe_open(out / "suffix.safetensors", "pt") as fh:
         assert fh.metadata() == {"backbone": "efficientnet_lite0", "weights_sha256": model.weights_sha256,
                                  "round": str(summary["selected_round"]), "split": model.split_name,
-                                 "num_classes": "2",
+                                 "num_classes": "2", "run": summary["run_id"],  # what personal suffixes name
                                  "fedtl.decision": json.dumps(rows[summary["selected_round"]]["decision"], sort_keys=True)}
     assert summary["decision"] == rows[summary["selected_round"]]["decision"]
 
