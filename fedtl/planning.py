@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass, field
 
 from fedtl.config import FederationConfig
-from fedtl.privacy.policy import steps_per_epoch
+from fedtl.privacy.policy import UNSPENT_FRACTION, steps_per_epoch
 
 NOISY, NOISE = 0.5, 1.0  # NSR thresholds of a site's verdict (its own update, one round)
 # Thresholds of the federation's verdict, on the run NSR of the aggregate (per-round aggregate NSR / √rounds):
@@ -69,6 +69,12 @@ class SitePlan:
     verdict: str  # ok | noisy | noise | declines
     advice: list[str] = field(default_factory=list)
     personalize_steps: int = 0  # fine-tuning steps reserved after the last round (in σ and ε total)
+    epsilon_room: float = math.inf  # what the run may spend: the budget, or the per-run cap when lower
+
+    @property
+    def leaves_unspent(self) -> bool:
+        """The per-round cap, not the budget, sets σ: the run spends under 90 % of what it may (and trains noisier)."""
+        return math.isfinite(self.epsilon_total) and self.epsilon_total < UNSPENT_FRACTION * self.epsilon_room
 
     @property
     def run_nsr(self) -> float:
@@ -114,7 +120,8 @@ def plan_site(site: str, n: int, *, rounds: int, batch_size: int, epochs: int, p
         verdict = "declines"
     else:
         verdict = "noise" if ratio >= NOISE else "noisy" if ratio >= NOISY else "ok"
-    plan = SitePlan(site, n, batch, q, k, rounds, sigma, per_round, total, ratio, verdict, personalize_steps=extra)
+    plan = SitePlan(site, n, batch, q, k, rounds, sigma, per_round, total, ratio, verdict, personalize_steps=extra,
+                    epsilon_room=min(budget.target_epsilon, budget.run_cap))
     if advise and verdict != "ok":
         plan.advice = _advice(plan, epochs=epochs, params=params, budget=budget, personalize_epochs=personalize_epochs)
     return plan
@@ -206,6 +213,18 @@ def _federation_verdict(plans: list[SitePlan], fed: FederationConfig | None) -> 
     return ""
 
 
+def _unspent_warning(plans: list[SitePlan]) -> str:
+    """'' unless the per-round cap keeps sites from spending what the run may take (e.g. 10 rounds at ε/4 a round)."""
+    unspent = [p for p in plans if p.verdict != "declines" and p.leaves_unspent]
+    if not unspent:
+        return ""
+    low, high = min(p.epsilon_total for p in unspent), max(p.epsilon_total for p in unspent)
+    spend = f"ε≈{low:.2f}" if high - low < 0.005 else f"ε≈{low:.2f}–{high:.2f}"
+    return (f"{len(unspent)} of {len(plans)} sites will spend only {spend} of the {unspent[0].epsilon_room:g} this run "
+            f"may take: the per-round cap (privacy.max-epsilon-per-round, default a quarter of the budget) sets their "
+            f"noise for {unspent[0].rounds} rounds. More rounds, or a higher per-round cap, would train with less noise.")
+
+
 def format_plans(plans: list[SitePlan], params: int, fed: FederationConfig | None = None) -> list[str]:
     lines = [f"{'site':<10}{'n':>6}{'batch':>6}{'steps/rd':>9}{'rounds':>7}{'σ':>7}{'ε/round':>9}{'ε total':>8}"
              f"{'NSR':>7}{'run NSR':>9}  verdict"]
@@ -233,6 +252,9 @@ def format_plans(plans: list[SitePlan], params: int, fed: FederationConfig | Non
         lines.extend(f"    - {a}" for a in p.advice)
     if len(bad) > 5:
         lines.append(f"! … and {len(bad) - 5} more such sites")
+    unspent = _unspent_warning(plans)
+    if unspent:
+        lines.append(f"! {unspent}")
     verdict = _federation_verdict(plans, fed)
     if verdict:
         lines.append(f"! {verdict}")
@@ -250,6 +272,9 @@ def warnings_for(plans: list[SitePlan], fed: FederationConfig | None = None) -> 
         names = ", ".join(f"{p.site} ({p.n} images)" for p in declining[:6]) + (" …" if len(declining) > 6 else "")
         out.append(f"{len(declining)} of {len(plans)} sites will decline every round (no σ within their policy fits "
                    f"the run): {names}. `fedtl plan` shows what would help.")
+    unspent = _unspent_warning(plans)
+    if unspent:
+        out.append(unspent)
     verdict = _federation_verdict(plans, fed)
     if verdict:
         noisy = [p for p in plans if p.verdict == "noise"]

@@ -214,6 +214,9 @@ def plan_round(policy: PrivacyPolicy, ledger, proposal: Proposal, *, run_id: str
         sigma = _calibrate(policy, ledger, run_id, q, round_steps, remaining, extra_steps=ft_steps)
         if math.isfinite(sigma):
             ledger.plan = {**key, "noise_multiplier": sigma}
+            note = _unspent_note(policy, ledger, run_id, sigma, q, round_steps * remaining + ft_steps, remaining)
+            if note:
+                notes.append(note)
     if proposal.noise_multiplier > sigma:
         sigma = float(proposal.noise_multiplier)  # more noise than needed: the site accepts
     elif 0 < proposal.noise_multiplier < sigma:
@@ -275,6 +278,25 @@ def _calibrate(policy: PrivacyPolicy, ledger, run_id: str, q: float, round_steps
                    for cap, steps, prior in checks)
     except PrivacyBudgetError:
         return math.inf
+
+
+UNSPENT_FRACTION = 0.9  # a plan that leaves more than 10 % of what the run may spend says why
+
+
+def _unspent_note(policy: PrivacyPolicy, ledger, run_id: str, sigma: float, q: float, steps: int, rounds: int) -> str:
+    """A note when the per-round cap, not the budget, sets σ, so that the planned rounds leave part of what this run
+    may spend unused (e.g. 10 rounds at the default cap of a quarter of the budget spend about 2.3 of ε = 3)."""
+    planned = [(sigma, q, steps)]
+    total = ledger.epsilon(planned)
+    run_total = epsilon_of(ledger.run_history(run_id) + planned, policy.delta, policy.accountant)
+    spent, run_spent = ledger.epsilon(), epsilon_of(ledger.run_history(run_id), policy.delta, policy.accountant)
+    room = min(policy.target_epsilon - spent, policy.run_cap - run_spent)  # what this run may still take
+    used = min(total - spent, run_total - run_spent)
+    if room <= 0 or used >= UNSPENT_FRACTION * room:
+        return ""
+    return (f"the per-round cap (ε={policy.round_cap:g}) sets σ={sigma:.3f}: the {rounds} planned round(s) will spend "
+            f"about ε={used:.2f} of the {room:.2f} this run may take; more rounds, or a higher max-epsilon-per-round, "
+            "would train with less noise")
 
 
 def plan_personalize(policy: PrivacyPolicy, ledger, *, run_id: str, requested_epochs: int, batch_size: int,

@@ -132,3 +132,20 @@ def test_a_personalized_run_plans_the_fine_tuning_the_sites_reserve(tmp_path, ca
     assert main(["plan", "--site-sizes", "200", "--set", "personalization.kind=finetune", "--set",
                  "federation.rounds=40"]) == 0
     assert "fine-tuning after the last round" in capsys.readouterr().out
+
+
+def test_a_run_too_short_for_its_budget_is_named_at_the_start():
+    """10 rounds at the default per-round cap (ε/4) spend about 2.1 of ε = 3 at every site: the start-of-run check
+    says so and what would use the rest; 40 rounds, or a cap of the whole budget, spend it and say nothing."""
+    from fedtl.planning import warnings_for
+
+    short = FedTLConfig().with_overrides({"federation.rounds": 10})
+    plans = plan_sizes(short, [400, 800, 1200], 1346)
+    assert all(p.leaves_unspent and 2.0 < p.epsilon_total < 2.7 for p in plans)
+    (line,) = [w for w in warnings_for(plans, short.federation) if "per-round cap" in w]
+    assert line.startswith("3 of 3 sites will spend only ε≈2.") and "of the 3 this run may take" in line
+    for overrides in ({"federation.rounds": 40}, {"federation.rounds": 10, "privacy.max-epsilon-per-round": 3.0}):
+        cfg = FedTLConfig().with_overrides(overrides)
+        plans = plan_sizes(cfg, [400, 800, 1200], 1346)
+        assert not any(p.leaves_unspent for p in plans), overrides
+        assert not any("per-round cap" in w for w in warnings_for(plans, cfg.federation)), overrides

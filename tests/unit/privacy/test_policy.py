@@ -143,3 +143,20 @@ def test_the_calibration_is_kept_in_the_ledger_plan_and_reused_by_the_next_round
         assert sigma == pytest.approx(free, rel=0.02) and sigma <= bound
     with pytest.raises(PrivacyBudgetError, match="No noise multiplier reaches"):
         policy_module.calibrate_noise(3.0, 1e-5, 0.16, 60, max_sigma=free * 0.9)
+
+
+def test_a_plan_that_the_per_round_cap_keeps_from_using_its_budget_says_so(tmp_path):
+    """10 rounds at the default per-round cap (a quarter of ε = 3) leave part of the run's ε unused: the site's
+    plan says how much and what would use it; 40 rounds (the budget binds) say nothing."""
+    short = _plan(_policy(tmp_path / "a"), Proposal(total_rounds=10, batch_size=64))
+    (note,) = [n for n in short.notes if "per-round cap" in n]
+    used = float(note.split("spend about ε=")[1].split()[0])
+    exact = epsilon_of([(short.noise_multiplier, short.sample_rate, short.steps * 10)], 1e-5)
+    assert used == pytest.approx(exact, abs=0.005) and used < 0.9 * 3.0
+    assert "of the 3.00 this run may take" in note and "more rounds, or a higher max-epsilon-per-round" in note
+    long = _plan(_policy(tmp_path / "b"), Proposal(total_rounds=40, batch_size=64))
+    assert not any("per-round cap" in n for n in long.notes)
+    # a higher per-round cap lets the same 10 rounds spend the budget, with less noise
+    raised = _plan(_policy(tmp_path / "c", max_epsilon_per_round=3.0), Proposal(total_rounds=10, batch_size=64))
+    assert not any("per-round cap" in n for n in raised.notes)
+    assert raised.noise_multiplier < short.noise_multiplier
