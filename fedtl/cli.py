@@ -179,6 +179,7 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     print(f"unreadable: {len(result.problems)}")
     for problem in result.problems:
         print(f"  {problem.file}: {problem.reason}")
+    eval_problems = _check_evaluation(site, result)
     if len(result.images) == 0:
         print(f"error: no image could be read from {site.data.path}; see the unreadable files above.", file=sys.stderr)
         return DataError.exit_code
@@ -186,11 +187,53 @@ def cmd_site_check(args: argparse.Namespace) -> int:
         keys = ", ".join(f"`{key}`" for key, _ in missing)
         print(f"error: {len(missing)} configured file(s) do not exist ({keys}); fix the paths in {args.config}.", file=sys.stderr)
         return DataError.exit_code
-    if result.problems and not args.allow_bad:
-        print(f"error: {len(result.problems)} of {result.listed} listed entries are unreadable (named above); fix them "
-              "or remove them from the labels CSV, or pass --allow-bad to accept a site that skips them.", file=sys.stderr)
+    if (result.problems or eval_problems) and not args.allow_bad:
+        what = " and ".join(([f"{len(result.problems)} of {result.listed} listed entries"] if result.problems else [])
+                            + ([f"{eval_problems} entries of the evaluation set"] if eval_problems else []))
+        print(f"error: {what} are unreadable (named above); fix them or remove them from the labels CSV, or pass "
+              "--allow-bad to accept a site that skips them.", file=sys.stderr)
         return DataError.exit_code
     return 0
+
+
+def _check_evaluation(site, train) -> int:
+    """Print the site's evaluation set: its images, and per class how many go to validation and test (the same
+    stratified split the site makes, `fedtl.evaluation.stratified_split`); warn of a class a split will lack
+    (its AUC is then undefined there). Returns the number of unreadable evaluation entries. Writes nothing."""
+    import numpy as np
+
+    from fedtl.data.site_sources import load_site_data
+    from fedtl.evaluation import stratified_split
+
+    ev = site.evaluation
+    if not ev.enabled:
+        print("evaluation: none (the site answers evaluation requests with no figures)")
+        return 0
+    if ev.data is not None:
+        held = load_site_data(ev.data, allow_empty=True)
+        labels, names, problems = held.images.labels, list(held.class_counts()), held.problems
+        print(f"evaluation: {ev.data.format} {ev.data.path}: {len(held.images)} of {held.listed} listed images read")
+    else:
+        labels, names, problems = train.images.labels, list(train.class_counts()), []
+        first, _ = stratified_split(labels, ev.holdout, 0)
+        labels = labels[first]
+        print(f"evaluation: {ev.holdout:.0%} of [data] held out of training: {len(labels)} images")
+    val, test = stratified_split(labels, ev.validation_fraction, 0) if len(labels) else ([], [])
+    counts = [(np.bincount(labels[np.asarray(part, dtype=np.int64)], minlength=len(names)) if len(labels) else
+               np.zeros(len(names), int)) for part in (val, test)]
+    for index, name in enumerate(names):
+        print(f"  class {index} {name}: {counts[0][index]} validation, {counts[1][index]} test")
+    for split, c in zip(("validation", "test"), counts):
+        absent = [f"{i} {names[i]}" for i in range(len(names)) if c[i] == 0]
+        if absent:
+            print(f"warning: the {split} split will hold no image of class {', '.join(absent)}: its AUC "
+                  f"{'is undefined' if len(absent) >= len(names) - 1 else 'leaves that class out'} there "
+                  "(more evaluation images of that class, or another validation-fraction, would fix it)")
+    if problems:
+        print(f"evaluation unreadable: {len(problems)}")
+        for problem in problems:
+            print(f"  {problem.file}: {problem.reason}")
+    return len(problems)
 
 
 def cmd_site_ledger(args: argparse.Namespace) -> int:

@@ -123,3 +123,34 @@ def test_a_deflated_dicom_bomb_is_named_and_fails_the_check(tmp_path, capsys):
     assert "  bomb.dcm: ImageTooLarge: image is 3000x3000 = 9.0 Mpx, above data.max-pixels = 5.0 Mpx" in out
     assert err[-1].startswith("error: 1 of 2 listed entries are unreadable")
     assert not (tmp_path / "state").exists()
+
+
+def test_the_evaluation_set_is_counted_per_split_and_a_missing_class_is_named(site, capsys):
+    """[evaluation]: what goes to validation and test per class (the site's own stratified split), a class a split
+    will lack named as a warning, unreadable evaluation files named and failing the check; nothing is written."""
+    folder = site.parent / "eval"
+    folder.mkdir()
+    for name, value in (("a.png", 10), ("b.png", 20), ("c.png", 30), ("d.png", 40), ("e.png", 220)):
+        Image.fromarray(np.full((12, 12), value, np.uint8)).save(folder / name)
+    (folder / "bad.png").write_bytes(b"not a png")
+    (site.parent / "eval.csv").write_text("file,label\na.png,normal\nb.png,normal\nc.png,normal\nd.png,normal\n"
+                                          "e.png,pneumonia\nbad.png,normal\n")
+    (site.parent / "labels.csv").write_text("file,label\nn1.png,normal\np1.png,pneumonia\n")
+    base = site.read_text()
+    site.write_text(base + '[evaluation]\nformat = "folder"\npath = "eval"\nlabels = "eval.csv"\nimage-size = 16\n'
+                    'classes = ["normal", "pneumonia"]\n')
+    code, out, err = _run(capsys, ["site", "check", str(site)])
+    assert "evaluation: folder" in out and "5 of 6 listed images read" in out
+    assert "class 0 normal: 2 validation, 2 test" in out and "class 1 pneumonia: 0 validation, 1 test" in out
+    assert "warning: the validation split will hold no image of class 1 pneumonia: its AUC is undefined there" in out
+    assert "  bad.png: " in out and code == 3
+    assert err[-1].startswith("error: 1 entries of the evaluation set are unreadable (named above)")
+    assert _run(capsys, ["site", "check", "--allow-bad", str(site)])[0] == 0
+    # held out of [data]: the same split the site would make, counted without writing it
+    site.write_text(base + "[evaluation]\nholdout = 0.5\n")
+    code, out, _ = _run(capsys, ["site", "check", str(site)])
+    assert code == 0 and "evaluation: 50% of [data] held out of training: 0 images" in out  # one image per class
+    assert "warning: the validation split will hold no image of class 0 normal, 1 pneumonia: its AUC is undefined" in out
+    site.write_text(base + "[evaluation]\nenabled = false\n")
+    assert "evaluation: none" in _run(capsys, ["site", "check", str(site)])[1]
+    assert not (site.parent / "state").exists()
