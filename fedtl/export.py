@@ -5,8 +5,9 @@
     output ``probabilities``  float32 (N, C), softmax over the classes
     output ``label``          int64 (N,), the run's decision rule (``fedtl.decision``; argmax when none)
 
-Inside: the backbone's normalization, the frozen prefix, the suffix (LoRA adapters merged into their
-layers), the softmax and the decision rule. The file's metadata (ONNX ``metadata_props``, TorchScript
+Inside: the backbone's normalization, the frozen prefix (run on each test-time view of the image, ``evaluation
+.views``, when the run has them), the suffix (LoRA adapters merged into their layers; the mean probability over the
+views), the softmax and the decision rule. The file's metadata (ONNX ``metadata_props``, TorchScript
 extra files) carries ``fedtl.decision``, ``fedtl.input``, the backbone, its weights' sha256 and the round.
 
 Export is checked before the file exists: the exported model (in ONNX Runtime, or the TorchScript module
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedtl.data.preprocess import shift_view
 from fedtl.decision import METADATA_KEY
 from fedtl.errors import ConfigError, FedTLError
 from fedtl.inference import RunModel
@@ -61,6 +63,7 @@ class ExportedModel(nn.Module):
         self.suffix = model.suffix
         self.register_buffer("mean", torch.tensor(run.preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(run.preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.views, self.size = run.views, (run.resolution, run.resolution)  # test-time views, as predict
         d = run.decision
         self.threshold_rule = d.rule == "threshold"
         self.positive_class = int(d.positive_class)
@@ -72,8 +75,12 @@ class ExportedModel(nn.Module):
         self.eval()
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (image - self.mean) / self.std  # (N, 3, R, R)
-        logits = self.suffix(self.prefix_pool(self.prefix(x)))
+        if self.views <= 1:
+            feats = self.prefix_pool(self.prefix((image - self.mean) / self.std))  # (N, 3, R, R) -> (N, D)
+        else:  # the mean prediction over the shifted views (N, K, D), as `fedtl predict` and the run's evaluation
+            feats = torch.stack([self.prefix_pool(self.prefix((shift_view(image, k, self.size) - self.mean) / self.std))
+                                 for k in range(self.views)], 1)
+        logits = self.suffix(feats)
         probs = logits.softmax(-1)  # (N, C)
         if self.bias_rule:
             label = (logits.log_softmax(-1) + self.bias).argmax(-1)
@@ -114,6 +121,7 @@ def metadata(run: RunModel) -> dict[str, str]:
         "fedtl.backbone": run.config.model.backbone,
         "fedtl.weights_sha256": run.metadata.get("weights_sha256", ""),
         "fedtl.round": run.metadata.get("round", ""),
+        "fedtl.views": str(run.views),  # test-time views averaged inside the model
         "fedtl.classes": json.dumps([str(c) for c in range(run.num_classes)]),
         # a site's personal suffix (`fedtl export --suffix`): whose, and whether it is private in that site's data
         **({"fedtl.personal-site": run.metadata["site"], "fedtl.dp": run.metadata["dp"]}

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from typing import TYPE_CHECKING
 
-from fedtl.data.preprocess import Preprocessing
+from fedtl.data.preprocess import VIEW_SHIFTS, Preprocessing  # VIEW_SHIFTS: defined next to the test-time views
 from fedtl.data.sources import ImageSet
 
 if TYPE_CHECKING:
@@ -67,7 +67,6 @@ class CacheKey:
 # of 1/14 of its side (2 px at 28 px), edges repeated. Each view is an ordinary data set to the cache (its own
 # fingerprint, so its own entry); view 0 is the image itself. The suffix averages its prediction over an example's
 # views (fedtl.model.Suffix), so one example is still one clipped gradient: the privacy accounting is unchanged.
-VIEW_SHIFTS = ((0, 0), (1, 0), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1), (-1, 0))
 
 
 class ShiftedView:
@@ -111,6 +110,19 @@ def view_features(get, data: ImageSet, views: int) -> tuple[torch.Tensor, bool]:
     out, hits = [], True
     for k in range(views):
         feats, hit = get(shifted_view(data, k))
+        out.append(feats)
+        hits = hits and hit
+    return torch.stack(out, 1), hits
+
+
+def stack_views(get, views: int) -> tuple[torch.Tensor, bool]:
+    """Features of test-time views ``0 … views − 1`` through ``get(k) -> (features, cache hit)``: ``(N, D)`` for one
+    view, ``(N, views, D)`` for more; hit when every view came from the cache."""
+    if views <= 1:
+        return get(0)
+    out, hits = [], True
+    for k in range(views):
+        feats, hit = get(k)
         out.append(feats)
         hits = hits and hit
     return torch.stack(out, 1), hits

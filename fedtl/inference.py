@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fedtl.config import FedTLConfig
-from fedtl.data.preprocess import Preprocessing
+from fedtl.data.preprocess import Preprocessing, shift_view
 from fedtl.data.site_sources import (DEFAULT_IMAGE_SIZE, Problem, _reason, read_dicom_image, read_image_file,
                                      stack_images)
 from fedtl.decision import Decision, decision_from_metadata
@@ -61,12 +61,28 @@ class RunModel:
     def resolution(self) -> int:
         return self.preprocessing.resolution
 
+    @property
+    def views(self) -> int:
+        """Test-time views a prediction averages (``evaluation.views``; 1 for a run made before they existed)."""
+        return self.config.eval_views
+
     @torch.no_grad()
     def probabilities(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """uint8 ``(N, H, W)`` grayscale or ``(N, H, W, 3)`` RGB → float32 ``(N, C)`` class probabilities."""
+        """uint8 ``(N, H, W)`` grayscale or ``(N, H, W, 3)`` RGB → float32 ``(N, C)`` class probabilities: the mean
+        over the run's test-time views (:func:`fedtl.data.preprocess.shift_view`), as its evaluation scored them."""
         self.model.eval()
-        out = [self.model(self.preprocessing(images[i:i + batch_size])).softmax(-1)
-               for i in range(0, len(images), batch_size)]
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = images[i:i + batch_size]
+            if self.views <= 1:
+                logits = self.model(self.preprocessing(batch))
+            else:
+                pre = self.preprocessing
+                unit = pre.to_unit(batch)
+                feats = torch.stack([self.model.prefix_features(pre.normalize(shift_view(unit, k)))
+                                     for k in range(self.views)], 1)  # (B, K, D): the suffix takes the mean
+                logits = self.model.suffix(feats)
+            out.append(logits.softmax(-1))
         return torch.cat(out).numpy() if out else np.zeros((0, self.num_classes), np.float32)
 
 
@@ -116,6 +132,7 @@ def load_run(run_dir: str | Path, suffix: str | Path | None = None) -> RunModel:
         raise ConfigError(f"{config_path} is not readable JSON ({exc}).") from exc
     if isinstance(values, dict):  # runs made before `model.pooling` existed pooled the maps by their mean
         values.setdefault("model.pooling", "avg")
+        values.setdefault("evaluation.views", 1)  # … and before test-time views: the image alone
     cfg = FedTLConfig.from_run_config(values)
     meta, state = _read_suffix(suffix_path)
     num_classes = _num_classes(state, suffix_path)  # the run's: a personal suffix must fit the run's model

@@ -20,6 +20,7 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from fedtl.backbones import available, get_spec
 from fedtl.backbones.registry import file_sha256, weights_candidates
 from fedtl.config import FedTLConfig
 from fedtl.errors import BackboneError, FedTLError
-from fedtl.features import CacheKey, FeatureCache, split_key, view_features
+from fedtl.features import CacheKey, FeatureCache, split_key, stack_views, view_features
 from fedtl.federation.site import SiteData, preprocessing_for
 from fedtl.model import SuffixModel, TransferModel
 from fedtl.privacy.policy import PrivacyPolicy, policy_for_site
@@ -149,7 +150,8 @@ def deployed_eval_data(cfg: FedTLConfig, model: TransferModel, site_config_path:
         return None
     images = (_site_images if site.evaluation.holdout else _site_eval_images)(site_config_path).images
     cache = FeatureCache(Path(site.state_dir) / "features")
-    feats, _ = cache.get_or_build(model, preprocessing_for(cfg), images)
+    pre = preprocessing_for(cfg)
+    feats, _ = stack_views(lambda k: cache.get_or_build(model, replace(pre, view=k), images), cfg.eval_views)
     return _eval_splits(site, images, feats)
 
 
@@ -164,15 +166,15 @@ def _eval_splits(site: SiteConfig, images, feats):
                                         labels[torch.as_tensor(split[s], dtype=torch.long)]) for s in ("val", "test")})
 
 
-def _warm(cfg: FedTLConfig, site: SiteConfig, images, num_classes: int, views: int = 1):
+def _warm(cfg: FedTLConfig, site: SiteConfig, images, num_classes: int, views: int = 1, test_time: bool = False):
     """(SuffixModel, features of ``images``) from the site's feature cache without the backbone, or None.
 
     The cache key is the one a build would compute: the backbone's name, the sha256 of the weights file this
     site would load (the same file and hash a build checks, so the server's pin is compared with it exactly as
     before), the preprocessing, the split point and the data's fingerprint. An entry exists only for a key a
     build produced, so a hit means these weights, this split and these images; the feature width is the
-    entry's. With ``views`` > 1 (``train.views``, training only) every view's entry must be cached:
-    ``(N, views, D)``.
+    entry's. With ``views`` > 1 every view's entry must be cached: ``(N, views, D)`` — training views
+    (``train.views``), or with ``test_time`` the evaluation's (``evaluation.views``).
     """
     if cfg.adapters.kind != "none":  # the suffix holds backbone blocks (and PEFT's adapters)
         return None
@@ -182,17 +184,18 @@ def _warm(cfg: FedTLConfig, site: SiteConfig, images, num_classes: int, views: i
     if not weights_sha256:  # the whole network's last unit is named by the build; a site without weights is cold
         return None
     cache = FeatureCache(Path(site.state_dir) / "features")
-    pre_key = preprocessing_for(cfg).key()
+    pre = preprocessing_for(cfg)
 
-    def cached(data):
-        key = CacheKey(spec.name, weights_sha256, pre_key, split_key(split, cfg.model.pooling), data.fingerprint)
+    def cached(data, view: int = 0):
+        key = CacheKey(spec.name, weights_sha256, replace(pre, view=view).key(), split_key(split, cfg.model.pooling),
+                       data.fingerprint)
         feats = cache.load(key, len(data))
         if feats is None or feats.ndim != 2:
             raise LookupError  # not cached (or not head-only features): the caller builds, as a cold site
         return feats, True
 
     try:
-        feats, _ = view_features(cached, images, views)
+        feats, _ = stack_views(lambda k: cached(images, k), views) if test_time else view_features(cached, images, views)
     except LookupError:
         return None
     model = SuffixModel(spec.name, weights_sha256, split, int(feats.shape[-1]), num_classes, cfg.model,
@@ -223,7 +226,7 @@ def cached_eval_site(cfg: FedTLConfig, site_config_path: str, num_classes: int):
     if not site.evaluation.enabled:
         return None
     images = (_site_images if site.evaluation.holdout else _site_eval_images)(site_config_path).images
-    warm = _warm(cfg, site, images, num_classes)
+    warm = _warm(cfg, site, images, num_classes, cfg.eval_views, test_time=True)
     if warm is None:
         return None
     model, feats = warm

@@ -29,7 +29,7 @@ from fedtl.federation.distribution import ensure_backbone
 from fedtl.federation.fedeval import evaluate_at_sites
 from fedtl.federation.polling import destinations, send_and_receive
 from fedtl.federation.records import record_bytes, to_record, to_state
-from fedtl.federation.site import build_transfer_model, cached_features
+from fedtl.federation.site import build_transfer_model, eval_features
 from fedtl.federation.strategy import RoundStats, SuffixFedAvg, make_strategy
 from fedtl.federation.tracking import EvaluationPlan, Tracker, jsonable, plan_evaluation, site_table
 from fedtl.model import TransferModel
@@ -76,8 +76,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     val = test = None
     val_hit = test_hit = True
     if source is not None:
-        val_f, val_hit = cached_features(cfg, model, source.val)
-        test_f, test_hit = cached_features(cfg, model, source.test)
+        val_f, val_hit = eval_features(cfg, model, source.val)  # (N, K, D) with test-time views
+        test_f, test_hit = eval_features(cfg, model, source.test)
         val, test = (val_f, torch.as_tensor(source.val.labels)), (test_f, torch.as_tensor(source.test.labels))
     out = Path(cfg.output.dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{run_id}")
     fed = cfg.federation

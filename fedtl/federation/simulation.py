@@ -14,7 +14,7 @@ from fedtl.config import FedTLConfig
 from fedtl.errors import ConfigError, FederationError
 from fedtl.federation.server import prepare_run_dir, resume_hint
 from fedtl.federation.supervisor import ProcessTreeWatcher
-from fedtl.federation.site import build_transfer_model, cached_features, load_source
+from fedtl.federation.site import build_transfer_model, load_source
 from fedtl.federation.tracking import jsonable
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False, resu
     else:
         check_out_dir(out, overwrite)
     source = load_source(cfg.data.path)
-    from fedtl.federation.site import site_indices, train_features
+    from fedtl.federation.site import eval_features, site_indices, train_features
 
     for s in range(cfg.federation.sites):  # partitions: fail early on an impossible split
         site_indices(cfg, s, cfg.federation.sites)
@@ -61,7 +61,7 @@ def simulate(cfg: FedTLConfig, out: str | Path, *, overwrite: bool = False, resu
     model = build_transfer_model(resolved, source.num_classes)
     # every cache entry the sites and the server will read, built here once (not by each site's process at once)
     hits = [train_features(resolved, model)[1],
-            *(cached_features(resolved, model, split)[1] for split in (source.val, source.test))]
+            *(eval_features(resolved, model, split)[1] for split in (source.val, source.test))]
     if not resume:
         prepare_run_dir(out, overwrite=overwrite)
     cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out), resume=resume))

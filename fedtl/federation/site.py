@@ -65,11 +65,15 @@ def preprocessing_for(cfg: FedTLConfig) -> Preprocessing:
 _FEATURE_MEMO: dict[str, tuple[torch.Tensor, bool]] = {}
 
 
-def cached_features(cfg: FedTLConfig, model: TransferModel, data: ImageSet, progress: bool = True) -> tuple[torch.Tensor, bool]:
-    """Prefix features of ``data`` from the on-disk cache (built once), memoized in this process."""
+def cached_features(cfg: FedTLConfig, model: TransferModel, data: ImageSet, progress: bool = True,
+                    view: int = 0) -> tuple[torch.Tensor, bool]:
+    """Prefix features of ``data`` (its test-time ``view``: :func:`fedtl.data.preprocess.shift_view`) from the on-disk
+    cache (built once), memoized in this process."""
+    from dataclasses import replace
+
     from fedtl.features import cache_key
 
-    pre = preprocessing_for(cfg)
+    pre = replace(preprocessing_for(cfg), view=view)
     digest = cache_key(model, pre, data).digest()
     if digest not in _FEATURE_MEMO:
         if len(_FEATURE_MEMO) > 16:  # train (up to 8 views), validation and test of two configurations
@@ -134,6 +138,14 @@ def _eval_partitions(path: str, sites: int, kind: str, alpha: float, classes_per
     return tuple(share_like([train[p] for p in parts], source.split(split).labels, seed + 1))
 
 
+def eval_features(cfg: FedTLConfig, model: TransferModel, data: ImageSet, progress: bool = True) -> tuple[torch.Tensor, bool]:
+    """Prefix features of evaluation images, one entry per test-time view (``FedTLConfig.eval_views``): ``(N, D)`` or
+    ``(N, K, D)``; the suffix scores the mean probability over the views, as ``fedtl predict`` and exports do."""
+    from fedtl.features import stack_views
+
+    return stack_views(lambda k: cached_features(cfg, model, data, progress, view=k), cfg.eval_views)
+
+
 def simulated_eval_data(cfg: FedTLConfig, model: TransferModel, site: int, num_sites: int) -> SiteEvalData:
     """A simulated site's evaluation data: shares of the source's validation and test splits with the
     class mix of its training partition (cached prefix features, like its training data)."""
@@ -141,7 +153,7 @@ def simulated_eval_data(cfg: FedTLConfig, model: TransferModel, site: int, num_s
     d = cfg.data
     splits = {}
     for split in ("val", "test"):
-        feats, _ = cached_features(cfg, model, source.split(split), progress=False)
+        feats, _ = eval_features(cfg, model, source.split(split), progress=False)
         idx = _eval_partitions(d.path, num_sites, d.partitioner, d.alpha, d.classes_per_site, d.seed, split)[site]
         t = torch.as_tensor(idx)
         splits[split] = (feats[t], torch.as_tensor(source.split(split).labels)[t])

@@ -47,7 +47,8 @@ def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
 
     "(the default)" rows run ``FedTLConfig``'s defaults: mean, std and quadrant pooling of the cut network's maps,
     the head trained on features standardized with the server's validation statistics (``train.standardize``),
-    4 views per training image. "mean pooling" rows are the head on the spatial mean, unstandardized (the default
+    4 views per training image, and the prediction averaged over 4 shifted views of a test image
+    (``evaluation.views``, since 2026-12-06). "mean pooling" rows are the head on the spatial mean, unstandardized (the default
     before 2026-12-02); ``train.views=1`` rows are without augmentation multiplicity."""
     one, mean = {"train.views": 1}, MEAN_POOLING
     rows = []
@@ -56,6 +57,9 @@ def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
                      {"federation.sites": 10, "privacy.target-epsilon": eps}))
     rows.append(("federated 10 sites, non-private (the default)", "transfer",
                  {"federation.sites": 10, "privacy.enabled": False}))
+    # test-time views (evaluation.views, auto = the 4 training views since 2026-12-06) against the image alone
+    rows.append(("federated 10 sites, DP ε=3, evaluation.views=1 (the default before 2026-12-06)", "transfer",
+                 {"federation.sites": 10, "privacy.target-epsilon": 3.0, "evaluation.views": 1}))
     rows += [
         ("centralized, non-private, head only, train.views=1, mean pooling", "transfer",
          {"federation.sites": 1, "privacy.enabled": False, "adapters.kind": "none", "adapters.blocks": 0, **one, **mean}),
@@ -82,6 +86,8 @@ def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
                      {**retina, "model.head": "ordinal"}))
         rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, ordinal head, lr 0.1", "transfer",
                      {**retina, "model.head": "ordinal", "train.lr": 0.1}))
+        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, ordinal head, lr 0.1, evaluation.views=1", "transfer",
+                     {**retina, "model.head": "ordinal", "train.lr": 0.1, "evaluation.views": 1}))
         rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, train.views=1, mean pooling", "transfer",
                      {**retina, **one, **mean}))
         rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, train.views=4, mean pooling", "transfer",

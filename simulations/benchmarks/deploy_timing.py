@@ -83,7 +83,7 @@ def _warm_caches(work: Path, sites: dict[str, Path], server_data: Path) -> None:
     """Every site's prefix features (its own cache) and the server's validation/test features."""
     from fedtl.config import FedTLConfig
     from fedtl.federation.deployment import deployed_site_data
-    from fedtl.federation.site import build_transfer_model, cached_features, load_source
+    from fedtl.federation.site import build_transfer_model, eval_features, load_source
 
     cfg = FedTLConfig.from_run_config({"data.path": str(server_data)}).resolved(has_reference=True)
     model = build_transfer_model(cfg, 2)
@@ -91,7 +91,7 @@ def _warm_caches(work: Path, sites: dict[str, Path], server_data: Path) -> None:
         deployed_site_data(cfg, model, str(path))
     source = load_source(str(server_data))
     for split in (source.val, source.test):
-        cached_features(cfg, model, split, progress=False)
+        eval_features(cfg, model, split, progress=False)
 
 
 def _with_worker(clients: list[dict], served: list[dict]) -> list[dict]:

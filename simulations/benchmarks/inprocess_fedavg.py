@@ -26,7 +26,7 @@ import torch
 
 from fedtl.config import FedTLConfig, parse_assignment
 from fedtl.evaluation import central_decision
-from fedtl.federation.site import (SiteData, build_transfer_model, cached_features, load_source, simulated_policy,
+from fedtl.federation.site import (SiteData, build_transfer_model, eval_features, load_source, simulated_policy,
                                    simulated_site_data, site_indices, train_site)
 from fedtl.federation.records import coarse_count
 from fedtl.model import check_state
@@ -63,8 +63,8 @@ def run(cfg: FedTLConfig, verbose: bool = False, model_kind: str = "transfer", e
             sites.append(SiteData(f"site-{s}", train_f[idx], labels[idx], True))
     elif model_kind == "transfer":
         model = build_transfer_model(cfg, source.num_classes)
-        val_f, _ = cached_features(cfg, model, source.val, progress=False)
-        test_f, _ = cached_features(cfg, model, source.test, progress=False)
+        val_f, _ = eval_features(cfg, model, source.val, progress=False)
+        test_f, _ = eval_features(cfg, model, source.test, progress=False)
         sites = [simulated_site_data(cfg, model, s, n) for s in range(n)]
         standardize = server_standardizer(cfg, val_f)  # what fedtl simulate's server sends (train.standardize)
     else:

@@ -31,7 +31,7 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 
 from fedtl.config import FedTLConfig
 from fedtl.federation.records import coarse_count, to_record, to_state, train_reply
-from fedtl.federation.site import (SiteData, build_transfer_model, cached_features, load_source, simulated_policy,
+from fedtl.federation.site import (SiteData, build_transfer_model, eval_features, load_source, simulated_policy,
                                    simulated_site_data, train_site)
 from fedtl.federation.strategy import make_strategy
 from fedtl.privacy import Proposal
@@ -59,8 +59,8 @@ def run(cfg: FedTLConfig, aggregation: str, attack: str, hostile: int, seed: int
     cfg = cfg.simulated()  # model.pooling = auto, as fedtl simulate's server decides
     source = load_source(cfg.data.path)
     model = build_transfer_model(cfg, source.num_classes)
-    val_f, _ = cached_features(cfg, model, source.val, progress=False)
-    test_f, _ = cached_features(cfg, model, source.test, progress=False)
+    val_f, _ = eval_features(cfg, model, source.val, progress=False)
+    test_f, _ = eval_features(cfg, model, source.test, progress=False)
     yv, yt = torch.as_tensor(source.val.labels), torch.as_tensor(source.test.labels)
     n_sites = cfg.federation.sites
     sites = [simulated_site_data(cfg, model, s, n_sites) for s in range(n_sites)]

@@ -35,7 +35,7 @@ from fedtl.data import ImageSet, partition_indices
 from fedtl.federation.personal_site import personalize_site
 from fedtl.federation.personalize import Personalization, compare, parse_personal_reply, personal_reply
 from fedtl.federation.records import coarse_count
-from fedtl.federation.site import (SiteData, SiteEvalData, build_transfer_model, cached_features, evaluate_site,
+from fedtl.federation.site import (SiteData, SiteEvalData, build_transfer_model, eval_features, evaluate_site,
                                    load_source, share_like, simulated_policy, train_features, train_site)
 from fedtl.model import check_state
 from fedtl.privacy import Proposal
@@ -119,12 +119,12 @@ def run(cfg: FedTLConfig, n_sites: int, eval_split: str = "iid", verbose: bool =
     for i, (shift, train, splits) in enumerate(site_sets(cfg, n_sites, eval_split)):
         feats, _ = train_features(cfg, model, train, progress=False)
         sites.append(SiteData(f"site-{i}", feats, torch.as_tensor(train.labels), True))
-        evals.append(SiteEvalData(f"site-{i}", {s: (cached_features(cfg, model, im, progress=False)[0],
+        evals.append(SiteEvalData(f"site-{i}", {s: (eval_features(cfg, model, im, progress=False)[0],
                                                     torch.as_tensor(im.labels)) for s, im in splits.items()}))
         shifts.append(shift["name"])
     t_features = time.perf_counter() - t0
     # the server's statistics (train.standardize): its own validation split, which no site's shift touches
-    standardize = server_standardizer(cfg, cached_features(cfg, model, source.val, progress=False)[0])
+    standardize = server_standardizer(cfg, eval_features(cfg, model, source.val, progress=False)[0])
     rounds, ft_epochs = cfg.federation.rounds, cfg.personalization.requested_epochs
     global_state, best = model.trainable_state(), -math.inf
     best_state, best_round = global_state, 0

@@ -94,3 +94,14 @@ def test_aggregation_weights_are_one_per_site_or_capped_counts():
         aggregation_weights(reported, "median", 4.0)
     with pytest.raises(ConfigError, match="federation.weighting"):
         FedTLConfig.from_run_config({"federation.weighting": "site"})
+
+
+def test_test_time_views_follow_the_training_views_unless_set():
+    assert FedTLConfig().eval_views == 4 == FedTLConfig().train_views  # head-only: 4 views, tested as trained
+    assert FedTLConfig().with_overrides({"train.views": 2}).eval_views == 2
+    assert FedTLConfig().with_overrides({"evaluation.views": 1}).eval_views == 1
+    assert FedTLConfig().with_overrides({"adapters.kind": "lora", "adapters.blocks": 1}).eval_views == 1
+    with pytest.raises(ConfigError, match="evaluation.views"):
+        FedTLConfig().with_overrides({"evaluation.views": 9})
+    with pytest.raises(ConfigError, match="evaluation.views.*head-only"):
+        FedTLConfig().with_overrides({"adapters.kind": "lora", "adapters.blocks": 1, "evaluation.views": 4})

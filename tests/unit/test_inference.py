@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fedtl.config import AdaptersConfig, FedTLConfig, ModelConfig
+from fedtl.config import FedTLConfig
 from fedtl.data.preprocess import Preprocessing
 from fedtl.decision import Decision
 from fedtl.errors import ConfigError
@@ -17,15 +17,17 @@ from fedtl.model import TransferModel
 from tests.conftest import tiny_spec
 
 
-def tiny_run(backbone, decision=Decision(), kind="lora") -> RunModel:
-    model = TransferModel(backbone, 2, ModelConfig(), AdaptersConfig(kind=kind, blocks=2, rank=2))
+def tiny_run(backbone, decision=Decision(), kind="lora", views=0) -> RunModel:
+    cfg = FedTLConfig().with_overrides({"adapters.kind": kind, "adapters.blocks": 2, "adapters.rank": 2,
+                                        "evaluation.views": views})
+    model = TransferModel(backbone, 2, cfg.model, cfg.adapters)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:  # as after training: LoRA's B (zero at start) and the head are not zero
                 p.normal_(0, 0.3)
     model.eval()
-    return RunModel(run_dir=None, config=FedTLConfig(), model=model, preprocessing=Preprocessing.for_backbone(tiny_spec(), 16),
+    return RunModel(run_dir=None, config=cfg, model=model, preprocessing=Preprocessing.for_backbone(tiny_spec(), 16),
                     decision=decision, metadata={"round": "3", "weights_sha256": "0" * 64})
 
 
@@ -118,3 +120,37 @@ def test_a_folder_that_is_not_a_finished_run_is_named(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="holds no suffix.safetensors; it is not a finished run"):
         check_run_dir(tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_test_time_views_are_the_same_in_evaluation_predict_and_export(tiny_backbone, tmp_path):
+    """A head-only run averages its prediction over 4 shifted views (evaluation.views = auto): `predict` gives the
+    suffix's output on the cached evaluation features of those views, and the exported model reproduces it."""
+    from dataclasses import replace
+
+    from fedtl.data.preprocess import shift_view
+    from fedtl.features import compute_prefix_features
+    from fedtl.data.sources import ImageSet
+
+    images = np.random.default_rng(0).integers(0, 256, (24, 16, 16), dtype=np.uint8)  # shifts change these
+    run = tiny_run(tiny_backbone, kind="none")
+    assert run.views == 4 and tiny_run(tiny_backbone).views == 1  # LoRA: one view
+    data = ImageSet(images, np.zeros(len(images), np.int64), "toy")
+    feats = torch.stack([compute_prefix_features(run.model, replace(run.preprocessing, view=k), data)
+                         for k in range(4)], 1)  # what evaluation scores
+    with torch.no_grad():
+        expected = run.model.suffix(feats).softmax(-1).numpy()
+    probs = run.probabilities(images)
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    single = tiny_run(tiny_backbone, kind="none", views=1).probabilities(images)
+    assert np.abs(probs - single).max() > 1e-4  # the views change the prediction
+    # view k shifts by round(16 / 14) = 1 pixel, edges repeated
+    x = torch.arange(16.0).view(1, 1, 1, 16).expand(1, 1, 16, 16)
+    assert torch.equal(shift_view(x, 2)[0, 0, 0], torch.cat([torch.zeros(1), torch.arange(15.0)]))
+    assert torch.equal(shift_view(x, 0), x)
+    assert "view" not in run.preprocessing.key()  # view 0 keeps the cache entries made before views existed
+    report = export_run(run, "torchscript", tmp_path / "v.pt", images, latency_runs=1)
+    assert report.max_abs_diff <= 1e-4 and report.labels_agree == len(images)
+    extra = {"fedtl.views": ""}
+    torch.jit.load(str(tmp_path / "v.pt"), _extra_files=extra)
+    assert extra["fedtl.views"] == b"4"

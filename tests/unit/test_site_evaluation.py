@@ -128,7 +128,8 @@ def test_the_warm_path_without_a_backbone_also_keeps_the_hold_out_out_of_trainin
     deployment.load_site_config.cache_clear()
     deployment._site_images.cache_clear()
     feats = torch.arange(40, dtype=torch.float32)[:, None].repeat(1, 4)  # row i: image i
-    monkeypatch.setattr(deployment, "_warm", lambda cfg, site, images, n, views=1: ("suffix-model", feats[: len(images)]))
+    monkeypatch.setattr(deployment, "_warm", lambda cfg, site, images, n, views=1, test_time=False:
+                        ("suffix-model", feats[: len(images)]))
     model, train = deployment.cached_site(FedTLConfig(), path, 2)
     _, ev = deployment.cached_eval_site(FedTLConfig(), path, 2)
     trained = {int(r[0]) for r in train.features}
@@ -153,7 +154,11 @@ def test_a_deployed_site_with_views_trains_on_every_view_of_its_training_images_
     ev = deployment.deployed_eval_data(one.with_overrides({"train.views": 3}), model, path)
     assert viewed.features.shape == (30, 3, plain.features.shape[1]) and plain.features.ndim == 2
     assert torch_equal(viewed.features[:, 0], plain.features) and torch_equal(viewed.labels, plain.labels)
-    assert ev.splits["val"][0].ndim == 2  # evaluation sees the images themselves, not their views
+    # evaluation scores test-time views (evaluation.views = auto: as many as training), the image itself first
+    assert ev.splits["val"][0].shape[1] == 3
+    single = deployment.deployed_eval_data(one.with_overrides({"train.views": 3, "evaluation.views": 1}), model, path)
+    assert single.splits["val"][0].ndim == 2 and torch_equal(ev.splits["val"][0][:, 0], single.splits["val"][0])
+    assert not torch_equal(ev.splits["val"][0][:, 1], single.splits["val"][0])
     assert viewed.cache_hit is False and deployment.deployed_site_data(
         one.with_overrides({"train.views": 3}), model, path).cache_hit is True
 

@@ -125,7 +125,7 @@ def _fake_run(monkeypatch, tmp_path, val, test, script, *, stats=None, overrides
     features = {id(source.val): (val[0], hits[0]), id(source.test): (test[0], hits[1])}
     monkeypatch.setattr(tracking, "load_source", lambda path: source)
     monkeypatch.setattr(server, "build_transfer_model", lambda cfg, n: _tiny_model())
-    monkeypatch.setattr(server, "cached_features", lambda cfg, model, data: features[id(data)])
+    monkeypatch.setattr(server, "eval_features", lambda cfg, model, data: features[id(data)])
     stats = stats or (lambda r: RoundStats(trained=["site-0"], epsilon={"site-0": 0.1 * r}))
 
     def train_round(grid, strategy, rnd, arrays, train_config, fed, out):
@@ -391,7 +391,7 @@ def test_run_server_asks_every_site_for_the_pinned_backbone_first(monkeypatch, t
                              test=SimpleNamespace(labels=_split(1)[1].numpy()))
     monkeypatch.setattr(tracking, "load_source", lambda path: source)
     monkeypatch.setattr(server, "build_transfer_model", lambda cfg, n: _tiny_model())
-    monkeypatch.setattr(server, "cached_features", lambda cfg, model, data: (_split(0)[0], True))
+    monkeypatch.setattr(server, "eval_features", lambda cfg, model, data: (_split(0)[0], True))
     monkeypatch.setattr(server, "_train_round", lambda *args: [])
     monkeypatch.setattr(BoundedSuffixAggregation, "aggregate_train",
                         lambda self, rnd, replies: (to_record(_tiny_model().trainable_state()), None))
