@@ -240,9 +240,10 @@ def handle_personalize(content: RecordDict, run_config: Mapping[str, Any], node_
 
         if hasattr(model, "prefix"):  # a full model computes the evaluation features itself
             eval_data = deployed_eval_data(conf, model, str(node["site-config"]))
-        else:  # a warm SuffixModel has no backbone: the cached evaluation features, if any
-            warm = cached_eval_site(conf, str(node["site-config"]), num_classes)
-            eval_data = warm[1] if warm is not None else None
+        else:  # a warm SuffixModel has no backbone: the cached evaluation features, else a backbone builds them
+            warm = cached_eval_site(conf, str(node["site-config"]), num_classes)  # (every test-time view cached)
+            eval_data = warm[1] if warm is not None else deployed_eval_data(
+                conf, build_transfer_model(conf, num_classes), str(node["site-config"]))
     else:
         eval_data = simulated_eval_data(conf, model, int(node["partition-id"]), int(node["num-partitions"]))
     out = personalize_site(conf, model, data, eval_data, policy, run_id=request.run_id, epochs=request.epochs,
