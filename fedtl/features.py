@@ -105,19 +105,12 @@ def shifted_view(data: ImageSet, k: int) -> ImageSet | ShiftedView:
 def view_features(get, data: ImageSet, views: int) -> tuple[torch.Tensor, bool]:
     """Prefix features of ``views`` views of ``data`` through ``get(ImageSet) -> (features, cache hit)``:
     ``(N, D)`` for one view, ``(N, views, D)`` for more; hit when every view came from the cache."""
-    if views <= 1:
-        return get(data)
-    out, hits = [], True
-    for k in range(views):
-        feats, hit = get(shifted_view(data, k))
-        out.append(feats)
-        hits = hits and hit
-    return torch.stack(out, 1), hits
+    return stack_views(lambda k: get(shifted_view(data, k)), views)
 
 
 def stack_views(get, views: int) -> tuple[torch.Tensor, bool]:
-    """Features of test-time views ``0 … views − 1`` through ``get(k) -> (features, cache hit)``: ``(N, D)`` for one
-    view, ``(N, views, D)`` for more; hit when every view came from the cache."""
+    """Features of views ``0 … views − 1`` through ``get(k) -> (features, cache hit)`` (training views above, or
+    test-time views): ``(N, D)`` for one view, ``(N, views, D)`` for more; hit when every view came from the cache."""
     if views <= 1:
         return get(0)
     out, hits = [], True
