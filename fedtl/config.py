@@ -221,7 +221,7 @@ class TrainConfig:
     views: int = 0  # augmentation multiplicity: an example's prediction over this many shifted views (fedtl.features);
     #                 0 = auto: 4 with the head-only suffix, 1 with adapters (FedTLConfig.train_views)
     standardize: str = "server"  # server: train the head on features standardized with the server's validation
-    #                              statistics (fedtl.standardize; head-only suffix, no layernorm) | none
+    #                              statistics (fedtl.standardize; any suffix, no layernorm) | none
     standardize_gain: float = 0.3  # standardized features are z-scores times this
 
     def __post_init__(self) -> None:
@@ -368,8 +368,8 @@ class FedTLConfig:
     @property
     def standardizes(self) -> bool:
         """Whether the head trains on standardized features when the server has validation data: ``train.standardize
-        = server`` with the head-only suffix and no per-sample layernorm (fedtl.standardize)."""
-        return self.train.standardize == "server" and self.adapters.kind == "none" and self.model.feature_norm == "none"
+        = server`` and no per-sample layernorm (fedtl.standardize)."""
+        return self.train.standardize == "server" and self.model.feature_norm == "none"
 
     @property
     def train_views(self) -> int:

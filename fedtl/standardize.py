@@ -11,10 +11,16 @@ mostly along the offset, and the noise drowns the rest. The head is therefore tr
 with ``mean`` and ``std`` computed by the *server* on its own validation data and sent with each train request.
 For a site they are a fixed preprocessing that does not depend on its data, so its DP guarantee is unchanged
 (whatever values a server sends: a hostile server can make training worse, as it can with any suffix it sends,
-never leak more). The model stays in raw coordinates: the site rewrites the head's first linear layer into
-u-coordinates before training (``W' = W · std / gain``, ``b' = b + W · mean``) and back after, so what is sent,
-aggregated, checkpointed, exported and used for prediction is the ordinary head on the pooled features.
-Measured: docs/benchmarks.md, "Richer pooling with standardized training".
+never leak more). The model stays in raw coordinates: while it trains, the site rewrites the head's first linear
+layer into u-coordinates (``W' = W · std / gain``, ``b' = b + W · mean``) and standardizes that layer's input, so
+the model computes the same function, only its head is parametrized differently; after training it writes the
+head back. What is sent, aggregated, checkpointed, exported and used for prediction is the ordinary head on the
+pooled features.
+
+``x`` is whatever the head reads: the cached pooled prefix features for the head-only suffix, and with adapters the
+pooled output of the trainable blocks — its statistics are then taken from the suffix as the server starts it
+(LoRA starts as the identity, so these are the frozen blocks' features). Measured: docs/benchmarks.md, "Richer
+pooling with standardized training" and "DP LoRA on the cut network".
 """
 
 from __future__ import annotations
@@ -107,7 +113,9 @@ class FeatureStandardizer:
 
     @contextmanager
     def training_coordinates(self, model: nn.Module) -> Iterator[None]:
-        """Rewrite ``model``'s head into standardized coordinates for the block, and back after it (also on error)."""
+        """For the block, parametrize ``model``'s head in standardized coordinates: its first linear layer is
+        rewritten and its input standardized (a forward pre-hook), so ``model`` computes the same function on the
+        same raw inputs; after the block (also on error) the layer is written back and the hook removed."""
         problem = self.problem(model)
         if problem:
             raise ValueError(problem)
@@ -116,22 +124,48 @@ class FeatureStandardizer:
             w, b = self._rewritten(layer)
             layer.weight.copy_(w)
             layer.bias.copy_(b)
+        hook = layer.register_forward_pre_hook(lambda _module, args: (self.transform(args[0]), *args[1:]))
         try:
             yield
         finally:
+            hook.remove()
             with torch.no_grad():
                 w = layer.weight.double() / self.scale
                 layer.weight.copy_(w)
                 layer.bias.copy_(layer.bias.double() - w @ self.mean)
 
 
-def server_standardizer(cfg, val_features: torch.Tensor | None) -> FeatureStandardizer | None:
-    """What a server sends (``cfg``: a :class:`~fedtl.config.FedTLConfig`): the statistics of its validation
-    features when the run standardizes (``FedTLConfig.standardizes``) and it has two or more; else None."""
+def server_standardizer(cfg, val_features: torch.Tensor | None, model: nn.Module | None = None
+                        ) -> FeatureStandardizer | None:
+    """What a server sends (``cfg``: a :class:`~fedtl.config.FedTLConfig`): the statistics of what the head reads
+    on its validation data when the run standardizes (``FedTLConfig.standardizes``) and it has two or more
+    examples; else None. ``val_features``: cached pooled features ``(N, D)`` / ``(N, views, D)`` (the first view is
+    the image itself), or with adapters feature maps ``(N, C, H, W)``, which ``model``'s suffix pools."""
     if not cfg.standardizes or val_features is None or val_features.shape[0] < 2:
         return None
-    feats = val_features[:, 0] if val_features.ndim == 3 else val_features
+    if val_features.ndim == 4:
+        if model is None:
+            raise ValueError("feature maps need the model whose suffix pools them")
+        feats = head_inputs(model, val_features)
+    else:
+        feats = val_features[:, 0] if val_features.ndim == 3 else val_features
     return FeatureStandardizer.from_reference(feats, cfg.train.standardize_gain)
+
+
+@torch.no_grad()
+def head_inputs(model: nn.Module, feats: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """What ``model``'s head reads for ``feats`` (the input of its first linear layer), in eval mode."""
+    layer, seen = first_linear(model), []
+    hook = layer.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, feats.shape[0], batch):
+            model.suffix(feats[i:i + batch])
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return torch.cat(seen)
 
 
 def first_linear(model: nn.Module) -> nn.Linear:

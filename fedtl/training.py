@@ -73,13 +73,13 @@ def train_suffix(model: TransferModel, feats: torch.Tensor, labels: torch.Tensor
     passes a seeded one), re-seeded from the OS before every noise draw when ``reseed``
     (:mod:`fedtl.privacy.rng`). The returned ``history`` is the accountant's record of exactly
     the steps taken; the caller records it in the site's ledger before releasing the update.
-    With ``standardize`` (the server's statistics), the head trains on standardized features and is returned in
+    With ``standardize`` (the server's statistics), the head trains in standardized coordinates and is returned in
     raw coordinates (:mod:`fedtl.standardize`).
     """
     if standardize is not None:
         with standardize.training_coordinates(model):
-            return train_suffix(model, standardize.transform(feats), labels, cfg, lr_scale=lr_scale,
-                                batch_size=batch_size, epochs=epochs, dp=dp, generator=generator, reseed=reseed)
+            return train_suffix(model, feats, labels, cfg, lr_scale=lr_scale, batch_size=batch_size, epochs=epochs,
+                                dp=dp, generator=generator, reseed=reseed)
     from fedtl.privacy import rng
 
     t0 = time.perf_counter()

@@ -118,7 +118,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     transfer: dict = {}
     if distribute_backbone:
         ensure_backbone(grid, cfg, model.weights_sha256, fed.sites, timeout=fed.round_timeout, report=transfer)
-    stats = feature_statistics(cfg, val)
+    stats = feature_statistics(cfg, val, model)
     train_config = ConfigRecord({"total-rounds": fed.rounds, "run-id": fedtl_run, "num-classes": plan.num_classes,
                                  "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256,
                                  "noise-multiplier": cfg.privacy.noise_multiplier,
@@ -147,7 +147,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
                    transfer, plan, per_site, personal, run_id=fedtl_run)
 
 
-def feature_statistics(cfg: FedTLConfig, val: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, list[float]]:
+def feature_statistics(cfg: FedTLConfig, val: tuple[torch.Tensor, torch.Tensor] | None,
+                       model: TransferModel) -> dict[str, list[float]]:
     """The request entries that let sites train on standardized features (``train.standardize``,
     :mod:`fedtl.standardize`): per-dimension mean and scale of the server's validation features; none when the
     run does not standardize or the server has no validation data (logged)."""
@@ -155,7 +156,7 @@ def feature_statistics(cfg: FedTLConfig, val: tuple[torch.Tensor, torch.Tensor] 
 
     if not cfg.standardizes:
         return {}
-    stats = server_standardizer(cfg, val[0] if val is not None else None)
+    stats = server_standardizer(cfg, val[0] if val is not None else None, model)
     if stats is None:
         if cfg.model.pooling != "avg":
             log.warning("train.standardize = server, but the server has no validation data: sites train the head on "

@@ -66,7 +66,7 @@ def run(cfg: FedTLConfig, verbose: bool = False, model_kind: str = "transfer", e
         val_f, _ = eval_features(cfg, model, source.val, progress=False)
         test_f, _ = eval_features(cfg, model, source.test, progress=False)
         sites = [simulated_site_data(cfg, model, s, n) for s in range(n)]
-        standardize = server_standardizer(cfg, val_f)  # what fedtl simulate's server sends (train.standardize)
+        standardize = server_standardizer(cfg, val_f, model)  # what fedtl simulate's server sends (train.standardize)
     else:
         raise ValueError(f"model_kind must be transfer or scratch, got {model_kind!r}")
     global_state = model.trainable_state()

@@ -64,7 +64,7 @@ def run(cfg: FedTLConfig, aggregation: str, attack: str, hostile: int, seed: int
     yv, yt = torch.as_tensor(source.val.labels), torch.as_tensor(source.test.labels)
     n_sites = cfg.federation.sites
     sites = [simulated_site_data(cfg, model, s, n_sites) for s in range(n_sites)]
-    standardize = server_standardizer(cfg, val_f)  # what fedtl simulate's server sends (train.standardize)
+    standardize = server_standardizer(cfg, val_f, model)  # what fedtl simulate's server sends (train.standardize)
     fed = cfg.federation
     strategy = make_strategy(aggregation, model.expected_state(), max_hostile=max(1, hostile), sites=n_sites,
                              update_clip=fed.update_clip, weight_cap=fed.weight_cap, weighting=fed.weighting)

@@ -124,7 +124,7 @@ def run(cfg: FedTLConfig, n_sites: int, eval_split: str = "iid", verbose: bool =
         shifts.append(shift["name"])
     t_features = time.perf_counter() - t0
     # the server's statistics (train.standardize): its own validation split, which no site's shift touches
-    standardize = server_standardizer(cfg, eval_features(cfg, model, source.val, progress=False)[0])
+    standardize = server_standardizer(cfg, eval_features(cfg, model, source.val, progress=False)[0], model)
     rounds, ft_epochs = cfg.federation.rounds, cfg.personalization.requested_epochs
     global_state, best = model.trainable_state(), -math.inf
     best_state, best_round = global_state, 0

@@ -67,9 +67,11 @@ def test_auto_pooling_is_the_richer_one_only_where_the_head_trains_standardized(
     assert cfg.model.pooling == "auto"
     assert cfg.resolved(has_reference=True).model.pooling == "avg-std-grid"
     assert cfg.resolved(has_reference=False).model.pooling == "avg"  # no server statistics: the spatial mean
-    for overrides in ({"train.standardize": "none"}, {"model.feature-norm": "layernorm"},
-                      {"adapters.kind": "lora", "adapters.blocks": 1}):
+    for overrides in ({"train.standardize": "none"}, {"model.feature-norm": "layernorm"}):
         assert cfg.with_overrides(overrides).resolved(has_reference=True).model.pooling == "avg", overrides
+    lora = cfg.with_overrides({"adapters.kind": "lora", "adapters.blocks": 1})  # its head trains standardized too
+    assert lora.resolved(has_reference=True).model.pooling == "avg-std-grid"
+    assert lora.resolved(has_reference=False).model.pooling == "avg"
     explicit = cfg.with_overrides({"model.pooling": "avg-std"})
     assert explicit.resolved(True) is explicit and explicit.resolved(False) is explicit
     # what the server will hold: its data (or fedtl simulate's bundled data), unless central evaluation is off

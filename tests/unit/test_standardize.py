@@ -9,9 +9,9 @@ from safetensors.torch import save_file
 from fedtl.config import FedTLConfig, ModelConfig, TrainConfig
 from fedtl.errors import UpdateRejected
 from fedtl.features import split_key
-from fedtl.model import SpatialPool, SuffixModel
+from fedtl.model import SpatialPool, SuffixModel, TransferModel
 from fedtl.privacy import rng
-from fedtl.standardize import MAX_FEATURES, FeatureStandardizer, server_standardizer
+from fedtl.standardize import MAX_FEATURES, FeatureStandardizer, first_linear, server_standardizer
 from fedtl.training import DPSettings, train_suffix
 
 
@@ -62,9 +62,11 @@ def test_rewriting_the_head_keeps_its_function_and_going_back_restores_it():
     x = 5 + 3 * torch.randn(20, 6)
     before = model.suffix(x)
     weights = {k: v.clone() for k, v in model.trainable_state().items()}
-    with stats.training_coordinates(model):
-        assert torch.allclose(model.suffix(stats.transform(x)), before, atol=1e-4)
+    with stats.training_coordinates(model):  # the head is rewritten and reads standardized input: same function
+        assert not torch.allclose(model.suffix.head[0].weight, weights["suffix.head.0.weight"], atol=1e-3)
+        assert torch.allclose(model.suffix(x), before, atol=1e-4)
     assert torch.allclose(model.suffix(x), before, atol=1e-5)
+    assert not model.suffix.head[0]._forward_pre_hooks  # the standardizing hook is gone
     for k, v in model.trainable_state().items():
         assert torch.allclose(v, weights[k], atol=1e-6), k
 
@@ -137,14 +139,56 @@ def test_statistics_that_do_not_fit_the_head_never_touch_it():
     assert all(torch.equal(v, before[k]) for k, v in model.trainable_state().items())
 
 
-def test_the_server_sends_statistics_only_for_a_head_only_suffix_without_layernorm():
+def test_the_server_sends_statistics_unless_the_run_trains_raw_or_with_layernorm():
     val = torch.randn(10, 4, 6)  # (N, views, D): the first view is the image itself
     stats = server_standardizer(FedTLConfig(), val)
     assert stats is not None and torch.allclose(stats.mean, val[:, 0].double().mean(0))
-    for overrides in ({"train.standardize": "none"}, {"model.feature-norm": "layernorm"},
-                      {"adapters.kind": "lora", "adapters.blocks": 1}):
+    for overrides in ({"train.standardize": "none"}, {"model.feature-norm": "layernorm"}):
         assert server_standardizer(FedTLConfig().with_overrides(overrides), val) is None, overrides
     assert server_standardizer(FedTLConfig(), None) is None and server_standardizer(FedTLConfig(), val[:1]) is None
+
+
+def test_with_adapters_the_statistics_are_those_of_what_the_head_reads(tiny_backbone):
+    """Adapters: the server's validation features are feature maps; the statistics are taken on the pooled output of
+    the suffix's blocks as it starts (LoRA starts as the identity), the input of the head's first linear layer."""
+    cfg = FedTLConfig().with_overrides({"adapters.kind": "lora", "adapters.blocks": 1, "model.pooling": "avg-std"})
+    model = TransferModel(tiny_backbone, 2, cfg.model, cfg.adapters)
+    maps = model.prefix_features(torch.randn(12, 3, 12, 12))
+    assert maps.ndim == 4
+    with pytest.raises(ValueError, match="model whose suffix pools them"):
+        server_standardizer(cfg, maps)
+    stats = server_standardizer(cfg, maps, model)
+    pooled = model.suffix.pool(model.suffix.blocks(maps)).double()
+    assert stats.dim == first_linear(model).in_features == pooled.shape[1]
+    assert torch.allclose(stats.mean, pooled.mean(0), atol=1e-5)
+    assert not first_linear(model)._forward_pre_hooks
+
+
+def test_a_lora_suffix_trains_its_adapters_and_head_in_standardized_coordinates_and_returns_raw(tiny_backbone):
+    """DP training of a LoRA suffix with the server's statistics: the adapters and the head move, the head comes back
+    in raw coordinates (the model is the one the standardized training computed), and no hook is left behind."""
+    cfg = FedTLConfig().with_overrides({"adapters.kind": "lora", "adapters.blocks": 1, "model.pooling": "avg-std"})
+    model = TransferModel(tiny_backbone, 2, cfg.model, cfg.adapters)
+    g = torch.Generator().manual_seed(0)
+    maps = model.prefix_features(torch.randn(40, 3, 12, 12, generator=g))
+    y = torch.randint(0, 2, (40,), generator=g)
+    stats = server_standardizer(cfg, maps, model)
+    start = {k: v.clone() for k, v in model.trainable_state().items()}
+    with torch.no_grad():
+        start_pooled = model.suffix.pool(model.suffix.blocks(maps))
+    seen = []
+    hook = first_linear(model).register_forward_hook(lambda m, a, out: seen.append(a[0].detach()))  # input as read
+    train_suffix(model, maps, y, TrainConfig(lr=0.5, batch_size=8, epochs=1), dp=DPSettings(0.5, 1.0, 8 / 40),
+                 generator=rng.seeded_generator(0, "s", "r", 1), reseed=False, standardize=stats)
+    hook.remove()
+    moved = [k for k, v in model.trainable_state().items() if not torch.equal(v, start[k])]
+    assert any("lora" in k for k in moved) and any("head" in k for k in moved), moved
+    first = seen[0]  # the first batch, read before any step: the standardized pooled features of its examples
+    assert first.shape[0] > 0
+    standardized = stats.transform(start_pooled)
+    assert float(torch.cdist(first, standardized).min(1).values.max()) < 1e-2  # (raw: about 1.3 away)
+    assert not first_linear(model)._forward_pre_hooks
+    assert torch.isfinite(model.suffix(maps)).all()
 
 
 # ---- runs made before model.pooling existed ------------------------------------------------------------------
