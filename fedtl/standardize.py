@@ -153,19 +153,10 @@ def server_standardizer(cfg, val_features: torch.Tensor | None, model: nn.Module
 
 
 @torch.no_grad()
-def head_inputs(model: nn.Module, feats: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """What ``model``'s head reads for ``feats`` (the input of its first linear layer), in eval mode."""
-    layer, seen = first_linear(model), []
-    hook = layer.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach()))
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, feats.shape[0], batch):
-            model.suffix(feats[i:i + batch])
-    finally:
-        hook.remove()
-        model.train(was_training)
-    return torch.cat(seen)
+def head_inputs(model: nn.Module, maps: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """What ``model``'s head reads for feature maps ``(N, C, H, W)``: the pooled output of its suffix's blocks."""
+    suffix = model.suffix
+    return torch.cat([suffix.pool(suffix.blocks(maps[i:i + batch])) for i in range(0, maps.shape[0], batch)])
 
 
 def first_linear(model: nn.Module) -> nn.Linear:

@@ -158,10 +158,13 @@ def test_with_adapters_the_statistics_are_those_of_what_the_head_reads(tiny_back
     with pytest.raises(ValueError, match="model whose suffix pools them"):
         server_standardizer(cfg, maps)
     stats = server_standardizer(cfg, maps, model)
-    pooled = model.suffix.pool(model.suffix.blocks(maps)).double()
-    assert stats.dim == first_linear(model).in_features == pooled.shape[1]
-    assert torch.allclose(stats.mean, pooled.mean(0), atol=1e-5)
-    assert not first_linear(model)._forward_pre_hooks
+    read = []  # what the head's first linear layer receives in the model's own forward pass
+    hook = first_linear(model).register_forward_hook(lambda m, a, out: read.append(a[0].detach().double()))
+    with torch.no_grad():
+        model.suffix(maps)
+    hook.remove()
+    assert stats.dim == first_linear(model).in_features == read[0].shape[1]
+    assert torch.allclose(stats.mean, read[0].mean(0), atol=1e-5)
 
 
 def test_a_lora_suffix_trains_its_adapters_and_head_in_standardized_coordinates_and_returns_raw(tiny_backbone):
