@@ -15,6 +15,10 @@ from tests.conftest import write_small_medmnist
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
+def _host_warning(line: str) -> bool:
+    return "(raylet)" in line and ("file_system_monitor" in line or "memory_monitor" in line)
+
+
 def _ray_processes() -> set[int]:
     found = set()
     for p in psutil.process_iter(["name", "cmdline"]):
@@ -90,8 +94,11 @@ def test_three_sites_two_rounds_with_dp_and_a_site_out_of_budget(tmp_path):
     # quiet output: one line per round and a short summary, none of Flower's or Ray's routine lines (25 lines here:
     # the summary and site table 8, feature caching 3, rounds 3, evaluation plan, feature statistics, 3 plan
     # warnings, site-2's 4 declines, personalization, run directory)
+    # Ray's raylet warns about the host itself (a disk over 95 % full, memory pressure); those lines belong
+    # to the machine the test runs on, not to fedtl's output, so they are not counted (CI's disk once was)
     output = proc.stdout + proc.stderr
-    assert len(output.splitlines()) <= 26, output
+    own = [line for line in output.splitlines() if not _host_warning(line)]
+    assert len(own) <= 26, output
     from fedtl.federation.logs import FLOWER_NOISE
     assert not any(noise in output for noise in FLOWER_NOISE), output
     assert sum("Round " in line and "/2 |" in line for line in output.splitlines()) == 3, output
