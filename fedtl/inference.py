@@ -4,8 +4,8 @@
     image file ─► uint8 (S, S) gray or (S, S, 3) colour, as a data site reads it ─► backbone preprocessing ─► prefix ─► suffix
               ─► softmax (N, C) ─► decision rule ─► label
 
-Files are read exactly as a data site reads its training images (:func:`fedtl.data.site_sources.read_image_file`
-for PNG / JPEG, :func:`~fedtl.data.site_sources.read_dicom_image` for DICOM: LUTs, windowing, MONOCHROME1),
+Files are read exactly as a data site reads its training images (:func:`fedtl.data.pixels.read_image_file`
+for PNG / JPEG, :func:`~fedtl.data.dicom.read_dicom_image` for DICOM: LUTs, windowing, MONOCHROME1),
 then go through the same :class:`~fedtl.data.preprocess.Preprocessing` and :class:`~fedtl.model.TransferModel`
 as training and evaluation. The backbone's weights are checked against the sha256 the run recorded.
 An unreadable file is skipped and reported by name; it never stops the others.
@@ -27,8 +27,9 @@ import torch
 
 from fedtl.config import FedTLConfig
 from fedtl.data.preprocess import Preprocessing, shift_view
-from fedtl.data.site_sources import (DEFAULT_IMAGE_SIZE, Problem, _reason, read_dicom_image, read_image_file,
-                                     stack_images)
+from fedtl.data.dicom import read_dicom_image
+from fedtl.data.pixels import read_image_file, stack_images
+from fedtl.data.site_sources import DEFAULT_IMAGE_SIZE, Problem, _reason
 from fedtl.decision import Decision, decision_from_metadata
 from fedtl.errors import BackboneError, ConfigError
 from fedtl.model import TransferModel

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 import pydicom
-from fedtl.data import site_sources as s
+from fedtl.data.dicom import read_dicom_image
+from fedtl.data.pixels import read_image_file
 path, kind = Path(sys.argv[1]), sys.argv[2]
-reader = s.read_dicom_image if kind == "dicom" else s.read_image_file
+reader = read_dicom_image if kind == "dicom" else read_image_file
 warm = Path(sys.argv[3])
 reader(warm, 224)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -20,8 +20,10 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless,
                          SecondaryCaptureImageStorage, generate_uid)
 
-from fedtl.data import site_sources
-from fedtl.data.site_sources import dicom_to_uint8, load_site_data, read_dicom, read_dicom_image, read_image_file
+from fedtl.data import dicom, pixels
+from fedtl.data.dicom import dicom_to_uint8, read_dicom, read_dicom_image
+from fedtl.data.pixels import read_image_file
+from fedtl.data.site_sources import load_site_data
 from fedtl.site_config import SiteDataConfig
 
 LIMIT = 1_000_000  # data.max-pixels in these tests: 1 Mpx, so that a bomb of a few Mpx stays fast to build
@@ -149,13 +151,13 @@ def test_oversized_files_are_named_and_skipped_at_a_site(tmp_path):
 @pytest.mark.parametrize("slope,window", [(None, None), (2.5, None), (None, (2048, 2048)), (0.5, (300, 900))])
 def test_chunked_conversion_equals_whole_frame_float64(tmp_path, monkeypatch, slope, window):
     rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 4096, (37, 53))
-    ds = pydicom.dcmread(dicom_file(tmp_path / "x.dcm", 37, 53, pixels=pixels, slope=slope, window=window))
-    monkeypatch.setattr(site_sources, "_CHUNK", 100)  # 20 chunks
+    frame = rng.integers(0, 4096, (37, 53))
+    ds = pydicom.dcmread(dicom_file(tmp_path / "x.dcm", 37, 53, pixels=frame, slope=slope, window=window))
+    monkeypatch.setattr(pixels, "_CHUNK", 100)  # 20 chunks
     chunked = dicom_to_uint8(ds)
     whole = apply_modality_lut(ds.pixel_array, ds)  # the reference: float64 over the whole frame
     if window is not None:
-        lo, hi = site_sources._voi_output_range(ds)
+        lo, hi = dicom._voi_output_range(ds)
         whole = apply_voi_lut(whole, ds)
     else:
         lo, hi = float(whole.min()), float(whole.max())
@@ -169,6 +171,6 @@ def test_16_bit_png_is_stretched_a_chunk_at_a_time(tmp_path, monkeypatch):
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     (tmp_path / "deep.png").write_bytes(buf.getvalue())
-    monkeypatch.setattr(site_sources, "_CHUNK", 64)
+    monkeypatch.setattr(pixels, "_CHUNK", 64)
     out = read_image_file(tmp_path / "deep.png", 40)
     assert out.min() == 0 and out.max() == 255 and np.all(np.diff(out.ravel().astype(int)) >= 0)

@@ -10,12 +10,9 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from fedtl.data.site_sources import (
-    dicom_to_uint8,
-    load_site_data,
-    read_dicom_image,
-    read_image_file,
-)
+from fedtl.data.dicom import dicom_to_uint8, read_dicom_image
+from fedtl.data.pixels import read_image_file
+from fedtl.data.site_sources import load_site_data
 from fedtl.errors import DataError
 from fedtl.site_config import SiteDataConfig
 
