@@ -13,6 +13,7 @@ from pathlib import Path
 from fedtl.config import FedTLConfig, parse_assignment
 from fedtl.data.site_sources import DEFAULT_IMAGE_SIZE
 from fedtl.errors import ConfigError, DataError, FedTLError
+from fedtl.site_commands import cmd_site_check, cmd_site_ledger
 from fedtl.site_config import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("fedtl")
@@ -157,115 +158,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     for key, value in cfg.to_run_config().items():
         print(f"{key} = {json.dumps(value)}")
-    return 0
-
-
-def cmd_site_check(args: argparse.Namespace) -> int:
-    """Load a site's config and data offline; report classes, images read and every unreadable file."""
-    from fedtl.data.site_sources import load_site_data
-    from fedtl.site_config import SiteConfig
-
-    site = SiteConfig.load(args.config)
-    missing = site.missing_files()
-    print(f"site: {site.name} ({args.config})")
-    print(f"data: {site.data.format} {site.data.path}" + (f" (labels {site.data.labels})" if site.data.labels else ""))
-    for key, path in missing:
-        print(f"missing file: `{key}` = {path}")
-    result = load_site_data(site.data, allow_empty=True)
-    kind = "RGB (colour kept)" if result.images.images.ndim == 4 else "grayscale"
-    print(f"images read: {len(result.images)} of {result.listed} listed, {site.data.image_size}x{site.data.image_size} {kind}")
-    for index, (name, count) in enumerate(result.class_counts().items()):
-        print(f"  class {index} {name}: {count}")
-    print(f"unreadable: {len(result.problems)}")
-    for problem in result.problems:
-        print(f"  {problem.file}: {problem.reason}")
-    eval_problems = _check_evaluation(site, result)
-    if len(result.images) == 0:
-        print(f"error: no image could be read from {site.data.path}; see the unreadable files above.", file=sys.stderr)
-        return DataError.exit_code
-    if missing:
-        keys = ", ".join(f"`{key}`" for key, _ in missing)
-        print(f"error: {len(missing)} configured file(s) do not exist ({keys}); fix the paths in {args.config}.", file=sys.stderr)
-        return DataError.exit_code
-    if (result.problems or eval_problems) and not args.allow_bad:
-        what = " and ".join(([f"{len(result.problems)} of {result.listed} listed entries"] if result.problems else [])
-                            + ([f"{eval_problems} entries of the evaluation set"] if eval_problems else []))
-        print(f"error: {what} are unreadable (named above); fix them or remove them from the labels CSV, or pass "
-              "--allow-bad to accept a site that skips them.", file=sys.stderr)
-        return DataError.exit_code
-    return 0
-
-
-def _check_evaluation(site, train) -> int:
-    """Print the site's evaluation set: its images, and per class how many go to validation and test (the same
-    stratified split the site makes, `fedtl.evaluation.stratified_split`); warn of a class a split will lack
-    (its AUC is then undefined there). Returns the number of unreadable evaluation entries. Writes nothing."""
-    import numpy as np
-
-    from fedtl.data.site_sources import load_site_data
-    from fedtl.evaluation import stratified_split
-
-    ev = site.evaluation
-    if not ev.enabled:
-        print("evaluation: none (the site answers evaluation requests with no figures)")
-        return 0
-    if ev.data is not None:
-        held = load_site_data(ev.data, allow_empty=True)
-        labels, names, problems = held.images.labels, list(held.class_counts()), held.problems
-        print(f"evaluation: {ev.data.format} {ev.data.path}: {len(held.images)} of {held.listed} listed images read")
-    else:
-        labels, names, problems = train.images.labels, list(train.class_counts()), []
-        first, _ = stratified_split(labels, ev.holdout, 0)
-        labels = labels[first]
-        print(f"evaluation: {ev.holdout:.0%} of [data] held out of training: {len(labels)} images")
-    val, test = stratified_split(labels, ev.validation_fraction, 0) if len(labels) else ([], [])
-    counts = [(np.bincount(labels[np.asarray(part, dtype=np.int64)], minlength=len(names)) if len(labels) else
-               np.zeros(len(names), int)) for part in (val, test)]
-    for index, name in enumerate(names):
-        print(f"  class {index} {name}: {counts[0][index]} validation, {counts[1][index]} test")
-    for split, c in zip(("validation", "test"), counts):
-        absent = [f"{i} {names[i]}" for i in range(len(names)) if c[i] == 0]
-        if absent:
-            print(f"warning: the {split} split will hold no image of class {', '.join(absent)}: its AUC "
-                  f"{'is undefined' if len(absent) >= len(names) - 1 else 'leaves that class out'} there "
-                  "(more evaluation images of that class, or another validation-fraction, would fix it)")
-    if problems:
-        print(f"evaluation unreadable: {len(problems)}")
-        for problem in problems:
-            print(f"  {problem.file}: {problem.reason}")
-    return len(problems)
-
-
-def cmd_site_ledger(args: argparse.Namespace) -> int:
-    """Print a site's privacy ledger (verified) and its ε recomputed under both accountants."""
-    from fedtl.privacy import read_ledger
-    from fedtl.privacy.accounting import epsilon_of
-    from fedtl.privacy.policy import policy_for_site
-    from fedtl.site_config import SiteConfig
-
-    site = SiteConfig.load(args.config)
-    policy = policy_for_site(site)
-    ledger = read_ledger(policy.ledger_path)  # verifies the hash chain and the anchor
-    print(f"site: {site.name}  ledger: {policy.ledger_path}")
-    print(f"policy: budget ε={policy.target_epsilon:g} at δ={policy.delta:g}, accountant {policy.accountant}, "
-          f"per run ≤ {policy.run_cap:g}, per round ≤ {policy.round_cap:g}, max σ {policy.max_noise_multiplier:g}")
-    print(f"ledger: δ={ledger.delta:g}, accountant {ledger.accountant}, {len(ledger.entries)} round(s), chain verified")
-    print(f"{'#':>3} {'run':24} {'round':>5} {'sigma':>8} {'q':>8} {'steps':>6} {'eps after':>9}  time")
-    import time as _time
-
-    for i, e in enumerate(ledger.entries, 1):
-        when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(e["time"]))
-        print(f"{i:>3} {e['run'][:24]:24} {e['round']:>5} {e['noise_multiplier']:>8.3f} {e['sample_rate']:>8.4f} "
-              f"{e['steps']:>6} {e['epsilon']:>9.4f}  {when}")
-    history = ledger.history
-    rdp = epsilon_of(history, ledger.delta, "rdp")
-    prv = epsilon_of(history, ledger.delta, "prv")
-    print(f"epsilon (recomputed from the history at δ={ledger.delta:g}): rdp {rdp:.4f}, prv {prv:.4f}; "
-          f"budget {policy.target_epsilon:g}, remaining {max(0.0, policy.target_epsilon - (rdp if ledger.accountant == 'rdp' else prv)):.4f} "
-          f"({ledger.accountant})")
-    if args.json:
-        print(json.dumps({"site": site.name, "entries": ledger.entries, "epsilon_rdp": rdp, "epsilon_prv": prv,
-                          "delta": ledger.delta, "accountant": ledger.accountant, "budget": policy.target_epsilon}))
     return 0
 
 
@@ -415,8 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("site", help="data-site commands (a site's own TOML policy file)")
     site_sub = p.add_subparsers(dest="site_command", required=True)
-    p = site_sub.add_parser("check", help="load the site config and its data offline; report classes and unreadable files")
+    p = site_sub.add_parser("check", help="load the site config and its data offline; report classes, unreadable "
+                                          "files and the site's privacy plan")
     p.add_argument("config", help="the site's TOML file (name, data, privacy, tls, auth)")
+    p.add_argument("--rounds", type=int, help="plan a run of this many rounds (default: the default run's)")
+    p.add_argument("--batch-size", type=int, help="plan this expected batch size (default: the default run's)")
     p.add_argument("--allow-bad", action="store_true",
                    help="exit 0 even when listed files are unreadable (they are still named; training skips them)")
     p.set_defaults(func=cmd_site_check)

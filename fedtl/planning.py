@@ -158,6 +158,68 @@ def _advice(plan: SitePlan, *, epochs: int, params: int, budget: Budget, persona
     return out
 
 
+def plan_own_site(policy, ledger, n: int, *, rounds: int, batch_size: int, epochs: int = 1,
+                  params: int | None = None) -> tuple[SitePlan, list[str]]:
+    """A deployed site's plan from its own policy and ledger (``fedtl site check``), and the site's notes.
+
+    σ is what the site itself will calibrate at the first round of a new run of this schedule
+    (:func:`fedtl.privacy.policy.plan_round`: its budget, caps and the history in its ledger); "ε total" is what
+    that run adds to the ledger. ``params`` (d) gives the NSR; None: unknown (NSR and verdict not given unless
+    the site declines). Reads the ledger, never writes it.
+    """
+    from fedtl.privacy.accounting import epsilon_of
+    from fedtl.privacy.policy import Decline, Proposal, plan_round
+
+    planned = max(1, min(int(rounds), policy.max_rounds_per_run))
+    decided = plan_round(policy, ledger, Proposal(planned, batch_size, epochs), run_id="fedtl-site-check",
+                         server_round=1, num_examples=n)
+    spent = ledger.epsilon()
+    room = max(0.0, min(policy.target_epsilon - spent, policy.run_cap))
+    batch = max(1, min(batch_size, max(n, 1)))
+    q = 1.0 / steps_per_epoch(max(n, 1), batch)
+    if isinstance(decided, Decline):
+        k = steps_per_epoch(max(n, 1), batch) * epochs
+        plan = SitePlan(policy.site, n, batch, q, k, planned, math.inf, math.inf, math.inf, math.inf, "declines",
+                        epsilon_room=room)
+        notes = [decided.reason]
+    else:
+        sigma, k = decided.noise_multiplier, decided.steps
+        per_round = epsilon_of([(sigma, q, k)], policy.delta, policy.accountant)
+        total = ledger.epsilon([(sigma, q, k * planned)]) - spent
+        ratio = nsr(sigma, params, q * n, k) if params else math.nan
+        verdict = "" if not params else "noise" if ratio >= NOISE else "noisy" if ratio >= NOISY else "ok"
+        plan = SitePlan(policy.site, n, decided.batch_size, q, k, planned, sigma, per_round, total, ratio, verdict,
+                        epsilon_room=room)
+        notes = list(decided.notes)
+    if params and plan.verdict in ("noise", "declines") and room > 0:
+        budget = Budget(room, policy.delta, policy.round_cap, room, policy.max_noise_multiplier, policy.accountant)
+        plan.advice = _advice(plan, epochs=epochs, params=params, budget=budget)
+    return plan, notes
+
+
+def format_own_plan(plan: SitePlan, notes: list[str], params: int | None, spent: float) -> list[str]:
+    """``fedtl site check``'s lines for :func:`plan_own_site`."""
+    if plan.verdict == "declines":
+        lines = [f"  the site would decline: {notes[0] if notes else 'no σ within its policy fits the run'}"]
+    else:
+        lines = [f"  σ = {plan.sigma:.2f}, ε {plan.epsilon_per_round:.3f} per round, {plan.epsilon_total:.2f} over the run "
+                 f"(after it: {spent + plan.epsilon_total:.2f} spent)"]
+        if params:
+            lines.append(f"  noise-to-signal of its update (d = {params}): NSR {plan.nsr:.2f} per round, "
+                         f"{plan.run_nsr:.2f} over the run: {plan.verdict}")
+        else:
+            lines.append("  NSR: unknown until the backbone's weights are at this site (the server sends them at the "
+                         "first run; `fedtl plan --site-sizes N` on a machine with them)")
+        lines.extend(f"  note: {note}" for note in notes)
+    if plan.verdict == "noise":
+        lines.append("! this site's updates would be mostly noise on their own (the server averages them with other "
+                     "sites'). What would help:")
+    elif plan.verdict == "declines" and plan.advice:
+        lines.append("! What would help:")
+    lines.extend(f"    - {a}" for a in plan.advice)
+    return lines
+
+
 def plan_simulation(cfg) -> tuple[list[SitePlan], int]:
     """Plans of the simulated sites of ``cfg`` (their partition sizes and budgets), and d."""
     from fedtl.federation.site import build_transfer_model, load_source, site_indices

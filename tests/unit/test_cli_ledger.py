@@ -29,15 +29,19 @@ def test_site_ledger_prints_history_and_both_accountants(tmp_path, capsys):
     assert "chain verified" in out and "run-9" in out
 
 
-def test_site_ledger_refuses_a_tampered_ledger(tmp_path, capsys):
-    conf = _site(tmp_path)
-    path = tmp_path / "state" / "privacy-ledger.json"
-    with open_ledger(path, site="st-mary", delta=1e-5, accountant="rdp") as led:
+def write_tampered_ledger(path, site="st-mary"):
+    """A ledger of one round whose noise multiplier was edited afterwards (20 instead of 2: less ε on paper)."""
+    with open_ledger(path, site=site, delta=1e-5, accountant="rdp") as led:
         led.append(run="r", round=1, noise_multiplier=2.0, sample_rate=0.25, steps=4)
         led.save()
     raw = json.loads(path.read_text())
     raw["entries"][0]["noise_multiplier"] = 20.0
     path.write_text(json.dumps(raw))
+
+
+def test_site_ledger_refuses_a_tampered_ledger(tmp_path, capsys):
+    conf = _site(tmp_path)
+    write_tampered_ledger(tmp_path / "state" / "privacy-ledger.json")
     assert main(["site", "ledger", str(conf)]) == 4
     assert "integrity check" in capsys.readouterr().err
 

@@ -7,6 +7,12 @@ from PIL import Image
 from fedtl.cli import main
 
 
+@pytest.fixture(autouse=True)
+def _own_weights_dir(monkeypatch):
+    """`site check` looks up the site's own weights first (it sets FEDTL_WEIGHTS_DIR, as a site does); restored after."""
+    monkeypatch.delenv("FEDTL_WEIGHTS_DIR", raising=False)
+
+
 @pytest.fixture
 def site(tmp_path):
     """Two normal and one pneumonia image, one corrupt PNG, one listed but missing; the site file names them."""
@@ -154,3 +160,103 @@ def test_the_evaluation_set_is_counted_per_split_and_a_missing_class_is_named(si
     site.write_text(base + "[evaluation]\nenabled = false\n")
     assert "evaluation: none" in _run(capsys, ["site", "check", str(site)])[1]
     assert not (site.parent / "state").exists()
+
+
+# ---- the site's privacy plan (`fedtl site check` plans a run from site.toml and the ledger alone) -----------------
+
+def _plan_site(tmp_path, n, privacy=""):
+    from fedtl.data.sources import write_medmnist_sample
+
+    write_medmnist_sample(tmp_path / "d.npz", n, 10, 10, seed=1)
+    conf = tmp_path / "site.toml"
+    conf.write_text(f'name = "st-mary"\nstate-dir = "state"\n[data]\nformat = "medmnist"\npath = "d.npz"\n'
+                    f'[privacy]\n{privacy}')
+    return conf
+
+
+@pytest.fixture
+def suffix_params(monkeypatch):
+    """The default suffix's d without building the backbone (its weights need not be on a test machine)."""
+    import fedtl.federation.deployment as deployment
+    import fedtl.federation.site as site_module
+
+    class Counted:
+        def param_counts(self):
+            return {"trainable_params": 1346}
+
+    monkeypatch.setattr(deployment, "local_backbone_sha256", lambda name: "f" * 64)
+    monkeypatch.setattr(site_module, "build_transfer_model", lambda cfg, k: Counted())
+
+
+def _sigma(out):
+    import re
+
+    return float(re.search(r"σ = ([0-9.]+),", out).group(1))
+
+
+def test_site_check_plans_the_sigma_the_site_will_calibrate_and_writes_no_ledger(tmp_path, capsys, suffix_params):
+    from fedtl.privacy import PrivacyLedger, Proposal, plan_round
+    from fedtl.privacy.policy import policy_for_site
+    from fedtl.site_config import SiteConfig
+
+    conf = _plan_site(tmp_path, 300)
+    code, out, _ = _run(capsys, ["site", "check", str(conf), "--rounds", "20", "--batch-size", "32"])
+    assert code == 0
+    assert "privacy plan for a run of 20 rounds, batch 32" in out and "300 training images" in out
+    policy = policy_for_site(SiteConfig.load(conf))
+    expected = plan_round(policy, PrivacyLedger("st-mary", 1e-5, "rdp"), Proposal(20, 32), run_id="x", server_round=1,
+                          num_examples=300)
+    assert _sigma(out) == pytest.approx(expected.noise_multiplier, abs=0.005)
+    from fedtl.planning import nsr
+
+    ratio = nsr(expected.noise_multiplier, 1346, expected.sample_rate * 300, expected.steps)
+    assert f"(d = 1346): NSR {ratio:.2f} per round, {ratio / 20 ** 0.5:.2f} over the run: noisy" in out  # 0.90, 0.20
+    assert not (tmp_path / "state").exists()  # a check writes nothing: no ledger, no state dir
+
+
+def test_site_check_plans_with_what_the_ledger_has_spent_and_leaves_it_unchanged(tmp_path, capsys, suffix_params):
+    from fedtl.privacy import open_ledger
+
+    conf = _plan_site(tmp_path, 300)
+    _, fresh, _ = _run(capsys, ["site", "check", str(conf)])
+    path = tmp_path / "state" / "privacy-ledger.json"
+    with open_ledger(path, site="st-mary", delta=1e-5, accountant="rdp") as led:
+        led.append(run="earlier", round=1, noise_multiplier=2.0, sample_rate=0.1, steps=20)
+        led.save()
+    before = path.read_bytes()
+    code, out, _ = _run(capsys, ["site", "check", str(conf)])
+    assert code == 0 and path.read_bytes() == before
+    spent = float(out.split("rdp), ")[1].split(" spent")[0])
+    assert spent == pytest.approx(1.227, abs=0.005)  # epsilon_of([(2.0, 0.1, 20)], 1e-5, "rdp")
+    assert _sigma(out) > _sigma(fresh)  # less budget left: more noise for the same run
+
+
+def test_site_check_says_when_a_small_site_would_decline_or_send_noise_and_what_would_help(tmp_path, capsys,
+                                                                                            suffix_params):
+    conf = _plan_site(tmp_path, 40, "target-epsilon = 0.05\n")
+    code, out, _ = _run(capsys, ["site", "check", str(conf)])
+    assert code == 0  # advice, not an error: the data is fine
+    assert "the site would decline: Site `st-mary` would need noise multiplier" in out
+    conf = _plan_site(tmp_path, 40, "target-epsilon = 1\n")
+    code, out, _ = _run(capsys, ["site", "check", str(conf)])
+    assert code == 0 and ": noise" in out and "! this site's updates would be mostly noise" in out
+    assert "    - twice the budget (ε=2): run NSR" in out
+
+
+def test_site_check_without_the_backbone_gives_sigma_but_no_nsr(tmp_path, capsys, monkeypatch):
+    import fedtl.federation.deployment as deployment
+
+    monkeypatch.setattr(deployment, "local_backbone_sha256", lambda name: "")
+    code, out, _ = _run(capsys, ["site", "check", str(_plan_site(tmp_path, 300))])
+    assert code == 0 and _sigma(out) > 0 and "NSR: unknown until the backbone's weights are at this site" in out
+
+
+def test_site_check_refuses_a_tampered_ledger_and_a_bad_schedule(tmp_path, capsys, suffix_params):
+    from tests.unit.test_cli_ledger import write_tampered_ledger
+
+    conf = _plan_site(tmp_path, 300)
+    write_tampered_ledger(tmp_path / "state" / "privacy-ledger.json")
+    code, _, err = _run(capsys, ["site", "check", str(conf)])
+    assert code == 4 and "integrity check" in err[-1]
+    code, _, err = _run(capsys, ["site", "check", str(conf), "--batch-size", "0"])
+    assert code == 2 and err[-1] == "error: --batch-size must be a positive integer, got 0."
