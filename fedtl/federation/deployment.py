@@ -148,19 +148,33 @@ def deployed_eval_data(cfg: FedTLConfig, model: TransferModel, site_config_path:
     site = load_site_config(site_config_path)
     if not site.evaluation.enabled:
         return None
-    images = (_site_images if site.evaluation.holdout else _site_eval_images)(site_config_path).images
+    images, split = _evaluation_images(site, site_config_path)
     cache = FeatureCache(Path(site.state_dir) / "features")
     pre = preprocessing_for(cfg)
     feats, _ = stack_views(lambda k: cache.get_or_build(model, replace(pre, view=k), images), cfg.eval_views)
-    return _eval_splits(site, images, feats)
+    return _eval_data(site, images, split, feats)
 
 
-def _eval_splits(site: SiteConfig, images, feats):
+def _evaluation_images(site: SiteConfig, site_config_path: str):
+    """The images the site evaluates on and its validation / test rows among them. With ``holdout``, the held-out
+    images alone (the stored split's validation then test images), so the test-time views are computed for them
+    and not for every training image."""
+    if not site.evaluation.holdout:
+        images = _site_eval_images(site_config_path).images
+        split = evaluation_split(site, images)
+        return images, {"val": split["val"], "test": split["test"]}
+    images = _site_images(site_config_path).images
+    split = evaluation_split(site, images)
+    held = np.asarray(split["val"] + split["test"], dtype=np.int64)
+    rows = list(range(len(held)))
+    return images.subset(held), {"val": rows[:len(split["val"])], "test": rows[len(split["val"]):]}
+
+
+def _eval_data(site: SiteConfig, images, split: dict[str, list[int]], feats):
     import torch
 
     from fedtl.federation.site import SiteEvalData
 
-    split = evaluation_split(site, images)
     labels = torch.as_tensor(images.labels)
     return SiteEvalData(site.name, {s: (feats[torch.as_tensor(split[s], dtype=torch.long)],
                                         labels[torch.as_tensor(split[s], dtype=torch.long)]) for s in ("val", "test")})
@@ -225,12 +239,12 @@ def cached_eval_site(cfg: FedTLConfig, site_config_path: str, num_classes: int):
     site = load_site_config(site_config_path)
     if not site.evaluation.enabled:
         return None
-    images = (_site_images if site.evaluation.holdout else _site_eval_images)(site_config_path).images
+    images, split = _evaluation_images(site, site_config_path)
     warm = _warm(cfg, site, images, num_classes, cfg.eval_views, test_time=True)
     if warm is None:
         return None
     model, feats = warm
-    return model, _eval_splits(site, images, feats)
+    return model, _eval_data(site, images, split, feats)
 
 
 # ---- backbone distribution -------------------------------------------------------------

@@ -127,14 +127,23 @@ def test_the_warm_path_without_a_backbone_also_keeps_the_hold_out_out_of_trainin
                                'image-size = 12\n[evaluation]\nholdout = 0.25\n'))
     deployment.load_site_config.cache_clear()
     deployment._site_images.cache_clear()
-    feats = torch.arange(40, dtype=torch.float32)[:, None].repeat(1, 4)  # row i: image i
-    monkeypatch.setattr(deployment, "_warm", lambda cfg, site, images, n, views=1, test_time=False:
-                        ("suffix-model", feats[: len(images)]))
+    index = {img.tobytes(): i for i, img in enumerate(deployment._site_images(path).images.images)}
+    asked = []
+
+    def warm(cfg, site, images, n, views=1, test_time=False):  # row of image i: i (the site's i-th image)
+        asked.append((test_time, len(images)))
+        return "suffix-model", torch.tensor([[float(index[img.tobytes()])] * 4 for img in images.images])
+
+    monkeypatch.setattr(deployment, "_warm", warm)
     model, train = deployment.cached_site(FedTLConfig(), path, 2)
     _, ev = deployment.cached_eval_site(FedTLConfig(), path, 2)
     trained = {int(r[0]) for r in train.features}
     held = {int(r[0]) for s in ("val", "test") for r in ev.splits[s][0]}
     assert len(trained) == 30 and len(held) == 10 and not trained & held and trained | held == set(range(40))
+    assert asked == [(False, 40), (True, 10)]  # evaluation's views: for the held-out images alone
+    split = deployment.evaluation_split(deployment.load_site_config(path), deployment._site_images(path).images)
+    assert [int(r[0]) for r in ev.splits["test"][0]] == split["test"]  # each row is the image the split names
+    assert ev.splits["test"][1].tolist() == [i % 2 for i in split["test"]]
 
 
 def test_a_deployed_site_with_views_trains_on_every_view_of_its_training_images_only(tmp_path, monkeypatch):
@@ -151,7 +160,12 @@ def test_a_deployed_site_with_views_trains_on_every_view_of_its_training_images_
     one = FedTLConfig().with_overrides({"model.resolution": 32, "train.views": 1})
     plain = deployment.deployed_site_data(one, model, path)
     viewed = deployment.deployed_site_data(one.with_overrides({"train.views": 3}), model, path)
+    built = []
+    get_or_build = deployment.FeatureCache.get_or_build
+    monkeypatch.setattr(deployment.FeatureCache, "get_or_build", lambda self, m, pre, data, *a, **k: (
+        built.append((pre.view, len(data))), get_or_build(self, m, pre, data, *a, **k))[1])
     ev = deployment.deployed_eval_data(one.with_overrides({"train.views": 3}), model, path)
+    assert built == [(0, 10), (1, 10), (2, 10)]  # test-time views of the 10 held-out images, not of all 40
     assert viewed.features.shape == (30, 3, plain.features.shape[1]) and plain.features.ndim == 2
     assert torch_equal(viewed.features[:, 0], plain.features) and torch_equal(viewed.labels, plain.labels)
     # evaluation scores test-time views (evaluation.views = auto: as many as training), the image itself first
