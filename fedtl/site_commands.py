@@ -101,6 +101,7 @@ def _print_site_plan(site, result, args) -> None:
     from fedtl.federation.deployment import load_site_config, local_backbone_sha256
     from fedtl.planning import format_own_plan, plan_own_site
     from fedtl.privacy import PrivacyLedger, read_ledger
+    from fedtl.privacy.ledger import check_identity
     from fedtl.privacy.policy import policy_for_site
 
     defaults = FedTLConfig()
@@ -109,7 +110,11 @@ def _print_site_plan(site, result, args) -> None:
     n = len(labels) - (len(stratified_split(labels, ev.holdout, 0)[0]) if ev.enabled and ev.holdout else 0)
     policy = policy_for_site(site)
     path = Path(policy.ledger_path)
-    ledger = read_ledger(path) if path.exists() else PrivacyLedger(site.name, policy.delta, policy.accountant)
+    if path.exists():
+        ledger = read_ledger(path)  # its hash chain verified
+        check_identity(ledger, path, site=site.name, delta=policy.delta, accountant=policy.accountant)  # as training
+    else:
+        ledger = PrivacyLedger(site.name, policy.delta, policy.accountant)
     params = None
     load_site_config(args.config)  # the site's own copy of the weights is looked up first, as when it trains
     if local_backbone_sha256(defaults.model.backbone):

@@ -260,7 +260,7 @@ def open_ledger(path: str | os.PathLike, *, site: str, delta: float, accountant:
             _check_anchor(p, ledger)
             if ledger is None:
                 ledger = PrivacyLedger(site=site, delta=float(delta), accountant=accountant, path=p)
-            _check_identity(ledger, p, site=site, delta=delta, accountant=accountant)
+            check_identity(ledger, p, site=site, delta=delta, accountant=accountant)
             if target_epsilon:
                 ledger.target_epsilon = float(target_epsilon)
             yield ledger
@@ -294,7 +294,7 @@ def _acquire(lock, path: Path, timeout: float) -> None:
             time.sleep(0.05)
 
 
-def _check_identity(ledger: PrivacyLedger, path: Path, *, site: str, delta: float, accountant: str) -> None:
+def check_identity(ledger: PrivacyLedger, path: Path, *, site: str, delta: float, accountant: str) -> None:
     if ledger.site != site:
         raise LedgerError(f"Privacy ledger {path} belongs to site `{ledger.site}`, not `{site}`.")
     if ledger.accountant != accountant:

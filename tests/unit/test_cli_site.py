@@ -260,3 +260,15 @@ def test_site_check_refuses_a_tampered_ledger_and_a_bad_schedule(tmp_path, capsy
     assert code == 4 and "integrity check" in err[-1]
     code, _, err = _run(capsys, ["site", "check", str(conf), "--batch-size", "0"])
     assert code == 2 and err[-1] == "error: --batch-size must be a positive integer, got 0."
+
+
+def test_site_check_names_a_ledger_the_site_could_not_train_with(tmp_path, capsys, suffix_params):
+    from fedtl.privacy import open_ledger
+
+    conf = _plan_site(tmp_path, 300, "delta = 1e-6\n")
+    with open_ledger(tmp_path / "state" / "privacy-ledger.json", site="st-mary", delta=1e-5, accountant="rdp") as led:
+        led.append(run="r", round=1, noise_multiplier=2.0, sample_rate=0.25, steps=4)
+        led.save()
+    code, _, err = _run(capsys, ["site", "check", str(conf)])
+    assert code == 4 and "accounts at δ=1e-05; the site's policy says δ=1e-06" in err[-1]
+
