@@ -298,6 +298,7 @@ def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker,
         "declined": {str(k): v for r in rounds for k, v in r.get("declined", {}).items()},
         "rejected_updates": sum(len(r.get("rejected", {})) for r in rounds),
         "timed_out": {str(r["round"]): r["timed_out"] for r in rounds if r.get("timed_out")},
+        "failed": {str(r["round"]): r["failed"] for r in rounds if r.get("failed")},  # site -> Flower's error
         "aggregation": fed.aggregation,
         "rejected": {str(r["round"]): r["rejected"] for r in rounds if r.get("rejected")},
         "backbone_transfer": transfer or None,  # weights sent to sites lacking them: bytes, sites, seconds

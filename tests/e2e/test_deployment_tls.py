@@ -407,7 +407,9 @@ def test_a_site_drops_out_and_rejoins_and_a_crashed_server_resumes(deployment: D
     _wait_until(lambda: set(dep.nodes().values()) == {"online"}, 90, "all sites to come online")
     data = write_small_medmnist(tmp_path / "server.npz", n_train=8, n_val=60, n_test=60, seed=0)
     out = tmp_path / "run"
-    base = (f"federation.sites={SITES} federation.rounds=5 federation.min-sites=2 federation.round-timeout=40 "
+    # round 1 is every site's cold start (the backbone built, 4 views x 100 images through the prefix, three sites at
+    # once on CI's 2 cores): one took ~45 s there on 2026-12-06 and was named a drop-out with 40 s; 90 s leaves room
+    base = (f"federation.sites={SITES} federation.rounds=5 federation.min-sites=2 federation.round-timeout=90 "
             f"federation.round-retries=1 output.dir='{out}' data.path='{data}'")
     flwr = [str(Path(sys.executable).parent / "flwr"), "run", ".", CONNECTION, "--stream", "--run-config"]
     run = ops.ManagedProcess(flwr + [base], tmp_path / "logs" / "flwr-run-1.log", env=dep.env, cwd=ROOT)
@@ -443,10 +445,13 @@ def test_a_site_drops_out_and_rejoins_and_a_crashed_server_resumes(deployment: D
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5]
-    assert rows[2]["timed_out"] == ["hospital-c"] and set(rows[2]["sites_trained"]) == {"hospital-a", "hospital-b"}
+    # the dead site is named in round 2: timed out, or failed when Flower's SuperLink missed its heartbeats first
+    # ("Node Unavailable"), whichever comes first
+    assert rows[2]["timed_out"] + list(rows[2]["failed"]) == ["hospital-c"], rows[2]
+    assert set(rows[2]["sites_trained"]) == {"hospital-a", "hospital-b"}
     assert "hospital-c" in rows[4]["sites_trained"] or "hospital-c" in rows[5]["sites_trained"], rows[3:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["timed_out"]["2"] == ["hospital-c"]
+    assert summary["timed_out"].get("2", []) + list(summary["failed"].get("2", {})) == ["hospital-c"]
     for name in names:
         ledger = json.loads((paths[name].parent / "state" / "privacy-ledger.json").read_text())
         rounds = [e["round"] for e in ledger["entries"]]
