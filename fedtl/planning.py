@@ -176,9 +176,10 @@ def plan_own_site(policy, ledger, n: int, *, rounds: int, batch_size: int, epoch
     spent = ledger.epsilon()
     room = max(0.0, min(policy.target_epsilon - spent, policy.run_cap))
     batch = max(1, min(batch_size, max(n, 1)))
-    q = 1.0 / steps_per_epoch(max(n, 1), batch)
+    per_epoch = steps_per_epoch(max(n, 1), batch)
+    q = 1.0 / per_epoch
     if isinstance(decided, Decline):
-        k = steps_per_epoch(max(n, 1), batch) * epochs
+        k = per_epoch * epochs
         plan = SitePlan(policy.site, n, batch, q, k, planned, math.inf, math.inf, math.inf, math.inf, "declines",
                         epsilon_room=room)
         notes = [decided.reason]

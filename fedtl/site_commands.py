@@ -35,9 +35,9 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     print(f"unreadable: {len(result.problems)}")
     for problem in result.problems:
         print(f"  {problem.file}: {problem.reason}")
-    eval_problems = _check_evaluation(site, result)
+    eval_problems, training = _check_evaluation(site, result)
     if len(result.images):
-        _print_site_plan(site, result, args)
+        _print_site_plan(site, result, training, args)
     if len(result.images) == 0:
         print(f"error: no image could be read from {site.data.path}; see the unreadable files above.", file=sys.stderr)
         return DataError.exit_code
@@ -54,10 +54,11 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_evaluation(site, train) -> int:
+def _check_evaluation(site, train) -> tuple[int, int]:
     """Print the site's evaluation set: its images, and per class how many go to validation and test (the same
     stratified split the site makes, `fedtl.evaluation.stratified_split`); warn of a class a split will lack
-    (its AUC is then undefined there). Returns the number of unreadable evaluation entries. Writes nothing."""
+    (its AUC is then undefined there). Returns the number of unreadable evaluation entries and of the images left to
+    train on. Writes nothing."""
     import numpy as np
 
     from fedtl.data.site_sources import load_site_data
@@ -66,7 +67,8 @@ def _check_evaluation(site, train) -> int:
     ev = site.evaluation
     if not ev.enabled:
         print("evaluation: none (the site answers evaluation requests with no figures)")
-        return 0
+        return 0, len(train.images)
+    training = len(train.images)
     if ev.data is not None:
         held = load_site_data(ev.data, allow_empty=True)
         labels, names, problems = held.images.labels, list(held.class_counts()), held.problems
@@ -75,6 +77,7 @@ def _check_evaluation(site, train) -> int:
         labels, names, problems = train.images.labels, list(train.class_counts()), []
         first, _ = stratified_split(labels, ev.holdout, 0)
         labels = labels[first]
+        training -= len(labels)
         print(f"evaluation: {ev.holdout:.0%} of [data] held out of training: {len(labels)} images")
     val, test = stratified_split(labels, ev.validation_fraction, 0) if len(labels) else ([], [])
     counts = [(np.bincount(labels[np.asarray(part, dtype=np.int64)], minlength=len(names)) if len(labels) else
@@ -91,13 +94,12 @@ def _check_evaluation(site, train) -> int:
         print(f"evaluation unreadable: {len(problems)}")
         for problem in problems:
             print(f"  {problem.file}: {problem.reason}")
-    return len(problems)
+    return len(problems), training
 
 
-def _print_site_plan(site, result, args) -> None:
+def _print_site_plan(site, result, n: int, args) -> None:
     """This site's privacy plan for a run of ``--rounds`` / ``--batch-size`` (default: the defaults), from its own
     policy and ledger (:func:`fedtl.planning.plan_own_site`); nothing is written."""
-    from fedtl.evaluation import stratified_split
     from fedtl.federation.deployment import load_site_config, local_backbone_sha256
     from fedtl.planning import format_own_plan, plan_own_site
     from fedtl.privacy import PrivacyLedger, read_ledger
@@ -106,8 +108,6 @@ def _print_site_plan(site, result, args) -> None:
 
     defaults = FedTLConfig()
     rounds, batch = args.rounds or defaults.federation.rounds, args.batch_size or defaults.train.batch_size
-    labels, ev = result.images.labels, site.evaluation
-    n = len(labels) - (len(stratified_split(labels, ev.holdout, 0)[0]) if ev.enabled and ev.holdout else 0)
     policy = policy_for_site(site)
     path = Path(policy.ledger_path)
     if path.exists():

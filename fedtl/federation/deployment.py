@@ -163,11 +163,17 @@ def _evaluation_images(site: SiteConfig, site_config_path: str):
         images = _site_eval_images(site_config_path).images
         split = evaluation_split(site, images)
         return images, {"val": split["val"], "test": split["test"]}
-    images = _site_images(site_config_path).images
-    split = evaluation_split(site, images)
-    held = np.asarray(split["val"] + split["test"], dtype=np.int64)
+    split = evaluation_split(site, _site_images(site_config_path).images)
+    held = tuple(split["val"] + split["test"])
     rows = list(range(len(held)))
-    return images.subset(held), {"val": rows[:len(split["val"])], "test": rows[len(split["val"]):]}
+    return _held_out_images(site_config_path, held), {"val": rows[:len(split["val"])], "test": rows[len(split["val"]):]}
+
+
+@functools.lru_cache(maxsize=2)
+def _held_out_images(path: str, held: tuple[int, ...]):
+    """The site's held-out images, kept like the site's images (one copy and one fingerprint per split, not one
+    per evaluation request); the site worker clears it with them."""
+    return _site_images(path).images.subset(np.asarray(held, dtype=np.int64))
 
 
 def _eval_data(site: SiteConfig, images, split: dict[str, list[int]], feats):

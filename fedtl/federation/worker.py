@@ -246,7 +246,7 @@ class SiteWorker:
             from fedtl.federation import deployment
 
             for cached in (deployment.load_site_config, deployment._site_images, deployment._site_eval_images,
-                           _build_cached):
+                           deployment._held_out_images, _build_cached):
                 cached.cache_clear()
         try:
             self.site = SiteConfig.load(self.site_config)

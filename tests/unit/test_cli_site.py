@@ -272,3 +272,14 @@ def test_site_check_names_a_ledger_the_site_could_not_train_with(tmp_path, capsy
     code, _, err = _run(capsys, ["site", "check", str(conf)])
     assert code == 4 and "accounts at δ=1e-05; the site's policy says δ=1e-06" in err[-1]
 
+
+
+def test_site_check_plans_for_the_images_left_after_the_hold_out(tmp_path, capsys, suffix_params):
+    conf = _plan_site(tmp_path, 300)
+    conf.write_text(conf.read_text().replace("[privacy]\n", "[evaluation]\nholdout = 0.25\n[privacy]\n"))
+    code, out, _ = _run(capsys, ["site", "check", str(conf)])
+    import re
+
+    held = int(re.search(r"held out of training: (\d+) images", out).group(1))
+    training = int(re.search(r"(\d+) training images", out).group(1))
+    assert code == 0 and 70 <= held <= 80 and held + training == 300  # the plan counts what the site trains on
