@@ -10,6 +10,7 @@ is a simulated site holding a partition of the configured data set.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -72,6 +73,7 @@ def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientA
     def serve(op: str, msg: Message, context: Context) -> Message:
         from fedtl.federation.logs import quiet_flower
 
+        received_at = time.monotonic()
         quiet_flower()  # in a simulation's Ray worker too (idempotent)
         content = None
         if cfg is None and "site-config" in context.node_config:
@@ -81,7 +83,7 @@ def make_client_app(cfg: FedTLConfig | None = None, threads: int = 0) -> ClientA
 
             if op == "train":
                 content = handlers.handle_train(msg.content, context.run_config, context.node_config,
-                                                context.run_id, cfg=cfg, threads=threads)
+                                                context.run_id, cfg=cfg, threads=threads, received_at=received_at)
             elif op == "personalize":
                 content = handlers.handle_personalize(msg.content, context.run_config, context.node_config,
                                                       context.node_id, cfg=cfg, threads=threads)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -121,8 +122,13 @@ def _parse_request(kind: str, parse, refuse, content: RecordDict, run_config: Ma
 
 
 def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any], run_id: int, *,
-                 cfg: FedTLConfig | None = None, threads: int = 0) -> RecordDict:
-    """The reply's content to a train message: the trained suffix, or a refusal with its reason."""
+                 cfg: FedTLConfig | None = None, threads: int = 0, received_at: float | None = None) -> RecordDict:
+    """The reply's content to a train message: the trained suffix, or a refusal with its reason.
+
+    ``received_at``: when the message reached the site (``time.monotonic()``; default: now). A site that is not
+    ready to train before :data:`LATE_FRACTION` of the server's reply window (``reply-within``) has passed declines
+    the round without spending privacy (:func:`late_reason`)."""
+    received_at = time.monotonic() if received_at is None else received_at
     if threads:
         torch.set_num_threads(threads)
     deployed = "site-config" in node_config
@@ -136,6 +142,10 @@ def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config
     if isinstance(parsed, RecordDict):
         return parsed
     conf, request, _ = parsed
+    if deployed:
+        from fedtl.federation.warm_up import remember_feature_settings
+
+        remember_feature_settings(conf, str(node_config["site-config"]))  # what a restarted worker warms up for
     num_classes = request.num_classes or load_source(conf.data.path).num_classes
     model, policy, data = _train_site_of(conf, node_config, num_classes)
     base.update({"num-examples": len(data.labels), "delta": policy.delta, "target-epsilon": policy.target_epsilon})
@@ -152,6 +162,10 @@ def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config
     if problem:
         log.error("Site %s refused the train request: %s", policy.site, problem)
         return refuse(reason=f"invalid train request: {problem}")
+    late = late_reason(policy.site, received_at, request.reply_within)
+    if late:
+        log.warning("Site %s declines round %d: %s", policy.site, request.server_round, late)
+        return refuse(reason=late)
     proposal = Proposal(total_rounds=request.total_rounds, batch_size=conf.train.batch_size,
                         epochs=conf.train.epochs, noise_multiplier=request.noise_multiplier,
                         personalize_epochs=request.personalize_epochs)
@@ -161,6 +175,27 @@ def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config
                "epsilon": result.epsilon, "delta": result.delta, "target-epsilon": result.budget}
     arrays = ArrayRecord() if result.declined else to_record(model.trainable_state())
     return train_reply(arrays, metrics, site=policy.site, reason=result.reason, accountant=result.accountant)
+
+
+LATE_FRACTION = 0.9  # of the server's reply window: the rest is left for training and the reply's way back
+
+
+def late_reason(site: str, received_at: float, reply_within: float) -> str:
+    """Why a site that was ready to train only ``now − received_at`` seconds after a train message arrived declines
+    it, or '' when it is in time (or the server gave no window). Its first round builds its feature cache (four
+    prefix passes over every image by default), which a large site at a high resolution may not finish within the
+    server's round-timeout; the server would drop its late reply, so the privacy spent on it would buy nothing. It
+    declines instead, spending nothing, and its next round starts from the cache. A server can only make a site
+    decline with this (as it can by not asking it): never make it spend more."""
+    if not reply_within:
+        return ""
+    elapsed = time.monotonic() - received_at
+    if elapsed <= LATE_FRACTION * reply_within:
+        return ""
+    return (f"Site `{site}` was ready to train {elapsed:.0f} s after the request arrived (its first round builds its "
+            f"feature cache), past {LATE_FRACTION:.0%} of the server's {reply_within:g} s reply window "
+            "(federation.round-timeout): it did not train and spent no privacy this round; its next round starts "
+            "from the cache.")
 
 
 def handle_evaluate(content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any],

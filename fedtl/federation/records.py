@@ -20,6 +20,7 @@ TRAIN_METRIC_KEYS = ("num-examples", "declined", "epsilon", "delta", "target-eps
 TRAIN_INFO_KEYS = ("site", "reason", "accountant")
 MAX_ROUNDS = 100_000
 MAX_CLASSES = 1000
+MAX_REPLY_WINDOW = 86400  # seconds: federation.round-timeout's own bound
 
 
 def coarse_count(n: int) -> int:
@@ -80,6 +81,7 @@ class TrainRequest:
     personalize_epochs: int = 0  # local fine-tuning after the last round to reserve budget for (site may cap)
     standardize: FeatureStandardizer | None = None  # the server's feature statistics (fedtl.standardize)
     pooling: str = ""  # the server's model.pooling ('' = not given)
+    reply_within: float = 0.0  # seconds the server waits for the reply (its round-timeout); 0 = not given
 
     @classmethod
     def parse(cls, config) -> TrainRequest:
@@ -96,8 +98,12 @@ class TrainRequest:
         from fedtl.config import MAX_PERSONALIZE_EPOCHS
 
         epochs = config_int(config, "personalize-epochs", 0, MAX_PERSONALIZE_EPOCHS, 0)
+        window = config.get("reply-within", 0.0)
+        if isinstance(window, bool) or not isinstance(window, (int, float)) or not math.isfinite(window) \
+                or not 0 <= window <= MAX_REPLY_WINDOW:
+            raise ValueError(f"`reply-within` must be a number of seconds in [0, {MAX_REPLY_WINDOW}], got {window!r:.60}")
         return cls(rnd, total, run_id, num_classes, sha, float(sigma), epochs, FeatureStandardizer.from_config(config),
-                   config_pooling(config))
+                   config_pooling(config), float(window))
 
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -123,7 +123,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
                                  "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256,
                                  "noise-multiplier": cfg.privacy.noise_multiplier,
                                  "personalize-epochs": cfg.personalization.requested_epochs,
-                                 "pooling": cfg.model.pooling, **stats})
+                                 "pooling": cfg.model.pooling, "reply-within": fed.round_timeout, **stats})
     eval_config["run-id"] = fedtl_run
     for rnd in range(start, fed.rounds + 1):
         replies = _train_round(grid, strategy, rnd, arrays, train_config, fed, out)

@@ -14,13 +14,15 @@ What is kept warm: the imports, the site's parsed site.toml and its images (``de
 each request it compares the size, mtime and inode of site.toml, of every file under its data and evaluation
 paths and of its weights folder with those of the previous request and drops those caches on any change; the
 feature cache, the evaluation split and the ledger are read from disk on every request as in-process.
-Requests are served one at a time; a ping is answered at once.
+Requests are served one at a time; a ping is answered at once. Once started, it builds the site's feature cache for
+the next round in the background (:mod:`fedtl.federation.warm_up`), giving way to any request between views.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -28,7 +30,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fedtl.errors import FedTLError, SiteWorkerError
@@ -44,9 +46,11 @@ MAX_CONNECTIONS = 8  # connections served at once (all but one wait for the lock
 def _default_handlers() -> dict[str, Callable]:
     from fedtl.federation.handlers import handle_evaluate, handle_personalize, handle_train
 
-    return {"train": lambda content, rc, nc, run_id, node_id: handle_train(content, rc, nc, run_id),
-            "personalize": lambda content, rc, nc, run_id, node_id: handle_personalize(content, rc, nc, node_id),
-            "evaluate": lambda content, rc, nc, run_id, node_id: handle_evaluate(content, rc, nc, node_id)}
+    return {"train": lambda content, rc, nc, run_id, node_id, received_at:
+            handle_train(content, rc, nc, run_id, received_at=received_at),
+            "personalize": lambda content, rc, nc, run_id, node_id, received_at:
+            handle_personalize(content, rc, nc, node_id),
+            "evaluate": lambda content, rc, nc, run_id, node_id, received_at: handle_evaluate(content, rc, nc, node_id)}
 
 
 class SiteWorker:
@@ -60,7 +64,9 @@ class SiteWorker:
         self.handlers = handlers if handlers is not None else _default_handlers()
         self.max_body, self.frame_timeout = max_body, frame_timeout
         self.served: collections.Counter[str] = collections.Counter()
-        self._lock = threading.Lock()  # one request at a time
+        self._lock = threading.Lock()  # one request (or one warm-up step) at a time
+        self._waiting = 0  # requests waiting for the lock: the warm-up gives way to them
+        self._waiting_guard = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
@@ -197,11 +203,12 @@ class SiteWorker:
             link.send_frame(conn, {"accepted": True})
         except OSError:
             return  # the client went away before it was served: nothing to do
-        with self._lock:
+        arrived = time.monotonic()  # a train request that waited here past the server's window is declined
+        with self._waiting_for_lock():
             started = time.monotonic()
             try:
                 self._refresh()
-                content = self.handlers[op](*request)
+                content = self.handlers[op](*request, received_at=arrived)
                 reply_body = link.encode_content(content)
             except Exception as exc:  # never crash the worker: the ClientApp serves the message itself
                 log.exception("Site worker: the %s request failed", op)
@@ -213,6 +220,54 @@ class SiteWorker:
             link.send_frame(conn, {"ok": True, "pid": os.getpid()}, reply_body)
         except OSError as exc:
             log.warning("Site worker: the ClientApp went away before the reply (%s)", exc)
+
+    @contextlib.contextmanager
+    def _waiting_for_lock(self) -> Iterator[None]:
+        """The request lock, counted while waited for (so the warm-up stops at its next step)."""
+        with self._waiting_guard:
+            self._waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._waiting_guard:
+                self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def warm_up(self) -> None:
+        """Build the feature-cache entries the site's next rounds will read (:mod:`fedtl.federation.warm_up`), one
+        view at a time under the request lock, before the first request needs them. Stops between views when a
+        request is waiting or the worker is closing; never fails the worker (a failure is logged, and the request
+        builds what it needs as it always did)."""
+        from fedtl.federation.warm_up import warm_up_steps
+
+        try:
+            with self._lock:
+                self._refresh()
+                steps = warm_up_steps(self.site_config)
+        except Exception as exc:  # noqa: BLE001 - an optimization: the first request reports real problems
+            log.warning("Site worker: not warming the feature cache: %s", exc)
+            return
+        started, built = time.monotonic(), 0
+        for what, build in steps:
+            if self._stop.is_set() or self._waiting:
+                log.info("Site worker: a request came before the feature cache was warm; it builds the rest.")
+                return
+            with self._lock:
+                step = time.monotonic()
+                try:
+                    _, hit = build()
+                except Exception as exc:  # noqa: BLE001 - as above
+                    log.warning("Site worker: warming the feature cache stopped: %s", exc)
+                    return
+            if not hit:
+                built += 1
+                log.info("Site worker: feature cache: %s built in %.1f s", what, time.monotonic() - step)
+        if steps:
+            log.info("Site worker: the feature cache is warm (%d of %d entries built, %.1f s)", built, len(steps),
+                     time.monotonic() - started)
 
     def _parse(self, header: dict, body: bytes) -> tuple:
         if str(header.get("site-config", "")) != self.site_config:
@@ -300,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop)
     _preload(worker)
+    threading.Thread(target=worker.warm_up, name="site-worker-warm-up", daemon=True).start()
     try:
         worker.serve_forever(parent_pid=parent)
     finally:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,8 @@ class Recorder:
         self.calls: list[tuple] = []
 
     def handlers(self) -> dict:
-        def train(content, run_config, node_config, run_id, node_id):
+        def train(content, run_config, node_config, run_id, node_id, received_at):
+            assert received_at <= time.monotonic()  # when the request reached the worker (late_reason's clock)
             self.calls.append(("train", content, run_config, node_config, run_id, node_id))
             return RecordDict({"metrics": MetricRecord({"served": 1.0})})
 
@@ -212,7 +214,7 @@ def test_a_stale_socket_is_replaced_a_live_worker_or_a_foreign_file_is_not(tmp_p
 
 
 def test_a_failing_handler_is_an_error_reply_and_the_caller_falls_back(tmp_path, caplog):
-    def broken(*_args):
+    def broken(*_args, **_kwargs):
         raise RuntimeError("out of memory")
 
     with running(_site(tmp_path), {"train": broken, "evaluate": broken}) as worker:
@@ -227,7 +229,7 @@ def test_the_worker_reloads_its_site_when_site_toml_or_the_data_change(tmp_path)
     """Never stale: a changed budget in site.toml and changed images are what the next request sees."""
     from fedtl.federation import deployment
 
-    def seen(content, run_config, node_config, run_id, node_id):
+    def seen(content, run_config, node_config, run_id, node_id, received_at):
         path = node_config["site-config"]
         return RecordDict({"m": MetricRecord({
             "eps": deployment.load_site_config(path).privacy.target_epsilon,
@@ -306,9 +308,9 @@ def test_a_worker_killed_mid_round_the_client_app_trains_once_and_the_ledger_cou
     site, content = _warm_site(tmp_path, monkeypatch)
     trained = []
 
-    def dies(content, run_config, node_config, run_id, node_id):
+    def dies(content, run_config, node_config, run_id, node_id, received_at):
         if when == "after-training":  # the update is released and the ledger saved, then the worker dies
-            trained.append(handle_train(content, run_config, node_config, run_id))
+            trained.append(handle_train(content, run_config, node_config, run_id, received_at=received_at))
         raise _Killed()
 
     monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the dying thread's traceback
