@@ -10,7 +10,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from fedtl.config import FedTLConfig, parse_assignment
+from fedtl.config import FedTLConfig
+from fedtl.config_values import parse_assignment
 from fedtl.data.site_sources import DEFAULT_IMAGE_SIZE
 from fedtl.errors import ConfigError, DataError, FedTLError
 from fedtl.site_commands import cmd_site_check, cmd_site_ledger

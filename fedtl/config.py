@@ -16,7 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from fedtl.config_values import coerce, field_type
 from fedtl.errors import ConfigError
+from fedtl.weighting import aggregation_weights
 
 AUTO_VIEWS = 4  # train.views = 0 (auto) with the head-only suffix
 MAX_VIEWS = 8  # train.views: shifted views per training image (each is one more cached prefix output)
@@ -391,7 +393,7 @@ class FedTLConfig:
         keys: dict[str, type] = {}
         for section, cls in _SECTIONS.items():
             for f in fields(cls):
-                keys[f"{section}.{f.name.replace('_', '-')}"] = _field_type(cls, f.name)
+                keys[f"{section}.{f.name.replace('_', '-')}"] = field_type(cls, f.name)
         return keys
 
     def to_run_config(self) -> dict[str, Any]:
@@ -417,87 +419,13 @@ class FedTLConfig:
                 hint = f"; did you mean `{close[0]}`?" if close else "."
                 raise ConfigError(f"Unknown config key `{key}`{hint} Known keys: {', '.join(sorted(known))}")
             section, name = key.split(".", 1)
-            values[section][name.replace("-", "_")] = _coerce(key, raw, known[key])
+            values[section][name.replace("-", "_")] = coerce(key, raw, known[key])
         return cls(**{s: _SECTIONS[s](**v) for s, v in values.items()})
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> FedTLConfig:
         merged = self.to_run_config()
         merged.update(overrides)
         return FedTLConfig.from_run_config(merged)
-
-
-def _field_type(cls: type, name: str) -> type:
-    default = next(f for f in fields(cls) if f.name == name).default
-    return type(default)
-
-
-def _coerce(key: str, raw: Any, typ: type) -> Any:
-    """Coerce a value from TOML/CLI text to the field's type, or say why it can't be."""
-    if typ is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return raw.strip().lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"`{key}` must be true or false, got {raw!r}.")
-    if typ is int:
-        if isinstance(raw, bool):
-            raise ConfigError(f"`{key}` must be an integer, got {raw!r}.")
-        if isinstance(raw, int):
-            return raw
-        if isinstance(raw, float) and raw.is_integer():
-            return int(raw)
-        if isinstance(raw, str):
-            try:
-                return int(raw.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"`{key}` must be an integer, got {raw!r}.")
-    if typ is float:
-        value = None
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            value = float(raw)
-        elif isinstance(raw, str):
-            try:
-                value = float(raw.strip())
-            except ValueError:
-                pass
-        if value is None or not math.isfinite(value):
-            raise ConfigError(f"`{key}` must be a finite number, got {raw!r}.")
-        return value
-    if not isinstance(raw, str):
-        raise ConfigError(f"`{key}` must be a string, got {raw!r}.")
-    return raw
-
-
-def aggregation_weights(reported: list[float], weighting: str, weight_cap: float) -> list[float]:
-    """The weight each accepted update gets in a round, from the example counts the sites reported
-    (untrusted, rounded): ``examples`` — the count, capped at ``weight_cap`` × the round's median (0: no cap);
-    ``sites`` — 1 each.
-
-    The default, examples capped at the median (``weight_cap = 1``): a small site's update, mostly DP noise,
-    keeps its small weight, and a large site weighs no more than the median one. With FedAvg's weights (no
-    cap, or 4 × the median) a large site of (almost) one class pulled the average towards predicting that
-    class and one partition in five lost 0.02–0.05 test AUC; one weight per site lost at ε = 1, where the
-    small sites' noise counts (docs/benchmarks.md, "Aggregation weights").
-    """
-    import statistics
-
-    if weighting == "sites":
-        return [1.0] * len(reported)
-    if weighting != "examples":
-        raise ValueError(f"weighting must be 'sites' or 'examples', got {weighting!r}")
-    if weight_cap <= 0 or not reported:
-        return [float(w) for w in reported]
-    cap = weight_cap * float(statistics.median(reported))
-    return [min(float(w), cap) for w in reported]
-
-
-def parse_assignment(text: str) -> tuple[str, str]:
-    """Split a CLI ``key=value`` override."""
-    if "=" not in text:
-        raise ConfigError(f"Overrides take the form key=value (e.g. privacy.target-epsilon=3), got {text!r}.")
-    key, value = text.split("=", 1)
-    return key.strip(), value.strip()
 
 
 def replace(cfg: FedTLConfig, section: str, **changes: Any) -> FedTLConfig:

@@ -16,7 +16,7 @@ import json
 
 import numpy as np
 
-from fedtl.config import aggregation_weights
+from fedtl.weighting import aggregation_weights
 from fedtl.decision import METADATA_KEY, Decision, decision_from_metadata
 
 HIST_BINS = 50  # score histogram bins a site releases per class (binary tasks), on [0, 1]

@@ -9,7 +9,7 @@ Every reply goes through the same gate, whatever the aggregation:
    the round's end.
 2. **Bounded**: the update ``Δ = w_site − w_global`` is clipped to ``update_clip`` × the median
    update norm of the round, and the weight (``num-examples``) is replaced by the server's
-   (``federation.weighting``, :func:`fedtl.config.aggregation_weights`): by default the reported count
+   (``federation.weighting``, :func:`fedtl.weighting.aggregation_weights`): by default the reported count
    capped at ``weight_cap`` × the median (1 ×), or 1 per site — one site can neither scale its update
    nor claim a huge data set.
 3. **Aggregated** by Flower's own strategy, chosen by ``federation.aggregation``: FedAvg, FedMedian,
@@ -28,7 +28,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
-from fedtl.config import FederationConfig, aggregation_weights
+from fedtl.config import FederationConfig
+from fedtl.weighting import aggregation_weights
 from fedtl.federation.polling import reply_node
 from fedtl.federation.records import record_bytes, validate_reply
 
@@ -152,7 +153,7 @@ class BoundedSuffixAggregation:
 
     # ---- bounded influence -------------------------------------------------------------
     def _bound(self, accepted: list, stats: RoundStats) -> None:
-        """Set each weight to the server's (:func:`fedtl.config.aggregation_weights`) and clip each update to
+        """Set each weight to the server's (:func:`fedtl.weighting.aggregation_weights`) and clip each update to
         ``update_clip`` × the round's median update norm (in place; caps noted in ``stats.capped``, clips in
         ``stats.bounded``)."""
         weights = [float(next(iter(m.content.metric_records.values()))["num-examples"]) for _, m in accepted]

@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from fedtl.config import FedTLConfig, parse_assignment
+from fedtl.config import FedTLConfig
+from fedtl.config_values import parse_assignment
 from fedtl.evaluation import central_decision
 from fedtl.federation.site import (SiteData, build_transfer_model, eval_features, load_source, simulated_policy,
                                    simulated_site_data, site_indices, train_site)

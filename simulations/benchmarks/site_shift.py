@@ -30,7 +30,8 @@ import time
 import numpy as np
 import torch
 
-from fedtl.config import FedTLConfig, parse_assignment
+from fedtl.config import FedTLConfig
+from fedtl.config_values import parse_assignment
 from fedtl.data import ImageSet, partition_indices
 from fedtl.federation.personal_site import personalize_site
 from fedtl.federation.personalize import Personalization, compare, parse_personal_reply, personal_reply

@@ -84,7 +84,8 @@ def test_auto_pooling_is_the_richer_one_only_where_the_head_trains_standardized(
 
 
 def test_aggregation_weights_are_one_per_site_or_capped_counts():
-    from fedtl.config import FederationConfig, aggregation_weights
+    from fedtl.config import FederationConfig
+    from fedtl.weighting import aggregation_weights
 
     reported = [10.0, 20.0, 30.0, 1000.0]
     assert FederationConfig().aggregation_weights(reported) == [10.0, 20.0, 25.0, 25.0]  # the default: ≤ the median
