@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
 from fedtl.config import FedTLConfig
 from fedtl.federation.records import coarse_count, to_record, to_state, train_reply

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from fedtl.cli import main
-from fedtl.report import FIGURES, render, write_report
+from fedtl.report import FIGURES, render
 
 EVIL = '<script>alert("x")</script><img src=http://evil.example/x.png>'
 
