@@ -142,10 +142,6 @@ def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config
     if isinstance(parsed, RecordDict):
         return parsed
     conf, request, _ = parsed
-    if deployed:
-        from fedtl.federation.warm_up import remember_feature_settings
-
-        remember_feature_settings(conf, str(node_config["site-config"]))  # what a restarted worker warms up for
     num_classes = request.num_classes or load_source(conf.data.path).num_classes
     model, policy, data = _train_site_of(conf, node_config, num_classes)
     base.update({"num-examples": len(data.labels), "delta": policy.delta, "target-epsilon": policy.target_epsilon})
@@ -162,6 +158,10 @@ def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config
     if problem:
         log.error("Site %s refused the train request: %s", policy.site, problem)
         return refuse(reason=f"invalid train request: {problem}")
+    if deployed:  # a request the site accepts: a restarted site worker warms its cache for these settings
+        from fedtl.federation.warm_up import remember_feature_settings
+
+        remember_feature_settings(conf, str(node_config["site-config"]))
     late = late_reason(policy.site, received_at, request.reply_within)
     if late:
         log.warning("Site %s declines round %d: %s", policy.site, request.server_round, late)

@@ -78,6 +78,9 @@ def test_a_train_request_records_the_runs_feature_settings_for_the_next_warm_up(
     from fedtl.federation.warm_up import WARM_UP_FILE, feature_settings
 
     site, content = _warm_site(tmp_path, monkeypatch)
+    _, _, reason = _train(site, content, time.monotonic(), **{"backbone-sha256": "0" * 64})
+    assert "will not train" in reason  # a refused request is not what the site warms up for
+    assert not (tmp_path / "state" / "features" / WARM_UP_FILE).exists()
     _train(site, content, time.monotonic())
     stored = json.loads((tmp_path / "state" / "features" / WARM_UP_FILE).read_text())
     assert stored["model.pooling"] == "avg"  # the server's, as the request named it
