@@ -35,9 +35,12 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     print(f"unreadable: {len(result.problems)}")
     for problem in result.problems:
         print(f"  {problem.file}: {problem.reason}")
-    eval_problems, training = _check_evaluation(site, result)
+    eval_problems, training, eval_images = _check_evaluation(site, result)
     if len(result.images):
         _print_site_plan(site, result, training, args)
+        from fedtl.federation.warm_up import cache_status
+
+        print(cache_status(site, result.images, eval_images))
     if len(result.images) == 0:
         print(f"error: no image could be read from {site.data.path}; see the unreadable files above.", file=sys.stderr)
         return DataError.exit_code
@@ -54,11 +57,11 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_evaluation(site, train) -> tuple[int, int]:
+def _check_evaluation(site, train) -> tuple[int, int, object]:
     """Print the site's evaluation set: its images, and per class how many go to validation and test (the same
     stratified split the site makes, `fedtl.evaluation.stratified_split`); warn of a class a split will lack
-    (its AUC is then undefined there). Returns the number of unreadable evaluation entries and of the images left to
-    train on. Writes nothing."""
+    (its AUC is then undefined there). Returns the number of unreadable evaluation entries, of the images left to
+    train on, and the separate evaluation images (None with a hold-out or without evaluation). Writes nothing."""
     import numpy as np
 
     from fedtl.data.site_sources import load_site_data
@@ -67,11 +70,11 @@ def _check_evaluation(site, train) -> tuple[int, int]:
     ev = site.evaluation
     if not ev.enabled:
         print("evaluation: none (the site answers evaluation requests with no figures)")
-        return 0, len(train.images)
-    training = len(train.images)
+        return 0, len(train.images), None
+    training, separate = len(train.images), None
     if ev.data is not None:
         held = load_site_data(ev.data, allow_empty=True)
-        labels, names, problems = held.images.labels, list(held.class_counts()), held.problems
+        labels, names, problems, separate = held.images.labels, list(held.class_counts()), held.problems, held.images
         print(f"evaluation: {ev.data.format} {ev.data.path}: {len(held.images)} of {held.listed} listed images read")
     else:
         labels, names, problems = train.images.labels, list(train.class_counts()), []
@@ -94,7 +97,7 @@ def _check_evaluation(site, train) -> tuple[int, int]:
         print(f"evaluation unreadable: {len(problems)}")
         for problem in problems:
             print(f"  {problem.file}: {problem.reason}")
-    return len(problems), training
+    return len(problems), training, separate
 
 
 def _print_site_plan(site, result, n: int, args) -> None:

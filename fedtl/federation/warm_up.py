@@ -109,3 +109,49 @@ def warm_up_steps(site_config_path: str, cfg: FedTLConfig | None = None) -> list
                    lambda k=k: cache.get_or_build(model(), replace(pre, view=k), held, progress=False))
                   for k in range(cfg.eval_views)]
     return steps
+
+
+def cache_status(site: SiteConfig, images, eval_images=None) -> str:
+    """One line for ``fedtl site check``: how many of the entries the site's next round reads (:func:`warm_up_steps`'
+    list, for :func:`feature_settings`) are in its feature cache. Reads file names only and writes nothing: the
+    held-out images are those of the stored evaluation split, or, before there is one, counted as not built.
+    ``images``: the site's images; ``eval_images``: its separate evaluation images, when it has them."""
+    import numpy as np
+
+    from fedtl.features import CacheKey, shifted_view, split_key
+
+    cfg = feature_settings(site)
+    settings = "the last run's settings" if (Path(site.state_dir) / "features" / WARM_UP_FILE).is_file() \
+        else "the default run's settings"
+    if cfg.adapters.kind != "none":
+        return f"feature cache: not used ({settings}: adapters in the suffix; every round runs the backbone)"
+    spec = get_spec(cfg.model.backbone)
+    sha = local_backbone_sha256(spec.name)
+    if not sha:
+        return ("feature cache: unknown until the backbone's weights are at the site (the server sends them before "
+                "round 1, which then builds the cache)")
+    cache = FeatureCache(Path(site.state_dir) / "features")
+    pre = preprocessing_for(cfg)
+    split = split_key(spec.recommended_cut if cfg.model.cut_after == "auto" else cfg.model.cut_after, cfg.model.pooling)
+
+    def built(data, key) -> bool:
+        return cache.path(CacheKey(spec.name, sha, key, split, data.fingerprint)).is_file()
+
+    have = sum(built(shifted_view(images, k), pre.key()) for k in range(cfg.train_views))
+    parts = [f"training views {have} of {cfg.train_views} ({len(images)} images)"]
+    wanted = cfg.train_views
+    if site.evaluation.enabled:
+        held = eval_images
+        if held is None:
+            try:
+                stored = json.loads((Path(site.state_dir) / "evaluation-split.json").read_text())
+                if stored.get("fingerprint") == images.fingerprint and stored.get("holdout") == site.evaluation.holdout:
+                    held = images.subset(np.asarray(stored["val"] + stored["test"], dtype=np.int64))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        done = 0 if held is None else sum(built(held, replace(pre, view=k).key()) for k in range(cfg.eval_views))
+        parts.append(f"test-time views {done} of {cfg.eval_views}")
+        have, wanted = have + done, wanted + cfg.eval_views
+    verdict = ("the first round reads them" if have == wanted else
+               "`fedtl-site start` builds the rest before the first round (the site worker), else the first round does")
+    return f"feature cache for {settings} ({cfg.model.resolution} px, {cfg.model.pooling}): {', '.join(parts)}; {verdict}"

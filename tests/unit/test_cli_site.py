@@ -283,3 +283,24 @@ def test_site_check_plans_for_the_images_left_after_the_hold_out(tmp_path, capsy
     held = int(re.search(r"held out of training: (\d+) images", out).group(1))
     training = int(re.search(r"(\d+) training images", out).group(1))
     assert code == 0 and 70 <= held <= 80 and held + training == 300  # the plan counts what the site trains on
+
+
+@pytest.mark.slow
+def test_site_check_says_whether_the_first_round_will_find_the_feature_cache(tmp_path, capsys):
+    """Cold, then after the site worker's warm-up: the counts of built entries, read from file names alone."""
+    from fedtl.federation import deployment
+    from fedtl.federation.worker import SiteWorker
+
+    conf = _plan_site(tmp_path, 40)
+    conf.write_text(conf.read_text().replace("[privacy]\n", "[evaluation]\nholdout = 0.25\n[privacy]\n"))
+    code, out, _ = _run(capsys, ["site", "check", str(conf)])
+    assert code == 0 and not (tmp_path / "state").exists()
+    assert ("feature cache for the default run's settings (112 px, avg-std-grid): training views 0 of 4 (40 images), "
+            "test-time views 0 of 4; `fedtl-site start` builds the rest") in out
+    for cached in (deployment.load_site_config, deployment._site_images, deployment._held_out_images):
+        cached.cache_clear()
+    SiteWorker(conf).warm_up()
+    files = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "state").rglob("*"))
+    code, out, _ = _run(capsys, ["site", "check", str(conf)])
+    assert code == 0 and "training views 4 of 4 (40 images), test-time views 4 of 4; the first round reads them" in out
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "state").rglob("*")) == files  # read only
