@@ -32,6 +32,7 @@ from fedtl.config import FedTLConfig
 from fedtl.errors import BackboneError, FedTLError
 from fedtl.features import CacheKey, FeatureCache, split_key, stack_views, view_features
 from fedtl.federation.site import SiteData, preprocessing_for
+from fedtl.federation.site_split import evaluation_split, held_out_rows
 from fedtl.model import SuffixModel, TransferModel
 from fedtl.privacy.policy import PrivacyPolicy, policy_for_site
 from fedtl.site_config import SiteConfig
@@ -95,54 +96,6 @@ def _site_eval_images(path: str):
     return load_site_data(load_site_config(path).evaluation.data)
 
 
-SPLIT_FILE = "evaluation-split.json"
-
-
-def evaluation_split(site: SiteConfig, images) -> dict[str, list[int]]:
-    """The site's stored evaluation split (``<state-dir>/evaluation-split.json``), made once.
-
-    With ``holdout``: ``train`` (training indices) and ``val``/``test`` (held-out indices) of the training
-    images; with its own evaluation set: ``val``/``test`` indices of those images. Kept while the images
-    are the same (sha256 fingerprint), so held-out images never reach training across runs and resumes;
-    when they change, a new split is made and logged.
-    """
-    import json
-    import secrets
-
-    from fedtl.evaluation import stratified_split
-
-    ev = site.evaluation
-    path = Path(site.state_dir) / SPLIT_FILE
-    key = {"fingerprint": images.fingerprint, "holdout": ev.holdout, "validation-fraction": ev.validation_fraction}
-    try:
-        stored = json.loads(path.read_text())
-        if all(stored.get(k) == v for k, v in key.items()):
-            return stored
-        log.warning("Site %s: its evaluation images or settings changed; making a new evaluation split.", site.name)
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError) as exc:
-        log.warning("Site %s: %s is unreadable (%s); making a new evaluation split.", site.name, path, exc)
-    labels = images.labels
-    seed = secrets.randbits(63)  # stored below: the split, not the seed, is what must stay fixed
-    split: dict = dict(key)
-    if ev.holdout:
-        held, train = stratified_split(labels, ev.holdout, seed)
-        split["train"] = train.tolist()
-    else:
-        held = np.arange(len(labels))
-    val, test = stratified_split(labels[held], ev.validation_fraction, seed + 1)
-    split["val"], split["test"] = held[val].tolist(), held[test].tolist()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".split-")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(split, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return split
-
-
 def deployed_eval_data(cfg: FedTLConfig, model: TransferModel, site_config_path: str):
     """The site's evaluation splits as prefix features, or None when it does not evaluate."""
     site = load_site_config(site_config_path)
@@ -164,7 +117,7 @@ def _evaluation_images(site: SiteConfig, site_config_path: str):
         split = evaluation_split(site, images)
         return images, {"val": split["val"], "test": split["test"]}
     split = evaluation_split(site, _site_images(site_config_path).images)
-    held = tuple(split["val"] + split["test"])
+    held = tuple(held_out_rows(split))
     rows = list(range(len(held)))
     return _held_out_images(site_config_path, held), {"val": rows[:len(split["val"])], "test": rows[len(split["val"]):]}
 
@@ -196,20 +149,14 @@ def _warm(cfg: FedTLConfig, site: SiteConfig, images, num_classes: int, views: i
     entry's. With ``views`` > 1 every view's entry must be cached: ``(N, views, D)`` — training views
     (``train.views``), or with ``test_time`` the evaluation's (``evaluation.views``).
     """
-    if cfg.adapters.kind != "none":  # the suffix holds backbone blocks (and PEFT's adapters)
-        return None
-    spec = get_spec(cfg.model.backbone)
-    split = spec.recommended_cut if cfg.model.cut_after == "auto" else cfg.model.cut_after
-    weights_sha256 = local_backbone_sha256(spec.name) if split else ""
-    if not weights_sha256:  # the whole network's last unit is named by the build; a site without weights is cold
+    weights_sha256 = head_only_weights(cfg)
+    if not weights_sha256:
         return None
     cache = FeatureCache(Path(site.state_dir) / "features")
     pre = preprocessing_for(cfg)
 
     def cached(data, view: int = 0):
-        key = CacheKey(spec.name, weights_sha256, replace(pre, view=view).key(), split_key(split, cfg.model.pooling),
-                       data.fingerprint)
-        feats = cache.load(key, len(data))
+        feats = cache.load(feature_key(cfg, weights_sha256, replace(pre, view=view), data), len(data))
         if feats is None or feats.ndim != 2:
             raise LookupError  # not cached (or not head-only features): the caller builds, as a cold site
         return feats, True
@@ -218,9 +165,30 @@ def _warm(cfg: FedTLConfig, site: SiteConfig, images, num_classes: int, views: i
         feats, _ = stack_views(lambda k: cached(images, k), views) if test_time else view_features(cached, images, views)
     except LookupError:
         return None
-    model = SuffixModel(spec.name, weights_sha256, split, int(feats.shape[-1]), num_classes, cfg.model,
-                        seed=cfg.train.seed)
+    model = SuffixModel(get_spec(cfg.model.backbone).name, weights_sha256, cut_point(cfg), int(feats.shape[-1]), num_classes,
+                        cfg.model, seed=cfg.train.seed)
     return model, feats
+
+
+def cut_point(cfg: FedTLConfig) -> str:
+    """The prefix's last unit: ``model.cut-after``, or the backbone's recommended cut ('' = the whole network)."""
+    return get_spec(cfg.model.backbone).recommended_cut if cfg.model.cut_after == "auto" else cfg.model.cut_after
+
+
+def head_only_weights(cfg: FedTLConfig) -> str:
+    """The sha256 of the weights this site would load when ``cfg``'s prefix features can be cached and found without
+    the backbone (the head-only suffix, a named cut); '' otherwise: adapters in the suffix, the whole network as
+    prefix (its last unit is named by the build), or no weights at the site yet."""
+    if cfg.adapters.kind != "none" or not cut_point(cfg):
+        return ""
+    return local_backbone_sha256(get_spec(cfg.model.backbone).name)
+
+
+def feature_key(cfg: FedTLConfig, weights_sha256: str, pre, data) -> CacheKey:
+    """The key a build of ``data``'s prefix features stores them under (:func:`fedtl.features.cache_key`, without
+    the model): backbone, weights, preprocessing, cut and pooling, the data's fingerprint."""
+    return CacheKey(get_spec(cfg.model.backbone).name, weights_sha256, pre.key(), split_key(cut_point(cfg),
+                    cfg.model.pooling), data.fingerprint)
 
 
 def cached_site(cfg: FedTLConfig, site_config_path: str, num_classes: int) -> tuple[SuffixModel, SiteData] | None:

@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fedtl.backbones import get_spec
 from fedtl.config import FedTLConfig
 from fedtl.errors import FedTLError
 from fedtl.features import FeatureCache
-from fedtl.federation.deployment import (_evaluation_images, _site_images, load_site_config,
-                                         local_backbone_sha256)
+from fedtl.files import write_atomically
+from fedtl.federation.deployment import (_evaluation_images, _site_images, cut_point, feature_key, head_only_weights,
+                                         load_site_config)
 from fedtl.federation.site import preprocessing_for
+from fedtl.federation.site_split import held_out_rows, stored_split
 from fedtl.model import TransferModel
 from fedtl.site_config import SiteConfig
 
@@ -50,11 +49,7 @@ def remember_feature_settings(cfg: FedTLConfig, site_config_path: str) -> None:
     except (OSError, ValueError):
         pass
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".warm-up-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(wanted, fh)
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(wanted).encode())
     except OSError as exc:
         log.warning("Site %s: could not record the run's feature settings in %s: %s", site.name, path, exc)
 
@@ -80,12 +75,12 @@ def warm_up_steps(site_config_path: str, cfg: FedTLConfig | None = None) -> list
     """The prefix passes a train and an evaluate request of ``cfg`` (default: :func:`feature_settings`) will need at
     this site, one ``(description, build)`` per view: the training views of its images, then the test-time views of
     the images it evaluates on. Each build stores its entry in the site's feature cache (nothing when it is there),
-    so a caller can stop between them. Empty when nothing can be cached ahead: adapters in the suffix (their inputs
-    are not cached), or no copy of the backbone's weights at the site yet (the server sends them before round 1;
-    the first round then builds the cache)."""
+    so a caller can stop between them. Empty when nothing can be cached ahead (:func:`deployment.head_only_weights`:
+    adapters in the suffix, the whole network as prefix, or no copy of the backbone's weights at the site yet — the
+    server sends them before round 1, which then builds the cache)."""
     site = load_site_config(site_config_path)
     cfg = cfg or feature_settings(site)
-    if cfg.adapters.kind != "none" or not local_backbone_sha256(get_spec(cfg.model.backbone).name):
+    if not head_only_weights(cfg):
         return []
     from fedtl.features import shifted_view
     from fedtl.federation.site import build_transfer_model
@@ -118,38 +113,34 @@ def cache_status(site: SiteConfig, images, eval_images=None) -> str:
     ``images``: the site's images; ``eval_images``: its separate evaluation images, when it has them."""
     import numpy as np
 
-    from fedtl.features import CacheKey, shifted_view, split_key
+    from fedtl.features import shifted_view
 
     cfg = feature_settings(site)
     settings = "the last run's settings" if (Path(site.state_dir) / "features" / WARM_UP_FILE).is_file() \
         else "the default run's settings"
     if cfg.adapters.kind != "none":
         return f"feature cache: not used ({settings}: adapters in the suffix; every round runs the backbone)"
-    spec = get_spec(cfg.model.backbone)
-    sha = local_backbone_sha256(spec.name)
+    sha = head_only_weights(cfg)
+    if not sha and not cut_point(cfg):
+        return f"feature cache: not checked ({settings}: the whole network as prefix; the first round builds it)"
     if not sha:
         return ("feature cache: unknown until the backbone's weights are at the site (the server sends them before "
                 "round 1, which then builds the cache)")
     cache = FeatureCache(Path(site.state_dir) / "features")
     pre = preprocessing_for(cfg)
-    split = split_key(spec.recommended_cut if cfg.model.cut_after == "auto" else cfg.model.cut_after, cfg.model.pooling)
 
-    def built(data, key) -> bool:
-        return cache.path(CacheKey(spec.name, sha, key, split, data.fingerprint)).is_file()
+    def built(data, view_pre) -> bool:
+        return cache.path(feature_key(cfg, sha, view_pre, data)).is_file()
 
-    have = sum(built(shifted_view(images, k), pre.key()) for k in range(cfg.train_views))
+    have = sum(built(shifted_view(images, k), pre) for k in range(cfg.train_views))
     parts = [f"training views {have} of {cfg.train_views} ({len(images)} images)"]
     wanted = cfg.train_views
     if site.evaluation.enabled:
         held = eval_images
         if held is None:
-            try:
-                stored = json.loads((Path(site.state_dir) / "evaluation-split.json").read_text())
-                if stored.get("fingerprint") == images.fingerprint and stored.get("holdout") == site.evaluation.holdout:
-                    held = images.subset(np.asarray(stored["val"] + stored["test"], dtype=np.int64))
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
-        done = 0 if held is None else sum(built(held, replace(pre, view=k).key()) for k in range(cfg.eval_views))
+            split, _ = stored_split(site, images)
+            held = None if split is None else images.subset(np.asarray(held_out_rows(split), dtype=np.int64))
+        done = 0 if held is None else sum(built(held, replace(pre, view=k)) for k in range(cfg.eval_views))
         parts.append(f"test-time views {done} of {cfg.eval_views}")
         have, wanted = have + done, wanted + cfg.eval_views
     verdict = ("the first round reads them" if have == wanted else

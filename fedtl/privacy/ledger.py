@@ -33,7 +33,6 @@ import json
 import math
 import os
 import secrets
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from fedtl.errors import LedgerError
+from fedtl.files import write_atomically
 
 LEDGER_VERSION = 2
 ROUND = "round"  # an entry's kind: a federated round …
@@ -145,9 +145,9 @@ class PrivacyLedger:
             "plan": self.plan,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _atomic_write(self.path, json.dumps(body, indent=1, allow_nan=False).encode())
+        write_atomically(self.path, json.dumps(body, indent=1, allow_nan=False).encode())
         anchor = {"site": self.site, "genesis": self.genesis, "entries": len(self.entries), "head": self.head}
-        _atomic_write(anchor_path(self.path), json.dumps(anchor, indent=1).encode())
+        write_atomically(anchor_path(self.path), json.dumps(anchor, indent=1).encode())
         self._saved_entries = len(self.entries)
 
     def as_dict(self) -> dict:
@@ -165,29 +165,6 @@ def anchor_path(path: Path) -> Path:
 
 def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def verify_chain(ledger: PrivacyLedger) -> None:

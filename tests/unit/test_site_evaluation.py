@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from fedtl.errors import ConfigError
-from fedtl.federation import deployment
+from fedtl.federation import deployment, site_split
 from fedtl.site_config import SiteConfig
 from tests.unit.test_site_config import MINIMAL, write
 
@@ -57,22 +57,22 @@ class _Images:
 def test_held_out_images_never_reach_training_and_the_split_is_kept(tmp_path):
     site = SiteConfig.load(write(tmp_path, MINIMAL + "[evaluation]\nholdout = 0.25\n"))
     images = _Images([0] * 60 + [1] * 40, "f1")
-    split = deployment.evaluation_split(site, images)
+    split = site_split.evaluation_split(site, images)
     train, val, test = set(split["train"]), set(split["val"]), set(split["test"])
     assert not train & (val | test) and not val & test and train | val | test == set(range(100))
     assert len(val | test) == 25 and np.bincount(images.labels[sorted(val | test)]).tolist() == [15, 10]
-    stored = json.loads((site.state_dir / deployment.SPLIT_FILE).read_text())
+    stored = json.loads((site.state_dir / site_split.SPLIT_FILE).read_text())
     assert stored["train"] == split["train"]
-    assert deployment.evaluation_split(site, images) == split  # the same split on every later run and resume
-    changed = deployment.evaluation_split(site, _Images([0] * 60 + [1] * 41, "f2"))  # new images: a new split
+    assert site_split.evaluation_split(site, images) == split  # the same split on every later run and resume
+    changed = site_split.evaluation_split(site, _Images([0] * 60 + [1] * 41, "f2"))  # new images: a new split
     assert changed["fingerprint"] == "f2" and len(changed["train"]) + len(changed["val"]) + len(changed["test"]) == 101
 
 
 def test_a_damaged_split_file_is_replaced_not_trusted(tmp_path, caplog):
     site = SiteConfig.load(write(tmp_path, MINIMAL + "[evaluation]\nholdout = 0.2\n"))
     site.state_dir.mkdir(parents=True)
-    (site.state_dir / deployment.SPLIT_FILE).write_text("{broken")
-    split = deployment.evaluation_split(site, _Images([0, 1] * 20, "f"))
+    (site.state_dir / site_split.SPLIT_FILE).write_text("{broken")
+    split = site_split.evaluation_split(site, _Images([0, 1] * 20, "f"))
     assert len(split["train"]) == 32 and "unreadable" in caplog.text
 
 
@@ -141,7 +141,7 @@ def test_the_warm_path_without_a_backbone_also_keeps_the_hold_out_out_of_trainin
     held = {int(r[0]) for s in ("val", "test") for r in ev.splits[s][0]}
     assert len(trained) == 30 and len(held) == 10 and not trained & held and trained | held == set(range(40))
     assert asked == [(False, 40), (True, 10)]  # evaluation's views: for the held-out images alone
-    split = deployment.evaluation_split(deployment.load_site_config(path), deployment._site_images(path).images)
+    split = site_split.evaluation_split(deployment.load_site_config(path), deployment._site_images(path).images)
     assert [int(r[0]) for r in ev.splits["test"][0]] == split["test"]  # each row is the image the split names
     assert ev.splits["test"][1].tolist() == [i % 2 for i in split["test"]]
 

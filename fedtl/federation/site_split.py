@@ -1,0 +1,77 @@
+"""A deployed site's evaluation split: which of its images it holds out and which of those are validation and test,
+made once and stored in ``<state-dir>/evaluation-split.json`` so that held-out images never reach training across
+runs and resumes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from fedtl.files import write_atomically
+from fedtl.site_config import SiteConfig
+
+log = logging.getLogger(__name__)
+
+SPLIT_FILE = "evaluation-split.json"
+
+
+def _split_identity(site: SiteConfig, images) -> dict:
+    ev = site.evaluation
+    return {"fingerprint": images.fingerprint, "holdout": ev.holdout, "validation-fraction": ev.validation_fraction}
+
+
+def stored_split(site: SiteConfig, images) -> tuple[dict | None, str]:
+    """The stored evaluation split while it is still the one for these images and settings, else None and why
+    ('' when there is none yet). Reads only: :func:`evaluation_split` makes a new one."""
+    path = Path(site.state_dir) / SPLIT_FILE
+    try:
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, ""
+    except (OSError, ValueError) as exc:
+        return None, f"{path} is unreadable ({exc})"
+    if isinstance(stored, dict) and all(stored.get(k) == v for k, v in _split_identity(site, images).items()):
+        return stored, ""
+    return None, "its evaluation images or settings changed"
+
+
+def held_out_rows(split: dict) -> list[int]:
+    """The held-out images' indices in the order the site evaluates them: its validation images, then its test ones."""
+    return split["val"] + split["test"]
+
+
+def evaluation_split(site: SiteConfig, images) -> dict[str, list[int]]:
+    """The site's stored evaluation split (``<state-dir>/evaluation-split.json``), made once.
+
+    With ``holdout``: ``train`` (training indices) and ``val``/``test`` (held-out indices) of the training
+    images; with its own evaluation set: ``val``/``test`` indices of those images. Kept while the images
+    are the same (sha256 fingerprint), so held-out images never reach training across runs and resumes;
+    when they change, a new split is made and logged.
+    """
+    import secrets
+
+    from fedtl.evaluation import stratified_split
+
+    ev = site.evaluation
+    path = Path(site.state_dir) / SPLIT_FILE
+    stored, problem = stored_split(site, images)
+    if stored is not None:
+        return stored
+    if problem:
+        log.warning("Site %s: %s; making a new evaluation split.", site.name, problem)
+    key = _split_identity(site, images)
+    labels = images.labels
+    seed = secrets.randbits(63)  # stored below: the split, not the seed, is what must stay fixed
+    split: dict = dict(key)
+    if ev.holdout:
+        held, train = stratified_split(labels, ev.holdout, seed)
+        split["train"] = train.tolist()
+    else:
+        held = np.arange(len(labels))
+    val, test = stratified_split(labels[held], ev.validation_fraction, seed + 1)
+    split["val"], split["test"] = held[val].tolist(), held[test].tolist()
+    write_atomically(path, json.dumps(split).encode())
+    return split
