@@ -129,7 +129,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise ConfigError(f"--site-sizes must be positive image counts, got {args.site_sizes!r}.")
         from fedtl.federation.site import build_transfer_model
 
-        model = build_transfer_model(cfg.resolved(cfg.has_reference()), cfg.model.num_classes or 2)  # a deployment's
+        model = build_transfer_model(cfg.resolved(cfg.has_reference(), cfg.graded_labels()),
+                                     cfg.model.num_classes or 2)  # a deployment's
         params = model.param_counts()["trainable_params"]
         plans = plan_sizes(cfg, sizes, params)
     else:

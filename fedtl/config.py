@@ -14,6 +14,7 @@ import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from fedtl.config_values import coerce, field_type
@@ -23,6 +24,7 @@ from fedtl.weighting import aggregation_weights
 AUTO_VIEWS = 4  # train.views = 0 (auto) with the head-only suffix
 MAX_VIEWS = 8  # train.views: shifted views per training image (each is one more cached prefix output)
 POOLINGS = ("avg", "avg-std", "avg-std-grid")
+HEADS = ("linear", "mlp", "ordinal")
 MAX_PERSONALIZE_EPOCHS = 20  # also the most a site's policy allows (fedtl.privacy.policy)
 
 
@@ -39,7 +41,8 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
 class ModelConfig:
     backbone: str = "efficientnet_lite0"
     resolution: int = 112  # square input side in pixels, after resizing
-    head: str = "linear"  # linear | mlp | ordinal (classes in order, e.g. grades: one score and C − 1 cut points)
+    head: str = "auto"  # linear | mlp | ordinal (classes in order, e.g. grades: one score and C − 1 cut points);
+    #                     auto: ordinal when the labels are graded (data.labels), linear otherwise (FedTLConfig.resolved)
     head_hidden: int = 256  # width of the MLP head's hidden layer
     cut_after: str = "auto"  # last backbone unit kept ("" = the whole backbone, "auto" = the backbone's recommendation)
     feature_norm: str = "none"  # none | layernorm (per-sample, parameter-free: safe under DP)
@@ -53,7 +56,7 @@ class ModelConfig:
             _fail("model.num-classes", self.num_classes, "must be 0 (from the server's data) or between 2 and 1000")
         if not 32 <= self.resolution <= 1024:
             _fail("model.resolution", self.resolution, "must be between 32 and 1024 pixels")
-        _choice("model.head", self.head, ("linear", "mlp", "ordinal"))
+        _choice("model.head", self.head, ("auto", *HEADS))
         _choice("model.feature-norm", self.feature_norm, ("none", "layernorm"))
         _choice("model.pooling", self.pooling, ("auto", *POOLINGS))
         if self.head_hidden < 1:
@@ -158,9 +161,12 @@ class DataConfig:
     classes_per_site: int = 1  # pathological partitioner
     seed: int = 42
     cache_dir: str = ""  # prefix-feature cache; empty: $FEDTL_CACHE_DIR or ~/.cache/fedtl
+    labels: str = "auto"  # graded: the classes are ordered grades (0 < 1 < …) | unordered | auto: as the data set
+    #                       declares it (MedMNIST's task type for its own files: RetinaMNIST is graded), else unordered
 
     def __post_init__(self) -> None:
         _choice("data.partitioner", self.partitioner, ("iid", "dirichlet", "pathological"))
+        _choice("data.labels", self.labels, ("auto", "graded", "unordered"))
         if self.alpha <= 0:
             _fail("data.alpha", self.alpha, "must be > 0")
         if self.classes_per_site < 1:
@@ -354,18 +360,38 @@ class FedTLConfig:
         ev = self.evaluation
         return ev.central != "off" and bool(self.data.path or ev.data_path or demo_data)
 
-    def resolved(self, has_reference: bool) -> FedTLConfig:
-        """This config with ``model.pooling = auto`` made concrete: the mean, std and quadrant pooling when the head
-        will train on standardized features (:attr:`standardizes`, and the server has validation data), the spatial
-        mean otherwise — unstandardized, the richer features measured worse than the mean (docs/benchmarks.md,
-        "Richer pooling with standardized training"). The server resolves it once and tells every site."""
-        if self.model.pooling != "auto":
-            return self
-        return replace(self, "model", pooling="avg-std-grid" if has_reference and self.standardizes else "avg")
+    def resolved(self, has_reference: bool, graded: bool = False) -> FedTLConfig:
+        """This config with the server's automatic choices made concrete; the server resolves them once and tells
+        every site.
+
+        - ``model.pooling = auto``: the mean, std and quadrant pooling when the head will train on standardized
+          features (:attr:`standardizes`, and the server has validation data), the spatial mean otherwise —
+          unstandardized, the richer features measured worse than the mean (docs/benchmarks.md, "Richer pooling with
+          standardized training").
+        - ``model.head = auto``: the ordinal head when the labels are graded (``graded``: :meth:`graded_labels`), the
+          linear head otherwise. Graded labels are a fact about the task, like the class count: one score and
+          cut points spend each clipped gradient on one direction (docs/benchmarks.md, "Graded classes")."""
+        cfg = self
+        if cfg.model.pooling == "auto":
+            cfg = replace(cfg, "model", pooling="avg-std-grid" if has_reference and cfg.standardizes else "avg")
+        if cfg.model.head == "auto":
+            cfg = replace(cfg, "model", head="ordinal" if graded else "linear")
+        return cfg
+
+    def graded_labels(self, source_path: str | Path | None = None, num_classes: int = 0) -> bool:
+        """Whether the classes are ordered grades: ``data.labels``, or with ``auto`` what the server's data declare —
+        MedMNIST's task type for a file it distributes (``source_path``, default ``data.path`` or the bundled data;
+        :func:`fedtl.data.sources.medmnist_task`). Image folders declare nothing: set ``data.labels = graded``."""
+        if self.data.labels != "auto":
+            return self.data.labels == "graded"
+        from fedtl.data.sources import medmnist_task, resolve_data_path
+
+        path = source_path if source_path is not None else resolve_data_path(self.data.path)
+        return medmnist_task(path, num_classes) == "ordinal-regression"
 
     def simulated(self) -> FedTLConfig:
         """:meth:`resolved` as ``fedtl simulate``'s server decides it: its bundled data counts as validation data."""
-        return self.resolved(self.has_reference(demo_data=True))
+        return self.resolved(self.has_reference(demo_data=True), graded=self.graded_labels())
 
     @property
     def standardizes(self) -> bool:

@@ -60,6 +60,12 @@ def concrete_pooling(kind: str) -> str:
     return "avg" if kind == "auto" else kind
 
 
+def concrete_head(kind: str) -> str:
+    """``model.head`` as a model uses it: ``auto`` that nobody resolved (``FedTLConfig.resolved``, which the server
+    does from its data's declared labels and sends to its sites) is the linear head."""
+    return "linear" if kind == "auto" else kind
+
+
 class CumulativeLink(nn.Module):
     """Ordered classes from one score (``model.head = ordinal``): the proportional-odds model
     ``P(y ≤ j) = σ(θ_j − s)``, j = 0 … C−2, with cut points ``θ`` kept increasing (the first, then softplus gaps).
@@ -98,13 +104,16 @@ class Suffix(nn.Module):
         self.blocks = blocks  # trailing backbone units (may be empty)
         self.pool = SpatialPool(cfg.pooling)
         norm = [nn.LayerNorm(feature_dim, elementwise_affine=False)] if cfg.feature_norm == "layernorm" else []
-        if cfg.head == "linear":
+        head = concrete_head(cfg.head)
+        if head == "linear":
             self.head = nn.Sequential(*norm, nn.Linear(feature_dim, num_classes))
-        elif cfg.head == "ordinal":
+        elif head == "ordinal":
             self.head = nn.Sequential(*norm, nn.Linear(feature_dim, 1), CumulativeLink(num_classes))
-        else:
+        elif head == "mlp":
             self.head = nn.Sequential(*norm, nn.Linear(feature_dim, cfg.head_hidden), nn.ReLU(),
                                       nn.Linear(cfg.head_hidden, num_classes))
+        else:
+            raise ConfigError(f"`model.head` must be one of linear, mlp, ordinal, got {cfg.head!r}.")
         last = [m for m in self.head if isinstance(m, nn.Linear)][-1]
         nn.init.zeros_(last.weight)  # start from a uniform prediction
         nn.init.zeros_(last.bias)

@@ -7,6 +7,7 @@ sources used by data sites live in :mod:`fedtl.data.site_sources`.
 from __future__ import annotations
 
 import hashlib
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -67,6 +68,27 @@ class MedMNISTSource:
         if name not in SPLITS:
             raise DataError(f"Unknown split {name!r}; expected one of {', '.join(SPLITS)}.")
         return getattr(self, name)
+
+
+# MedMNIST v2's own metadata (medmnist.INFO: "task", number of labels) for its 2D data sets; a file named as MedMNIST
+# distributes it (``retinamnist.npz``, ``retinamnist_224.npz``, …) and holding that many classes is taken to be it.
+MEDMNIST_TASKS = {
+    "pathmnist": ("multi-class", 9), "chestmnist": ("multi-label, binary-class", 14), "dermamnist": ("multi-class", 7),
+    "octmnist": ("multi-class", 4), "pneumoniamnist": ("binary-class", 2), "retinamnist": ("ordinal-regression", 5),
+    "breastmnist": ("binary-class", 2), "bloodmnist": ("multi-class", 8), "tissuemnist": ("multi-class", 8),
+    "organamnist": ("multi-class", 11), "organcmnist": ("multi-class", 11), "organsmnist": ("multi-class", 11),
+}
+
+
+def medmnist_task(path: str | Path, num_classes: int = 0) -> str:
+    """MedMNIST's task type for a file it distributes (e.g. ``ordinal-regression`` for RetinaMNIST's graded
+    classes), from the file's name; '' when the name is not one of :data:`MEDMNIST_TASKS` or ``num_classes``
+    (when given) differs from that data set's label count — a renamed or different file makes no claim."""
+    match = re.fullmatch(r"([a-z]+mnist)(?:_(?:28|64|128|224))?\.npz", Path(path).name.lower())
+    task = MEDMNIST_TASKS.get(match.group(1)) if match else None
+    if task is None or (num_classes and num_classes != task[1]):
+        return ""
+    return task[0]
 
 
 def resolve_data_path(path: str) -> Path:

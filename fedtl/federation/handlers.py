@@ -81,13 +81,16 @@ def _standardize_problem(model, request) -> str:
     return f"the server's feature statistics do not fit the model: {problem}" if problem else ""
 
 
-def _with_pooling(conf: FedTLConfig, pooling: str) -> FedTLConfig:
-    """The run config with the server's pooling (``model.pooling = auto`` is decided by the server and sent with
-    every request); a request without one means the spatial mean, the pooling of servers that sent none."""
+def _with_server_model(conf: FedTLConfig, request) -> FedTLConfig:
+    """The run config with the server's pooling and head (``model.pooling`` and ``model.head = auto`` are decided by
+    the server and sent with every request); a request without them means the spatial mean and the linear head, what
+    servers that sent none used. The site never decides them itself: its model must be the server's."""
     from fedtl.config import replace
 
-    if pooling:
-        return replace(conf, "model", pooling=pooling)
+    if request.pooling:
+        conf = replace(conf, "model", pooling=request.pooling)
+    if request.head:
+        conf = replace(conf, "model", head=request.head)
     return conf.resolved(has_reference=False)
 
 
@@ -114,7 +117,7 @@ def _parse_request(kind: str, parse, refuse, content: RecordDict, run_config: Ma
         request = parse(content["config"])
         if deployed and not request.num_classes:
             raise ValueError("`num-classes` is required by a deployed site")
-        conf = _with_pooling(conf, request.pooling)
+        conf = _with_server_model(conf, request)
     except (FedTLError, ValueError, KeyError, TypeError) as exc:
         log.error("%s request refused: %s", kind.capitalize(), exc)
         return refuse(site=site, reason=f"invalid {kind} request: {exc}")

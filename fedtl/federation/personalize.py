@@ -50,10 +50,11 @@ class PersonalizeRequest:
     backbone_sha256: str
     standardize: FeatureStandardizer | None = None  # the server's feature statistics (fedtl.standardize)
     pooling: str = ""  # the server's model.pooling ('' = not given)
+    head: str = ""  # the server's model.head ('' = not given)
 
     @classmethod
     def parse(cls, config) -> PersonalizeRequest:
-        from fedtl.federation.records import config_int, config_num_classes, config_pooling, config_sha256
+        from fedtl.federation.records import config_head, config_int, config_num_classes, config_pooling, config_sha256
 
         epochs = config_int(config, "epochs", 1, MAX_PERSONALIZE_EPOCHS)
         num_classes = config_num_classes(config)
@@ -61,7 +62,8 @@ class PersonalizeRequest:
         if not isinstance(run_id, str) or not run_id or len(run_id) > 128:
             raise ValueError("`run-id` must be a non-empty string of at most 128 characters")
         sha = config_sha256(config)
-        return cls(run_id, epochs, num_classes, sha, FeatureStandardizer.from_config(config), config_pooling(config))
+        return cls(run_id, epochs, num_classes, sha, FeatureStandardizer.from_config(config), config_pooling(config),
+                   config_head(config))
 
 
 def personal_reply(figures: dict[str, dict[str, dict]] | None, *, site: str, personalized: bool = False,

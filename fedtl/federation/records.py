@@ -68,6 +68,18 @@ def config_pooling(config) -> str:
     return pooling
 
 
+def config_head(config) -> str:
+    """A request's ``head`` (the server's resolved ``model.head``): '' when not given (a site whose run config says
+    ``auto`` then uses the linear head, the head of servers that sent none), else one of :data:`fedtl.config.HEADS`.
+    A head that does not match the server's tensors only makes the site refuse them."""
+    from fedtl.config import HEADS
+
+    head = config.get("head", "")
+    if head != "" and (not isinstance(head, str) or head not in HEADS):
+        raise ValueError(f"`head` must be one of {', '.join(HEADS)}, got {head!r:.60}")
+    return head
+
+
 @dataclass(frozen=True)
 class TrainRequest:
     """A server's train message, validated at the site like a file from a stranger."""
@@ -82,6 +94,7 @@ class TrainRequest:
     standardize: FeatureStandardizer | None = None  # the server's feature statistics (fedtl.standardize)
     pooling: str = ""  # the server's model.pooling ('' = not given)
     reply_within: float = 0.0  # seconds the server waits for the reply (its round-timeout); 0 = not given
+    head: str = ""  # the server's model.head ('' = not given)
 
     @classmethod
     def parse(cls, config) -> TrainRequest:
@@ -103,7 +116,7 @@ class TrainRequest:
                 or not 0 <= window <= MAX_REPLY_WINDOW:
             raise ValueError(f"`reply-within` must be a number of seconds in [0, {MAX_REPLY_WINDOW}], got {window!r:.60}")
         return cls(rnd, total, run_id, num_classes, sha, float(sigma), epochs, FeatureStandardizer.from_config(config),
-                   config_pooling(config), float(window))
+                   config_pooling(config), float(window), config_head(config))
 
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -71,7 +71,9 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     t_start = time.perf_counter()
     plan = plan_evaluation(cfg, demo_data)  # validates the data before anything is written
     source = plan.source
-    cfg = cfg.resolved(has_reference=source is not None)  # model.pooling = auto: decided here, sent to every site
+    # model.pooling and model.head = auto: decided here, sent to every site with each request
+    cfg = cfg.resolved(has_reference=source is not None,
+                       graded=cfg.graded_labels(getattr(source, "path", None), plan.num_classes))
     model = build_transfer_model(cfg, plan.num_classes)
     val = test = None
     val_hit = test_hit = True
@@ -87,7 +89,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         min_train_nodes=fed.min_sites, min_available_nodes=fed.min_sites,  # the round loop waits (bounded)
     )
     eval_config = ConfigRecord({"num-classes": plan.num_classes, "backbone": cfg.model.backbone,
-                                "backbone-sha256": model.weights_sha256, "pooling": cfg.model.pooling})
+                                "backbone-sha256": model.weights_sha256, "pooling": cfg.model.pooling,
+                                "head": cfg.model.head})
 
     def site_eval(rnd: int, arrays: ArrayRecord):
         return evaluate_at_sites(grid, strategy, rnd, arrays, eval_config, fed.round_timeout, plan.num_classes)
@@ -123,7 +126,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
                                  "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256,
                                  "noise-multiplier": cfg.privacy.noise_multiplier,
                                  "personalize-epochs": cfg.personalization.requested_epochs,
-                                 "pooling": cfg.model.pooling, "reply-within": fed.round_timeout, **stats})
+                                 "pooling": cfg.model.pooling, "head": cfg.model.head, "reply-within": fed.round_timeout,
+                                 **stats})
     eval_config["run-id"] = fedtl_run
     for rnd in range(start, fed.rounds + 1):
         replies = _train_round(grid, strategy, rnd, arrays, train_config, fed, out)
@@ -141,7 +145,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
 
         personal = personalize_at_sites(grid, strategy, to_record(tracker.best_state), ConfigRecord({
             "run-id": fedtl_run, "epochs": cfg.personalization.epochs, "num-classes": plan.num_classes,
-            "backbone-sha256": model.weights_sha256, "pooling": cfg.model.pooling, **stats}),
+            "backbone-sha256": model.weights_sha256, "pooling": cfg.model.pooling, "head": cfg.model.head,
+            **stats}),
             fed.round_timeout).table()
     return _finish(cfg, out, model, tracker, to_record(model.trainable_state()), t_start, val_hit and test_hit,
                    transfer, plan, per_site, personal, run_id=fedtl_run)

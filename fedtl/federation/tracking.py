@@ -270,7 +270,7 @@ def server_image_source(cfg: FedTLConfig):
     num_classes = len(classes) or int(images.labels.max()) + 1
     val, test = stratified_split(images.labels, ev.validation_fraction, cfg.data.seed)
     return SimpleNamespace(val=images.subset(val, "server-val"), test=images.subset(test, "server-test"),
-                           num_classes=max(num_classes, 2))
+                           num_classes=max(num_classes, 2), path=data_cfg.path)
 
 
 def site_table(tracker: Tracker, plan: EvaluationPlan, site_eval) -> dict | None:

@@ -72,8 +72,8 @@ def test_auto_pooling_is_the_richer_one_only_where_the_head_trains_standardized(
     lora = cfg.with_overrides({"adapters.kind": "lora", "adapters.blocks": 1})  # its head trains standardized too
     assert lora.resolved(has_reference=True).model.pooling == "avg-std-grid"
     assert lora.resolved(has_reference=False).model.pooling == "avg"
-    explicit = cfg.with_overrides({"model.pooling": "avg-std"})
-    assert explicit.resolved(True) is explicit and explicit.resolved(False) is explicit
+    explicit = cfg.with_overrides({"model.pooling": "avg-std", "model.head": "mlp"})
+    assert explicit.resolved(True) is explicit and explicit.resolved(False, graded=True) is explicit
     # what the server will hold: its data (or fedtl simulate's bundled data), unless central evaluation is off
     assert not cfg.has_reference() and cfg.has_reference(demo_data=True)
     assert cfg.simulated().model.pooling == "avg-std-grid"  # fedtl simulate's bundled data is validation data
@@ -81,6 +81,27 @@ def test_auto_pooling_is_the_richer_one_only_where_the_head_trains_standardized(
     assert cfg.with_overrides({"data.path": "x.npz"}).has_reference()
     assert cfg.with_overrides({"evaluation.data-format": "folder", "evaluation.data-path": "imgs"}).has_reference()
     assert not cfg.with_overrides({"data.path": "x.npz", "evaluation.central": "off"}).has_reference()
+
+
+def test_auto_head_is_ordinal_only_for_graded_labels(tmp_path):
+    cfg = FedTLConfig()
+    assert cfg.model.head == "auto" and cfg.data.labels == "auto"
+    assert cfg.resolved(True).model.head == "linear" and cfg.resolved(True, graded=True).model.head == "ordinal"
+    assert cfg.simulated().model.head == "linear"  # the bundled PneumoniaMNIST: binary, unordered
+    retina = cfg.with_overrides({"data.path": "/data/retinamnist.npz"})
+    assert retina.graded_labels() and retina.simulated().model.head == "ordinal"  # MedMNIST: ordinal-regression
+    for name in ("retinamnist_224.npz", "RetinaMNIST.npz", "retinamnist_64.npz"):
+        assert cfg.graded_labels(tmp_path / name, 5), name
+    # a file that only borrows the name (another class count), or another name, makes no claim
+    assert not cfg.graded_labels(tmp_path / "retinamnist.npz", 2)
+    for name in ("retina.npz", "my_retinamnist.npz", "retinamnist_100.npz", "pathmnist.npz", "retinamnist.npz.bak"):
+        assert not cfg.graded_labels(tmp_path / name, 5), name
+    # the user's declaration wins either way (image folders declare nothing)
+    assert cfg.with_overrides({"data.labels": "graded"}).simulated().model.head == "ordinal"
+    assert retina.with_overrides({"data.labels": "unordered"}).simulated().model.head == "linear"
+    assert retina.with_overrides({"model.head": "linear"}).simulated().model.head == "linear"  # an explicit head stays
+    with pytest.raises(ConfigError, match="data.labels"):
+        cfg.with_overrides({"data.labels": "ordered"})
 
 
 def test_aggregation_weights_are_one_per_site_or_capped_counts():

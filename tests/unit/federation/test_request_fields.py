@@ -40,3 +40,12 @@ def test_the_pooling_a_server_names_is_one_a_model_can_build_or_none():
     for bad in ("auto", "max", 3, "../avg", None):
         with pytest.raises(ValueError, match="`pooling` must be one of avg, avg-std, avg-std-grid"):
             config_pooling({"pooling": bad})
+
+
+def test_the_head_a_server_names_is_one_a_model_can_build_or_none():
+    from fedtl.federation.records import config_head
+
+    assert config_head({}) == "" and config_head({"head": "ordinal"}) == "ordinal"
+    for bad in ("auto", "Linear", 3, "../ordinal", None, ["linear"]):
+        with pytest.raises(ValueError, match="`head` must be one of linear, mlp, ordinal"):
+            config_head({"head": bad})

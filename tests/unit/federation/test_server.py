@@ -196,7 +196,8 @@ def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkey
     summary = _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:3], stats=stats,
                         overrides=overrides, calls=calls)
     out = tmp_path / "run"
-    cfg = FedTLConfig().with_overrides({"model.pooling": "avg", "federation.rounds": 3, "output.dir": str(out),
+    cfg = FedTLConfig().with_overrides({"model.pooling": "avg", "model.head": "linear", "federation.rounds": 3,
+                                            "output.dir": str(out),
                                         "evaluation.sites": "off", **overrides})
     assert json.loads((out / "config.json").read_text()) == cfg.to_run_config()
 
@@ -209,7 +210,7 @@ def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkey
     mean, scale = (torch.tensor(sent.pop(k), dtype=torch.float64) for k in ("feature-mean", "feature-scale"))
     assert sent == {"total-rounds": 3, "run-id": "t", "num-classes": 2,
                     "backbone": "efficientnet_lite0", "backbone-sha256": model.weights_sha256,
-                    "noise-multiplier": 0.0, "personalize-epochs": 0, "pooling": "avg",
+                    "noise-multiplier": 0.0, "personalize-epochs": 0, "pooling": "avg", "head": "linear",
                     "reply-within": cfg.federation.round_timeout}  # sites that cannot answer in time do not spend
     # train.standardize = server: the statistics of the server's validation features, z-scores × the gain
     val = _split(0)[0].double()
@@ -396,7 +397,8 @@ def test_run_server_asks_every_site_for_the_pinned_backbone_first(monkeypatch, t
     monkeypatch.setattr(server, "_train_round", lambda *args: [])
     monkeypatch.setattr(BoundedSuffixAggregation, "aggregate_train",
                         lambda self, rnd, replies: (to_record(_tiny_model().trainable_state()), None))
-    cfg = FedTLConfig().with_overrides({"model.pooling": "avg", "federation.rounds": 1, "federation.sites": 4, "output.dir": str(tmp_path / "r"),
+    cfg = FedTLConfig().with_overrides({"model.pooling": "avg", "model.head": "linear", "federation.rounds": 1,
+                                        "federation.sites": 4, "output.dir": str(tmp_path / "r"),
                                         "evaluation.sites": "off"})
     server.run_server(GRID, cfg, "t", demo_data=True)
     assert asked == [(GRID, cfg, _tiny_model().weights_sha256, 4, 300.0)]
@@ -474,6 +476,15 @@ def test_auto_pooling_is_decided_once_by_the_server_written_to_config_json_and_s
               calls=calls)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model.pooling"] == "avg-std-grid"
     assert calls[0]["train_config"]["pooling"] == "avg-std-grid"  # the server has validation data: standardized
+
+
+def test_auto_head_is_decided_once_by_the_server_from_its_labels_written_to_config_json_and_sent(monkeypatch, tmp_path):
+    for labels, head in (("graded", "ordinal"), ("auto", "linear")):  # auto: the demo data declare no grades
+        calls = []
+        _fake_run(monkeypatch, tmp_path / labels, _split(0), _split(1, seed=1), SCRIPT[:1],
+                  overrides={"data.labels": labels}, calls=calls)
+        assert json.loads((tmp_path / labels / "run" / "config.json").read_text())["model.head"] == head
+        assert calls[0]["train_config"]["head"] == head, labels
 
 
 class PushGrid:
