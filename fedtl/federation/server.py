@@ -243,7 +243,9 @@ def load_for_resume(out: Path, cfg: FedTLConfig) -> Checkpoint:
         raise ConfigError(f"Run directory {out} holds a completed run (summary.json); there is nothing to resume.")
     ckpt = Checkpoint.load(out)
     mine = {k: v for k, v in cfg.to_run_config().items() if not k.startswith("output.")}
-    theirs = {k: v for k, v in ckpt.config.items() if not k.startswith("output.")}
+    # a key the run's fedtl did not know yet (added since) is compared at its default, which is what the run had
+    known = {**FedTLConfig().to_run_config(), **ckpt.config}
+    theirs = {k: v for k, v in known.items() if not k.startswith("output.")}
     changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     if changed:
         raise ConfigError(f"Cannot resume {out}: the configuration differs from the interrupted run's in "

@@ -532,3 +532,17 @@ def test_a_site_that_stopped_is_named_as_failed_not_as_silent_and_not_as_the_sup
         strategy._admit(1, next(r for r in replies if r.has_error()), strategy.rounds[1])
     assert list(strategy.rounds[1].failed) == ["site2"] and "Node Unavailable" in strategy.rounds[1].failed["site2"]
     assert "Round 1: site2 (node 20) failed: Error: Node Unavailable" in caplog.text
+
+
+def test_resume_takes_a_run_from_before_a_key_was_added_but_not_one_whose_config_changed(tmp_path):
+    import torch
+
+    from fedtl.federation.checkpoint import Checkpoint
+
+    cfg = FedTLConfig().with_overrides({"model.pooling": "avg", "model.head": "linear", "federation.rounds": 3})
+    older = {k: v for k, v in cfg.to_run_config().items() if k != "data.labels"}  # written before data.labels existed
+    Checkpoint(round=1, run_id="r", config=older, global_state={"w": torch.zeros(2)}).save(tmp_path)
+    assert server.load_for_resume(tmp_path, cfg).round == 1  # the new key at its default: the same run
+    for changed, key in (({"federation.rounds": 4}, "federation.rounds"), ({"data.labels": "graded"}, "data.labels")):
+        with pytest.raises(ConfigError, match=f"differs from the interrupted run's in {key}"):
+            server.load_for_resume(tmp_path, cfg.with_overrides(changed))
