@@ -72,8 +72,12 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     plan = plan_evaluation(cfg, demo_data)  # validates the data before anything is written
     source = plan.source
     # model.pooling and model.head = auto: decided here, sent to every site with each request
-    cfg = cfg.resolved(has_reference=source is not None,
-                       graded=cfg.graded_labels(getattr(source, "path", None), plan.num_classes))
+    graded = cfg.graded_labels(getattr(source, "path", None), plan.num_classes)
+    if cfg.model.head == "auto":
+        why = "data.labels = graded" if cfg.data.labels == "graded" else "MedMNIST's task type for the server's data"
+        log.info("model.head = auto: %s", f"the ordinal head (graded classes: {why})" if graded else
+                 "the linear head (no graded classes declared; set data.labels = graded if they are ordered grades)")
+    cfg = cfg.resolved(has_reference=source is not None, graded=graded)
     model = build_transfer_model(cfg, plan.num_classes)
     val = test = None
     val_hit = test_hit = True

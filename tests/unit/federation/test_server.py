@@ -478,13 +478,17 @@ def test_auto_pooling_is_decided_once_by_the_server_written_to_config_json_and_s
     assert calls[0]["train_config"]["pooling"] == "avg-std-grid"  # the server has validation data: standardized
 
 
-def test_auto_head_is_decided_once_by_the_server_from_its_labels_written_to_config_json_and_sent(monkeypatch, tmp_path):
+def test_auto_head_is_decided_once_by_the_server_from_its_labels_written_to_config_json_and_sent(monkeypatch, tmp_path,
+                                                                                                 caplog):
     for labels, head in (("graded", "ordinal"), ("auto", "linear")):  # auto: the demo data declare no grades
         calls = []
-        _fake_run(monkeypatch, tmp_path / labels, _split(0), _split(1, seed=1), SCRIPT[:1],
-                  overrides={"data.labels": labels}, calls=calls)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fedtl.federation.server"):
+            _fake_run(monkeypatch, tmp_path / labels, _split(0), _split(1, seed=1), SCRIPT[:1],
+                      overrides={"data.labels": labels}, calls=calls)
         assert json.loads((tmp_path / labels / "run" / "config.json").read_text())["model.head"] == head
         assert calls[0]["train_config"]["head"] == head, labels
+        assert f"model.head = auto: the {head} head" in caplog.text  # the user is told which, and why
 
 
 class PushGrid:
