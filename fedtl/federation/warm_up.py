@@ -71,6 +71,13 @@ def feature_settings(site: SiteConfig) -> FedTLConfig:
     return FedTLConfig().resolved(has_reference=True)
 
 
+def awaiting_weights(site_config_path: str) -> bool:
+    """Whether the warm-up has nothing to build only because the backbone's weights are not at this site yet (the
+    server sends them before round 1): the head-only suffix with a named cut, and no local copy of the weights."""
+    cfg = feature_settings(load_site_config(site_config_path))
+    return cfg.adapters.kind == "none" and bool(cut_point(cfg)) and not head_only_weights(cfg)
+
+
 def warm_up_steps(site_config_path: str, cfg: FedTLConfig | None = None) -> list[tuple[str, Any]]:
     """The prefix passes a train and an evaluate request of ``cfg`` (default: :func:`feature_settings`) will need at
     this site, one ``(description, build)`` per view: the training views of its images, then the test-time views of
@@ -125,7 +132,7 @@ def cache_status(site: SiteConfig, images, eval_images=None) -> str:
         return f"feature cache: not checked ({settings}: the whole network as prefix; the first round builds it)"
     if not sha:
         return ("feature cache: unknown until the backbone's weights are at the site (the server sends them before "
-                "round 1, which then builds the cache)")
+                "round 1; `fedtl-site start` builds the cache as soon as they arrive, else the first round does)")
     cache = FeatureCache(Path(site.state_dir) / "features")
     pre = preprocessing_for(cfg)
 

