@@ -123,7 +123,8 @@ def _print_site_plan(site, result, n: int, args) -> None:
     if local_backbone_sha256(defaults.model.backbone):
         from fedtl.federation.site import build_transfer_model
 
-        model = build_transfer_model(defaults.resolved(True), max(result.num_classes, 2))
+        graded = defaults.graded_labels(site.data.path, result.num_classes)  # a MedMNIST file's own declaration
+        model = build_transfer_model(defaults.resolved(True, graded), max(result.num_classes, 2))
         params = model.param_counts()["trainable_params"]
     plan, notes = plan_own_site(policy, ledger, n, rounds=rounds, batch_size=batch, params=params)
     spent = ledger.epsilon()

@@ -304,3 +304,32 @@ def test_site_check_says_whether_the_first_round_will_find_the_feature_cache(tmp
     code, out, _ = _run(capsys, ["site", "check", str(conf)])
     assert code == 0 and "training views 4 of 4 (40 images), test-time views 4 of 4; the first round reads them" in out
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "state").rglob("*")) == files  # read only
+
+
+def test_site_check_plans_with_the_head_its_data_declare(tmp_path, capsys, monkeypatch):
+    """A site holding a file MedMNIST declares graded (RetinaMNIST's name and 5 classes) plans the ordinal head the
+    server will choose for it (677 parameters there, not the linear head's 3,365); any other file the linear head."""
+    import numpy as np
+
+    import fedtl.federation.deployment as deployment
+    import fedtl.federation.site as site_module
+
+    heads = []
+
+    class Counted:
+        def param_counts(self):
+            return {"trainable_params": 677}
+
+    monkeypatch.setattr(deployment, "local_backbone_sha256", lambda name: "f" * 64)
+    monkeypatch.setattr(site_module, "build_transfer_model", lambda cfg, k: heads.append((cfg.model.head, k)) or Counted())
+    rng = np.random.default_rng(0)
+    arrays = {f"{s}_{kind}": (rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8) if kind == "images" else
+                              np.arange(n).reshape(-1, 1) % 5)
+              for s, n in (("train", 100), ("val", 10), ("test", 10)) for kind in ("images", "labels")}
+    for name, head in (("retinamnist.npz", "ordinal"), ("fundus.npz", "linear")):
+        np.savez(tmp_path / name, **arrays)
+        conf = tmp_path / f"{name}.toml"
+        conf.write_text(f'name = "st-mary"\nstate-dir = "state"\n[data]\nformat = "medmnist"\npath = "{name}"\n')
+        code, _, err = _run(capsys, ["site", "check", str(conf)])
+        assert code == 0, err
+        assert heads[-1] == (head, 5), name
