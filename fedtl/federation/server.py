@@ -76,6 +76,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     if cfg.model.head == "auto":
         why = "data.labels = graded" if cfg.data.labels == "graded" else "MedMNIST's task type for the server's data"
         log.info("model.head = auto: %s", f"the ordinal head (graded classes: {why})" if graded else
+                 "the linear head (two classes)" if plan.num_classes == 2 else
                  "the linear head (no graded classes declared; set data.labels = graded if they are ordered grades)")
     cfg = cfg.resolved(has_reference=source is not None, graded=graded)
     model = build_transfer_model(cfg, plan.num_classes)
