@@ -57,15 +57,20 @@ def config_sha256(config) -> str:
     return sha
 
 
+def _config_choice(config, key: str, options: tuple[str, ...]) -> str:
+    """A request's ``key``: '' when not given, else one of ``options`` (anything else is refused, naming the key)."""
+    value = config.get(key, "")
+    if value != "" and (not isinstance(value, str) or value not in options):
+        raise ValueError(f"`{key}` must be one of {', '.join(options)}, got {value!r:.60}")
+    return value
+
+
 def config_pooling(config) -> str:
     """A request's ``pooling`` (how the server's model pools the cut network's maps): '' when not given (a site
     whose run config says ``auto`` then uses the spatial mean), else one of :data:`fedtl.config.POOLINGS`."""
     from fedtl.config import POOLINGS
 
-    pooling = config.get("pooling", "")
-    if pooling != "" and (not isinstance(pooling, str) or pooling not in POOLINGS):
-        raise ValueError(f"`pooling` must be one of {', '.join(POOLINGS)}, got {pooling!r:.60}")
-    return pooling
+    return _config_choice(config, "pooling", POOLINGS)
 
 
 def config_head(config) -> str:
@@ -74,10 +79,7 @@ def config_head(config) -> str:
     A head that does not match the server's tensors only makes the site refuse them."""
     from fedtl.config import HEADS
 
-    head = config.get("head", "")
-    if head != "" and (not isinstance(head, str) or head not in HEADS):
-        raise ValueError(f"`head` must be one of {', '.join(HEADS)}, got {head!r:.60}")
-    return head
+    return _config_choice(config, "head", HEADS)
 
 
 @dataclass(frozen=True)

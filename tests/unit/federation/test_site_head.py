@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
+from tests.unit.federation.test_first_round import _ledger_rounds as _rounds
 from tests.unit.federation.test_worker import _warm_site
 
 
@@ -20,11 +20,6 @@ def _train(site: Path, content: RecordDict, arrays=None, **config) -> tuple[dict
                        "arrays": arrays if arrays is not None else content["arrays"]})
     reply = handle_train(sent, {}, {"site-config": str(site)}, 1, received_at=time.monotonic())
     return dict(reply["metrics"]), reply
-
-
-def _rounds(tmp_path: Path) -> list[int]:
-    path = tmp_path / "state" / "privacy-ledger.json"
-    return [e["round"] for e in json.loads(path.read_text())["entries"]] if path.exists() else []
 
 
 @pytest.mark.slow
