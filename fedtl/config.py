@@ -26,16 +26,6 @@ MAX_VIEWS = 8  # train.views: shifted views per training image (each is one more
 POOLINGS = ("avg", "avg-std", "avg-std-grid")
 HEADS = ("linear", "mlp", "ordinal")
 MAX_PERSONALIZE_EPOCHS = 20  # also the most a site's policy allows (fedtl.privacy.policy)
-SMALL_SOURCE_SIDE = 64  # model.resolution = 0 (auto): sources of at most this many pixels a side are upsampled to it
-DEFAULT_RESOLUTION = 112  # … and larger ones (or a server without data, which cannot tell) to this
-
-
-def auto_resolution(side: int = 0) -> int:
-    """``model.resolution = 0`` (auto) for a source whose images are ``side`` pixels square as it provides them
-    (0: unknown). Upsampling a 28-pixel MedMNIST image past 64 px adds no detail, and validation preferred 64 to 112
-    on both data sets measured (PneumoniaMNIST and RetinaMNIST with the ordinal head; docs/benchmarks.md, "Input
-    resolution"), at a third of the prefix's cost; larger images keep 112 px, the size measured before."""
-    return SMALL_SOURCE_SIDE if 0 < side <= SMALL_SOURCE_SIDE else DEFAULT_RESOLUTION
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -50,8 +40,7 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "efficientnet_lite0"
-    resolution: int = 0  # square input side in pixels, after resizing; 0 = auto: 64 for sources of at most 64 px
-    #                      (MedMNIST's 28 and 64 px files), else 112 (auto_resolution; FedTLConfig.resolved)
+    resolution: int = 112  # square input side in pixels, after resizing
     head: str = "auto"  # linear | mlp | ordinal (classes in order, e.g. grades: one score and C − 1 cut points);
     #                     auto: ordinal when the labels are graded (data.labels), linear otherwise (FedTLConfig.resolved)
     head_hidden: int = 256  # width of the MLP head's hidden layer
@@ -65,8 +54,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.num_classes <= 1000 or self.num_classes == 1:
             _fail("model.num-classes", self.num_classes, "must be 0 (from the server's data) or between 2 and 1000")
-        if self.resolution != 0 and not 32 <= self.resolution <= 1024:
-            _fail("model.resolution", self.resolution, "must be 0 (auto) or between 32 and 1024 pixels")
+        if not 32 <= self.resolution <= 1024:
+            _fail("model.resolution", self.resolution, "must be between 32 and 1024 pixels")
         _choice("model.head", self.head, ("auto", *HEADS))
         _choice("model.feature-norm", self.feature_norm, ("none", "layernorm"))
         _choice("model.pooling", self.pooling, ("auto", *POOLINGS))
@@ -371,7 +360,7 @@ class FedTLConfig:
         ev = self.evaluation
         return ev.central != "off" and bool(self.data.path or ev.data_path or demo_data)
 
-    def resolved(self, has_reference: bool, graded: bool = False, side: int = 0) -> FedTLConfig:
+    def resolved(self, has_reference: bool, graded: bool = False) -> FedTLConfig:
         """This config with the server's automatic choices made concrete; the server resolves them once and tells
         every site.
 
@@ -381,12 +370,8 @@ class FedTLConfig:
           standardized training").
         - ``model.head = auto``: the ordinal head when the labels are graded (``graded``: :meth:`graded_labels`), the
           linear head otherwise. Graded labels are a fact about the task, like the class count: one score and
-          cut points spend each clipped gradient on one direction (docs/benchmarks.md, "Graded classes").
-        - ``model.resolution = 0`` (auto): :func:`auto_resolution` of ``side``, the side of the server's images as its
-          source provides them (0: the server has none, 112 px)."""
+          cut points spend each clipped gradient on one direction (docs/benchmarks.md, "Graded classes")."""
         cfg = self
-        if cfg.model.resolution == 0:
-            cfg = replace(cfg, "model", resolution=auto_resolution(side))
         if cfg.model.pooling == "auto":
             cfg = replace(cfg, "model", pooling="avg-std-grid" if has_reference and cfg.standardizes else "avg")
         if cfg.model.head == "auto":
@@ -406,10 +391,7 @@ class FedTLConfig:
 
     def simulated(self) -> FedTLConfig:
         """:meth:`resolved` as ``fedtl simulate``'s server decides it: its bundled data counts as validation data."""
-        from fedtl.data.sources import image_side, resolve_data_path
-
-        side = image_side(resolve_data_path(self.data.path)) if self.model.resolution == 0 else 0
-        return self.resolved(self.has_reference(demo_data=True), graded=self.graded_labels(), side=side)
+        return self.resolved(self.has_reference(demo_data=True), graded=self.graded_labels())
 
     @property
     def standardizes(self) -> bool:

@@ -135,9 +135,6 @@ def load_run(run_dir: str | Path, suffix: str | Path | None = None) -> RunModel:
         values.setdefault("model.pooling", "avg")
         values.setdefault("evaluation.views", 1)  # … and before test-time views: the image alone
     cfg = FedTLConfig.from_run_config(values)
-    if cfg.model.resolution == 0:  # a server writes the size it decided; 0 (auto) can only be a hand-edited file
-        raise ConfigError(f"{config_path} sets model.resolution = 0 (auto), which only a run's server resolves; set "
-                          "the input size the suffix was trained at.")
     meta, state = _read_suffix(suffix_path)
     num_classes = _num_classes(state, suffix_path)  # the run's: a personal suffix must fit the run's model
     personal: dict[str, str] = {}

@@ -39,8 +39,6 @@ class Preprocessing:
 
     @classmethod
     def for_backbone(cls, spec, resolution: int) -> Preprocessing:
-        if resolution < 1:  # model.resolution = 0 (auto) reaches here only unresolved (FedTLConfig.resolved)
-            raise ValueError(f"an input resolution must be a size in pixels, got {resolution} (unresolved auto?)")
         return cls(resolution=resolution, mean=tuple(spec.mean), std=tuple(spec.std))
 
     def key(self) -> dict:

@@ -28,7 +28,7 @@ import numpy as np
 
 from fedtl.data.dicom import read_dicom_image
 from fedtl.data.pixels import _to_square_uint8, read_image_file, stack_images
-from fedtl.data.sources import ImageSet, image_side, load_medmnist
+from fedtl.data.sources import ImageSet, load_medmnist
 from fedtl.errors import DataError
 from fedtl.site_config import DEFAULT_MAX_PIXELS, SiteDataConfig
 
@@ -80,14 +80,6 @@ def load_site_data(cfg: SiteDataConfig, *, allow_empty: bool = False) -> SiteIma
         raise DataError(f"No image could be read from {cfg.path} ({result.listed} listed): {shown}{more}. "
                         "Fix those files or the labels CSV.")
     return result
-
-
-def provided_side(cfg: SiteDataConfig) -> int:
-    """The side in pixels of a site's images as :func:`load_site_data` provides them, without reading them:
-    ``data.image-size``, else a medmnist file's own (0 when it cannot tell), else 224."""
-    if cfg.image_size:
-        return cfg.image_size
-    return image_side(cfg.path) if cfg.format == "medmnist" else DEFAULT_IMAGE_SIZE
 
 
 def _load_medmnist_split(cfg: SiteDataConfig) -> SiteImages:

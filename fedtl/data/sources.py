@@ -91,25 +91,6 @@ def medmnist_task(path: str | Path, num_classes: int = 0) -> str:
     return task[0]
 
 
-def image_side(path: str | Path) -> int:
-    """The side in pixels of a MedMNIST-format npz's images, from the header of its first ``{split}_images`` array
-    (nothing else is read); 0 when the file cannot tell (missing, not such an npz, images not square)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = [f"{s}_images.npy" for s in SPLITS if f"{s}_images.npy" in zf.namelist()]
-            if not names:
-                return 0
-            with zf.open(names[0]) as f:
-                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                               (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
-                if read_header is None:
-                    return 0
-                shape = read_header(f)[0]
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return 0
-    return int(shape[1]) if len(shape) >= 3 and shape[1] == shape[2] else 0
-
-
 def resolve_data_path(path: str) -> Path:
     return Path(path).expanduser() if path else BUNDLED_PNEUMONIAMNIST
 

@@ -47,16 +47,14 @@ class EvalRequest:
     backbone_sha256: str
     pooling: str = ""  # the server's model.pooling ('' = not given)
     head: str = ""  # the server's model.head ('' = not given)
-    resolution: int = 0  # the server's model.resolution (0 = not given)
 
     @classmethod
     def parse(cls, config) -> EvalRequest:
         from fedtl.federation.records import (MAX_ROUNDS, config_head, config_int, config_num_classes, config_pooling,
-                                              config_resolution, config_sha256)
+                                              config_sha256)
 
         rnd = config_int(config, "server-round", 0, MAX_ROUNDS, 0)
-        return cls(rnd, config_num_classes(config), config_sha256(config), config_pooling(config), config_head(config),
-                   config_resolution(config))
+        return cls(rnd, config_num_classes(config), config_sha256(config), config_pooling(config), config_head(config))
 
 
 def eval_reply(split_figures: dict[str, dict] | None, *, site: str, reason: str = "") -> RecordDict:

@@ -82,18 +82,15 @@ def _standardize_problem(model, request) -> str:
 
 
 def _with_server_model(conf: FedTLConfig, request) -> FedTLConfig:
-    """The run config with the server's pooling, head and input resolution (``model.pooling``, ``model.head`` and
-    ``model.resolution`` = auto are decided by the server and sent with every request); a request without them means
-    the spatial mean, the linear head and 112 px, what servers that sent none used. The site never decides them
-    itself: its model must be the server's."""
+    """The run config with the server's pooling and head (``model.pooling`` and ``model.head = auto`` are decided by
+    the server and sent with every request); a request without them means the spatial mean and the linear head, what
+    servers that sent none used. The site never decides them itself: its model must be the server's."""
     from fedtl.config import replace
 
     if request.pooling:
         conf = replace(conf, "model", pooling=request.pooling)
     if request.head:
         conf = replace(conf, "model", head=request.head)
-    if request.resolution:
-        conf = replace(conf, "model", resolution=request.resolution)
     return conf.resolved(has_reference=False)
 
 

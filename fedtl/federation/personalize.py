@@ -51,12 +51,10 @@ class PersonalizeRequest:
     standardize: FeatureStandardizer | None = None  # the server's feature statistics (fedtl.standardize)
     pooling: str = ""  # the server's model.pooling ('' = not given)
     head: str = ""  # the server's model.head ('' = not given)
-    resolution: int = 0  # the server's model.resolution (0 = not given)
 
     @classmethod
     def parse(cls, config) -> PersonalizeRequest:
-        from fedtl.federation.records import (config_head, config_int, config_num_classes, config_pooling,
-                                              config_resolution, config_sha256)
+        from fedtl.federation.records import config_head, config_int, config_num_classes, config_pooling, config_sha256
 
         epochs = config_int(config, "epochs", 1, MAX_PERSONALIZE_EPOCHS)
         num_classes = config_num_classes(config)
@@ -65,7 +63,7 @@ class PersonalizeRequest:
             raise ValueError("`run-id` must be a non-empty string of at most 128 characters")
         sha = config_sha256(config)
         return cls(run_id, epochs, num_classes, sha, FeatureStandardizer.from_config(config), config_pooling(config),
-                   config_head(config), config_resolution(config))
+                   config_head(config))
 
 
 def personal_reply(figures: dict[str, dict[str, dict]] | None, *, site: str, personalized: bool = False,

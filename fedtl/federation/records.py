@@ -82,16 +82,6 @@ def config_head(config) -> str:
     return _config_choice(config, "head", HEADS)
 
 
-def config_resolution(config) -> int:
-    """A request's ``resolution`` (the server's resolved ``model.resolution``, the input side in pixels): 0 when not
-    given (a site whose run config says 0 (auto) then uses 112 px, the size of servers that sent none), else an
-    integer in 32 to 1024 (``model.resolution``'s own bounds: a larger input is a cost the site would pay)."""
-    value = config_int(config, "resolution", 0, 1024, 0)
-    if 0 < value < 32:
-        raise ValueError(f"`resolution` must be an integer in [32, 1024], got {value}")
-    return value
-
-
 @dataclass(frozen=True)
 class TrainRequest:
     """A server's train message, validated at the site like a file from a stranger."""
@@ -107,7 +97,6 @@ class TrainRequest:
     pooling: str = ""  # the server's model.pooling ('' = not given)
     reply_within: float = 0.0  # seconds the server waits for the reply (its round-timeout); 0 = not given
     head: str = ""  # the server's model.head ('' = not given)
-    resolution: int = 0  # the server's model.resolution (0 = not given)
 
     @classmethod
     def parse(cls, config) -> TrainRequest:
@@ -129,7 +118,7 @@ class TrainRequest:
                 or not 0 <= window <= MAX_REPLY_WINDOW:
             raise ValueError(f"`reply-within` must be a number of seconds in [0, {MAX_REPLY_WINDOW}], got {window!r:.60}")
         return cls(rnd, total, run_id, num_classes, sha, float(sigma), epochs, FeatureStandardizer.from_config(config),
-                   config_pooling(config), float(window), config_head(config), config_resolution(config))
+                   config_pooling(config), float(window), config_head(config))
 
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:

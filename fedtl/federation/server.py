@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from fedtl.config import FedTLConfig, auto_resolution
+from fedtl.config import FedTLConfig
 from fedtl.errors import ConfigError, FederationError
 from fedtl.federation.checkpoint import CHECKPOINT, Checkpoint
 from fedtl.federation.distribution import ensure_backbone
@@ -78,12 +78,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         log.info("model.head = auto: %s", f"the ordinal head (graded classes: {why})" if graded else
                  "the linear head (two classes)" if plan.num_classes == 2 else
                  "the linear head (no graded classes declared; set data.labels = graded if they are ordered grades)")
-    side = _image_side(source)
-    if cfg.model.resolution == 0:
-        log.info("model.resolution = auto: %d px (%s)", auto_resolution(side),
-                 f"the server's images are {side} px" if side else
-                 "the server has no data to tell the images' size; set model.resolution to override")
-    cfg = cfg.resolved(has_reference=source is not None, graded=graded, side=side)
+    cfg = cfg.resolved(has_reference=source is not None, graded=graded)
     model = build_transfer_model(cfg, plan.num_classes)
     val = test = None
     val_hit = test_hit = True
@@ -99,7 +94,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         min_train_nodes=fed.min_sites, min_available_nodes=fed.min_sites,  # the round loop waits (bounded)
     )
     eval_config = ConfigRecord({"num-classes": plan.num_classes, "backbone": cfg.model.backbone,
-                                "backbone-sha256": model.weights_sha256, **server_model(cfg)})
+                                "backbone-sha256": model.weights_sha256, "pooling": cfg.model.pooling,
+                                "head": cfg.model.head})
 
     def site_eval(rnd: int, arrays: ArrayRecord):
         return evaluate_at_sites(grid, strategy, rnd, arrays, eval_config, fed.round_timeout, plan.num_classes)
@@ -135,7 +131,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
                                  "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256,
                                  "noise-multiplier": cfg.privacy.noise_multiplier,
                                  "personalize-epochs": cfg.personalization.requested_epochs,
-                                 **server_model(cfg), "reply-within": fed.round_timeout, **stats})
+                                 "pooling": cfg.model.pooling, "head": cfg.model.head, "reply-within": fed.round_timeout,
+                                 **stats})
     eval_config["run-id"] = fedtl_run
     for rnd in range(start, fed.rounds + 1):
         replies = _train_round(grid, strategy, rnd, arrays, train_config, fed, out)
@@ -153,23 +150,11 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
 
         personal = personalize_at_sites(grid, strategy, to_record(tracker.best_state), ConfigRecord({
             "run-id": fedtl_run, "epochs": cfg.personalization.epochs, "num-classes": plan.num_classes,
-            "backbone-sha256": model.weights_sha256, **server_model(cfg), **stats}),
+            "backbone-sha256": model.weights_sha256, "pooling": cfg.model.pooling, "head": cfg.model.head,
+            **stats}),
             fed.round_timeout).table()
     return _finish(cfg, out, model, tracker, to_record(model.trainable_state()), t_start, val_hit and test_hit,
                    transfer, plan, per_site, personal, run_id=fedtl_run)
-
-
-def server_model(cfg: FedTLConfig) -> dict:
-    """The model choices the server makes for every site (its resolved ``model.pooling``, ``model.head`` and
-    ``model.resolution``), sent with each train, evaluate and personalize request."""
-    return {"pooling": cfg.model.pooling, "head": cfg.model.head, "resolution": cfg.model.resolution}
-
-
-def _image_side(source) -> int:
-    """The side in pixels of the server's images as its source provides them (0: no data, or not square)."""
-    shape = getattr(getattr(source, "val", None), "images", None)
-    shape = getattr(shape, "shape", ())
-    return int(shape[1]) if len(shape) >= 3 and shape[1] == shape[2] else 0
 
 
 def feature_statistics(cfg: FedTLConfig, val: tuple[torch.Tensor, torch.Tensor] | None,

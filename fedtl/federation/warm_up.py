@@ -56,23 +56,19 @@ def remember_feature_settings(cfg: FedTLConfig, site_config_path: str) -> None:
 
 def feature_settings(site: SiteConfig) -> FedTLConfig:
     """The config to warm the cache for: the last train request's feature settings at this site, else the default
-    run's (its pooling as a server with validation data resolves it, its resolution for images of this site's
-    size). A file that is unreadable or that this version does not accept is ignored (logged): warming up is an
-    optimization, never a reason to stop."""
-    from fedtl.data.site_sources import provided_side
-
+    run's (its pooling as a server with validation data resolves it). A file that is unreadable or that this
+    version does not accept is ignored (logged): warming up is an optimization, never a reason to stop."""
     path = Path(site.state_dir) / "features" / WARM_UP_FILE
-    cfg = FedTLConfig()
     try:
         stored = json.loads(path.read_text())
         if not isinstance(stored, dict) or set(stored) - set(FEATURE_KEYS):
             raise ValueError(f"expected the keys {', '.join(FEATURE_KEYS)}")
-        cfg = FedTLConfig.from_run_config(stored)
+        return FedTLConfig.from_run_config(stored)
     except FileNotFoundError:
         pass
     except (OSError, ValueError, FedTLError) as exc:
         log.warning("Site %s: ignoring %s (%s); warming up for the default run.", site.name, path, exc)
-    return cfg.resolved(has_reference=True, side=provided_side(site.data))
+    return FedTLConfig().resolved(has_reference=True)
 
 
 def awaiting_weights(site_config_path: str) -> bool:

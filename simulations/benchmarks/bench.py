@@ -49,36 +49,31 @@ def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
     the head trained on features standardized with the server's validation statistics (``train.standardize``),
     4 views per training image, and the prediction averaged over 4 shifted views of a test image
     (``evaluation.views``, since 2026-12-06). "mean pooling" rows are the head on the spatial mean, unstandardized (the default
-    before 2026-12-02); ``train.views=1`` rows are without augmentation multiplicity. "(the default)" rows take the
-    input size ``model.resolution`` = auto decides (64 px for these 28-px data sets since 2026-12-06 night); every
-    other row keeps 112 px, the size it was measured at (``px112``), so that a rerun measures what its name says."""
-    one, mean, px112 = {"train.views": 1}, MEAN_POOLING, {"model.resolution": 112}
+    before 2026-12-02); ``train.views=1`` rows are without augmentation multiplicity."""
+    one, mean = {"train.views": 1}, MEAN_POOLING
     rows = []
     for eps in (3.0, 1.0):
         rows.append((f"federated 10 sites, DP ε={eps:g} (the default)", "transfer",
                      {"federation.sites": 10, "privacy.target-epsilon": eps}))
     rows.append(("federated 10 sites, non-private (the default)", "transfer",
                  {"federation.sites": 10, "privacy.enabled": False}))
-    # model.resolution = auto (64 px for 28-px images since 2026-12-06 night) against the 112 px of before
-    rows.append(("federated 10 sites, DP ε=3, model.resolution=112 (the default before 2026-12-06 night)", "transfer",
-                 {"federation.sites": 10, "privacy.target-epsilon": 3.0, **px112}))
     # test-time views (evaluation.views, auto = the 4 training views since 2026-12-06) against the image alone
     rows.append(("federated 10 sites, DP ε=3, evaluation.views=1 (the default before 2026-12-06)", "transfer",
-                 {"federation.sites": 10, "privacy.target-epsilon": 3.0, "evaluation.views": 1, **px112}))
+                 {"federation.sites": 10, "privacy.target-epsilon": 3.0, "evaluation.views": 1}))
     rows += [
         ("centralized, non-private, head only, train.views=1, mean pooling", "transfer",
-         {"federation.sites": 1, "privacy.enabled": False, "adapters.kind": "none", "adapters.blocks": 0, **one, **mean, **px112}),
+         {"federation.sites": 1, "privacy.enabled": False, "adapters.kind": "none", "adapters.blocks": 0, **one, **mean}),
         ("federated 10 sites, non-private, train.views=1, mean pooling", "transfer",
-         {"federation.sites": 10, "privacy.enabled": False, **one, **mean, **px112}),
+         {"federation.sites": 10, "privacy.enabled": False, **one, **mean}),
     ]
     for eps in (3.0, 1.0, 8.0):
         rows.append((f"federated 10 sites, DP ε={eps:g}, train.views=1, mean pooling", "transfer",
-                     {"federation.sites": 10, "privacy.target-epsilon": eps, **one, **mean, **px112}))
+                     {"federation.sites": 10, "privacy.target-epsilon": eps, **one, **mean}))
     rows.append(("federated 3 sites, DP ε=3, train.views=1, mean pooling", "transfer",
-                 {"federation.sites": 3, "privacy.target-epsilon": 3.0, **one, **mean, **px112}))
+                 {"federation.sites": 3, "privacy.target-epsilon": 3.0, **one, **mean}))
     for eps in (3.0, 1.0):
         rows.append((f"federated 10 sites, DP ε={eps:g}, train.views=4, mean pooling", "transfer",
-                     {"federation.sites": 10, "privacy.target-epsilon": eps, "train.views": 4, **mean, **px112}))
+                     {"federation.sites": 10, "privacy.target-epsilon": eps, "train.views": 4, **mean}))
     # no transfer: the same federation and budget, a small CNN trained from scratch (scratch_cnn.py)
     rows.append(("no transfer: small CNN from scratch, federated 10 sites, DP ε=3", "scratch",
                  {"federation.sites": 10, "privacy.target-epsilon": 3.0, "train.lr": SCRATCH_LR}))
@@ -89,24 +84,22 @@ def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
         rows.append(("RetinaMNIST: federated 10 sites, DP ε=3 (the default: ordinal head, from the declared grades)",
                      "transfer", retina))
         rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, linear head (the default before 2026-12-06 evening)",
-                     "transfer", {**retina, "model.head": "linear", **px112}))
-        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, model.resolution=112 (the default before 2026-12-06 "
-                     "night)", "transfer", {**retina, **px112}))
+                     "transfer", {**retina, "model.head": "linear"}))
         # lr 0.1 chosen on validation AUC among 0.05 / 0.1 / 0.2 (docs/benchmarks.md, RetinaMNIST)
         rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, ordinal head, lr 0.1", "transfer",
-                     {**retina, "model.head": "ordinal", "train.lr": 0.1, **px112}))
+                     {**retina, "model.head": "ordinal", "train.lr": 0.1}))
         rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, ordinal head, lr 0.1, evaluation.views=1", "transfer",
-                     {**retina, "model.head": "ordinal", "train.lr": 0.1, "evaluation.views": 1, **px112}))
+                     {**retina, "model.head": "ordinal", "train.lr": 0.1, "evaluation.views": 1}))
         rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, train.views=1, mean pooling", "transfer",
-                     {**retina, "model.head": "linear", **one, **mean, **px112}))
+                     {**retina, "model.head": "linear", **one, **mean}))
         rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, train.views=4, mean pooling", "transfer",
-                     {**retina, "model.head": "linear", "train.views": 4, **mean, **px112}))
+                     {**retina, "model.head": "linear", "train.views": 4, **mean}))
         rows.append(("RetinaMNIST, no transfer: small CNN from scratch, 10 sites, DP ε=3", "scratch",
                      {**retina, "train.lr": SCRATCH_LR}))
     # the LoRA suffix runs a backbone block per step: the slowest row, so last and with 20 rounds
     rows.append(("centralized, non-private, LoRA suffix (20 rounds)", "transfer",
                  {"federation.sites": 1, "privacy.enabled": False, "adapters.kind": "lora", "adapters.blocks": 1,
-                  "train.lr": 0.01, "federation.rounds": 20, **px112}))
+                  "train.lr": 0.01, "federation.rounds": 20}))
     return rows
 
 

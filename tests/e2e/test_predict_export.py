@@ -142,7 +142,7 @@ def test_onnx_export_matches_predict_and_carries_the_decision_rule(run, predicte
     assert "CPU latency:" in proc.stdout and "max |difference| to `fedtl predict`" in proc.stdout
     meta = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
     assert json.loads(meta["fedtl.decision"]) == {"rule": "threshold", "positive-class": 1, "threshold": threshold}
-    # independently of the export's own check: ONNX Runtime on the PNG files' pixels, [0, 1], 3 channels, the run's size
+    # independently of the export's own check: ONNX Runtime on the PNG files' pixels, [0, 1], 3 channels, 112 px
     from fedtl.inference import load_run
 
     unit = load_run(calibrated).preprocessing.to_unit(run["images"]).numpy()

@@ -295,7 +295,7 @@ def test_site_check_says_whether_the_first_round_will_find_the_feature_cache(tmp
     conf.write_text(conf.read_text().replace("[privacy]\n", "[evaluation]\nholdout = 0.25\n[privacy]\n"))
     code, out, _ = _run(capsys, ["site", "check", str(conf)])
     assert code == 0 and not (tmp_path / "state").exists()
-    assert ("feature cache for the default run's settings (64 px, avg-std-grid): training views 0 of 4 (40 images), "
+    assert ("feature cache for the default run's settings (112 px, avg-std-grid): training views 0 of 4 (40 images), "
             "test-time views 0 of 4; `fedtl-site start` builds the rest") in out
     for cached in (deployment.load_site_config, deployment._site_images, deployment._held_out_images):
         cached.cache_clear()

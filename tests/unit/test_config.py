@@ -1,11 +1,9 @@
 import tomllib
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fedtl.config import FedTLConfig
-from fedtl.data.sources import image_side
 from fedtl.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +20,7 @@ def test_unknown_key_suggests_the_close_match():
     ("federation.sites", 0, "`federation.sites` must be >= 1, got 0"),
     ("adapters.kind", "qlora", "`adapters.kind` must be one of none, lora, unfreeze, got 'qlora'"),
     ("data.partitioner", "random", "`data.partitioner` must be one of"),
-    ("model.resolution", 8, "`model.resolution` must be 0 (auto) or between 32 and 1024"),
+    ("model.resolution", 8, "`model.resolution` must be between 32 and 1024"),
     ("privacy.site-epsilons", "3,abc", "`privacy.site-epsilons` must be a comma-separated list"),
     ("train.views", -1, "`train.views` must be between 0 (auto) and 8, got -1"),
     ("train.views", 9, "`train.views` must be between 0 (auto) and 8, got 9"),
@@ -64,27 +62,6 @@ def test_site_budgets():
     assert [cfg.privacy.budget_for(i) for i in range(3)] == [3.0, 1.5, 2.0]
 
 
-def test_auto_resolution_follows_the_size_of_the_servers_images(tmp_path):
-    cfg = FedTLConfig()
-    assert cfg.model.resolution == 0  # auto
-    # MedMNIST's 28 and 64 px files: 64 px; larger images, or a server without data (side 0): 112 px
-    assert [cfg.resolved(True, side=s).model.resolution for s in (28, 64, 65, 128, 224, 0)] == [64, 64, 112, 112, 112,
-                                                                                               112]
-    assert cfg.with_overrides({"model.resolution": 160}).resolved(True, side=28).model.resolution == 160  # as set
-    assert cfg.simulated().model.resolution == 64  # the bundled PneumoniaMNIST is 28 px
-    big = tmp_path / "big.npz"
-    np.savez(big, train_images=np.zeros((2, 128, 128), np.uint8), train_labels=np.zeros(2, np.int64))
-    assert image_side(big) == 128 and cfg.with_overrides({"data.path": str(big)}).simulated().model.resolution == 112
-    (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    for unknown in (tmp_path / "bad.npz", tmp_path / "missing.npz"):  # the load reports those; the side is unknown
-        assert image_side(unknown) == 0
-    oblong = tmp_path / "oblong.npz"
-    np.savez(oblong, val_images=np.zeros((2, 28, 40), np.uint8))
-    assert image_side(oblong) == 0
-    np.savez(oblong, val_images=np.zeros((2, 28, 28, 3), np.uint8))  # RGB: the side is the same
-    assert image_side(oblong) == 28
-
-
 def test_auto_pooling_is_the_richer_one_only_where_the_head_trains_standardized():
     cfg = FedTLConfig()
     assert cfg.model.pooling == "auto"
@@ -95,7 +72,7 @@ def test_auto_pooling_is_the_richer_one_only_where_the_head_trains_standardized(
     lora = cfg.with_overrides({"adapters.kind": "lora", "adapters.blocks": 1})  # its head trains standardized too
     assert lora.resolved(has_reference=True).model.pooling == "avg-std-grid"
     assert lora.resolved(has_reference=False).model.pooling == "avg"
-    explicit = cfg.with_overrides({"model.pooling": "avg-std", "model.head": "mlp", "model.resolution": 96})
+    explicit = cfg.with_overrides({"model.pooling": "avg-std", "model.head": "mlp"})
     assert explicit.resolved(True) is explicit and explicit.resolved(False, graded=True) is explicit
     # what the server will hold: its data (or fedtl simulate's bundled data), unless central evaluation is off
     assert not cfg.has_reference() and cfg.has_reference(demo_data=True)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from fedtl.config import FedTLConfig, ModelConfig, TrainConfig
-from fedtl.errors import ConfigError, UpdateRejected
+from fedtl.errors import UpdateRejected
 from fedtl.features import split_key
 from fedtl.model import SpatialPool, SuffixModel, TransferModel
 from fedtl.privacy import rng
@@ -201,7 +201,7 @@ def test_a_run_made_before_poolings_were_selectable_still_loads_with_mean_poolin
     from fedtl.inference import load_run
 
     monkeypatch.setattr(fedtl.backbones, "build_backbone", lambda name: tiny_backbone)
-    old = {**FedTLConfig().to_run_config(), "model.resolution": 112}  # a run's server always wrote its size
+    old = FedTLConfig().to_run_config()
     del old["model.pooling"], old["train.standardize"], old["train.standardize-gain"]
     (tmp_path / "config.json").write_text(json.dumps(old))
     head = {"suffix.head.0.weight": torch.randn(2, 16), "suffix.head.0.bias": torch.zeros(2)}  # 16 = the mean's width
@@ -209,10 +209,7 @@ def test_a_run_made_before_poolings_were_selectable_still_loads_with_mean_poolin
                                                               "weights_sha256": tiny_backbone.weights_sha256})
     run = load_run(tmp_path)
     assert run.config.model.pooling == "avg" and run.model.suffix.head[0].in_features == 16
-    (tmp_path / "config.json").write_text(json.dumps({**old, "model.resolution": 0}))  # hand-edited: no size to use
-    with pytest.raises(ConfigError, match="model.resolution = 0 \\(auto\\), which only a run's server resolves"):
-        load_run(tmp_path)
-    resolved = FedTLConfig().resolved(has_reference=True, side=28)  # what a server with validation data writes
+    resolved = FedTLConfig().resolved(has_reference=True)  # what a server with validation data writes
     (tmp_path / "config.json").write_text(json.dumps(resolved.to_run_config()))
     with pytest.raises(UpdateRejected, match=r"expected \(2, 96\)"):
         load_run(tmp_path)

@@ -117,12 +117,11 @@ def test_the_worker_warms_the_cache_a_default_round_then_reads(tmp_path, monkeyp
     site = _site_toml(tmp_path)
     _fresh_caches()
     monkeypatch.delenv("FEDTL_WEIGHTS_DIR", raising=False)
-    cfg = FedTLConfig().resolved(has_reference=True, side=28)  # the site's own images are 28 px
+    cfg = FedTLConfig().resolved(has_reference=True)
     assert cached_site(cfg, str(site), 2) is None  # cold
     with running(site, None) as worker:
         worker.warm_up()
     assert feature_settings(worker.site) == cfg  # no request served yet: the default run's settings
-    assert cfg.model.resolution == 64  # … at the size a server with images like the site's would choose
     steps = warm_up_steps(str(site))
     assert [what.split(" of ")[0] for what, _ in steps] == \
         [f"training view {k}/4" for k in range(1, 5)] + [f"test-time view {k}/4" for k in range(1, 5)]
@@ -173,7 +172,7 @@ def test_an_unreadable_or_foreign_warm_up_file_falls_back_to_the_default_run(tmp
     path.parent.mkdir(parents=True)
     for text in ("{not json", json.dumps({"privacy.target-epsilon": 100.0}), json.dumps({"model.resolution": -3})):
         path.write_text(text)
-        assert feature_settings(site) == FedTLConfig().resolved(has_reference=True, side=28)
+        assert feature_settings(site) == FedTLConfig().resolved(has_reference=True)
     assert "ignoring" in caplog.text
 
 
@@ -203,7 +202,7 @@ def test_a_site_without_weights_warms_its_cache_once_the_servers_copy_arrives(tm
     site = _site_toml(tmp_path)
     _fresh_caches()
     real = _without_weights(monkeypatch, tmp_path)
-    cfg = FedTLConfig().resolved(has_reference=True, side=28)  # the site's own images are 28 px
+    cfg = FedTLConfig().resolved(has_reference=True)
     assert awaiting_weights(str(site))
     with running(site, None) as worker:
         worker.weights_poll = 0.05

@@ -356,7 +356,7 @@ def test_predict_uses_a_sites_personal_suffix_of_the_same_run_and_refuses_others
 
     backbone = make_tiny_backbone()
     monkeypatch.setattr(fedtl.backbones, "build_backbone", lambda name: backbone)
-    cfg = FedTLConfig.from_run_config({"model.pooling": "avg", "model.resolution": 64, "train.lr": 0.5})
+    cfg = FedTLConfig.from_run_config({"model.pooling": "avg", "train.lr": 0.5})
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps(cfg.to_run_config()))

@@ -49,13 +49,3 @@ def test_the_head_a_server_names_is_one_a_model_can_build_or_none():
     for bad in ("auto", "Linear", 3, "../ordinal", None, ["linear"]):
         with pytest.raises(ValueError, match="`head` must be one of linear, mlp, ordinal"):
             config_head({"head": bad})
-
-
-def test_the_resolution_a_server_names_is_a_size_the_config_allows_or_none():
-    from fedtl.federation.records import config_resolution
-
-    assert config_resolution({}) == 0 and config_resolution({"resolution": 64}) == 64
-    assert config_resolution({"resolution": 112.0}) == 112 and config_resolution({"resolution": 1024}) == 1024
-    for bad in (8, 31, 1025, 10 ** 6, -64, 64.5, float("nan"), "64", True, None, [64]):
-        with pytest.raises(ValueError, match="`resolution` must be an integer in"):
-            config_resolution({"resolution": bad})

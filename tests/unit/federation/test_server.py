@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fedtl.config import AdaptersConfig, FedTLConfig, ModelConfig, replace
+from fedtl.config import AdaptersConfig, FedTLConfig, ModelConfig
 from fedtl.errors import ConfigError, FederationError
 from fedtl.federation import server, tracking
 from fedtl.federation.records import to_record
@@ -114,14 +114,13 @@ def test_an_undefined_figure_never_leaves_a_trained_run_without_a_model(tmp_path
 
 
 def _fake_run(monkeypatch, tmp_path, val, test, script, *, stats=None, overrides=None, hits=(True, True),
-              calls=None, side=0) -> dict:
+              calls=None) -> dict:
     """run_server end to end with a tiny model, given features and a scripted sequence of global suffixes.
 
     ``stats(r)`` gives round r's RoundStats (default: site-0 trained, ε = 0.1 r); ``calls`` collects what
-    the strategy was built and started with; ``side``: the server's images are that many pixels square (0: none).
+    the strategy was built and started with.
     """
-    images = {"images": np.zeros((len(val[1]), side, side), np.uint8)} if side else {}
-    source = SimpleNamespace(num_classes=2, val=SimpleNamespace(labels=val[1].numpy(), **images),
+    source = SimpleNamespace(num_classes=2, val=SimpleNamespace(labels=val[1].numpy()),
                              test=SimpleNamespace(labels=test[1].numpy()))
     features = {id(source.val): (val[0], hits[0]), id(source.test): (test[0], hits[1])}
     monkeypatch.setattr(tracking, "load_source", lambda path: source)
@@ -198,7 +197,6 @@ def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkey
                         overrides=overrides, calls=calls)
     out = tmp_path / "run"
     cfg = FedTLConfig().with_overrides({"model.pooling": "avg", "model.head": "linear", "federation.rounds": 3,
-                                        "model.resolution": 112,  # auto: the fake server's images have no size
                                             "output.dir": str(out),
                                         "evaluation.sites": "off", **overrides})
     assert json.loads((out / "config.json").read_text()) == cfg.to_run_config()
@@ -213,7 +211,7 @@ def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkey
     assert sent == {"total-rounds": 3, "run-id": "t", "num-classes": 2,
                     "backbone": "efficientnet_lite0", "backbone-sha256": model.weights_sha256,
                     "noise-multiplier": 0.0, "personalize-epochs": 0, "pooling": "avg", "head": "linear",
-                    "resolution": 112, "reply-within": cfg.federation.round_timeout}  # sites that cannot answer in time do not spend
+                    "reply-within": cfg.federation.round_timeout}  # sites that cannot answer in time do not spend
     # train.standardize = server: the statistics of the server's validation features, z-scores × the gain
     val = _split(0)[0].double()
     assert torch.allclose(mean, val.mean(0)) and torch.allclose(scale, val.std(0) / cfg.train.standardize_gain)
@@ -403,7 +401,7 @@ def test_run_server_asks_every_site_for_the_pinned_backbone_first(monkeypatch, t
                                         "federation.sites": 4, "output.dir": str(tmp_path / "r"),
                                         "evaluation.sites": "off"})
     server.run_server(GRID, cfg, "t", demo_data=True)
-    assert asked == [(GRID, replace(cfg, "model", resolution=112), _tiny_model().weights_sha256, 4, 300.0)]
+    assert asked == [(GRID, cfg, _tiny_model().weights_sha256, 4, 300.0)]
 
 
 def test_a_run_in_which_no_round_was_evaluated_fails_with_a_reason(monkeypatch, tmp_path):
@@ -491,23 +489,6 @@ def test_auto_head_is_decided_once_by_the_server_from_its_labels_written_to_conf
         assert json.loads((tmp_path / labels / "run" / "config.json").read_text())["model.head"] == head
         assert calls[0]["train_config"]["head"] == head, labels
         assert f"model.head = auto: the {head} head" in caplog.text  # the user is told which, and why
-
-
-def test_auto_resolution_is_decided_once_by_the_server_from_its_images_written_to_config_json_and_sent(
-        monkeypatch, tmp_path, caplog):
-    for side, setting, want, told in ((28, 0, 64, "the server's images are 28 px"), (224, 0, 112, "224 px"),
-                                      (0, 0, 112, "no data to tell"), (28, 160, 160, None)):
-        calls, run = [], tmp_path / f"{side}-{setting}"
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="fedtl.federation.server"):
-            _fake_run(monkeypatch, run, _split(0), _split(1, seed=1), SCRIPT[:1], side=side,
-                      overrides={"model.resolution": setting}, calls=calls)
-        assert json.loads((run / "run" / "config.json").read_text())["model.resolution"] == want
-        assert calls[0]["train_config"]["resolution"] == want, (side, setting)
-        if told:
-            assert f"model.resolution = auto: {want} px" in caplog.text and told in caplog.text
-        else:
-            assert "model.resolution = auto" not in caplog.text  # set by the user: nothing decided
 
 
 class PushGrid:

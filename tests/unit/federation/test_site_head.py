@@ -51,19 +51,3 @@ def test_the_site_trains_the_head_the_server_names_and_refuses_anything_else(tmp
     metrics, reply = _train(site, later)
     assert metrics["declined"] == 0 and not any(k.endswith(".cuts") for k in next(iter(reply.array_records.values())))
     assert _rounds(tmp_path) == [1, 2]
-
-
-def test_the_site_takes_the_servers_resolution_from_the_request():
-    """``model.resolution = 0`` (auto) is decided by the server from its images and sent with every request: the
-    site's features must be computed at that size, whatever its own run config says."""
-    from fedtl.config import FedTLConfig
-    from fedtl.federation.handlers import _with_server_model
-    from fedtl.federation.records import TrainRequest
-
-    base = {"server-round": 1, "total-rounds": 2}
-    auto = FedTLConfig()
-    assert _with_server_model(auto, TrainRequest.parse({**base, "resolution": 64})).model.resolution == 64
-    assert _with_server_model(auto, TrainRequest.parse(base)).model.resolution == 112  # an older server: 112 px
-    pinned = auto.with_overrides({"model.resolution": 160})
-    assert _with_server_model(pinned, TrainRequest.parse({**base, "resolution": 64})).model.resolution == 64
-    assert _with_server_model(pinned, TrainRequest.parse(base)).model.resolution == 160

@@ -273,7 +273,7 @@ def _warm_site(tmp_path: Path, monkeypatch) -> tuple[Path, RecordDict]:
     for cached in (deployment.load_site_config, deployment._site_images):
         cached.cache_clear()
     monkeypatch.setenv("FEDTL_WEIGHTS_DIR", str(tmp_path / "state" / "weights"))  # restored after the handler sets it
-    cfg = FedTLConfig().resolved(has_reference=False, side=28)  # the server's choices, sent below
+    cfg = FedTLConfig()
     spec = get_spec(cfg.model.backbone)
     weights = tmp_path / "state" / "weights" / spec.weights_file
     weights.parent.mkdir(parents=True)
@@ -289,7 +289,7 @@ def _warm_site(tmp_path: Path, monkeypatch) -> tuple[Path, RecordDict]:
     stats = FeatureStandardizer(torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64))
     content = RecordDict({"config": ConfigRecord({"server-round": 1, "total-rounds": 4, "num-classes": 2,
                                                   "run-id": "r1", "backbone-sha256": sha, "pooling": "avg",
-                                                  "resolution": cfg.model.resolution, **stats.to_config()}),
+                                                  **stats.to_config()}),
                           "arrays": to_record(suffix.trainable_state())})
     return site, content
 
