@@ -186,7 +186,8 @@ class SiteEvaluation:
         return {**pooled(rows, "val", weight_cap), **pooled(rows, "test", weight_cap)}
 
     def choose_threshold(self, binary: bool) -> Decision:
-        """Threshold from the pooled validation histograms (Youden's J); argmax when not binary or undefined."""
+        """Threshold from the pooled validation histograms (:func:`threshold_from_histograms`); argmax when not binary
+        or undefined."""
         figs = [f["val"] for f in self.raw.values() if "hist_neg" in f.get("val", {})]
         if not binary or not figs:
             return Decision()

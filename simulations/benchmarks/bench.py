@@ -57,6 +57,10 @@ def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
                      {"federation.sites": 10, "privacy.target-epsilon": eps}))
     rows.append(("federated 10 sites, non-private (the default)", "transfer",
                  {"federation.sites": 10, "privacy.enabled": False}))
+    # a smaller input for the 28-px images: tried 2026-12-06 night, not adopted (docs/benchmarks.md, "Input resolution")
+    for eps in (3.0, 1.0):
+        rows.append((f"federated 10 sites, DP ε={eps:g}, model.resolution=64 (tried, not adopted)", "transfer",
+                     {"federation.sites": 10, "privacy.target-epsilon": eps, "model.resolution": 64}))
     # test-time views (evaluation.views, auto = the 4 training views since 2026-12-06) against the image alone
     rows.append(("federated 10 sites, DP ε=3, evaluation.views=1 (the default before 2026-12-06)", "transfer",
                  {"federation.sites": 10, "privacy.target-epsilon": 3.0, "evaluation.views": 1}))
@@ -83,6 +87,8 @@ def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
         # score and ordered cut points) since 2026-12-06 evening; the linear head was the default before
         rows.append(("RetinaMNIST: federated 10 sites, DP ε=3 (the default: ordinal head, from the declared grades)",
                      "transfer", retina))
+        rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, model.resolution=64 (tried, not adopted)", "transfer",
+                     {**retina, "model.resolution": 64}))
         rows.append(("RetinaMNIST: federated 10 sites, DP ε=3, linear head (the default before 2026-12-06 evening)",
                      "transfer", {**retina, "model.head": "linear"}))
         # lr 0.1 chosen on validation AUC among 0.05 / 0.1 / 0.2 (docs/benchmarks.md, RetinaMNIST)
