@@ -229,6 +229,8 @@ def plan_evaluation(cfg: FedTLConfig, demo_data: bool) -> EvaluationPlan:
             log.warning("The server has no evaluation data (data.path is empty): the global model is evaluated at "
                         "the sites (federated evaluation). The bundled demo data is used by `fedtl simulate` only.")
     num_classes = source.num_classes if source is not None else cfg.model.num_classes
+    if not num_classes and demo_data:  # fedtl simulate without central evaluation: its sites' data set says
+        num_classes = load_source(cfg.data.path).num_classes
     if source is not None and cfg.model.num_classes and cfg.model.num_classes != source.num_classes:
         raise ConfigError(f"`model.num-classes` is {cfg.model.num_classes} but the server's data "
                           f"{cfg.data.path} has {source.num_classes} classes.")

@@ -302,6 +302,22 @@ def test_a_deployed_server_without_data_or_class_count_says_what_to_set(monkeypa
     assert (plan.source, plan.sites, plan.select_by, plan.num_classes) == (None, "every-round", "federated", 3)
 
 
+def test_a_simulation_without_central_evaluation_takes_the_class_count_from_its_sites_data(tmp_path):
+    """`fedtl simulate --set evaluation.central=off`: the server evaluates nothing itself, but the simulation's data
+    set (the sites' partitions) has a class count; it used to stop with "set model.num-classes" after the warm-up."""
+    from fedtl.config import FedTLConfig
+
+    off = FedTLConfig().with_overrides({"evaluation.central": "off"})
+    plan = tracking.plan_evaluation(off, demo_data=True)  # the bundled PneumoniaMNIST
+    assert (plan.source, plan.sites, plan.select_by, plan.num_classes) == (None, "every-round", "federated", 2)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "three.npz", **{f"{s}_{k}": rng.integers(0, 255, (12, 28, 28), dtype=np.uint8) if k == "images"
+                                        else np.arange(12) % 3 for s in ("train", "val", "test")
+                                        for k in ("images", "labels")})
+    assert tracking.plan_evaluation(off.with_overrides({"data.path": str(tmp_path / "three.npz")}),
+                                    demo_data=True).num_classes == 3
+
+
 def test_the_servers_evaluation_data_may_be_an_image_folder_with_a_csv(tmp_path):
     from fedtl.config import FedTLConfig
     from fedtl.errors import ConfigError
