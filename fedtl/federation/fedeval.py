@@ -27,6 +27,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedtl.evaluation import HIST_BINS, Decision, pooled, threshold_from_histograms
+from fedtl.weighting import aggregation_weights
 
 log = logging.getLogger(__name__)
 
@@ -185,17 +186,23 @@ class SiteEvaluation:
         rows = list(self.sites.values())
         return {**pooled(rows, "val", weight_cap), **pooled(rows, "test", weight_cap)}
 
-    def choose_threshold(self, binary: bool) -> Decision:
+    def choose_threshold(self, binary: bool, weight_cap: float = 4.0) -> Decision:
         """Threshold from the pooled validation histograms (:func:`threshold_from_histograms`); argmax when not binary
-        or undefined."""
+        or undefined. Each site's histograms count at most ``weight_cap`` × the median site's examples (scaled down,
+        as the pooled figures' weights are: :func:`fedtl.evaluation.pooled`), so a site that claims a huge
+        validation split cannot place the federation's threshold alone."""
         figs = [f["val"] for f in self.raw.values() if "hist_neg" in f.get("val", {})]
         if not binary or not figs:
             return Decision()
-        neg, pos = sum(f["hist_neg"] for f in figs), sum(f["hist_pos"] for f in figs)
+        counts = [float(f["hist_neg"].sum() + f["hist_pos"].sum()) for f in figs]
+        weights = aggregation_weights(counts, "examples", weight_cap)
+        scale = [w / c if c > 0 else 0.0 for w, c in zip(weights, counts)]
+        neg = sum(f["hist_neg"] * k for f, k in zip(figs, scale))
+        pos = sum(f["hist_pos"] * k for f, k in zip(figs, scale))
         t = threshold_from_histograms(neg, pos)
         if t is None:
             return Decision()
-        return Decision("threshold", t, 1, f"federated validation ({int(neg.sum() + pos.sum())} images, {len(figs)} sites)")
+        return Decision("threshold", t, 1, f"federated validation ({int(sum(counts))} images, {len(figs)} sites)")
 
     def apply(self, decision: Decision) -> None:
         """Per-site accuracy at ``decision`` (binary threshold: exact, from the histograms)."""

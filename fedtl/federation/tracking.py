@@ -115,7 +115,7 @@ class Tracker:
     def _federated(self, server_round: int, arrays: ArrayRecord, row: dict, central_decision: bool) -> tuple[float, float]:
         ev = self.site_eval(server_round, arrays)
         decision = decision_of(row.get("decision")) if central_decision else \
-            (ev.choose_threshold(self.num_classes == 2) if self.binary_threshold else Decision())
+            (ev.choose_threshold(self.num_classes == 2, self.weight_cap) if self.binary_threshold else Decision())
         if not central_decision:
             row["decision"] = decision.to_dict()
         ev.apply(decision)

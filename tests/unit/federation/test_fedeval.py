@@ -230,6 +230,30 @@ def test_every_reply_is_recorded_or_skipped_with_its_reason_and_none_ends_the_ro
     assert ev.sites["a"]["test_acc"] == accuracy_at(ev.raw["a"]["test"], decision.threshold)
 
 
+def test_a_site_claiming_a_huge_validation_split_cannot_place_the_federations_threshold():
+    """The attack: one site of five replies histograms of a million 'validation examples', every positive scored
+    near 0, to move the pooled threshold (and so every site's decisions). Its histograms count
+    only as much as 4 × the median site's, as in the pooled figures: its pull is bounded (here it still holds half of
+    the pooled weight and moves the threshold by about a tenth), not removed."""
+    from fedtl.evaluation import score_histograms
+
+    def site(seed):
+        s, y = _scores(60, 60, seed=seed)
+        neg, pos = (np.asarray(h) for h in score_histograms(s, y))
+        return {"val": {"hist_neg": neg, "hist_pos": pos}}
+
+    honest = SiteEvaluation(raw={f"s{i}": site(i) for i in range(4)})
+    base = honest.choose_threshold(binary=True).threshold
+    hostile_pos = np.zeros(HIST_BINS, np.int64)
+    hostile_pos[0] = 1_000_000
+    attacked = SiteEvaluation(raw={**honest.raw, "evil": {"val": {"hist_neg": np.zeros(HIST_BINS, np.int64),
+                                                                   "hist_pos": hostile_pos}}})
+    t = attacked.choose_threshold(binary=True).threshold
+    assert 0.3 <= base <= 0.7 and 0.2 <= t <= 0.8 and abs(t - base) <= 0.15, (base, t)
+    # uncapped (weight_cap 0: every example counts, as before the cap), the same reply moves it by 0.3
+    assert abs(attacked.choose_threshold(binary=True, weight_cap=0).threshold - base) >= 0.25
+
+
 def test_a_site_scores_the_suffix_on_its_own_splits():
     model = _tiny_model()
     model.load_trainable_state(_head({0: 3.0}))
