@@ -4,6 +4,12 @@
     python simulations/benchmarks/bench.py --out results/bench --only accuracy,speed
     python simulations/benchmarks/bench.py --out results/bench --only accuracy \
         --retinamnist PATH/retinamnist.npz --skip LoRA                           # 5 seeds per row
+    python simulations/benchmarks/bench.py --out docs/benchmarks --only accuracy \
+        --row "federated 10 sites, DP ε=3 (the default)"     # one row by its exact name (--rows: words, comma-split)
+
+It prints the accuracy rows it selected before running them. Rows run now replace the rows of the same name in
+``--out``'s results.json and keep the others; two runs writing the same results.json at once keep only the rows of
+the one that writes last.
 
 Writes ``results.json``, ``results.md`` and PNG plots into ``--out``. Accuracy rows use the
 in-process FedAvg loop (``inprocess_fedavg.py``: the ClientApp's own calls, no process
@@ -109,12 +115,31 @@ def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
     return rows
 
 
+def selected_rows(retinamnist: str = "", skip: tuple[str, ...] = (), only: tuple[str, ...] = (),
+                  exact: tuple[str, ...] = ()) -> list[tuple[str, str, dict]]:
+    """The accuracy rows a run selects: not ``skip``ped, containing one of the ``only`` words, and, with ``exact``,
+    named exactly so (``--row``: a name with commas, which ``--rows`` splits, picks that row alone). An exact name
+    that is not a row is an error naming the closest ones."""
+    plan = accuracy_plan(retinamnist)
+    unknown = [n for n in exact if n not in {name for name, _, _ in plan}]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], [name for name, _, _ in plan], n=3, cutoff=0.5)
+        raise SystemExit(f"no accuracy row is named {unknown[0]!r}" + (f"; closest: {close}" if close else "") +
+                         ("" if retinamnist else " (RetinaMNIST rows need --retinamnist)"))
+    return [(name, kind, overrides) for name, kind, overrides in plan
+            if not any(word in name for word in skip) and not (only and not any(word in name for word in only))
+            and not (exact and name not in exact)]
+
+
 def accuracy_rows(save=lambda rows: None, retinamnist: str = "", skip: tuple[str, ...] = (),
-                  only: tuple[str, ...] = ()) -> list[dict]:
+                  only: tuple[str, ...] = (), exact: tuple[str, ...] = ()) -> list[dict]:
     out = []
-    for name, kind, overrides in accuracy_plan(retinamnist):
-        if any(word in name for word in skip) or (only and not any(word in name for word in only)):
-            continue
+    chosen = selected_rows(retinamnist, skip, only, exact)
+    print(f"accuracy rows to run ({len(chosen)}, {len(SEEDS)} seeds each):\n" +
+          "\n".join(f"  {name}" for name, _, _ in chosen), file=sys.stderr, flush=True)
+    for name, kind, overrides in chosen:
         results = []
         for seed in SEEDS:
             with tempfile.TemporaryDirectory() as tmp:
@@ -372,6 +397,8 @@ def main() -> None:
                    help="the RetinaMNIST npz (MedMNIST v2): adds its rows to the accuracy table")
     p.add_argument("--skip", default="", help="comma-separated words: accuracy rows whose name contains one are skipped")
     p.add_argument("--rows", default="", help="comma-separated words: only the accuracy rows whose name contains one")
+    p.add_argument("--row", action="append", default=[], metavar="NAME",
+                   help="an accuracy row's exact name (repeatable; for names with commas): only these rows")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -391,7 +418,7 @@ def main() -> None:
 
     def run_accuracy() -> list[dict]:  # the merged table: rows not run now stay as they were
         accuracy_rows(save_accuracy, args.retinamnist, tuple(w for w in args.skip.split(",") if w),
-                      tuple(w for w in args.rows.split(",") if w))
+                      tuple(w for w in args.rows.split(",") if w), tuple(args.row))
         return results.get("accuracy", kept)
 
     sections = [("comms", "comms", comms_rows), ("speed", "speed", speed_rows),

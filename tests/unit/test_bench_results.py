@@ -45,3 +45,19 @@ def test_re_running_some_rows_keeps_the_others_and_replaces_those_of_the_same_na
     assert results["accuracy"][1]["test_auc_mean"] == pytest.approx(0.92) and len(bench.calls) == 5
     assert results["other"] == {"x": 1}  # other sections untouched
     assert "an earlier row" in (tmp_path / "results.md").read_text()
+
+
+def test_row_picks_one_row_by_its_exact_name_even_with_commas_and_refuses_an_unknown_one(bench, tmp_path, monkeypatch,
+                                                                                         capsys):
+    # `--rows "DP ε=3, model.resolution=64"` splits at the comma and selects every ε=3 row; `--row` takes the name whole
+    name = "federated 10 sites, DP ε=3, model.resolution=64 (tried, not adopted)"
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--out", str(tmp_path), "--only", "accuracy", "--row", name])
+    bench.main()
+    assert [r["name"] for r in json.loads((tmp_path / "results.json").read_text())["accuracy"]] == [name]
+    assert len(bench.calls) == 5 and all(c.model.resolution == 64 for c in bench.calls)
+    assert f"accuracy rows to run (1, 5 seeds each):\n  {name}" in capsys.readouterr().err
+    assert len(bench.selected_rows(only=("DP ε=3", " model.resolution=64"))) > 3  # what the comma did
+    typo = "federated 10 sites, DP ε=3 (the defualt)"
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--out", str(tmp_path), "--only", "accuracy", "--row", typo])
+    with pytest.raises(SystemExit, match=r"no accuracy row is named .*defualt.*; closest: \['federated 10 sites, DP ε=3 \(the default\)'"):
+        bench.main()
