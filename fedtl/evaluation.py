@@ -20,6 +20,7 @@ from fedtl.weighting import aggregation_weights
 from fedtl.decision import METADATA_KEY, Decision, decision_from_metadata
 
 HIST_BINS = 50  # score histogram bins a site releases per class (binary tasks), on [0, 1]
+POOLED_WEIGHT_CAP = 4.0  # a site's weight in pooled federated figures and histograms: at most this × the median n
 PLATEAU_SE = 2.0  # threshold: the edges within this many standard errors of the best balanced accuracy are near-best
 DECISION_KEY = METADATA_KEY  # safetensors metadata key of the suffix's decision rule (fedtl.decision)
 
@@ -122,7 +123,7 @@ def central_decision(probs: np.ndarray, labels: np.ndarray, mode: str = "thresho
     return Decision("bias", chosen_on=where, bias=tuple(bias)) if bias is not None else Decision()
 
 
-def pooled(rows: list[dict], prefix: str, weight_cap: float = 4.0) -> dict[str, float]:
+def pooled(rows: list[dict], prefix: str, weight_cap: float = POOLED_WEIGHT_CAP) -> dict[str, float]:
     """Example-weighted means of the sites' figures; each site's weight capped at ``weight_cap`` × the
     median weight (0: no cap), so one site claiming a huge n cannot decide the pooled figure alone.
     A site's undefined AUC (one class) is left out of the AUC mean."""

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedtl.evaluation import HIST_BINS, Decision, pooled, threshold_from_histograms
+from fedtl.evaluation import HIST_BINS, POOLED_WEIGHT_CAP, Decision, pooled, threshold_from_histograms
 from fedtl.weighting import aggregation_weights
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class SiteEvaluation:
         rows = list(self.sites.values())
         return {**pooled(rows, "val", weight_cap), **pooled(rows, "test", weight_cap)}
 
-    def choose_threshold(self, binary: bool, weight_cap: float = 4.0) -> Decision:
+    def choose_threshold(self, binary: bool, weight_cap: float = POOLED_WEIGHT_CAP) -> Decision:
         """Threshold from the pooled validation histograms (:func:`threshold_from_histograms`); argmax when not binary
         or undefined. Each site's histograms count at most ``weight_cap`` × the median site's examples (scaled down,
         as the pooled figures' weights are: :func:`fedtl.evaluation.pooled`), so a site that claims a huge

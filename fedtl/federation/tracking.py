@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, MetricRecord
 
 from fedtl.config import FedTLConfig
 from fedtl.errors import ConfigError
-from fedtl.evaluation import Decision, central_decision, decision_of
+from fedtl.evaluation import POOLED_WEIGHT_CAP, Decision, central_decision, decision_of
 from fedtl.federation.records import to_record, to_state
 from fedtl.federation.site import load_source
 from fedtl.federation.strategy import SuffixFedAvg
@@ -69,7 +69,7 @@ class Tracker:
     select_by: str = "central"  # central | federated | last
     decision_mode: str = "threshold"
     num_classes: int = 2
-    weight_cap: float = 4.0  # a site's weight in the pooled federated figures: at most this × the median n
+    weight_cap: float = POOLED_WEIGHT_CAP  # a site's weight in the pooled federated figures and histograms
     total_rounds: int = 0
     best_round: int = -1
     best_score: float = -math.inf  # val AUC, or minus val loss under the fallback; higher is better

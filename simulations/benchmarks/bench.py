@@ -121,16 +121,17 @@ def selected_rows(retinamnist: str = "", skip: tuple[str, ...] = (), only: tuple
     named exactly so (``--row``: a name with commas, which ``--rows`` splits, picks that row alone). An exact name
     that is not a row is an error naming the closest ones."""
     plan = accuracy_plan(retinamnist)
-    unknown = [n for n in exact if n not in {name for name, _, _ in plan}]
+    names = [name for name, _, _ in plan]
+    unknown = [n for n in exact if n not in names]
     if unknown:
         import difflib
 
-        close = difflib.get_close_matches(unknown[0], [name for name, _, _ in plan], n=3, cutoff=0.5)
+        close = difflib.get_close_matches(unknown[0], names, n=3, cutoff=0.5)
         raise SystemExit(f"no accuracy row is named {unknown[0]!r}" + (f"; closest: {close}" if close else "") +
                          ("" if retinamnist else " (RetinaMNIST rows need --retinamnist)"))
     return [(name, kind, overrides) for name, kind, overrides in plan
-            if not any(word in name for word in skip) and not (only and not any(word in name for word in only))
-            and not (exact and name not in exact)]
+            if not any(word in name for word in skip) and (not only or any(word in name for word in only))
+            and (not exact or name in exact)]
 
 
 def accuracy_rows(save=lambda rows: None, retinamnist: str = "", skip: tuple[str, ...] = (),
