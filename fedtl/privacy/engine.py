@@ -1,4 +1,12 @@
-"""DP-SGD on the trainable suffix through Opacus, with the accountant history carried in."""
+"""DP-SGD on the trainable suffix through Opacus, with the accountant history carried in.
+
+Per-sample gradients come from Opacus' hooks (closed forms for linear and dense convolution layers), except for
+trainable grouped convolutions (the depthwise convolutions of an unfrozen EfficientNet unit): Opacus' closed form
+unfolds them into a dense matrix per example, and ``torch.func`` (Opacus' own fallback for the layers it has no
+closed form for) computes the same gradients about 10 times faster on the CPU (``block4_2`` unfrozen, 64 examples:
+1.3–1.6 s against 0.13–0.15 s a step, ``simulations/benchmarks/dp_step_time.py``). Such a layer is given the type
+:class:`GroupedConv2d`, which Opacus does not register, so only it takes the ``torch.func`` path.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,23 @@ import warnings
 
 from torch import nn, optim
 from torch.utils.data import DataLoader
+
+
+class GroupedConv2d(nn.Conv2d):
+    """A grouped (e.g. depthwise) convolution, unchanged but for its type: Opacus computes its per-sample
+    gradients with ``torch.func`` instead of its unfold-based closed form (same gradients, ~10× faster here)."""
+
+
+def route_grouped_convs(module: nn.Module) -> int:
+    """Give every trainable grouped ``nn.Conv2d`` of ``module`` the type :class:`GroupedConv2d` (in place: same
+    parameters, same forward, same state-dict keys); return how many. Subclasses (timm's ``Conv2dSame``) are left
+    alone: Opacus already has no closed form for them."""
+    n = 0
+    for m in module.modules():
+        if type(m) is nn.Conv2d and m.groups > 1 and any(p.requires_grad for p in m.parameters(recurse=False)):
+            m.__class__ = GroupedConv2d
+            n += 1
+    return n
 
 
 def make_private(module: nn.Module, optimizer: optim.Optimizer, loader: DataLoader, *, noise_multiplier: float,
@@ -17,6 +42,7 @@ def make_private(module: nn.Module, optimizer: optim.Optimizer, loader: DataLoad
     """
     from opacus import PrivacyEngine
 
+    route_grouped_convs(module)
     with warnings.catch_warnings():
         # Opacus notes that its secure RNG is off (fine for simulation; see docs for deployment).
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")

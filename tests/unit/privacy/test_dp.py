@@ -208,3 +208,68 @@ def test_a_servers_huge_suffix_cannot_make_the_updates_finiteness_reveal_one_exa
 
     plain, attacked = update(False), update(True)
     assert torch.isfinite(plain).all() and torch.isfinite(attacked).all()
+
+
+# ---- per-sample gradients of grouped convolutions (torch.func instead of Opacus' unfold) ------
+def _per_sample_grads(net: nn.Module, x: torch.Tensor, y: torch.Tensor, route: bool) -> list[torch.Tensor]:
+    from opacus import GradSampleModule
+
+    from fedtl.privacy.engine import route_grouped_convs
+
+    if route:
+        route_grouped_convs(net)
+    gsm = GradSampleModule(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+    grads = [p.grad_sample.detach().clone() for p in net.parameters() if p.requires_grad]
+    gsm._close()
+    return grads
+
+
+def _depthwise_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 5, padding=2, groups=8), nn.Conv2d(8, 8, 3, groups=2),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    net[0].weight.requires_grad_(False)  # a frozen layer stays what it was
+    return net
+
+
+def test_grouped_convolutions_get_the_same_per_sample_gradients_through_torch_func():
+    from fedtl.privacy.engine import GroupedConv2d
+
+    x, y = torch.randn(6, 4, 9, 9), torch.randint(0, 3, (6,))
+    closed_form = _per_sample_grads(_depthwise_net(), x, y, route=False)  # Opacus' unfold
+    net = _depthwise_net()
+    routed = _per_sample_grads(net, x, y, route=True)
+    assert [type(m) for m in net] == [nn.Conv2d, GroupedConv2d, GroupedConv2d, nn.AdaptiveAvgPool2d, nn.Flatten,
+                                      nn.Linear]
+    assert len(routed) == len(closed_form) == 7  # the frozen 1x1 convolution keeps a trainable bias
+    for a, b in zip(closed_form, routed):
+        assert a.shape == b.shape and a.shape[0] == 6
+        assert a.abs().max() > 0
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    # the same forward and state dict keys: a routed model loads and exports like the original
+    assert torch.allclose(_depthwise_net()(x), net(x))
+    assert list(net.state_dict()) == list(_depthwise_net().state_dict())
+
+
+def test_dp_training_routes_grouped_convolutions_and_clips_them():
+    from fedtl.privacy.engine import GroupedConv2d
+
+    net = _depthwise_net()
+    x, y = torch.randn(16, 4, 9, 9) * 100, torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    before = [p.detach().clone() for p in net.parameters() if p.requires_grad]
+    module, opt, loader, _ = make_private(net, opt, DataLoader(TensorDataset(x, y), batch_size=16),
+                                          noise_multiplier=0.0, max_grad_norm=0.01, accountant="rdp", history=[])
+    assert type(net[1]) is GroupedConv2d
+    opt.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nn.functional.cross_entropy(module(x), y).backward()
+    opt.step()
+    unwrap(module)
+    delta = torch.cat([(p.detach() - b).flatten() for p, b in
+                       zip([p for p in net.parameters() if p.requires_grad], before)])
+    assert 0 < delta.norm() <= 0.1 * 0.01 * (1 + 1e-4)  # every example's whole gradient, grouped layers too, clipped
