@@ -112,14 +112,29 @@ def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
     rows.append(("centralized, non-private, LoRA suffix (20 rounds)", "transfer",
                  {"federation.sites": 1, "privacy.enabled": False, "adapters.kind": "lora", "adapters.blocks": 1,
                   "train.lr": 0.01, "federation.rounds": 20}))
+    # issue 11, item 4: fine-tuning more of the network, same federation and budget. SLOW rows: run only when named
+    # (--row / --rows); seconds per seed on 2 cores in their names (docs/benchmarks.md, "Fine-tuning more of the network")
+    dp3 = {"federation.sites": 10, "privacy.target-epsilon": 3.0}
+    rows.append((f"{SLOW} unfreeze block4_2 (adapters.kind=unfreeze), federated 10 sites, DP ε=3 (~10 min a seed)",
+                 "transfer", {**dp3, "adapters.kind": "unfreeze", "adapters.blocks": 1}))
+    rows.append((f"{SLOW} whole backbone but the stem unfrozen, BatchNorm frozen, 64 px, federated 10 sites, DP ε=3 "
+                 "(~50 min a seed)", "transfer",
+                 {**dp3, "model.cut-after": "", "adapters.kind": "unfreeze", "adapters.blocks": 17,
+                  "model.resolution": 64}))
+    rows.append((f"{SLOW} whole network fine-tuned, BatchNorm -> GroupNorm, 64 px, federated 10 sites, DP ε=3 "
+                 "(~50 min a seed)", "full", {**dp3, "model.resolution": 64, "adapters.lr-scale": 0.1}))
     return rows
+
+
+SLOW = "[slow]"  # rows that run only when --row or --rows names them
 
 
 def selected_rows(retinamnist: str = "", skip: tuple[str, ...] = (), only: tuple[str, ...] = (),
                   exact: tuple[str, ...] = ()) -> list[tuple[str, str, dict]]:
     """The accuracy rows a run selects: not ``skip``ped, containing one of the ``only`` words, and, with ``exact``,
     named exactly so (``--row``: a name with commas, which ``--rows`` splits, picks that row alone). An exact name
-    that is not a row is an error naming the closest ones."""
+    that is not a row is an error naming the closest ones. :data:`SLOW` rows run only when ``only`` or ``exact``
+    selects them."""
     plan = accuracy_plan(retinamnist)
     names = [name for name, _, _ in plan]
     unknown = [n for n in exact if n not in names]
@@ -131,7 +146,7 @@ def selected_rows(retinamnist: str = "", skip: tuple[str, ...] = (), only: tuple
                          ("" if retinamnist else " (RetinaMNIST rows need --retinamnist)"))
     return [(name, kind, overrides) for name, kind, overrides in plan
             if not any(word in name for word in skip) and (not only or any(word in name for word in only))
-            and (not exact or name in exact)]
+            and (not exact or name in exact) and (only or exact or not name.startswith(SLOW))]
 
 
 def accuracy_rows(save=lambda rows: None, retinamnist: str = "", skip: tuple[str, ...] = (),
@@ -265,6 +280,7 @@ def scale_rows(sites_list=(100, 1000), rounds: int = 3) -> list[dict]:
 def full_model_baseline(budget_seconds: float = 300.0) -> dict:
     """DP-SGD over the whole backbone, as a plain Flower + Opacus user would (BatchNorm → GroupNorm),
     on one site's images; reports time per step and the round time it implies for 10 sites."""
+    from full_model import batchnorm_to_groupnorm
     from opacus.validators import ModuleValidator
 
     from fedtl.backbones import build_backbone
@@ -277,7 +293,7 @@ def full_model_baseline(budget_seconds: float = 300.0) -> dict:
     source = load_source(cfg.data.path)
     bb = build_backbone(cfg.model.backbone)
     net = torch.nn.Sequential(bb.features(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(bb.spec.feature_dim, 2))
-    net = _batchnorm_to_groupnorm(net)  # timm's BatchNormAct2d is unknown to ModuleValidator.fix
+    net = batchnorm_to_groupnorm(net)  # timm's BatchNormAct2d is unknown to ModuleValidator.fix
     net = ModuleValidator.fix(net).train()
     for m in net.modules():  # Opacus' backward hooks forbid in-place activations on hooked outputs
         if hasattr(m, "inplace"):
@@ -304,22 +320,6 @@ def full_model_baseline(budget_seconds: float = 300.0) -> dict:
     return {"steps_run": steps, "seconds_per_step": per_step, "site_round_seconds": per_step * len(loader),
             "round_seconds_10_sites_2_cores": per_step * len(loader) * 10 / 2, "trainable_params": params,
             "budget_seconds": budget_seconds}
-
-
-def _batchnorm_to_groupnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every BatchNorm (timm's BatchNormAct2d included) by GroupNorm + its activation."""
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.BatchNorm2d):
-            c = child.num_features
-            gn = torch.nn.GroupNorm(next(g for g in (32, 16, 8, 4, 2, 1) if c % g == 0), c)
-            with torch.no_grad():
-                gn.weight.copy_(child.weight)
-                gn.bias.copy_(child.bias)
-            act = getattr(child, "act", torch.nn.Identity())
-            setattr(module, name, torch.nn.Sequential(gn, act))
-        else:
-            _batchnorm_to_groupnorm(child)
-    return module
 
 
 def write_report(results: dict, out: Path) -> None:

@@ -8,6 +8,7 @@ Final figures are always confirmed with ``fedtl simulate``.
 
     python simulations/benchmarks/inprocess_fedavg.py --set adapters.kind=none --set train.lr=0.05
     python simulations/benchmarks/inprocess_fedavg.py --model scratch --set train.lr=0.5   # no transfer
+    python simulations/benchmarks/inprocess_fedavg.py --model full --set model.resolution=64  # full fine-tuning
 
 The round reported is the one with the best validation AUC (``evaluation.select-by`` = central); test
 accuracy is at the decision rule chosen on validation data at that round (``fedtl.evaluation
@@ -44,7 +45,8 @@ def weighted_mean(cfg: FedTLConfig, updates: list[tuple[dict, float]]) -> dict:
 
 
 def run(cfg: FedTLConfig, verbose: bool = False, model_kind: str = "transfer", ema: float = 0.0) -> dict:
-    """One federated run; ``model_kind="scratch"``: the small CNN of ``scratch_cnn.py`` on the raw images.
+    """One federated run; ``model_kind="scratch"``: the small CNN of ``scratch_cnn.py`` on the raw images;
+    ``"full"``: the whole pretrained network of ``full_model.py`` trained on the preprocessed images.
     ``ema`` > 0: also evaluate an exponential moving average of the global suffix over rounds (server-side
     post-processing, no privacy cost), reported as ``ema_*`` at its own best-validation round."""
     cfg = cfg.simulated()  # model.pooling = auto, as fedtl simulate's server decides
@@ -62,6 +64,16 @@ def run(cfg: FedTLConfig, verbose: bool = False, model_kind: str = "transfer", e
         for s in range(n):
             idx = torch.as_tensor(site_indices(cfg, s, n))
             sites.append(SiteData(f"site-{s}", train_f[idx], labels[idx], True))
+    elif model_kind == "full":
+        from full_model import FullModel, full_features
+
+        model = FullModel(cfg, source.num_classes, seed=cfg.train.seed)
+        val_f, test_f, train_f = (full_features(cfg, s.images) for s in (source.val, source.test, source.train))
+        labels = torch.as_tensor(source.train.labels)
+        sites, standardize = [], None
+        for s in range(n):
+            idx = torch.as_tensor(site_indices(cfg, s, n))
+            sites.append(SiteData(f"site-{s}", train_f[idx], labels[idx], True))
     elif model_kind == "transfer":
         model = build_transfer_model(cfg, source.num_classes)
         val_f, _ = eval_features(cfg, model, source.val, progress=False)
@@ -69,7 +81,7 @@ def run(cfg: FedTLConfig, verbose: bool = False, model_kind: str = "transfer", e
         sites = [simulated_site_data(cfg, model, s, n) for s in range(n)]
         standardize = server_standardizer(cfg, val_f, model)  # what fedtl simulate's server sends (train.standardize)
     else:
-        raise ValueError(f"model_kind must be transfer or scratch, got {model_kind!r}")
+        raise ValueError(f"model_kind must be transfer, scratch or full, got {model_kind!r}")
     global_state = model.trainable_state()
     best = {"val_auc": -1.0}
     ema_best = {"ema_val_auc": -1.0}
@@ -130,12 +142,14 @@ def run(cfg: FedTLConfig, verbose: bool = False, model_kind: str = "transfer", e
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--set", action="append", default=[])
-    p.add_argument("--model", choices=("transfer", "scratch"), default="transfer",
-                   help="scratch: the small CNN of scratch_cnn.py trained from scratch on the raw images (no prefix)")
+    p.add_argument("--model", choices=("transfer", "scratch", "full"), default="transfer",
+                   help="scratch: the small CNN of scratch_cnn.py trained from scratch on the raw images (no prefix); "
+                        "full: every weight of the pretrained network (full_model.py)")
     p.add_argument("--ema", type=float, default=0.0, help="also evaluate an EMA of the global suffix (decay)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: two runs share the 2 cores)")
     p.add_argument("-v", action="store_true")
     args = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     overrides = dict(parse_assignment(a) for a in args.set)
     with tempfile.TemporaryDirectory() as tmp:
         overrides.setdefault("output.state-dir", tmp)

@@ -61,3 +61,13 @@ def test_row_picks_one_row_by_its_exact_name_even_with_commas_and_refuses_an_unk
     monkeypatch.setattr(sys, "argv", ["bench.py", "--out", str(tmp_path), "--only", "accuracy", "--row", typo])
     with pytest.raises(SystemExit, match=r"no accuracy row is named .*defualt.*; closest: \['federated 10 sites, DP ε=3 \(the default\)'"):
         bench.main()
+
+
+def test_slow_rows_run_only_when_named(bench):
+    everything = [name for name, _, _ in bench.selected_rows()]
+    assert everything and not any(name.startswith(bench.SLOW) for name in everything)
+    slow = [name for name, _, _ in bench.accuracy_plan() if name.startswith(bench.SLOW)]
+    assert len(slow) == 3
+    assert [n for n, _, _ in bench.selected_rows(only=("whole network",))] == [slow[2]]
+    assert [n for n, kind, _ in bench.selected_rows(exact=(slow[1],))] == [slow[1]]
+    assert [kind for n, kind, _ in bench.selected_rows(exact=(slow[2],))] == ["full"]
