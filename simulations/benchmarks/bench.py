@@ -280,10 +280,8 @@ def scale_rows(sites_list=(100, 1000), rounds: int = 3) -> list[dict]:
 def full_model_baseline(budget_seconds: float = 300.0) -> dict:
     """DP-SGD over the whole backbone, as a plain Flower + Opacus user would (BatchNorm → GroupNorm),
     on one site's images; reports time per step and the round time it implies for 10 sites."""
-    from full_model import batchnorm_to_groupnorm
-    from opacus.validators import ModuleValidator
+    from full_model import full_network
 
-    from fedtl.backbones import build_backbone
     from fedtl.federation.site import load_source, preprocessing_for
     from fedtl.privacy.engine import make_private
     from torch.utils.data import DataLoader, TensorDataset
@@ -291,13 +289,7 @@ def full_model_baseline(budget_seconds: float = 300.0) -> dict:
     torch.set_num_threads(2)
     cfg = FedTLConfig()
     source = load_source(cfg.data.path)
-    bb = build_backbone(cfg.model.backbone)
-    net = torch.nn.Sequential(bb.features(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(bb.spec.feature_dim, 2))
-    net = batchnorm_to_groupnorm(net)  # timm's BatchNormAct2d is unknown to ModuleValidator.fix
-    net = ModuleValidator.fix(net).train()
-    for m in net.modules():  # Opacus' backward hooks forbid in-place activations on hooked outputs
-        if hasattr(m, "inplace"):
-            m.inplace = False
+    net = full_network(cfg, 2).train()  # the network of full_model.py (BatchNorm -> GroupNorm), as the accuracy row
     pre = preprocessing_for(cfg)
     n = 470  # one site of ten
     x = pre(source.train.images[:n])
