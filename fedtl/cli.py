@@ -117,7 +117,7 @@ def print_summary(summary: dict) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from fedtl.planning import effective_params, format_plans, plan_simulation, plan_sizes
+    from fedtl.planning import run_params, format_plans, plan_simulation, plan_sizes
 
     cfg = _load_config(args)
     if args.site_sizes:
@@ -131,7 +131,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         model = build_transfer_model(cfg.resolved(cfg.has_reference(), cfg.graded_labels()),
                                      cfg.model.num_classes or 2)  # a deployment's
-        params = effective_params(model, cfg.adapters.effective_lr_scale())
+        params = run_params(model, cfg)
         trainable = model.param_counts()["trainable_params"]
         plans = plan_sizes(cfg, sizes, params)
     else:

@@ -288,13 +288,18 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class PersonalizationConfig:
-    """Local fine-tuning of the final global suffix at each site (a request: each site's policy decides)."""
+    """A personal suffix at each site, kept there (a request: each site's policy decides).
 
-    kind: str = "none"  # none | finetune (DP fine-tuning after the last round; its ε is planned from round 1)
+    ``finetune``: DP fine-tuning of the final global suffix after the last round (its ε is planned from round 1).
+    ``local-head``: FedRoD-style (Chen & Chao, ICLR 2022): every round a site also trains its own head on the shared
+    part's features, in the same DP-SGD steps as its update (no ε of its own); the head stays in its state dir and is
+    never sent. After the last round it keeps the global head or its own, on validation evidence."""
+
+    kind: str = "none"  # none | finetune | local-head
     epochs: int = 2  # local epochs of the fine-tuning (a site may cap them: privacy.max-personalize-epochs)
 
     def __post_init__(self) -> None:
-        _choice("personalization.kind", self.kind, ("none", "finetune"))
+        _choice("personalization.kind", self.kind, ("none", "finetune", "local-head"))
         if not 1 <= self.epochs <= MAX_PERSONALIZE_EPOCHS:
             _fail("personalization.epochs", self.epochs, f"must be between 1 and {MAX_PERSONALIZE_EPOCHS}")
 

@@ -118,13 +118,21 @@ class Suffix(nn.Module):
         nn.init.zeros_(last.weight)  # start from a uniform prediction
         nn.init.zeros_(last.bias)
 
+    def head_input(self, z: torch.Tensor) -> torch.Tensor:
+        """What a head reads: the pooled blocks' output ``(B, D)``, or the cached features themselves."""
+        return self.pool(self.blocks(z)) if len(self.blocks) else z  # (B, C', h, w) -> (B, D)
+
+    @staticmethod
+    def read(head: nn.Module, f: torch.Tensor) -> torch.Tensor:
+        """``head``'s logits for head inputs ``f``: ``(B, D)`` → ``(B, C)``; ``(B, K, D)``, K views of each example
+        (``train.views``) → the log of the mean probability, a valid logit vector (cross-entropy of the mixture)."""
+        if f.ndim == 3:
+            logp = torch.log_softmax(head(f), dim=-1)
+            return torch.logsumexp(logp, dim=1) - math.log(f.shape[1])
+        return head(f)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if len(self.blocks):
-            z = self.pool(self.blocks(z))  # (B, C', h, w) -> (B, D)
-        elif z.ndim == 3:  # (B, K, D): K views of each example (train.views) -> log of the mean probability
-            logp = torch.log_softmax(self.head(z), dim=-1)  # a valid logit vector: cross-entropy of the mixture
-            return torch.logsumexp(logp, dim=1) - math.log(z.shape[1])
-        return self.head(z)  # (B, D) -> (B, C)
+        return self.read(self.head, self.head_input(z))
 
 
 class _TrainableSuffix:

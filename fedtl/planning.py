@@ -116,6 +116,19 @@ def effective_params(model, lr_scale: float) -> int:
     return max(1, round(head / top ** 2 + adapted * (lr_scale / top) ** 2))
 
 
+def run_params(model, cfg) -> int:
+    """d of a run (``cfg``: a :class:`~fedtl.config.FedTLConfig`): :func:`effective_params`, plus the head once more
+    with ``personalization.kind = local-head``. The local head is clipped with the update in one per-example norm
+    (:class:`fedtl.training.WithLocalHead`), so the update's share of the clipping norm shrinks: while both heads'
+    gradients are alike (the first round of a head-only suffix, where they are equal) by 1/√2, the NSR factor that
+    counting the head twice gives."""
+    d = effective_params(model, cfg.adapters.effective_lr_scale())
+    if cfg.personalization.kind == "local-head":
+        top = max(1.0, cfg.adapters.effective_lr_scale())
+        d += round(sum(p.numel() for p in model.suffix.head.parameters() if p.requires_grad) / top ** 2)
+    return d
+
+
 def nsr(sigma: float, params: int, batch: float, steps: int) -> float:
     return sigma * math.sqrt(params) / (max(batch, 1e-9) * math.sqrt(max(steps, 1))) if math.isfinite(sigma) else math.inf
 
@@ -248,7 +261,7 @@ def plan_simulation(cfg) -> tuple[list[SitePlan], int, int]:
 
     source = load_source(cfg.data.path)
     model = build_transfer_model(cfg.simulated(), source.num_classes)
-    params = effective_params(model, cfg.adapters.effective_lr_scale())
+    params = run_params(model, cfg)
     sizes = [len(site_indices(cfg, s, cfg.federation.sites)) for s in range(cfg.federation.sites)]
     return plan_sizes(cfg, sizes, params), params, model.param_counts()["trainable_params"]
 

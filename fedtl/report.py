@@ -141,6 +141,9 @@ def _events(rows: list[dict]) -> list[list[str]]:
     return body
 
 
+_KINDS = {"finetune": "local fine-tuning", "local-head": "a local head trained in the rounds"}
+
+
 def _personalization(p: dict | None) -> str:
     """Each site's test AUC under the global suffix and its personal one (kept at the site, chosen on validation)."""
     if not p:
@@ -152,7 +155,8 @@ def _personalization(p: dict | None) -> str:
              f"(personal); largest loss at a site: {_fmt(p.get('max_loss'))}"]
     skipped = [[s, r] for s, r in (p.get("skipped") or {}).items()]
     return "".join([
-        "<h2>Personalization (local fine-tuning; each personal suffix stays at its site)</h2>",
+        f"<h2>Personalization ({_KINDS.get(p.get('kind'), 'local fine-tuning')}; each personal suffix stays at its "
+        "site)</h2>",
         f"<p>{html.escape(lines[0])}</p>",
         _table(["site", "kept", "global test AUC", "personal test AUC", "Δ AUC", "global test acc",
                 "personal test acc", "ε after"], body) if body else "<p>No site replied.</p>",

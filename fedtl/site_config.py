@@ -31,7 +31,7 @@ The site operator writes it (``site.toml``), never the server::
     max-epsilon-per-round = 0      # 0: a quarter of the budget
     max-rounds-per-run = 200
     max-noise-multiplier = 50      # rounds that would need more noise are declined (pure noise)
-    max-personalize-epochs = 5     # local DP fine-tuning after the last round, planned in ε (0: never)
+    max-personalize-epochs = 5     # local DP fine-tuning after the last round, planned in ε (0: never personalize)
     # personalize-dp = false       # fine-tune without noise, spending no ε: the personal suffix never leaves
     #                                this site, but its validation/test figures are still reported
 
@@ -180,7 +180,7 @@ class SitePrivacyConfig:
     max_epsilon_per_round: float = 0.0  # 0: a quarter of the budget
     max_rounds_per_run: int = _DEFAULTS.max_rounds_per_run
     max_noise_multiplier: float = _DEFAULTS.max_noise_multiplier  # rounds needing more noise are declined
-    max_personalize_epochs: int = 5  # local fine-tuning after the last round (0: the site never does it)
+    max_personalize_epochs: int = 5  # local fine-tuning after the last round (0: the site never personalizes)
     personalize_dp: bool = True  # False: that fine-tuning runs without noise and spends no ε (the suffix stays here)
 
     def __post_init__(self) -> None:

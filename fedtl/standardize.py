@@ -112,27 +112,35 @@ class FeatureStandardizer:
         return ""
 
     @contextmanager
-    def training_coordinates(self, model: nn.Module) -> Iterator[None]:
-        """For the block, parametrize ``model``'s head in standardized coordinates: its first linear layer is
-        rewritten and its input standardized (a forward pre-hook), so ``model`` computes the same function on the
-        same raw inputs; after the block (also on error) the layer is written back and the hook removed."""
+    def training_coordinates(self, model: nn.Module, *heads: nn.Module) -> Iterator[None]:
+        """For the block, parametrize ``model``'s head (and each of ``heads``, a site's local head of the same
+        architecture) in standardized coordinates: its first linear layer is rewritten and its input standardized
+        (a forward pre-hook), so ``model`` computes the same function on the same raw inputs; after the block (also
+        on error) the layer is written back and the hook removed."""
         problem = self.problem(model)
         if problem:
             raise ValueError(problem)
-        layer = first_linear(model)
+        layers = [first_linear(model), *(_first_linear(h) for h in heads)]
+        if any(layer.in_features != self.dim for layer in layers):
+            raise ValueError(f"a local head does not take the statistics' {self.dim} dimensions")
+        hooks = []
         with torch.no_grad():
-            w, b = self._rewritten(layer)
-            layer.weight.copy_(w)
-            layer.bias.copy_(b)
-        hook = layer.register_forward_pre_hook(lambda _module, args: (self.transform(args[0]), *args[1:]))
+            for layer in layers:
+                w, b = self._rewritten(layer)
+                layer.weight.copy_(w)
+                layer.bias.copy_(b)
+        for layer in layers:
+            hooks.append(layer.register_forward_pre_hook(lambda _module, args: (self.transform(args[0]), *args[1:])))
         try:
             yield
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
             with torch.no_grad():
-                w = layer.weight.double() / self.scale
-                layer.weight.copy_(w)
-                layer.bias.copy_(layer.bias.double() - w @ self.mean)
+                for layer in layers:
+                    w = layer.weight.double() / self.scale
+                    layer.weight.copy_(w)
+                    layer.bias.copy_(layer.bias.double() - w @ self.mean)
 
 
 def server_standardizer(cfg, val_features: torch.Tensor | None, model: nn.Module | None = None
@@ -161,7 +169,11 @@ def head_inputs(model: nn.Module, maps: torch.Tensor, batch: int = 256) -> torch
 
 def first_linear(model: nn.Module) -> nn.Linear:
     """The head's first linear layer: the one that reads the pooled features."""
-    for m in model.suffix.head:
+    return _first_linear(model.suffix.head)
+
+
+def _first_linear(head: nn.Module) -> nn.Linear:
+    for m in head:
         if isinstance(m, nn.Linear):
             return m
         if not isinstance(m, nn.Identity):

@@ -55,8 +55,11 @@ class EvalResult:
     probabilities: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
 
 
-def _optimizer(model: TransferModel, cfg: TrainConfig, lr_scale: float) -> torch.optim.Optimizer:
+def _optimizer(model: TransferModel, cfg: TrainConfig, lr_scale: float,
+               local_head: nn.Module | None = None) -> torch.optim.Optimizer:
     groups = model.trainable_param_groups(cfg.lr, lr_scale)
+    if local_head is not None:  # trained at the head's learning rate
+        groups.append({"params": [p for p in local_head.parameters() if p.requires_grad], "lr": cfg.lr})
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -65,7 +68,8 @@ def _optimizer(model: TransferModel, cfg: TrainConfig, lr_scale: float) -> torch
 def train_suffix(model: TransferModel, feats: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *,
                  lr_scale: float = 1.0, batch_size: int | None = None, epochs: int | None = None,
                  dp: DPSettings | None = None, generator: torch.Generator | None = None,
-                 reseed: bool = True, standardize: FeatureStandardizer | None = None) -> TrainResult:
+                 reseed: bool = True, standardize: FeatureStandardizer | None = None,
+                 local_head: nn.Module | None = None) -> TrainResult:
     """Train the suffix on cached prefix features; with ``dp``, DP-SGD through Opacus.
 
     ``batch_size`` / ``epochs`` default to ``cfg``'s (a site's privacy plan may clamp them).
@@ -75,11 +79,14 @@ def train_suffix(model: TransferModel, feats: torch.Tensor, labels: torch.Tensor
     the steps taken; the caller records it in the site's ledger before releasing the update.
     With ``standardize`` (the server's statistics), the head trains in standardized coordinates and is returned in
     raw coordinates (:mod:`fedtl.standardize`).
+    ``local_head`` (a copy of the head's architecture; ``personalization.kind = local-head``): trained in the same
+    steps on its own cross-entropy over the same head inputs, detached, so the suffix's tensors get exactly the
+    gradients they would get without it; with DP one per-sample clip bounds both (:class:`WithLocalHead`).
     """
     if standardize is not None:
-        with standardize.training_coordinates(model):
+        with standardize.training_coordinates(model, *([local_head] if local_head is not None else [])):
             return train_suffix(model, feats, labels, cfg, lr_scale=lr_scale, batch_size=batch_size, epochs=epochs,
-                                dp=dp, generator=generator, reseed=reseed)
+                                dp=dp, generator=generator, reseed=reseed, local_head=local_head)
     from fedtl.privacy import rng
 
     t0 = time.perf_counter()
@@ -90,10 +97,12 @@ def train_suffix(model: TransferModel, feats: torch.Tensor, labels: torch.Tensor
     epochs = epochs or cfg.epochs
     generator = generator if generator is not None else rng.secret_generator()
     loader = DataLoader(TensorDataset(feats, labels), batch_size=batch, shuffle=True, generator=generator)
-    module: nn.Module = model.suffix
-    optimizer = _optimizer(model, cfg, lr_scale)
+    module: nn.Module = model.suffix if local_head is None else WithLocalHead(model.suffix, local_head)
+    optimizer = _optimizer(model, cfg, lr_scale, local_head)
     engine = None
     model.train()  # the suffix's trainable layers; prefix and BatchNorm stay in eval mode
+    if local_head is not None:
+        local_head.train()
     if dp is not None:
         expected_q = 1.0 / steps_per_epoch(n, batch)
         if not math.isclose(dp.sample_rate, expected_q, rel_tol=1e-12):
@@ -106,9 +115,12 @@ def train_suffix(model: TransferModel, feats: torch.Tensor, labels: torch.Tensor
         with warnings.catch_warnings():
             # Opacus' backward hooks see inputs (cached features) that need no gradient; torch says so.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            losses, steps = _run_epochs(module, optimizer, loader, epochs)
+            losses, steps = _run_epochs(module, optimizer, loader, epochs,
+                                        _two_heads_loss if local_head is not None else F.cross_entropy)
     finally:
         model.eval()
+        if local_head is not None:
+            local_head.eval()
         if engine is not None:
             unwrap(module)
     history = [tuple(h) for h in engine.accountant.history] if engine is not None else []
@@ -118,7 +130,30 @@ def train_suffix(model: TransferModel, feats: torch.Tensor, labels: torch.Tensor
                        history=history, seconds=time.perf_counter() - t0)
 
 
-def _run_epochs(module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epochs: int):
+class WithLocalHead(nn.Module):
+    """The suffix and a site's local head side by side (``personalization.kind = local-head``, FedRoD-style): the
+    output is the global head's logits, then the local head's, ``(B, 2C)``. The local head reads the shared part's
+    output *detached*, so what the site sends is trained by the global head's loss alone; under DP-SGD one clip per
+    example bounds the gradient of both, so the local head is a function of the same private steps and costs no ε
+    of its own."""
+
+    def __init__(self, suffix: nn.Module, local_head: nn.Module):
+        super().__init__()
+        self.suffix = suffix
+        self.local_head = local_head
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        f = self.suffix.head_input(z)
+        return torch.cat([self.suffix.read(self.suffix.head, f), self.suffix.read(self.local_head, f.detach())], -1)
+
+
+def _two_heads_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    c = logits.shape[-1] // 2
+    return F.cross_entropy(logits[:, :c], y) + F.cross_entropy(logits[:, c:], y)
+
+
+def _run_epochs(module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epochs: int,
+                loss_fn=F.cross_entropy):
     losses, steps = [], 0
     for _ in range(epochs):
         for x, y in loader:
@@ -126,7 +161,7 @@ def _run_epochs(module: nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
             if x.shape[0] == 0:  # an empty Poisson batch is still a (noise-only) step
                 optimizer.step()
             else:
-                loss = F.cross_entropy(module(x), y)
+                loss = loss_fn(module(x), y)
                 loss.backward()
                 _finite_per_sample(optimizer)
                 optimizer.step()

@@ -173,7 +173,8 @@ def handle_train(content: RecordDict, run_config: Mapping[str, Any], node_config
                         epochs=conf.train.epochs, noise_multiplier=request.noise_multiplier,
                         personalize_epochs=request.personalize_epochs)
     result = train_site(conf, model, data, policy, run_id=request.run_id or str(run_id),
-                        server_round=request.server_round, proposal=proposal, standardize=request.standardize)
+                        server_round=request.server_round, proposal=proposal, standardize=request.standardize,
+                        local_head=request.local_head)
     metrics = {"num-examples": result.num_examples, "declined": float(result.declined),
                "epsilon": result.epsilon, "delta": result.delta, "target-epsilon": result.budget}
     arrays = ArrayRecord() if result.declined else to_record(model.trainable_state())
@@ -285,6 +286,6 @@ def handle_personalize(content: RecordDict, run_config: Mapping[str, Any], node_
     else:
         eval_data = simulated_eval_data(conf, model, int(node["partition-id"]), int(node["num-partitions"]))
     out = personalize_site(conf, model, data, eval_data, policy, run_id=request.run_id, epochs=request.epochs,
-                           standardize=request.standardize)
+                           standardize=request.standardize, kind=request.kind)
     return personal_reply(out.figures, site=policy.site, personalized=out.personalized, kept_tuned=out.kept_tuned,
                           epsilon=out.epsilon, reason=out.reason)

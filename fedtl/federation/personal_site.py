@@ -113,8 +113,10 @@ def personal_decision(cfg: FedTLConfig, model: TransferModel, eval_data) -> Deci
 
 
 def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, policy: PrivacyPolicy, *,
-                     run_id: str, epochs: int, standardize: FeatureStandardizer | None = None) -> PersonalOutcome:
-    """Fine-tune the loaded (global) suffix at this site; save the kept one in the state dir.
+                     run_id: str, epochs: int, standardize: FeatureStandardizer | None = None,
+                     kind: str = "finetune") -> PersonalOutcome:
+    """Fine-tune the loaded (global) suffix at this site (``kind = "local-head"``: put the site's local head,
+    trained during the rounds, on it instead: nothing trains, nothing is spent); save the kept one in the state dir.
 
     ``data``: the site's :class:`~fedtl.federation.site.SiteData`; ``eval_data``: its
     :class:`~fedtl.federation.site.SiteEvalData` or None (no evaluation data: figures stay empty).
@@ -130,7 +132,11 @@ def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, po
         out.figures["global"] = evaluate_site(model, eval_data)
     n = int(data.labels.shape[0])
     lr_scale = cfg.adapters.effective_lr_scale()
-    if not policy.dp:  # a simulation with --no-dp
+    if kind == "local-head":
+        tuned_state = _local_candidate(model, global_state, policy, run_id, out)
+        if tuned_state is None:
+            return out
+    elif not policy.dp:  # a simulation with --no-dp
         granted = personalize_epochs(policy, epochs)
         if granted <= 0 or n <= 0:
             out.reason = f"Site `{policy.site}` does not fine-tune locally; it keeps the global suffix."
@@ -177,7 +183,8 @@ def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, po
         else:
             log.info("Site %s fine-tuned locally without noise (personalize-dp = false): %d steps, loss %.4f; ε "
                      "stays %.3f of %g", policy.site, res.steps, res.loss, out.epsilon, policy.target_epsilon)
-    tuned_state = {k: v.detach().clone() for k, v in model.trainable_state().items()}
+    if kind != "local-head":
+        tuned_state = {k: v.detach().clone() for k, v in model.trainable_state().items()}
     alpha, candidate, evidence = choose_personal(model, global_state, tuned_state, eval_data)
     if eval_data is not None:  # the candidate the site weighed against the global suffix
         model.load_trainable_state(candidate if math.isfinite(evidence) else tuned_state)
@@ -192,9 +199,37 @@ def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, po
         "run": str(run_id)[:128], "site": policy.site, "kept": "tuned" if out.kept_tuned else "global",
         "backbone": cfg.model.backbone, "weights_sha256": getattr(model, "weights_sha256", "") or "",
         **decision.to_metadata(),
-        "blend": f"{alpha:g}" if out.kept_tuned else "0", "epochs": str(epochs), "epsilon": f"{out.epsilon:.6f}",
+        "blend": f"{alpha:g}" if out.kept_tuned else "0", "epsilon": f"{out.epsilon:.6f}", "personalization": kind,
+        "epochs": "0" if kind == "local-head" else str(epochs),
         # whether the kept suffix is differentially private in this site's data (no: it must not leave the site)
-        "dp": "true" if policy.dp and (not out.kept_tuned or policy.personalize_dp) else "false"})
+        "dp": "true" if policy.dp and (not out.kept_tuned or policy.personalize_dp or kind == "local-head")
+        else "false"})
     log.info("Site %s keeps the %s suffix (validation AUC gain, %.0f%% lower bound: %.4f); saved to %s", policy.site,
-             f"fine-tuned (blend {alpha:g})" if out.kept_tuned else "global", 100 * EVIDENCE, evidence, out.path)
+             (f"local-head (blend {alpha:g})" if kind == "local-head" else f"fine-tuned (blend {alpha:g})")
+             if out.kept_tuned else "global", 100 * EVIDENCE, evidence, out.path)
     return out
+
+
+def _local_candidate(model: TransferModel, global_state: dict, policy: PrivacyPolicy, run_id: str,
+                     out: PersonalOutcome) -> dict | None:
+    """The global suffix with this site's local head of this run (``personalization.kind = local-head``), or None
+    with ``out.reason`` set. Nothing trains and nothing is spent: the local head came from the rounds' private steps."""
+    from fedtl.federation.local_head import read_local_head, with_local_head
+    from fedtl.privacy.ledger import read_ledger
+
+    if policy.dp:
+        try:
+            out.epsilon = read_ledger(policy.ledger_path).epsilon()
+        except LedgerError as exc:
+            log.warning("Site %s cannot read its privacy ledger (%s); ε is not reported.", policy.site, exc)
+    if policy.max_personalize_epochs <= 0:
+        out.reason = (f"Site `{policy.site}` does not personalize (its policy: max-personalize-epochs = 0); it keeps "
+                      "the global suffix.")
+        return None
+    head, why = read_local_head(model, policy, run_id)
+    if head is None:
+        out.reason = f"Site `{policy.site}` keeps the global suffix: {why}."
+        log.warning("Site %s has no local head of run %s to weigh: %s.", policy.site, run_id, why)
+        return None
+    out.personalized = True
+    return with_local_head(global_state, head)

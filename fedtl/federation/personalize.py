@@ -3,7 +3,9 @@
 Protocol (both directions are untrusted input for the receiver):
 
 - request (``MessageType.TRAIN`` + ``.personalize``): ``arrays`` (the selected global suffix) and
-  ``config`` with ``run-id``, ``epochs``, ``num-classes``, ``backbone-sha256``;
+  ``config`` with ``run-id``, ``kind`` (``finetune``: fine-tune it now; ``local-head``: weigh it with the site's local
+  head, trained during the rounds, :mod:`fedtl.federation.local_head`), ``epochs``, ``num-classes``,
+  ``backbone-sha256``;
 - reply: **metrics only**, never arrays — exactly :data:`PERSONAL_METRIC_KEYS`: whether the site
   fine-tuned, whether it kept the fine-tuned suffix (chosen on its validation split), its cumulative ε,
   and for the global and the fine-tuned suffix (the candidate it weighed: fine-tuned or halfway blended,
@@ -29,6 +31,7 @@ from fedtl.federation.fedeval import CheckedReply, ask_sites
 log = logging.getLogger(__name__)
 
 ACTION = "personalize"  # the ClientApp's train action: message type "train.personalize"
+KINDS = ("finetune", "local-head")  # what a personalize request may ask (personalization.kind)
 MODELS = ("global", "tuned")
 SPLITS = ("val", "test")
 _FIGS = ("n", "auc", "acc", "loss")
@@ -51,6 +54,7 @@ class PersonalizeRequest:
     standardize: FeatureStandardizer | None = None  # the server's feature statistics (fedtl.standardize)
     pooling: str = ""  # the server's model.pooling ('' = not given)
     head: str = ""  # the server's model.head ('' = not given)
+    kind: str = "finetune"  # personalization.kind: finetune | local-head
 
     @classmethod
     def parse(cls, config) -> PersonalizeRequest:
@@ -62,8 +66,11 @@ class PersonalizeRequest:
         if not isinstance(run_id, str) or not run_id or len(run_id) > 128:
             raise ValueError("`run-id` must be a non-empty string of at most 128 characters")
         sha = config_sha256(config)
+        kind = config.get("kind", "finetune")
+        if kind not in KINDS:
+            raise ValueError(f"`kind` must be one of {', '.join(KINDS)}, got {kind!r:.60}")
         return cls(run_id, epochs, num_classes, sha, FeatureStandardizer.from_config(config), config_pooling(config),
-                   config_head(config))
+                   config_head(config), kind)
 
 
 def personal_reply(figures: dict[str, dict[str, dict]] | None, *, site: str, personalized: bool = False,

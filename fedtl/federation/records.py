@@ -97,6 +97,7 @@ class TrainRequest:
     pooling: str = ""  # the server's model.pooling ('' = not given)
     reply_within: float = 0.0  # seconds the server waits for the reply (its round-timeout); 0 = not given
     head: str = ""  # the server's model.head ('' = not given)
+    local_head: bool = False  # personalization.kind = local-head: also train (and keep) a local head
 
     @classmethod
     def parse(cls, config) -> TrainRequest:
@@ -117,8 +118,9 @@ class TrainRequest:
         if isinstance(window, bool) or not isinstance(window, (int, float)) or not math.isfinite(window) \
                 or not 0 <= window <= MAX_REPLY_WINDOW:
             raise ValueError(f"`reply-within` must be a number of seconds in [0, {MAX_REPLY_WINDOW}], got {window!r:.60}")
+        local = config_int(config, "local-head", 0, 1, 0)
         return cls(rnd, total, run_id, num_classes, sha, float(sigma), epochs, FeatureStandardizer.from_config(config),
-                   config_pooling(config), float(window), config_head(config))
+                   config_pooling(config), float(window), config_head(config), bool(local))
 
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:

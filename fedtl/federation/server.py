@@ -131,6 +131,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
                                  "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256,
                                  "noise-multiplier": cfg.privacy.noise_multiplier,
                                  "personalize-epochs": cfg.personalization.requested_epochs,
+                                 "local-head": int(cfg.personalization.kind == "local-head"),
                                  "pooling": cfg.model.pooling, "head": cfg.model.head, "reply-within": fed.round_timeout,
                                  **stats})
     eval_config["run-id"] = fedtl_run
@@ -149,10 +150,12 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         from fedtl.federation.personalize import personalize_at_sites
 
         personal = personalize_at_sites(grid, strategy, to_record(tracker.best_state), ConfigRecord({
-            "run-id": fedtl_run, "epochs": cfg.personalization.epochs, "num-classes": plan.num_classes,
+            "run-id": fedtl_run, "kind": cfg.personalization.kind, "epochs": cfg.personalization.epochs,
+            "num-classes": plan.num_classes,
             "backbone-sha256": model.weights_sha256, "pooling": cfg.model.pooling, "head": cfg.model.head,
             **stats}),
             fed.round_timeout).table()
+        personal = {"kind": cfg.personalization.kind, **personal}
     return _finish(cfg, out, model, tracker, to_record(model.trainable_state()), t_start, val_hit and test_hit,
                    transfer, plan, per_site, personal, run_id=fedtl_run)
 

@@ -95,13 +95,13 @@ def _check_plan_in_background(cfg: FedTLConfig) -> None:
 
     def check() -> None:
         try:
-            from fedtl.planning import effective_params, plan_sizes, warnings_for
+            from fedtl.planning import run_params, plan_sizes, warnings_for
             from fedtl.federation.site import site_indices
 
             resolved = cfg.simulated()
             model = build_transfer_model(resolved, load_source(cfg.data.path).num_classes)
             sizes = [len(site_indices(cfg, s, cfg.federation.sites)) for s in range(cfg.federation.sites)]
-            plans = plan_sizes(cfg, sizes, effective_params(model, cfg.adapters.effective_lr_scale()), advise=False)
+            plans = plan_sizes(cfg, sizes, run_params(model, cfg), advise=False)
             for line in warnings_for(plans, cfg.federation):
                 log.warning("Plan: %s", line)
         except Exception as exc:  # advice only

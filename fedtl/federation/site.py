@@ -17,6 +17,7 @@ from fedtl.backbones import build_backbone
 from fedtl.config import FedTLConfig
 from fedtl.data import ImageSet, Preprocessing, load_medmnist, partition_indices, resolve_data_path
 from fedtl.features import FeatureCache, default_cache_dir
+from fedtl.federation.local_head import local_head_for_round, save_local_head
 from fedtl.model import TransferModel
 from fedtl.errors import LedgerError
 from fedtl.privacy import PrivacyPolicy, Proposal, open_ledger, plan_round
@@ -206,20 +207,28 @@ class SiteRound:
 
 
 def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: PrivacyPolicy, *, run_id: str,
-               server_round: int, proposal: Proposal, standardize: FeatureStandardizer | None = None) -> SiteRound:
+               server_round: int, proposal: Proposal, standardize: FeatureStandardizer | None = None,
+               local_head: bool = False) -> SiteRound:
     """One local round under the site's policy: plan, DP-SGD on the suffix, ledger saved before returning.
     ``standardize``: the server's feature statistics, when it sent any (:mod:`fedtl.standardize`).
+    ``local_head``: the server asks for ``personalization.kind = local-head``; a site whose policy allows
+    personalization (``max-personalize-epochs`` > 0) trains its own head in the same steps and keeps it
+    (:mod:`fedtl.federation.local_head`); the update it returns is the same either way.
 
     The ledger stays locked from reading it to saving it, so concurrent trainings on one
     state-dir serialize and none can under-count. On decline, the suffix is left untouched.
     """
     n = int(data.labels.shape[0])
     out = SiteRound(site=policy.site, num_examples=n)
+    local = _local_head(model, policy, run_id) if local_head else None
     if not policy.dp:  # simulation with --no-dp only (a deployed policy cannot be built so)
         res = train_suffix(model, data.features, data.labels, cfg.train, lr_scale=cfg.adapters.effective_lr_scale(),
                            batch_size=proposal.batch_size, epochs=proposal.epochs,
-                           generator=_generator(policy, run_id, server_round), standardize=standardize)
+                           generator=_generator(policy, run_id, server_round), standardize=standardize,
+                           local_head=local)
         out.train = res
+        if local is not None:
+            save_local_head(local, policy, run_id, server_round, dp=False)
         return out
     out.delta, out.accountant, out.budget = policy.delta, policy.accountant, policy.target_epsilon
     releases = Releases(policy.ledger_path.parent / "releases")
@@ -239,12 +248,14 @@ def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: P
             res = train_suffix(model, data.features, data.labels, cfg.train, lr_scale=cfg.adapters.effective_lr_scale(),
                                batch_size=plan.batch_size, epochs=plan.epochs, dp=dp,
                                generator=_generator(policy, run_id, server_round), reseed=not policy.seeded,
-                               standardize=standardize)
+                               standardize=standardize, local_head=local)
             releases.save(run_id, server_round, model.trainable_state())  # kept to answer a repeated request
             ledger.append(run=run_id, round=server_round, noise_multiplier=plan.noise_multiplier,
                           sample_rate=plan.sample_rate, steps=res.steps)
             ledger.save()  # durable (and its anchor) before the update can leave the site
             out.epsilon, out.noise_multiplier, out.train = ledger.epsilon(), plan.noise_multiplier, res
+            if local is not None:  # the same private steps trained it: kept, never sent
+                save_local_head(local, policy, run_id, server_round, dp=True)
     except LedgerError as exc:  # unreadable, tampered, missing or locked: never train blind
         log.error("Site %s declines round %d: %s", policy.site, server_round, exc)
         out.declined = True
@@ -254,6 +265,14 @@ def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: P
     log.info("Site %s round %d: σ=%.3f, %d steps, train loss %.4f, ε=%.3f of %g", policy.site, server_round,
              out.noise_multiplier, res.steps, res.loss, out.epsilon, policy.target_epsilon)
     return out
+
+
+def _local_head(model: TransferModel, policy: PrivacyPolicy, run_id: str):
+    if policy.max_personalize_epochs <= 0:
+        log.info("Site %s keeps no local head: its policy says max-personalize-epochs = 0 (no personalization).",
+                 policy.site)
+        return None
+    return local_head_for_round(model, policy, run_id)
 
 
 def _generator(policy: PrivacyPolicy, run_id: str, server_round: int) -> torch.Generator:

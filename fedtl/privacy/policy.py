@@ -75,7 +75,7 @@ class PrivacyPolicy:
     max_epsilon_per_round: float = 0.0  # 0: DEFAULT_ROUND_FRACTION of the budget
     max_rounds_per_run: int = DEFAULT_MAX_ROUNDS_PER_RUN
     max_noise_multiplier: float = DEFAULT_MAX_NOISE_MULTIPLIER
-    max_personalize_epochs: int = DEFAULT_MAX_PERSONALIZE_EPOCHS  # 0: the site never fine-tunes locally
+    max_personalize_epochs: int = DEFAULT_MAX_PERSONALIZE_EPOCHS  # 0: never personalizes (no fine-tuning, no local head)
     personalize_dp: bool = True  # False: the local fine-tuning trains without noise and spends (and reserves) no ε;
     #                              its suffix never leaves the site (joint DP: what leaves is still DP)
     dp: bool = True  # False only in a simulation run with --no-dp

@@ -13,9 +13,12 @@ The federation runs in process over the library calls the ClientApp makes (``tra
 site's plan, FedAvg with the server's weights, as ``inprocess_fedavg.py``); the round is
 selected by the sites' pooled validation AUC; then every site runs ``personalize_site`` — DP fine-tuning
 of the selected suffix, its ε reserved from round 1, kept only on validation evidence
-(``choose_personal``). One JSON line: per-site test AUC global vs personal, the worst site's gain, the largest loss.
+(``choose_personal``); with ``--set personalization.kind=local-head`` each site instead trains a local head in
+the rounds' own DP steps (``train_site(local_head=True)``) and weighs it against the global head. One JSON line:
+per-site test AUC global vs personal, the worst site's gain, the largest loss.
 
     python simulations/benchmarks/site_shift.py --sites 5 --set federation.rounds=15
+    python simulations/benchmarks/site_shift.py --sites 5 --set personalization.kind=local-head
 """
 
 from __future__ import annotations
@@ -136,7 +139,8 @@ def run(cfg: FedTLConfig, n_sites: int, eval_split: str = "iid", verbose: bool =
             proposal = Proposal(total_rounds=rounds, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs,
                                 noise_multiplier=cfg.privacy.noise_multiplier, personalize_epochs=ft_epochs)
             res = train_site(cfg, model, data, simulated_policy(cfg, s), run_id="shift", server_round=r,
-                             proposal=proposal, standardize=standardize)
+                             proposal=proposal, standardize=standardize,
+                             local_head=cfg.personalization.kind == "local-head")
             st = model.trainable_state()
             if res.declined or check_state(st, model.expected_state()):
                 continue
@@ -153,7 +157,7 @@ def run(cfg: FedTLConfig, n_sites: int, eval_split: str = "iid", verbose: bool =
     for s, (data, ev) in enumerate(zip(sites, evals)):
         model.load_trainable_state(best_state)
         out = personalize_site(cfg, model, data, ev, simulated_policy(cfg, s), run_id="shift", epochs=ft_epochs or 1,
-                               standardize=standardize)
+                               standardize=standardize, kind=cfg.personalization.kind)
         # through the reply a real site sends, and the server's validation of it
         _, parsed, reason = parse_personal_reply(personal_reply(
             out.figures, site=out.site, personalized=out.personalized, kept_tuned=out.kept_tuned,

@@ -90,3 +90,17 @@ def test_a_bias_rule_run_says_which_rule_its_site_accuracies_use(tmp_path):
     page = render(run)
     assert "argmax of log P + offsets [0.0, 1.5], chosen on central validation (120 images)" in page
     assert "Site and pooled accuracies are at the argmax" in page
+
+
+def test_the_personalization_table_names_how_the_sites_personalized(tmp_path):
+    run = _run_dir(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    row = {"kept": "tuned", "global_test_auc": 0.87, "personal_test_auc": 0.89, "epsilon": 2.9}
+    for kind, words in (("local-head", "a local head trained in the rounds"), ("finetune", "local fine-tuning"),
+                        (None, "local fine-tuning")):  # a run directory from before `kind` was recorded
+        summary["personalization"] = {"kind": kind, "sites": {"site-3": row}, "skipped": {}, "worst_global_auc": 0.87,
+                                      "worst_personal_auc": 0.89, "max_loss": 0.0}
+        (run / "summary.json").write_text(json.dumps(summary))
+        page = render(run)
+        assert f"Personalization ({words}; each personal suffix stays at its site)" in page
+        assert "0.8700" in page and "0.8900" in page

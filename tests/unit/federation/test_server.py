@@ -210,7 +210,7 @@ def test_every_summary_figure_and_metrics_row_is_what_the_rounds_produced(monkey
     mean, scale = (torch.tensor(sent.pop(k), dtype=torch.float64) for k in ("feature-mean", "feature-scale"))
     assert sent == {"total-rounds": 3, "run-id": "t", "num-classes": 2,
                     "backbone": "efficientnet_lite0", "backbone-sha256": model.weights_sha256,
-                    "noise-multiplier": 0.0, "personalize-epochs": 0, "pooling": "avg", "head": "linear",
+                    "noise-multiplier": 0.0, "personalize-epochs": 0, "local-head": 0, "pooling": "avg", "head": "linear",
                     "reply-within": cfg.federation.round_timeout}  # sites that cannot answer in time do not spend
     # train.standardize = server: the statistics of the server's validation features, z-scores × the gain
     val = _split(0)[0].double()
