@@ -96,6 +96,41 @@ def save_local_head(head: nn.Module, policy, run_id: str, server_round: int, *, 
                   policy.site, path, exc)
 
 
+class _HeadTwin(nn.Module):
+    """A copy of the suffix whose head is the site's local head and whose shared part is frozen: what
+    :func:`train_local_head` hands to :func:`fedtl.training.train_suffix` (the site's model is left untouched)."""
+
+    def __init__(self, suffix: nn.Module, head: nn.Module):
+        super().__init__()
+        self.suffix = copy.deepcopy(suffix)
+        self.suffix.head = head
+        for p in self.suffix.blocks.parameters():
+            p.requires_grad_(False)
+        self.adapter_params: list[nn.Parameter] = []
+
+    def trainable_param_groups(self, lr: float, lr_scale: float) -> list[dict]:
+        return [{"params": [p for p in self.suffix.head.parameters() if p.requires_grad], "lr": lr}]
+
+    def train(self, mode: bool = True) -> _HeadTwin:
+        super().train(mode)
+        for m in self.suffix.blocks.modules():  # frozen: BatchNorm keeps its statistics
+            m.eval()
+        return self
+
+
+def train_local_head(cfg, model: nn.Module, head: nn.Module, data, *, batch_size: int, epochs: int,
+                     generator: torch.Generator, standardize=None) -> None:
+    """A site whose ``site.toml`` says ``personalize-dp = false`` trains its local head **without noise**, on its own
+    after the round's DP step, over the shared part as that step left it: the update it sends is then exactly the one
+    it would send without a local head (no share of the clipping norm), and the head, which never leaves the site, is
+    private only while it stays there (joint DP; its file says ``dp: false``)."""
+    from fedtl.training import train_suffix
+
+    twin = _HeadTwin(model.suffix, head)
+    train_suffix(twin, data.features, data.labels, cfg.train, batch_size=batch_size, epochs=epochs,
+                 generator=generator, standardize=standardize)
+
+
 def with_local_head(global_state: dict[str, torch.Tensor], head: nn.Module) -> dict[str, torch.Tensor]:
     """The global suffix with its head's tensors replaced by the site's local head (the personal candidate)."""
     local = {HEAD_PREFIX + k: v.detach().clone() for k, v in head.state_dict().items()}

@@ -202,8 +202,7 @@ def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, po
         "blend": f"{alpha:g}" if out.kept_tuned else "0", "epsilon": f"{out.epsilon:.6f}", "personalization": kind,
         "epochs": "0" if kind == "local-head" else str(epochs),
         # whether the kept suffix is differentially private in this site's data (no: it must not leave the site)
-        "dp": "true" if policy.dp and (not out.kept_tuned or policy.personalize_dp or kind == "local-head")
-        else "false"})
+        "dp": "true" if policy.dp and (not out.kept_tuned or policy.personalize_dp) else "false"})
     log.info("Site %s keeps the %s suffix (validation AUC gain, %.0f%% lower bound: %.4f); saved to %s", policy.site,
              (f"local-head (blend {alpha:g})" if kind == "local-head" else f"fine-tuned (blend {alpha:g})")
              if out.kept_tuned else "global", 100 * EVIDENCE, evidence, out.path)

@@ -17,7 +17,7 @@ from fedtl.backbones import build_backbone
 from fedtl.config import FedTLConfig
 from fedtl.data import ImageSet, Preprocessing, load_medmnist, partition_indices, resolve_data_path
 from fedtl.features import FeatureCache, default_cache_dir
-from fedtl.federation.local_head import local_head_for_round, save_local_head
+from fedtl.federation.local_head import local_head_for_round, save_local_head, train_local_head
 from fedtl.model import TransferModel
 from fedtl.errors import LedgerError
 from fedtl.privacy import PrivacyPolicy, Proposal, open_ledger, plan_round
@@ -248,14 +248,17 @@ def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: P
             res = train_suffix(model, data.features, data.labels, cfg.train, lr_scale=cfg.adapters.effective_lr_scale(),
                                batch_size=plan.batch_size, epochs=plan.epochs, dp=dp,
                                generator=_generator(policy, run_id, server_round), reseed=not policy.seeded,
-                               standardize=standardize, local_head=local)
+                               standardize=standardize, local_head=local if policy.personalize_dp else None)
             releases.save(run_id, server_round, model.trainable_state())  # kept to answer a repeated request
             ledger.append(run=run_id, round=server_round, noise_multiplier=plan.noise_multiplier,
                           sample_rate=plan.sample_rate, steps=res.steps)
             ledger.save()  # durable (and its anchor) before the update can leave the site
             out.epsilon, out.noise_multiplier, out.train = ledger.epsilon(), plan.noise_multiplier, res
-            if local is not None:  # the same private steps trained it: kept, never sent
-                save_local_head(local, policy, run_id, server_round, dp=True)
+            if local is not None:  # kept, never sent: trained in the same private steps, or without noise after them
+                if not policy.personalize_dp:
+                    train_local_head(cfg, model, local, data, batch_size=plan.batch_size, epochs=plan.epochs,
+                                     generator=_generator(policy, run_id, server_round), standardize=standardize)
+                save_local_head(local, policy, run_id, server_round, dp=policy.personalize_dp)
     except LedgerError as exc:  # unreadable, tampered, missing or locked: never train blind
         log.error("Site %s declines round %d: %s", policy.site, server_round, exc)
         out.declined = True

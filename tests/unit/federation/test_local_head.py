@@ -298,3 +298,31 @@ def test_a_deployed_site_asked_for_a_local_head_keeps_it_in_its_state_dir_and_se
     reply = train(2, **{"local-head": 1})
     assert reply["metrics"]["declined"] == 0
     assert not torch.equal(load_file(str(tmp_path / "state" / LOCAL_HEAD))["0.weight"], first["0.weight"])
+
+
+@pytest.mark.parametrize("kind,blocks", [("none", 0), ("unfreeze", 1)])
+def test_a_site_that_personalizes_without_noise_sends_the_update_it_would_send_without_a_local_head(tmp_path, kind,
+                                                                                                   blocks):
+    """personalize-dp = false (the site's own choice): its local head trains without noise after the round's DP
+    step, so it takes no share of the clipping norm — the released update is bit-identical to a site's without a
+    local head — and its file says it is not private."""
+    cfg = FedTLConfig.from_run_config({"train.lr": 0.5, "privacy.randomness": "seeded"})
+    base = _model(kind, blocks)
+    x = torch.randn(60, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    y = torch.arange(60) % 2
+    feats = base.prefix_features(x)
+    feats[y == 1] += 0.5
+    data = SiteData("st-mary", feats, y, True)
+    sent = {}
+    for local, personalize_dp in ((False, True), (True, False)):
+        model = copy.deepcopy(base)
+        policy = _policy(tmp_path / f"{local}", personalize_dp=personalize_dp)
+        assert not _round(cfg, model, policy, data, 1, local=local).declined
+        sent[local] = model.trainable_state()
+    assert all(torch.equal(sent[True][k], sent[False][k]) for k in sent[False])
+    path = tmp_path / "True" / "site" / LOCAL_HEAD
+    with safe_open(str(path), "pt") as fh:
+        assert fh.metadata()["dp"] == "false"
+    head = load_file(str(path))
+    assert not torch.equal(head["0.weight"], base.suffix.head[0].weight.detach())  # it trained
+    assert torch.isfinite(head["0.weight"]).all()
