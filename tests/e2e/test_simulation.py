@@ -108,11 +108,24 @@ def test_three_sites_two_rounds_with_dp_and_a_site_out_of_budget(tmp_path):
     assert report.count("<svg") == 4 and "site-2" in report  # written at the end of the run
     assert "Personalization (local fine-tuning" in report
 
-    # the same command again reuses the prefix cache
-    proc = subprocess.run(cmd + ["--overwrite", "--set", "privacy.site-epsilons="], env=env, capture_output=True,
-                          text=True, timeout=600)
+    # the same command again reuses the prefix cache; this time each site keeps a local head (personalization.kind =
+    # local-head): trained in the rounds' DP steps, kept in its state dir, weighed after the last round, never sent
+    proc = subprocess.run(cmd + ["--overwrite", "--set", "privacy.site-epsilons=", "--set",
+                                 "personalization.kind=local-head"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((out / "summary.json").read_text())["cache_hit"] is True
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cache_hit"] is True
+    personal = summary["personalization"]
+    assert personal["kind"] == "local-head" and set(personal["sites"]) == {"site-0", "site-1", "site-2"}
+    ledger = json.loads((out / "sites" / "site-0" / "privacy-ledger.json").read_text())
+    assert [e.get("kind", "round") for e in ledger["entries"]] == ["round", "round"]  # no ε of its own
+    for site in ("site-0", "site-1", "site-2"):
+        row = personal["sites"][site]
+        assert row["personalized"] and row["kept"] in ("tuned", "global")
+        assert (out / "sites" / site / "local-head.safetensors").is_file()
+        assert (out / "sites" / site / "personal-suffix.safetensors").is_file()
+        assert row["epsilon"] == pytest.approx(summary["epsilon"][site])
+    assert "a local head trained in the rounds" in (out / "report.html").read_text()
 
 
 @pytest.fixture
