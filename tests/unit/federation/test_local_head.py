@@ -25,6 +25,7 @@ from fedtl.privacy import PrivacyPolicy, Proposal, read_ledger
 from fedtl.privacy.policy import steps_per_epoch
 from fedtl.training import DPSettings, train_suffix
 from tests.conftest import make_tiny_backbone
+from tests.unit.federation.test_personalize import _site_data
 
 BUDGET, DELTA = 3.0, 1e-5
 
@@ -34,11 +35,7 @@ def _model(kind="none", blocks=0, classes=2) -> TransferModel:
 
 
 def _data(n=120, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 2
-    x = torch.randn(n, 16, generator=g)
-    x[:, 3] += 1.5 * (2 * y - 1)
-    return x, y
+    return _site_data(n, seed)  # two classes, one informative feature
 
 
 def _policy(tmp_path, **kw):
