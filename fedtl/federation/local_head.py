@@ -42,7 +42,8 @@ def _expected(head: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def read_local_head(model: nn.Module, policy, run_id: str) -> tuple[nn.Module | None, str]:
     """(this run's local head of this site, '') or (None, why not): a copy of ``model``'s head with the saved
-    tensors, when the file is this run's and fits the head."""
+    tensors, when the file is this run's and fits the head. The copy's ``dp`` attribute says whether it was trained
+    in DP steps (its file's metadata: a site may change ``personalize-dp`` between rounds)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -65,6 +66,7 @@ def read_local_head(model: nn.Module, policy, run_id: str) -> tuple[nn.Module | 
                     path, "; ".join(problems))
         return None, "its local head does not fit this run's head"
     head.load_state_dict(state)
+    head.dp = meta.get("dp") == "true"
     return head, ""
 
 

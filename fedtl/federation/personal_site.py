@@ -47,6 +47,7 @@ class PersonalOutcome:
     epsilon: float = -1.0
     reason: str = ""  # sent to the server: never a local path
     figures: dict[str, dict] = field(default_factory=dict)  # model ("global" | "tuned") -> split -> figures
+    tuned_dp: bool | None = None  # whether the candidate was trained with DP (None: as the policy says)
     path: Path | None = None  # stays at the site
 
 
@@ -202,7 +203,8 @@ def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, po
         "blend": f"{alpha:g}" if out.kept_tuned else "0", "epsilon": f"{out.epsilon:.6f}", "personalization": kind,
         "epochs": "0" if kind == "local-head" else str(epochs),
         # whether the kept suffix is differentially private in this site's data (no: it must not leave the site)
-        "dp": "true" if policy.dp and (not out.kept_tuned or policy.personalize_dp) else "false"})
+        "dp": "true" if policy.dp and (not out.kept_tuned or (policy.personalize_dp if out.tuned_dp is None
+                                                                else out.tuned_dp)) else "false"})
     log.info("Site %s keeps the %s suffix (validation AUC gain, %.0f%% lower bound: %.4f); saved to %s", policy.site,
              (f"local-head (blend {alpha:g})" if kind == "local-head" else f"fine-tuned (blend {alpha:g})")
              if out.kept_tuned else "global", 100 * EVIDENCE, evidence, out.path)
@@ -230,5 +232,5 @@ def _local_candidate(model: TransferModel, global_state: dict, policy: PrivacyPo
         out.reason = f"Site `{policy.site}` keeps the global suffix: {why}."
         log.warning("Site %s has no local head of run %s to weigh: %s.", policy.site, run_id, why)
         return None
-    out.personalized = True
+    out.personalized, out.tuned_dp = True, bool(head.dp)
     return with_local_head(global_state, head)

@@ -212,8 +212,9 @@ def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: P
     """One local round under the site's policy: plan, DP-SGD on the suffix, ledger saved before returning.
     ``standardize``: the server's feature statistics, when it sent any (:mod:`fedtl.standardize`).
     ``local_head``: the server asks for ``personalization.kind = local-head``; a site whose policy allows
-    personalization (``max-personalize-epochs`` > 0) trains its own head in the same steps and keeps it
-    (:mod:`fedtl.federation.local_head`); the update it returns is the same either way.
+    personalization (``max-personalize-epochs`` > 0) trains its own head and keeps it
+    (:mod:`fedtl.federation.local_head`): in the same DP steps, sharing their per-example clip, or, with
+    ``personalize-dp = false``, without noise after them (the update is then the one it would send without it).
 
     The ledger stays locked from reading it to saving it, so concurrent trainings on one
     state-dir serialize and none can under-count. On decline, the suffix is left untouched.
@@ -255,10 +256,7 @@ def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: P
             ledger.save()  # durable (and its anchor) before the update can leave the site
             out.epsilon, out.noise_multiplier, out.train = ledger.epsilon(), plan.noise_multiplier, res
             if local is not None:  # kept, never sent: trained in the same private steps, or without noise after them
-                if not policy.personalize_dp:
-                    train_local_head(cfg, model, local, data, batch_size=plan.batch_size, epochs=plan.epochs,
-                                     generator=_generator(policy, run_id, server_round), standardize=standardize)
-                save_local_head(local, policy, run_id, server_round, dp=policy.personalize_dp)
+                _keep_local_head(cfg, model, local, data, policy, plan, run_id, server_round, standardize)
     except LedgerError as exc:  # unreadable, tampered, missing or locked: never train blind
         log.error("Site %s declines round %d: %s", policy.site, server_round, exc)
         out.declined = True
@@ -268,6 +266,19 @@ def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: P
     log.info("Site %s round %d: σ=%.3f, %d steps, train loss %.4f, ε=%.3f of %g", policy.site, server_round,
              out.noise_multiplier, res.steps, res.loss, out.epsilon, policy.target_epsilon)
     return out
+
+
+def _keep_local_head(cfg, model, local, data, policy, plan, run_id, server_round, standardize) -> None:
+    """After the round's ledger entry is saved: the privacy is spent and the update must go out whatever happens
+    here, so a failure costs the site its personalization this round (logged), never the round."""
+    try:
+        if not policy.personalize_dp:
+            train_local_head(cfg, model, local, data, batch_size=plan.batch_size, epochs=plan.epochs,
+                             generator=_generator(policy, run_id, server_round), standardize=standardize)
+        save_local_head(local, policy, run_id, server_round, dp=policy.personalize_dp)
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.exception("Site %s could not train or keep its local head in round %d; its update is sent as trained.",
+                      policy.site, server_round)
 
 
 def _local_head(model: TransferModel, policy: PrivacyPolicy, run_id: str):

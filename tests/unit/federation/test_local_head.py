@@ -323,3 +323,44 @@ def test_a_site_that_personalizes_without_noise_sends_the_update_it_would_send_w
     head = load_file(str(path))
     assert not torch.equal(head["0.weight"], base.suffix.head[0].weight.detach())  # it trained
     assert torch.isfinite(head["0.weight"]).all()
+
+
+def test_a_failure_with_the_local_head_after_the_ledger_is_saved_never_costs_the_round(tmp_path, monkeypatch, caplog):
+    """The round's ε is spent once its ledger entry is saved: whatever then goes wrong with the local head (here its
+    noise-free training raises), the site still sends its update and says why in its log."""
+    from fedtl.federation import site as site_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(site_module, "train_local_head", broken)
+    cfg = FedTLConfig.from_run_config({"privacy.randomness": "seeded"})
+    model = _model()
+    x, y = _data()
+    policy = _policy(tmp_path, personalize_dp=False)
+    before = model.trainable_state()
+    with caplog.at_level(logging.ERROR):
+        out = _round(cfg, model, policy, SiteData("st-mary", x, y, True), 1)
+    assert not out.declined and out.epsilon > 0
+    assert len(read_ledger(policy.ledger_path).entries) == 1
+    assert any(not torch.equal(before[k], v) for k, v in model.trainable_state().items())  # the update, trained
+    assert "could not train or keep its local head" in caplog.text
+    assert not (tmp_path / "site" / LOCAL_HEAD).exists()
+
+
+def test_the_personal_suffix_says_whether_its_local_head_was_trained_with_dp(tmp_path):
+    """A site may switch personalize-dp between rounds and the last step: its personal suffix's `dp` follows how
+    its local head was trained (the head's own file), not the policy at the last step."""
+    cfg = FedTLConfig.from_run_config({"train.lr": 0.5, "privacy.randomness": "seeded"})
+    model = _model()
+    x, y = _data()
+    xv, yv = _data(80, seed=1)
+    data = SiteData("st-mary", x, y, True)
+    for rnd in (1, 2):
+        _round(cfg, model, _policy(tmp_path, personalize_dp=False), data, rnd)
+    model.load_trainable_state({k: torch.zeros_like(v) for k, v in model.trainable_state().items()})
+    out = personalize_site(cfg, model, data, SiteEvalData("st-mary", {"val": (xv, yv), "test": (xv, yv)}),
+                           _policy(tmp_path, personalize_dp=True), run_id="run-1", epochs=2, kind="local-head")
+    assert out.kept_tuned
+    with safe_open(str(tmp_path / "site" / PERSONAL_SUFFIX), "pt") as fh:
+        assert fh.metadata()["dp"] == "false"
