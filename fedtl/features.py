@@ -193,9 +193,10 @@ def compute_prefix_features(model: TransferModel, pre: Preprocessing, data: Imag
     out = []
     model.eval()
     show = progress and sys.stderr.isatty()
+    name = data.name + (f" (test-time view {pre.view})" if getattr(pre, "view", 0) else "")
     if progress and not show:
-        log.info("Computing prefix features for %s (%d images)…", data.name, len(data))
-    bar = tqdm(total=len(data), desc=f"prefix features {data.name}", unit="img", disable=not show, leave=False)
+        log.info("Computing prefix features for %s (%d images)…", name, len(data))
+    bar = tqdm(total=len(data), desc=f"prefix features {name}", unit="img", disable=not show, leave=False)
     with torch.inference_mode():
         for start in range(0, len(data), batch_size):
             x = pre(data.images[start:start + batch_size])

@@ -112,3 +112,16 @@ def test_view_features_stack_every_view_and_hit_only_when_all_were_cached(tiny_b
     assert torch.equal(three[:, 0], one) and not torch.equal(three[:, 1], one)
     again, hit = view_features(lambda d: cache.get_or_build(model, pre, d, progress=False), data, 3)
     assert hit is True and torch.equal(again, three) and len(list(tmp_path.glob("*.safetensors"))) == 3
+
+
+def test_the_log_names_which_test_time_view_it_is_computing(tiny_backbone, toy_images, tmp_path, caplog):
+    """A new user saw "Computing prefix features for …:val (524 images)…" four times and could not tell why."""
+    import logging
+
+    model, pre, data = _setup(tiny_backbone, toy_images)
+    with caplog.at_level(logging.INFO, logger="fedtl.features"):
+        for view in (0, 2):
+            compute_prefix_features(model, dataclasses.replace(pre, view=view), data, progress=True)
+    lines = [r.getMessage() for r in caplog.records if "Computing prefix features" in r.getMessage()]
+    assert lines == ["Computing prefix features for toy (64 images)…",
+                     "Computing prefix features for toy (test-time view 2) (64 images)…"]
