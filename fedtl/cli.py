@@ -117,7 +117,7 @@ def print_summary(summary: dict) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from fedtl.planning import run_params, format_plans, plan_simulation, plan_sizes
+    from fedtl.planning import format_plans, params_reason, plan_simulation, plan_sizes, run_params
 
     cfg = _load_config(args)
     if args.site_sizes:
@@ -136,7 +136,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plans = plan_sizes(cfg, sizes, params)
     else:
         plans, params, trainable = plan_simulation(cfg)
-    for line in format_plans(plans, params, cfg.federation, trainable=trainable):
+    for line in format_plans(plans, params, cfg.federation, trainable=trainable, why=params_reason(cfg)):
         print(line)
     return 0
 

@@ -322,10 +322,20 @@ def _unspent_warning(plans: list[SitePlan]) -> str:
             f"noise for {unspent[0].rounds} rounds. More rounds, or a higher per-round cap, would train with less noise.")
 
 
+def params_reason(cfg) -> str:
+    """Why d (:func:`run_params`) differs from the trainable parameter count under ``cfg``, for ``fedtl plan``."""
+    why = []
+    if cfg.adapters.kind != "none" and cfg.adapters.effective_lr_scale() != 1:
+        why.append("the adapted or unfrozen weights learn at a lower lr; their noise counts by lr²")
+    if cfg.personalization.kind == "local-head":
+        why.append("each site's local head shares every example's clipping norm with the update: the head counts twice")
+    return "; ".join(why)
+
+
 def format_plans(plans: list[SitePlan], params: int, fed: FederationConfig | None = None,
-                 trainable: int = 0) -> list[str]:
+                 trainable: int = 0, why: str = "") -> list[str]:
     """``fedtl plan``'s table and verdicts; ``params``: d of the NSR, ``trainable``: the parameter count when it
-    differs (adapter weights at a lower learning rate, :func:`effective_params`)."""
+    differs (:func:`run_params`), ``why``: why it differs (:func:`params_reason`)."""
     lines = [f"{'site':<10}{'n':>6}{'batch':>6}{'steps/rd':>9}{'rounds':>7}{'σ':>7}{'ε/round':>9}{'ε total':>8}"
              f"{'NSR':>7}{'run NSR':>9}  verdict"]
     for p in plans:
@@ -336,9 +346,8 @@ def format_plans(plans: list[SitePlan], params: int, fed: FederationConfig | Non
         "weights as the server: examples, capped"
     fed_nsr = federation_nsr(plans, fed)
     rounds = max((p.rounds for p in plans), default=1)
-    counted = (f"trainable parameters {trainable:,}, d = {params:,} for the NSR (the adapted or unfrozen weights "
-               f"learn at a lower lr; their noise counts by lr²)" if trainable and trainable != params
-               else f"trainable parameters d = {params}")
+    counted = (f"trainable parameters {trainable:,}, d = {params:,} for the NSR" + (f" ({why})" if why else "")
+               if trainable and trainable != params else f"trainable parameters d = {params}")
     lines.append(f"{counted}; federation NSR of a round's aggregate "
                  f"({sum(p.verdict != 'declines' for p in plans)} sites, "
                  f"{weights}) = {fed_nsr:.2f}, "

@@ -188,4 +188,11 @@ def test_the_plan_of_an_unfrozen_unit_follows_the_measured_run(capsys):
                  "--set", "adapters.blocks=1"]) == 0
     out = capsys.readouterr().out
     # a deployment's plan (--site-sizes: no server statistics, so mean pooling and a smaller head)
-    assert re.search(r"trainable parameters 167,554, d = 1,899 for the NSR", out) and "the federation learns" in out
+    assert re.search(r"trainable parameters 167,554, d = 1,899 for the NSR \(the adapted or unfrozen weights learn "
+                     r"at a lower lr", out) and "the federation learns" in out
+    # a local head at each site (personalization.kind = local-head): the head counts twice, and the plan says why
+    assert main(["plan", "--site-sizes", ",".join(map(str, SEED42)), "--set", "personalization.kind=local-head"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable parameters 226, d = 452 for the NSR (each site's local head shares every example's clipping " \
+           "norm with the update: the head counts twice)" in out
+    assert "lower lr" not in out
