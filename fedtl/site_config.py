@@ -32,8 +32,8 @@ The site operator writes it (``site.toml``), never the server::
     max-rounds-per-run = 200
     max-noise-multiplier = 50      # rounds that would need more noise are declined (pure noise)
     max-personalize-epochs = 5     # local DP fine-tuning after the last round, planned in ε (0: never personalize)
-    # personalize-dp = false       # fine-tune without noise, spending no ε: the personal suffix never leaves
-    #                                this site, but its validation/test figures are still reported
+    # personalize-dp = false       # fine-tune (or train a local head) without noise, spending no ε: the personal
+    #                                suffix never leaves this site, but its validation/test figures are still reported
 
     [tls]
     ca-cert = "certs/ca.pem"
