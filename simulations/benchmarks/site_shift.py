@@ -58,10 +58,13 @@ SHIFTS = (
 
 
 def acquire(images: np.ndarray, shift: dict, seed: int) -> np.ndarray:
-    """``images`` (N, H, W) uint8 through one site's acquisition chain; deterministic for (shift, seed)."""
+    """``images`` (N, H, W) grey or (N, H, W, 3) RGB uint8 through one site's acquisition chain; deterministic for
+    (shift, seed)."""
     import torchvision.transforms.v2.functional as F
 
-    x = torch.as_tensor(images).float().div(255).unsqueeze(1)  # (N, 1, H, W) in [0, 1]
+    rgb = images.ndim == 4
+    x = torch.as_tensor(images).float().div(255)
+    x = x.permute(0, 3, 1, 2) if rgb else x.unsqueeze(1)  # (N, C, H, W) in [0, 1]
     h, w = x.shape[-2:]
     if "resolution" in shift:
         r = int(shift["resolution"])
@@ -77,7 +80,8 @@ def acquire(images: np.ndarray, shift: dict, seed: int) -> np.ndarray:
         x = x + shift["noise"] * torch.randn(x.shape, generator=g)
     if shift.get("invert"):
         x = 1 - x
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1).numpy()
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return (x.permute(0, 2, 3, 1) if rgb else x.squeeze(1)).numpy()
 
 
 def site_sets(cfg: FedTLConfig, n_sites: int, eval_split: str = "iid"):
