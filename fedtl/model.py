@@ -145,7 +145,7 @@ class _TrainableSuffix:
         return OrderedDict((n, p.detach().clone()) for n, p in self.named_parameters() if p.requires_grad)
 
     def expected_state(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {n: (tuple(p.shape), str(p.dtype).replace("torch.", "")) for n, p in self.named_parameters() if p.requires_grad}
+        return expected_of(self, trainable_only=True)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor | np.ndarray]) -> None:
         problems = check_state(state, self.expected_state())
@@ -274,6 +274,13 @@ def _output_channels(units: list[tuple[str, nn.Module]]) -> int:
         x = unit(x)
         unit.train(was)
     return int(x.shape[1])
+
+
+def expected_of(module: nn.Module, trainable_only: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype) of ``module``'s parameters (those that require grad with ``trainable_only``), as
+    :func:`check_state` compares a state against."""
+    return {n: (tuple(p.shape), str(p.dtype).replace("torch.", "")) for n, p in module.named_parameters()
+            if p.requires_grad or not trainable_only}
 
 
 def check_state(state: dict, expected: dict[str, tuple[tuple[int, ...], str]]) -> list[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedtl.model import check_state
+from fedtl.model import check_state, expected_of
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ HEAD_PREFIX = "suffix.head."
 def local_head_path(policy) -> Path:
     """Next to the site's ledger, in its state dir (simulated: ``<run>/sites/<site>/``)."""
     return policy.ledger_path.parent / LOCAL_HEAD
-
-
-def _expected(head: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
-    return {n: (tuple(p.shape), str(p.dtype).replace("torch.", "")) for n, p in head.named_parameters()}
 
 
 def read_local_head(model: nn.Module, policy, run_id: str) -> tuple[nn.Module | None, str]:
@@ -60,7 +56,7 @@ def read_local_head(model: nn.Module, policy, run_id: str) -> tuple[nn.Module | 
     if meta.get("run") != str(run_id)[:128]:
         return None, "its local head belongs to another run"
     head = copy.deepcopy(model.suffix.head)
-    problems = check_state(state, _expected(head))
+    problems = check_state(state, expected_of(head))
     if problems:
         log.warning("Site %s: its local head (%s) does not fit this run's head (%s); it is not used.", policy.site,
                     path, "; ".join(problems))
