@@ -221,8 +221,8 @@ def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: P
     """
     n = int(data.labels.shape[0])
     out = SiteRound(site=policy.site, num_examples=n)
-    local = _local_head(model, policy, run_id) if local_head else None
     if not policy.dp:  # simulation with --no-dp only (a deployed policy cannot be built so)
+        local = _local_head(model, policy, run_id) if local_head else None
         res = train_suffix(model, data.features, data.labels, cfg.train, lr_scale=cfg.adapters.effective_lr_scale(),
                            batch_size=proposal.batch_size, epochs=proposal.epochs,
                            generator=_generator(policy, run_id, server_round), standardize=standardize,
@@ -245,6 +245,7 @@ def train_site(cfg: FedTLConfig, model: TransferModel, data: SiteData, policy: P
                 return out
             for note in plan.notes:
                 log.info("Site %s: %s", policy.site, note)
+            local = _local_head(model, policy, run_id) if local_head else None  # not for a replay or a decline
             dp = DPSettings(plan.noise_multiplier, policy.max_grad_norm, plan.sample_rate, policy.accountant)
             res = train_suffix(model, data.features, data.labels, cfg.train, lr_scale=cfg.adapters.effective_lr_scale(),
                                batch_size=plan.batch_size, epochs=plan.epochs, dp=dp,
