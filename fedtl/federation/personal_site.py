@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from fedtl.config import FedTLConfig
 from fedtl.decision import Decision
 from fedtl.errors import LedgerError
@@ -53,6 +55,8 @@ class PersonalOutcome:
 
 BLENDS = (1.0, 0.5)  # candidates: the fine-tuned suffix, and halfway between the global and the fine-tuned one
 EVIDENCE = 0.9  # one-sided confidence that a candidate ranks the site's validation split better than the global
+MIN_PER_CLASS = 5  # validation images of each class it holds that a site needs to weigh a candidate at all: a class
+#                     of m images has C(2m-1, m) distinct resamples (1, 3, 10, 35, 126 for m = 1 ... 5)
 
 
 def blend(global_state: dict, tuned_state: dict, alpha: float) -> dict:
@@ -62,8 +66,15 @@ def blend(global_state: dict, tuned_state: dict, alpha: float) -> dict:
             for k, g in global_state.items()}
 
 
+def too_few_to_weigh(labels, min_per_class: int = MIN_PER_CLASS) -> int:
+    """The size of the smallest class present in ``labels`` when it is below ``min_per_class`` (else 0)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    smallest = int(counts[counts > 0].min()) if (counts > 0).any() else 0
+    return smallest if smallest < min_per_class else 0
+
+
 def choose_personal(model: TransferModel, global_state: dict, tuned_state: dict, eval_data,
-                    confidence: float = EVIDENCE) -> tuple[float, dict, float]:
+                    confidence: float = EVIDENCE, min_per_class: int = MIN_PER_CLASS) -> tuple[float, dict, float]:
     """The candidate (blend weight, state, evidence) a site keeps: among :data:`BLENDS`, the one whose
     lower confidence bound on the validation-AUC gain over the global suffix (paired bootstrap,
     :func:`fedtl.evaluation.auc_gain_bound`) is largest; ``evidence`` is that bound, and the site keeps the
@@ -71,16 +82,20 @@ def choose_personal(model: TransferModel, global_state: dict, tuned_state: dict,
 
     Keeping the fine-tuned suffix whenever its validation AUC was at least the global one's lost 0.018
     test AUC at a site whose two validation AUCs were equal at four decimals (site-shift benchmark,
-    docs/benchmarks.md). Without validation data, or with a validation split of one class (AUC undefined),
-    there is no evidence: ``(0.0, global_state, nan)``. Validation loss is not used instead: a site whose
-    validation split held one class chose the fine-tuned suffix by its lower loss and lost 0.51 test AUC.
+    docs/benchmarks.md). Without validation data, with a validation split of one class (AUC undefined), or with
+    fewer than ``min_per_class`` images of a class it holds, there is no evidence: ``(0.0, global_state, nan)``.
+    The class-stratified bootstrap keeps each class's count, so a class of one image is the same image in every
+    resample and the "bound" is just the point gain: a simulated RetinaMNIST site with 6 validation images (one of
+    one class, five of another) kept its local head on a validation AUC of 0.70 → 1.00 and lost 0.035 test AUC.
+    Validation loss is not used instead: a site whose validation split held one class chose the fine-tuned suffix
+    by its lower loss and lost 0.51 test AUC.
     """
     from fedtl.evaluation import auc_gain_bound
     from fedtl.training import evaluate_suffix
 
     val = (eval_data.splits.get("val") if eval_data is not None else None) or (None, None)
     feats, labels = val
-    if labels is None or len(labels) == 0:
+    if labels is None or len(labels) == 0 or too_few_to_weigh(labels.numpy(), min_per_class):
         return 0.0, global_state, math.nan
 
     def probs(state):
@@ -191,6 +206,11 @@ def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, po
         model.load_trainable_state(candidate if math.isfinite(evidence) else tuned_state)
         out.figures["tuned"] = evaluate_site(model, eval_data)
     out.kept_tuned = evidence > 0  # NaN (no evidence) is not
+    if not out.kept_tuned:  # said in the reply (the server's report lists it), never a local path
+        out.reason = (f"no evidence on its validation split: {_no_evidence(eval_data)}" if not math.isfinite(evidence)
+                      else f"its validation split did not favour the candidate (the {100 * EVIDENCE:.0f}% lower bound "
+                           f"of the AUC gain was {evidence:.4f}; keeping it needs more than 0)")
+        log.info("Site %s keeps the global suffix: %s.", policy.site, out.reason)
     kept = candidate if out.kept_tuned else global_state
     model.load_trainable_state(kept)
     out.path = personal_suffix_path(policy)
@@ -209,6 +229,19 @@ def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, po
              (f"local-head (blend {alpha:g})" if kind == "local-head" else f"fine-tuned (blend {alpha:g})")
              if out.kept_tuned else "global", 100 * EVIDENCE, evidence, out.path)
     return out
+
+
+def _no_evidence(eval_data) -> str:
+    """Why :func:`choose_personal` found no evidence (sent in the reply: no count the evaluation replies do not
+    already release)."""
+    labels = (eval_data.splits.get("val") or (None, None))[1] if eval_data is not None else None
+    if labels is None or len(labels) == 0:
+        return "the site has no validation split"
+    if len(np.unique(labels.numpy())) < 2:
+        return "it holds one class (AUC undefined)"
+    if too_few_to_weigh(labels.numpy()):
+        return f"it holds fewer than {MIN_PER_CLASS} images of some class (weighing a candidate needs {MIN_PER_CLASS} of each)"
+    return "the AUC is undefined there"
 
 
 def _local_candidate(model: TransferModel, global_state: dict, policy: PrivacyPolicy, run_id: str,

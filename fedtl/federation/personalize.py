@@ -128,6 +128,8 @@ class Personalization:
         self.sites[site] = row
         if not parsed["personalized"]:
             self.skipped[site] = reason or "did not fine-tune"
+        elif personal == "global" and reason:  # weighed a candidate and kept the global suffix: the site says why
+            self.skipped[site] = reason
 
     def table(self) -> dict:
         """The ``personalization`` entry of summary.json: per site global vs personal, worst site, largest loss."""

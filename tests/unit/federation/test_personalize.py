@@ -398,3 +398,50 @@ def test_predict_uses_a_sites_personal_suffix_of_the_same_run_and_refuses_others
     save_file({k: torch.zeros(3, *v.shape[1:]) for k, v in personal.items()}, wrong_shape, metadata={"kept": "tuned"})
     with pytest.raises(Exception, match=r"expected \(2, 16\)"):  # a 3-class suffix does not fit the 2-class run
         load_run(run_dir, suffix=wrong_shape)
+
+
+def test_a_validation_split_too_small_to_resample_is_no_evidence():
+    """The class-stratified bootstrap keeps each class's count: with one image of a class every resample holds that
+    image, and any candidate that ranks it right has a "lower bound" equal to its point gain. A site must not keep a
+    personal suffix on such a split (a simulated RetinaMNIST site did, on 6 images, and lost 0.035 test AUC)."""
+    from fedtl.federation.personal_site import MIN_PER_CLASS, choose_personal, too_few_to_weigh
+
+    model = TransferModel(make_tiny_backbone(), 2, ModelConfig(pooling="avg"), AdaptersConfig())
+    g = {k: v.clone() for k, v in model.trainable_state().items()}
+    tuned = {k: v.clone() for k, v in g.items()}
+    tuned["suffix.head.0.weight"][1, 3], tuned["suffix.head.0.weight"][0, 3] = 1.0, -1.0  # the informative feature
+    xv, yv = _site_data(400, seed=1)
+
+    def split(per_class):  # the first `per_class[c]` validation images of each class c
+        idx = torch.cat([torch.nonzero(yv == c).flatten()[:n] for c, n in enumerate(per_class)])
+        return SiteEvalData("st-mary", {"val": (xv[idx], yv[idx])})
+
+    assert too_few_to_weigh(np.array([0, 1, 1, 1, 1, 1])) == 1 and too_few_to_weigh(np.array([0] * 10 + [1] * 10)) == 0
+    assert choose_personal(model, g, tuned, split((1, 5)), min_per_class=1)[2] > 0  # the attack: 6 images "decide"
+    for tiny in ((1, 5), (MIN_PER_CLASS - 1, 50)):
+        alpha, kept, evidence = choose_personal(model, g, tuned, split(tiny))
+        assert math.isnan(evidence) and alpha == 0.0 and all(torch.equal(kept[k], g[k]) for k in g)
+    alpha, kept, evidence = choose_personal(model, g, tuned, split((MIN_PER_CLASS, MIN_PER_CLASS)))
+    assert evidence > 0 and alpha in (0.5, 1.0)  # the same candidate, with enough of each class to weigh it
+
+
+def test_a_site_that_weighed_a_candidate_and_kept_the_global_suffix_says_why(tmp_path):
+    """Every site of a run keeping the global suffix looks like a failure unless the report says why: the site sends
+    the reason (no count of its validation classes), the server lists it beside the site."""
+    from fedtl.federation.personal_site import MIN_PER_CLASS
+
+    cfg = FedTLConfig.from_run_config({"train.lr": 0.5, "privacy.randomness": "seeded"})
+    model = TransferModel(make_tiny_backbone(), 2, ModelConfig(pooling="avg"), AdaptersConfig())
+    x, y = _site_data()
+    xv, yv = _site_data(80, seed=1)
+    keep = torch.cat([torch.nonzero(yv == 0).flatten()[:3], torch.nonzero(yv == 1).flatten()])  # 3 of class 0
+    policy = _policy(tmp_path, dp=False, seeded=True)  # a simulation without DP: a fine-tuned candidate, no ledger
+    out = personalize_site(cfg, model, SiteData("st-mary", x, y, True),
+                           SiteEvalData("st-mary", {"val": (xv[keep], yv[keep]), "test": (xv, yv)}), policy,
+                           run_id="r1", epochs=3)
+    assert out.personalized and not out.kept_tuned
+    assert f"fewer than {MIN_PER_CLASS} images of some class" in out.reason and "3" not in out.reason
+    summary = Personalization()
+    summary.add(*parse_personal_reply(personal_reply(out.figures, site=out.site, personalized=True, kept_tuned=False,
+                                                     reason=out.reason)))
+    assert summary.table()["skipped"] == {"st-mary": out.reason} and summary.sites["st-mary"]["kept"] == "global"
