@@ -122,7 +122,8 @@ def _personal(path: Path, run_meta: dict[str, str], run: Path) -> tuple[dict[str
 def load_run(run_dir: str | Path, suffix: str | Path | None = None) -> RunModel:
     """The model of a finished run: config.json's architecture, the pinned weights (hash checked), the selected suffix
     — or, with ``suffix``, a site's personal suffix of that run, with the decision rule the site chose on its own
-    validation split (the argmax when it had none)."""
+    validation split (the run's when the site kept the global suffix and its split was too small to choose one;
+    the argmax for an older file without a rule)."""
     from fedtl.backbones import build_backbone
 
     run = check_run_dir(run_dir)
@@ -154,7 +155,7 @@ def load_run(run_dir: str | Path, suffix: str | Path | None = None) -> RunModel:
     model = TransferModel(backbone, num_classes, cfg.model, cfg.adapters, seed=cfg.train.seed)
     model.load_trainable_state(state)  # names, shapes, dtypes, finite values checked
     model.eval()
-    decision = decision_from_metadata(personal if suffix is not None else meta)
+    decision = decision_from_metadata(personal if suffix is not None and personal.get("decision-from") != "run" else meta)
     decision.check_classes(model.num_classes)
     if suffix is not None:  # what `predict` names: the site's file, and whether it kept the fine-tuned suffix
         meta = {**meta, "personal": str(suffix), "site": personal.get("site", "?"), "kept": personal["kept"],

@@ -27,11 +27,12 @@ from fedtl.privacy import open_ledger, plan_personalize
 from fedtl.privacy.ledger import PERSONALIZE
 from fedtl.privacy.policy import Decline, PrivacyPolicy, personalize_epochs, personalizes_privately
 from fedtl.standardize import FeatureStandardizer
-from fedtl.training import DPSettings, train_suffix
+from fedtl.training import DPSettings, evaluate_suffix, train_suffix
 
 log = logging.getLogger(__name__)
 
 PERSONAL_SUFFIX = "personal-suffix.safetensors"
+DECISION_FROM = "decision-from"  # "run": the personal suffix is predicted with the run's decision rule
 
 
 def personal_suffix_path(policy: PrivacyPolicy) -> Path:
@@ -91,7 +92,6 @@ def choose_personal(model: TransferModel, global_state: dict, tuned_state: dict,
     by its lower loss and lost 0.51 test AUC.
     """
     from fedtl.evaluation import auc_gain_bound
-    from fedtl.training import evaluate_suffix
 
     val = (eval_data.splits.get("val") if eval_data is not None else None) or (None, None)
     feats, labels = val
@@ -113,16 +113,17 @@ def choose_personal(model: TransferModel, global_state: dict, tuned_state: dict,
     return best
 
 
-def personal_decision(cfg: FedTLConfig, model: TransferModel, eval_data) -> Decision:
+def personal_decision(cfg: FedTLConfig, model: TransferModel, eval_data, kept_tuned: bool) -> Decision | None:
     """The decision rule for the loaded (kept) suffix, chosen on the site's own validation split as the server
-    chooses the run's on its own (``evaluation.decision``): the suffix serves this site's class mix. The argmax
-    without validation data."""
+    chooses the run's on its own (``evaluation.decision``): the suffix serves this site's class mix. ``None`` — use the
+    run's rule — when the site kept the global suffix and its validation split cannot choose one (none, or fewer than
+    :data:`MIN_PER_CLASS` images of a class it holds): the run's rule was chosen for that suffix on more data. A kept
+    candidate had such a split (:func:`choose_personal`); without one, the argmax."""
     from fedtl.evaluation import central_decision
-    from fedtl.training import evaluate_suffix
 
     feats, labels = ((eval_data.splits.get("val") if eval_data is not None else None) or (None, None))
-    if labels is None or len(labels) == 0:
-        return Decision()
+    if labels is None or len(labels) == 0 or too_few_to_weigh(labels.numpy()):
+        return Decision() if kept_tuned else None
     probs = evaluate_suffix(model, feats, labels).probabilities
     rule = central_decision(probs, labels.numpy(), cfg.evaluation.decision)
     return rule if rule.rule == "argmax" else replace(rule, chosen_on=f"the site's validation split ({len(labels)} images)")
@@ -215,11 +216,11 @@ def personalize_site(cfg: FedTLConfig, model: TransferModel, data, eval_data, po
     model.load_trainable_state(kept)
     out.path = personal_suffix_path(policy)
     out.path.parent.mkdir(parents=True, exist_ok=True)
-    decision = personal_decision(cfg, model, eval_data)  # the site's own rule for the suffix it keeps
+    decision = personal_decision(cfg, model, eval_data, out.kept_tuned)  # the site's own rule for the suffix it keeps
     save_tensors_atomically(kept, out.path, metadata={
         "run": str(run_id)[:128], "site": policy.site, "kept": "tuned" if out.kept_tuned else "global",
         "backbone": cfg.model.backbone, "weights_sha256": getattr(model, "weights_sha256", "") or "",
-        **decision.to_metadata(),
+        **(decision.to_metadata() if decision is not None else {DECISION_FROM: "run"}),
         "blend": f"{alpha:g}" if out.kept_tuned else "0", "epsilon": f"{out.epsilon:.6f}", "personalization": kind,
         "epochs": "0" if kind == "local-head" else str(epochs),
         # whether the kept suffix is differentially private in this site's data (no: it must not leave the site)

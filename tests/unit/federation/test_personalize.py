@@ -399,6 +399,22 @@ def test_predict_uses_a_sites_personal_suffix_of_the_same_run_and_refuses_others
     with pytest.raises(Exception, match=r"expected \(2, 16\)"):  # a 3-class suffix does not fit the 2-class run
         load_run(run_dir, suffix=wrong_shape)
 
+    # a site whose validation split is too small to choose a rule keeps the global suffix with the run's rule, not a
+    # threshold chosen on 3 images of a class (nor the argmax the run did not choose)
+    from fedtl.decision import Decision
+
+    ruled = {**run_meta, **Decision("threshold", 0.3, 1, "central validation (500 images)").to_metadata()}
+    save_file(global_state, run_dir / "suffix.safetensors", metadata=ruled)
+    few = torch.cat([torch.nonzero(yv == 0).flatten()[:3], torch.nonzero(yv == 1).flatten()])
+    small = personalize_site(cfg, model, SiteData("st-mary", x, y, True),
+                             SiteEvalData("st-mary", {"val": (xv[few], yv[few]), "test": (xv, yv)}),
+                             _policy(tmp_path / "small", personalize_dp=False), run_id="run-1", epochs=2)
+    assert not small.kept_tuned
+    with safe_open(str(small.path), "pt") as fh:
+        assert fh.metadata()["decision-from"] == "run" and "fedtl.decision" not in fh.metadata()
+    assert load_run(run_dir, suffix=small.path).decision == load_run(run_dir).decision
+    assert load_run(run_dir).decision.threshold == 0.3
+
 
 def test_a_validation_split_too_small_to_resample_is_no_evidence():
     """The class-stratified bootstrap keeps each class's count: with one image of a class every resample holds that
