@@ -191,7 +191,11 @@ def _personal_note(run) -> str:
     m = run.metadata
     if "personal" not in m:
         return ""
-    kept = "its fine-tuned suffix" if m["kept"] == "tuned" else "the global suffix (fine-tuning showed no gain)"
+    if m["kept"] == "tuned":
+        kept = "the global suffix with its local head" if m.get("personalization") == "local-head" else \
+            "its fine-tuned suffix"
+    else:
+        kept = "the global suffix: its validation split showed no gain from a personal one"
     private = "" if m["dp"] == "true" else "; trained without DP: keep it and its exports at the site"
     return f", personal suffix of site {m['site']} ({kept}{private})"
 

@@ -159,7 +159,7 @@ def load_run(run_dir: str | Path, suffix: str | Path | None = None) -> RunModel:
     decision.check_classes(model.num_classes)
     if suffix is not None:  # what `predict` names: the site's file, and whether it kept the fine-tuned suffix
         meta = {**meta, "personal": str(suffix), "site": personal.get("site", "?"), "kept": personal["kept"],
-                "dp": personal.get("dp", "true")}
+                "dp": personal.get("dp", "true"), "personalization": personal.get("personalization", "finetune")}
     from fedtl.backbones import get_spec
 
     pre = Preprocessing.for_backbone(get_spec(cfg.model.backbone), cfg.model.resolution)

@@ -116,13 +116,13 @@ def choose_personal(model: TransferModel, global_state: dict, tuned_state: dict,
 def personal_decision(cfg: FedTLConfig, model: TransferModel, eval_data, kept_tuned: bool) -> Decision | None:
     """The decision rule for the loaded (kept) suffix, chosen on the site's own validation split as the server
     chooses the run's on its own (``evaluation.decision``): the suffix serves this site's class mix. ``None`` — use the
-    run's rule — when the site kept the global suffix and its validation split cannot choose one (none, or fewer than
-    :data:`MIN_PER_CLASS` images of a class it holds): the run's rule was chosen for that suffix on more data. A kept
+    run's rule — when the site kept the global suffix and its validation split cannot choose one (none, one class, or
+    fewer than :data:`MIN_PER_CLASS` images of a class it holds): the run's rule was chosen for that suffix on more data. A kept
     candidate had such a split (:func:`choose_personal`); without one, the argmax."""
     from fedtl.evaluation import central_decision
 
     feats, labels = ((eval_data.splits.get("val") if eval_data is not None else None) or (None, None))
-    if labels is None or len(labels) == 0 or too_few_to_weigh(labels.numpy()):
+    if labels is None or len(labels) == 0 or len(np.unique(labels.numpy())) < 2 or too_few_to_weigh(labels.numpy()):
         return Decision() if kept_tuned else None
     probs = evaluate_suffix(model, feats, labels).probabilities
     rule = central_decision(probs, labels.numpy(), cfg.evaluation.decision)

@@ -413,6 +413,11 @@ def test_predict_uses_a_sites_personal_suffix_of_the_same_run_and_refuses_others
     with safe_open(str(small.path), "pt") as fh:
         assert fh.metadata()["decision-from"] == "run" and "fedtl.decision" not in fh.metadata()
     assert load_run(run_dir, suffix=small.path).decision == load_run(run_dir).decision
+    ones = torch.nonzero(yv == 1).flatten()  # one class: no rule can be chosen on it either
+    single = personalize_site(cfg, model, SiteData("st-mary", x, y, True),
+                              SiteEvalData("st-mary", {"val": (xv[ones], yv[ones]), "test": (xv, yv)}),
+                              _policy(tmp_path / "single", personalize_dp=False), run_id="run-1", epochs=2)
+    assert not single.kept_tuned and load_run(run_dir, suffix=single.path).decision.threshold == 0.3
     assert load_run(run_dir).decision.threshold == 0.3
 
 
