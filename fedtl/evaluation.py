@@ -23,6 +23,9 @@ HIST_BINS = 50  # score histogram bins a site releases per class (binary tasks),
 POOLED_WEIGHT_CAP = 4.0  # a site's weight in pooled federated figures and histograms: at most this × the median n
 PLATEAU_SE = 2.0  # threshold: the edges within this many standard errors of the best balanced accuracy are near-best
 DECISION_KEY = METADATA_KEY  # safetensors metadata key of the suffix's decision rule (fedtl.decision)
+# validation images of each class it holds that a site needs to weigh a personal candidate (auc_gain_bound) or to
+# choose its own decision rule: a class of m images has C(2m-1, m) distinct resamples (1, 3, 10, 35, 126, m = 1 … 5)
+MIN_PER_CLASS = 5
 
 
 def auc_of(probs: np.ndarray, labels: np.ndarray) -> float:

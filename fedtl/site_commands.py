@@ -65,7 +65,7 @@ def _check_evaluation(site, train) -> tuple[int, int, object]:
     import numpy as np
 
     from fedtl.data.site_sources import load_site_data
-    from fedtl.evaluation import stratified_split
+    from fedtl.evaluation import MIN_PER_CLASS, stratified_split
 
     ev = site.evaluation
     if not ev.enabled:
@@ -93,6 +93,13 @@ def _check_evaluation(site, train) -> tuple[int, int, object]:
             print(f"warning: the {split} split will hold no image of class {', '.join(absent)}: its AUC "
                   f"{'is undefined' if len(absent) >= len(names) - 1 else 'leaves that class out'} there "
                   "(more evaluation images of that class, or another validation-fraction, would fix it)")
+    held = [i for i in range(len(names)) if counts[0][i] > 0]
+    few = [f"{i} {names[i]}" for i in held if counts[0][i] < MIN_PER_CLASS]
+    if site.privacy.max_personalize_epochs > 0 and (few or len(held) < 2):
+        print(f"note: personalization would keep the global suffix here: weighing a personal one needs at least "
+              f"{MIN_PER_CLASS} validation images of each class the split holds, and two classes"
+              + (f" (fewer of class {', '.join(few)})" if few else "")
+              + "; more evaluation images, or another validation-fraction, would fix it")
     if problems:
         print(f"evaluation unreadable: {len(problems)}")
         for problem in problems:

@@ -21,6 +21,7 @@ import numpy as np
 
 from fedtl.config import FedTLConfig
 from fedtl.decision import Decision
+from fedtl.evaluation import MIN_PER_CLASS
 from fedtl.errors import LedgerError
 from fedtl.model import TransferModel
 from fedtl.privacy import open_ledger, plan_personalize
@@ -56,8 +57,6 @@ class PersonalOutcome:
 
 BLENDS = (1.0, 0.5)  # candidates: the fine-tuned suffix, and halfway between the global and the fine-tuned one
 EVIDENCE = 0.9  # one-sided confidence that a candidate ranks the site's validation split better than the global
-MIN_PER_CLASS = 5  # validation images of each class it holds that a site needs to weigh a candidate at all: a class
-#                     of m images has C(2m-1, m) distinct resamples (1, 3, 10, 35, 126 for m = 1 ... 5)
 
 
 def blend(global_state: dict, tuned_state: dict, alpha: float) -> dict:

@@ -149,6 +149,8 @@ def test_the_evaluation_set_is_counted_per_split_and_a_missing_class_is_named(si
     assert "evaluation: folder" in out and "5 of 6 listed images read" in out
     assert "class 0 normal: 2 validation, 2 test" in out and "class 1 pneumonia: 0 validation, 1 test" in out
     assert "warning: the validation split will hold no image of class 1 pneumonia: its AUC is undefined there" in out
+    # too few validation images to ever keep a personal suffix: said before the run, not discovered after it
+    assert "note: personalization would keep the global suffix here" in out and "(fewer of class 0 normal)" in out
     assert "  bad.png: " in out and code == 3
     assert err[-1].startswith("error: 1 entries of the evaluation set are unreadable (named above)")
     assert _run(capsys, ["site", "check", "--allow-bad", str(site)])[0] == 0
@@ -157,6 +159,8 @@ def test_the_evaluation_set_is_counted_per_split_and_a_missing_class_is_named(si
     code, out, _ = _run(capsys, ["site", "check", str(site)])
     assert code == 0 and "evaluation: 50% of [data] held out of training: 0 images" in out  # one image per class
     assert "warning: the validation split will hold no image of class 0 normal, 1 pneumonia: its AUC is undefined" in out
+    site.write_text(base + "[evaluation]\nholdout = 0.5\n[privacy]\nmax-personalize-epochs = 0\n")
+    assert "note: personalization" not in _run(capsys, ["site", "check", str(site)])[1]  # the site never personalizes
     site.write_text(base + "[evaluation]\nenabled = false\n")
     assert "evaluation: none" in _run(capsys, ["site", "check", str(site)])[1]
     assert not (site.parent / "state").exists()
