@@ -295,7 +295,10 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
     _wait_until(lambda: set(dep.nodes().values()) == {"online"}, 90, "all sites to come online")
 
     out = tmp_path / "run"
-    run_config = f"federation.sites={SITES} federation.rounds=2 output.dir='{out}' model.num-classes=2"
+    # personalization.kind = local-head: the train requests ask each site to keep a local head, the last message asks
+    # it to weigh that head (through real Flower messages and the site workers, not only the handlers' unit tests)
+    run_config = (f"federation.sites={SITES} federation.rounds=2 output.dir='{out}' model.num-classes=2 "
+                  "personalization.kind='local-head'")
     proc = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", ".", CONNECTION, "--stream",
                            "--run-config", run_config],
                           env=dep.env, cwd=ROOT, capture_output=True, text=True, timeout=500)
@@ -345,6 +348,18 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
     if ledger_c.exists():
         body = json.loads(ledger_c.read_text())
         assert body["entries"] == [] and body["epsilon"] == 0, body
+
+    # the local heads stayed at the sites that trained; each site weighed its own (8 validation images: too few to
+    # keep it) and said why; the declining site held none; nothing was spent on personalization
+    personal = summary["personalization"]
+    assert personal["kind"] == "local-head" and set(personal["sites"]) == set(sites), personal
+    for name in trained:
+        assert (sites[name][0] / "local-head.safetensors").is_file()
+        assert personal["sites"][name]["personalized"] and personal["sites"][name]["kept"] == "global", personal
+        assert "no evidence on its validation split" in personal["skipped"][name], personal["skipped"]
+        assert (sites[name][0] / "personal-suffix.safetensors").is_file()
+    assert not (sites[declining][0] / "local-head.safetensors").exists()
+    assert "holds no local head" in personal["skipped"][declining], personal["skipped"]
 
     runs = ops.run_status(dep.flwr_home, CONNECTION)
     assert len(runs) == 1 and "finished" in runs[0]["status"], runs
