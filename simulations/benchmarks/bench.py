@@ -115,7 +115,7 @@ def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
     # issue 11, item 4: fine-tuning more of the network, same federation and budget. SLOW rows: run only when named
     # (--row / --rows); seconds per seed on 2 cores in their names (docs/benchmarks.md, "Fine-tuning more of the network")
     dp3 = {"federation.sites": 10, "privacy.target-epsilon": 3.0}
-    rows.append((f"{SLOW} unfreeze block4_2 (adapters.kind=unfreeze), federated 10 sites, DP ε=3 (~17 min a seed)",
+    rows.append((f"{SLOW} unfreeze block4_2 (adapters.kind=unfreeze), federated 10 sites, DP ε=3 (~12 min a seed)",
                  "transfer", {**dp3, "adapters.kind": "unfreeze", "adapters.blocks": 1}))
     rows.append((f"{SLOW} whole backbone but the stem unfrozen, BatchNorm frozen, 64 px, federated 10 sites, DP ε=3 "
                  "(~100 min a seed)", "transfer",
