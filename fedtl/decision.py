@@ -27,6 +27,7 @@ import numpy as np
 from fedtl.errors import ConfigError
 
 METADATA_KEY = "fedtl.decision"
+DECISION_FROM = "decision-from"  # a personal suffix's metadata: "run" = predicted with the run's rule
 RULES = ("argmax", "threshold", "bias")
 MAX_BIAS = 50.0  # |offset| of a bias rule, in log-probability units
 

@@ -30,7 +30,7 @@ from fedtl.data.preprocess import Preprocessing, shift_view
 from fedtl.data.dicom import read_dicom_image
 from fedtl.data.pixels import read_image_file, stack_images
 from fedtl.data.site_sources import DEFAULT_IMAGE_SIZE, Problem, _reason
-from fedtl.decision import Decision, decision_from_metadata
+from fedtl.decision import DECISION_FROM, Decision, decision_from_metadata
 from fedtl.errors import BackboneError, ConfigError
 from fedtl.model import TransferModel
 from fedtl.site_config import DEFAULT_MAX_PIXELS
@@ -155,7 +155,7 @@ def load_run(run_dir: str | Path, suffix: str | Path | None = None) -> RunModel:
     model = TransferModel(backbone, num_classes, cfg.model, cfg.adapters, seed=cfg.train.seed)
     model.load_trainable_state(state)  # names, shapes, dtypes, finite values checked
     model.eval()
-    decision = decision_from_metadata(personal if suffix is not None and personal.get("decision-from") != "run" else meta)
+    decision = decision_from_metadata(personal if suffix is not None and personal.get(DECISION_FROM) != "run" else meta)
     decision.check_classes(model.num_classes)
     if suffix is not None:  # what `predict` names: the site's file, and whether it kept the fine-tuned suffix
         meta = {**meta, "personal": str(suffix), "site": personal.get("site", "?"), "kept": personal["kept"],

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from fedtl.config import FedTLConfig
-from fedtl.decision import Decision
-from fedtl.evaluation import MIN_PER_CLASS
+from fedtl.decision import DECISION_FROM, Decision
+from fedtl.evaluation import MIN_PER_CLASS, auc_gain_bound, too_few_to_weigh
 from fedtl.errors import LedgerError
 from fedtl.model import TransferModel
 from fedtl.privacy import open_ledger, plan_personalize
@@ -33,7 +33,6 @@ from fedtl.training import DPSettings, evaluate_suffix, train_suffix
 log = logging.getLogger(__name__)
 
 PERSONAL_SUFFIX = "personal-suffix.safetensors"
-DECISION_FROM = "decision-from"  # "run": the personal suffix is predicted with the run's decision rule
 
 
 def personal_suffix_path(policy: PrivacyPolicy) -> Path:
@@ -66,15 +65,8 @@ def blend(global_state: dict, tuned_state: dict, alpha: float) -> dict:
             for k, g in global_state.items()}
 
 
-def too_few_to_weigh(labels, min_per_class: int = MIN_PER_CLASS) -> int:
-    """The size of the smallest class present in ``labels`` when it is below ``min_per_class`` (else 0)."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64))
-    smallest = int(counts[counts > 0].min()) if (counts > 0).any() else 0
-    return smallest if smallest < min_per_class else 0
-
-
 def choose_personal(model: TransferModel, global_state: dict, tuned_state: dict, eval_data,
-                    confidence: float = EVIDENCE, min_per_class: int = MIN_PER_CLASS) -> tuple[float, dict, float]:
+                    confidence: float = EVIDENCE) -> tuple[float, dict, float]:
     """The candidate (blend weight, state, evidence) a site keeps: among :data:`BLENDS`, the one whose
     lower confidence bound on the validation-AUC gain over the global suffix (paired bootstrap,
     :func:`fedtl.evaluation.auc_gain_bound`) is largest; ``evidence`` is that bound, and the site keeps the
@@ -83,18 +75,13 @@ def choose_personal(model: TransferModel, global_state: dict, tuned_state: dict,
     Keeping the fine-tuned suffix whenever its validation AUC was at least the global one's lost 0.018
     test AUC at a site whose two validation AUCs were equal at four decimals (site-shift benchmark,
     docs/benchmarks.md). Without validation data, with a validation split of one class (AUC undefined), or with
-    fewer than ``min_per_class`` images of a class it holds, there is no evidence: ``(0.0, global_state, nan)``.
-    The class-stratified bootstrap keeps each class's count, so a class of one image is the same image in every
-    resample and the "bound" is just the point gain: a simulated RetinaMNIST site with 6 validation images (one of
-    one class, five of another) kept its local head on a validation AUC of 0.70 → 1.00 and lost 0.035 test AUC.
-    Validation loss is not used instead: a site whose validation split held one class chose the fine-tuned suffix
+    fewer than :data:`~fedtl.evaluation.MIN_PER_CLASS` images of a class it holds (the bootstrap cannot vary it),
+    there is no evidence: ``(0.0, global_state, nan)``. Validation loss is not used instead: a site whose validation split held one class chose the fine-tuned suffix
     by its lower loss and lost 0.51 test AUC.
     """
-    from fedtl.evaluation import auc_gain_bound
-
     val = (eval_data.splits.get("val") if eval_data is not None else None) or (None, None)
     feats, labels = val
-    if labels is None or len(labels) == 0 or too_few_to_weigh(labels.numpy(), min_per_class):
+    if labels is None or len(labels) == 0:
         return 0.0, global_state, math.nan
 
     def probs(state):

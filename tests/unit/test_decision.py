@@ -160,5 +160,9 @@ def test_the_bootstrap_auc_gain_bound_is_paired_stratified_and_honest():
     assert bound == auc_gain_bound(probs(s), probs(better), y)  # reproducible: a fixed resampling seed
     # one class: AUC undefined, no bound; bad arguments are refused
     assert np.isnan(auc_gain_bound(probs(s[y == 1]), probs(better[y == 1]), y[y == 1]))
+    # a class of 4 examples cannot be resampled into doubt (one example: the same in every resample): no bound
+    keep = np.concatenate([np.flatnonzero(y == 0)[:4], np.flatnonzero(y == 1)])
+    assert np.isnan(auc_gain_bound(probs(s[keep]), probs(better[keep]), y[keep]))
+    assert np.isfinite(auc_gain_bound(probs(s[keep]), probs(better[keep]), y[keep], min_per_class=4))  # 4 are enough there
     with pytest.raises(ValueError, match="confidence"):
         auc_gain_bound(probs(s), probs(better), y, confidence=1.0)

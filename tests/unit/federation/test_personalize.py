@@ -425,7 +425,9 @@ def test_a_validation_split_too_small_to_resample_is_no_evidence():
     """The class-stratified bootstrap keeps each class's count: with one image of a class every resample holds that
     image, and any candidate that ranks it right has a "lower bound" equal to its point gain. A site must not keep a
     personal suffix on such a split (a simulated RetinaMNIST site did, on 6 images, and lost 0.035 test AUC)."""
-    from fedtl.federation.personal_site import MIN_PER_CLASS, choose_personal, too_few_to_weigh
+    from fedtl.evaluation import MIN_PER_CLASS, auc_gain_bound, too_few_to_weigh
+    from fedtl.federation.personal_site import choose_personal
+    from fedtl.training import evaluate_suffix
 
     model = TransferModel(make_tiny_backbone(), 2, ModelConfig(pooling="avg"), AdaptersConfig())
     g = {k: v.clone() for k, v in model.trainable_state().items()}
@@ -438,7 +440,15 @@ def test_a_validation_split_too_small_to_resample_is_no_evidence():
         return SiteEvalData("st-mary", {"val": (xv[idx], yv[idx])})
 
     assert too_few_to_weigh(np.array([0, 1, 1, 1, 1, 1])) == 1 and too_few_to_weigh(np.array([0] * 10 + [1] * 10)) == 0
-    assert choose_personal(model, g, tuned, split((1, 5)), min_per_class=1)[2] > 0  # the attack: 6 images "decide"
+    def bound(state, ev, **kw):  # the gate's own figure on that split
+        feats, labels = ev.splits["val"]
+        model.load_trainable_state(state)
+        p = evaluate_suffix(model, feats, labels).probabilities
+        model.load_trainable_state(g)
+        return auc_gain_bound(evaluate_suffix(model, feats, labels).probabilities, p, labels.numpy(), **kw)
+
+    assert bound(tuned, split((1, 5)), min_per_class=1) > 0  # the attack: without the minimum, 6 images "decide"
+    assert math.isnan(bound(tuned, split((1, 5))))
     for tiny in ((1, 5), (MIN_PER_CLASS - 1, 50)):
         alpha, kept, evidence = choose_personal(model, g, tuned, split(tiny))
         assert math.isnan(evidence) and alpha == 0.0 and all(torch.equal(kept[k], g[k]) for k in g)
@@ -449,7 +459,7 @@ def test_a_validation_split_too_small_to_resample_is_no_evidence():
 def test_a_site_that_weighed_a_candidate_and_kept_the_global_suffix_says_why(tmp_path):
     """Every site of a run keeping the global suffix looks like a failure unless the report says why: the site sends
     the reason (no count of its validation classes), the server lists it beside the site."""
-    from fedtl.federation.personal_site import MIN_PER_CLASS
+    from fedtl.evaluation import MIN_PER_CLASS
 
     cfg = FedTLConfig.from_run_config({"train.lr": 0.5, "privacy.randomness": "seeded"})
     model = TransferModel(make_tiny_backbone(), 2, ModelConfig(pooling="avg"), AdaptersConfig())
