@@ -112,8 +112,6 @@ def print_summary(summary: dict) -> None:
             print(f"… and {len(sites) - 12} more sites (summary.json, report.html)")
         pooled = table.get("pooled") or {}
         print(f"{'pooled':<14}{pooled.get('test_n', 0):>7}{f(pooled.get('test_auc')):>8}{f(pooled.get('test_acc')):>8}")
-        if dec.get("rule") == "bias":  # the sites release no statistic for the offsets (report.py says so too)
-            print("(site and pooled accuracies are at the argmax; the central figure above is at the per-class offsets)")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -8,6 +8,12 @@ another. The threshold is a bin edge of the score histograms — the server's ow
 scores (central evaluation) or the sites' released ones (federated evaluation), so both paths
 pick it the same way and per-site accuracy at it is exact — in the middle of the edges with near-best
 balanced accuracy (Youden's J), which does not depend on the validation split's class mix.
+
+Multi-class tasks: per-class offsets to the log-probabilities, chosen for accuracy on validation data — the
+server's own, or the sites' released prediction rows (:func:`prediction_rows`: each evaluation image's label and
+its log-probabilities relative to its most likely class, rounded to :data:`PRED_STEP`), the multi-class
+counterpart of the binary histograms, so both paths choose the offsets the same way and per-site accuracy at them
+is exact.
 """
 
 from __future__ import annotations
@@ -26,6 +32,61 @@ DECISION_KEY = METADATA_KEY  # safetensors metadata key of the suffix's decision
 # validation images of each class it holds that a site needs to weigh a personal candidate (auc_gain_bound) or to
 # choose its own decision rule: a class of m images has C(2m-1, m) distinct resamples (1, 3, 10, 35, 126, m = 1 … 5)
 MIN_PER_CLASS = 5
+# multi-class tasks: a site releases each evaluation image's log-probabilities relative to its most likely class,
+# rounded to PRED_STEP (the offsets' own step) and floored at -PRED_FLOOR steps (-8: no offset pair within ±4 can
+# bring a class further down back), as a multiset with its label; at most MAX_PRED_VALUES integers per split
+PRED_STEP = 0.1
+PRED_FLOOR = 80
+MAX_PRED_VALUES = 400_000
+
+
+def max_prediction_images(num_classes: int) -> int:
+    """The most images whose prediction rows a site sends for one split (a seeded sample of a larger split)."""
+    return MAX_PRED_VALUES // (num_classes + 2)
+
+
+def prediction_rows(probs: np.ndarray, labels: np.ndarray, seed: int = 0) -> list[int]:
+    """What a site releases of a multi-class evaluation split for the federation's decision rule: the multiset of
+    (label, q_0 … q_{K-1}) with q_j = round((log p_j − max log p) / PRED_STEP) floored at −PRED_FLOOR (and at most
+    −1 for every class but the most likely, so the argmax is exact), as flat rows
+    ``label, q_0, …, q_{K-1}, count`` sorted (no image order survives). A split larger than
+    :func:`max_prediction_images` is sampled (seeded) to that many images."""
+    p, y = np.asarray(probs, dtype=float), np.asarray(labels).astype(np.int64)
+    k = p.shape[1]
+    cap = max_prediction_images(k)
+    if len(y) > cap:
+        keep = np.sort(np.random.default_rng(seed).choice(len(y), cap, replace=False))
+        p, y = p[keep], y[keep]
+    logp = np.log(np.clip(p, 1e-300, None))
+    q = np.maximum(np.round((logp - logp.max(axis=1, keepdims=True)) / PRED_STEP), -PRED_FLOOR).astype(np.int64)
+    top = logp.argmax(axis=1)
+    runner_up = np.ones_like(q, dtype=bool)
+    runner_up[np.arange(len(q)), top] = False
+    q[runner_up & (q == 0)] = -1  # a class just below the most likely one stays below it: the argmax survives rounding
+    rows, counts = np.unique(np.column_stack([y, q]), axis=0, return_counts=True)
+    return np.column_stack([rows, counts]).ravel().astype(int).tolist()
+
+
+def rows_log_probabilities(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked prediction rows (R, K + 2) → (relative log-probabilities (R, K), labels (R,), counts (R,))."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return rows[:, 1:-1] * PRED_STEP, rows[:, 0], rows[:, -1]
+
+
+def rows_accuracy(rows: np.ndarray, decision: Decision) -> float:
+    """Accuracy of a multi-class decision (argmax or per-class offsets) on prediction rows, counting each row's
+    images."""
+    logp, y, counts = rows_log_probabilities(rows)
+    bias = np.asarray(decision.bias) if decision.rule == "bias" else np.zeros(logp.shape[1])
+    return float(np.sum(counts * expected_correct(logp + bias, y)) / max(1, counts.sum()))
+
+
+def expected_correct(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per row, the chance that the argmax of ``scores`` is the label with ties broken at random: 1 or 0 unless the
+    best scores tie (rounded prediction rows plus offsets on the same grid can), then 1 / (tied classes) if the label
+    is among them."""
+    best = scores >= scores.max(axis=1, keepdims=True) - 1e-9
+    return best[np.arange(len(labels)), labels] / best.sum(axis=1)
 
 
 def auc_of(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -86,14 +147,38 @@ def bias_from_probabilities(probs: np.ndarray, labels: np.ndarray, grid: float =
     (validation) examples: a coordinate search over ``[-grid, grid]``, ties broken toward the smaller offset.
     ``None`` when the data cannot support it (fewer than 5 examples per class, one class) or no offset beats the
     argmax, so a model is never moved off its argmax by a validation set too small to say so."""
-    p, y = np.asarray(probs, dtype=float), np.asarray(labels).astype(int)
-    k = p.shape[1]
-    if k < 2 or len(y) < 5 * k or len(np.unique(y)) < 2:
+    p = np.asarray(probs, dtype=float)
+    return bias_from_log_probabilities(np.log(np.clip(p, 1e-30, None)), labels, grid=grid, step=step, sweeps=sweeps)
+
+
+def bias_from_log_probabilities(logp: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None,
+                                examples: int | None = None, groups: np.ndarray | None = None, trim: int = 0,
+                                grid: float = 4.0, step: float = 0.1, sweeps: int = 3) -> np.ndarray | None:
+    """:func:`bias_from_probabilities` on (relative) log-probabilities, each row counting ``weights`` (default 1)
+    in the accuracy; ``examples``: the images the rows stand for (default: one a row), for the size check.
+
+    ``groups`` (one integer per row: the site it came from) with ``trim`` > 0: the accuracy each candidate is
+    judged by leaves out, for that candidate, the ``trim`` groups with the highest and the ``trim`` with the lowest
+    accuracy (a weighted trimmed mean of the groups' accuracies), so that no one group's rows can pull the offsets
+    toward what suits them alone — a site that made its rows up is either the best or the worst at the offsets
+    it pulls toward."""
+    logp, y = np.asarray(logp, dtype=float), np.asarray(labels).astype(int)
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=float)
+    k = logp.shape[1]
+    n = len(y) if examples is None else examples
+    if k < 2 or n < 5 * k or len(np.unique(y[w > 0])) < 2 or w.sum() <= 0:
         return None
-    logp = np.log(np.clip(p, 1e-30, None))
+    g = np.zeros(len(y), dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    group_w = np.bincount(g, weights=w)
+    trim = trim if len(group_w) > 2 * trim else 0
 
     def acc(b: np.ndarray) -> float:
-        return float(np.mean((logp + b).argmax(1) == y))
+        correct = w * expected_correct(logp + b, y)
+        if not trim:
+            return float(correct.sum() / w.sum())
+        per_group = np.bincount(g, weights=correct, minlength=len(group_w)) / np.maximum(group_w, 1e-300)
+        kept = np.argsort(per_group, kind="stable")[trim:len(per_group) - trim]
+        return float(np.sum(per_group[kept] * group_w[kept]) / max(group_w[kept].sum(), 1e-300))
 
     bias, base = np.zeros(k), acc(np.zeros(k))
     values = np.round(np.arange(-grid, grid + step / 2, step), 10)

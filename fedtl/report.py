@@ -220,9 +220,6 @@ def render(run: str | Path) -> str:
         "<h2>Per-site results (selected suffix)</h2>",
         _table(["site", "test n", "test AUC", "test accuracy", "val AUC", "val n"], site_rows) if site_rows
         else "<p>No federated evaluation in this run.</p>",
-        ("<p>Site and pooled accuracies are at the argmax: the sites release no statistic for the per-class "
-         "offsets of this run's decision rule; the central row is at that rule.</p>"
-         if site_rows and decision.get("rule") == "bias" else ""),
         (_table(["site without figures", "reason"], skipped) if skipped else ""),
         personal_part,
         "<h2>AUC per round</h2>", f"<figure id='fig-auc'>{plots['auc']}</figure>",

@@ -82,6 +82,10 @@ def _check_evaluation(site, train) -> tuple[int, int, object]:
         labels = labels[first]
         training -= len(labels)
         print(f"evaluation: {ev.holdout:.0%} of [data] held out of training: {len(labels)} images")
+    print("  releases: n, AUC, accuracy and loss per split, " + (
+        "and the score histograms (binary) or prediction rows (multi-class) the federation's decision rule is chosen "
+        "on (docs/privacy.md)" if ev.release_scores else "not the score histograms or prediction rows "
+        "(release-scores = false)"))
     val, test = stratified_split(labels, ev.validation_fraction, 0) if len(labels) else ([], [])
     counts = [(np.bincount(labels[np.asarray(part, dtype=np.int64)], minlength=len(names)) if len(labels) else
                np.zeros(len(names), int)) for part in (val, test)]

@@ -21,6 +21,8 @@ The site operator writes it (``site.toml``), never the server::
     # holdout = 0.2                # … or this fraction of [data] held out of training (stored split)
     validation-fraction = 0.5      # share used for validation (model selection, threshold); the rest is test
     # enabled = false              # opt out: the site answers evaluation requests with no figures
+    # release-scores = false       # send the figures but not the per-image score histograms (binary) or
+    #                                prediction rows (multi-class) the federation's decision rule is chosen on
 
     [privacy]                      # the site's policy: a run's config cannot change any of it
     target-epsilon = 3.0           # lifetime budget
@@ -79,7 +81,7 @@ KNOWN_KEYS = (
     "privacy.max-noise-multiplier", "privacy.max-personalize-epochs", "privacy.personalize-dp",
     "evaluation.enabled", "evaluation.holdout", "evaluation.validation-fraction", "evaluation.format",
     "evaluation.path", "evaluation.labels", "evaluation.image-size", "evaluation.classes", "evaluation.split",
-    "evaluation.max-pixels", "evaluation.labels-column",
+    "evaluation.max-pixels", "evaluation.labels-column", "evaluation.release-scores",
     "tls.ca-cert",
     "auth.private-key", "auth.public-key",
     "backbone.allowed-sha256", "backbone.max-weights-mb",
@@ -155,8 +157,13 @@ class SiteEvaluationConfig:
     data: SiteDataConfig | None = None
     holdout: float = 0.0
     validation_fraction: float = 0.5
+    # the score histograms (binary) or prediction rows (multi-class) of its splits, which a federation without server
+    # data chooses its decision rule on (fedtl.federation.fedeval); False: figures only
+    release_scores: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.release_scores, bool):
+            _fail("evaluation.release-scores", self.release_scores, "must be true or false")
         if not isinstance(self.holdout, (int, float)) or isinstance(self.holdout, bool) \
                 or not (self.holdout == 0 or 0.02 <= self.holdout <= 0.5):
             _fail("evaluation.holdout", self.holdout, "must be 0 (off) or a fraction between 0.02 and 0.5")
@@ -398,7 +405,8 @@ def _evaluation(flat: dict[str, Any], path_of, data: SiteDataConfig) -> SiteEval
     return SiteEvaluationConfig(enabled=enabled,
                                 data=own if enabled else None,
                                 holdout=_number(flat, "evaluation.holdout", 0.0) if enabled else 0.0,
-                                validation_fraction=_number(flat, "evaluation.validation-fraction", 0.5))
+                                validation_fraction=_number(flat, "evaluation.validation-fraction", 0.5),
+                                release_scores=flat.get("evaluation.release-scores", True))
 
 
 def _resolve(text: str, base: Path) -> Path:

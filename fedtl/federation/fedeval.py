@@ -5,13 +5,15 @@ Protocol (both directions are untrusted input for the receiver):
 - request (``MessageType.EVALUATE``): ``arrays`` (the suffix) and ``config`` with ``server-round``,
   ``run-id``, ``num-classes``, ``backbone``, ``backbone-sha256``;
 - reply: exactly :data:`EVAL_METRIC_KEYS` — for the site's validation and test splits the number of
-  examples, AUC (−1: undefined), argmax accuracy, loss, and for binary tasks per-class histograms
-  of the positive-class score over :data:`fedtl.evaluation.HIST_BINS` bins (all zeros otherwise) —
+  examples, AUC (−1: undefined), argmax accuracy, loss, for binary tasks per-class histograms
+  of the positive-class score over :data:`fedtl.evaluation.HIST_BINS` bins (all zeros otherwise), for
+  multi-class tasks the prediction rows (:func:`fedtl.evaluation.prediction_rows`; empty otherwise) —
   and ``info`` (``site``, ``reason``). A site that does not evaluate replies ``evaluated = 0``.
 
 These are released statistics of the site's evaluation images (no DP; ``docs/privacy.md``). The
-histograms let the server choose a decision threshold and compute accuracy at it exactly (the
-threshold is a bin edge) without a second message and without touching training data.
+histograms (binary) and prediction rows (multi-class) let the server choose the decision rule — a
+threshold, per-class offsets — and compute each site's accuracy at it exactly, without a second
+message and without touching training data.
 """
 
 from __future__ import annotations
@@ -26,17 +28,20 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedtl.evaluation import HIST_BINS, POOLED_WEIGHT_CAP, Decision, pooled, threshold_from_histograms
+from fedtl.evaluation import (HIST_BINS, POOLED_WEIGHT_CAP, PRED_FLOOR, Decision, bias_from_log_probabilities,
+                               max_prediction_images, pooled, rows_accuracy, rows_log_probabilities,
+                               threshold_from_histograms)
 from fedtl.weighting import aggregation_weights
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("val", "test")
 _FIGS = ("n", "auc", "acc", "loss")
-EVAL_METRIC_KEYS = ("evaluated", *(f"{s}-{k}" for s in SPLITS for k in (*_FIGS, "hist-neg", "hist-pos")))
+EVAL_METRIC_KEYS = ("evaluated", *(f"{s}-{k}" for s in SPLITS for k in (*_FIGS, "hist-neg", "hist-pos", "preds")))
 EVAL_INFO_KEYS = ("site", "reason")
 MAX_EVAL_EXAMPLES = 10_000_000
 MAX_LOSS = 1e4
+TRIM_SITES_FROM = 5  # multi-class offsets: with this many sites' rows, the best and worst site at each candidate are left out
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,8 @@ class EvalRequest:
 
 
 def eval_reply(split_figures: dict[str, dict] | None, *, site: str, reason: str = "") -> RecordDict:
-    """A site's evaluation reply. ``split_figures[split]`` holds n, auc, acc, loss, hist_neg, hist_pos."""
+    """A site's evaluation reply. ``split_figures[split]`` holds n, auc, acc, loss, and hist_neg, hist_pos (binary)
+    or preds (multi-class: :func:`fedtl.evaluation.prediction_rows`)."""
     values: dict = {"evaluated": 1 if split_figures else 0}
     for s in SPLITS:
         f = (split_figures or {}).get(s) or {}
@@ -71,6 +77,7 @@ def eval_reply(split_figures: dict[str, dict] | None, *, site: str, reason: str 
         for k in ("hist-neg", "hist-pos"):
             h = list(f.get(k.replace("-", "_"), ()) or ())
             values[f"{s}-{k}"] = [int(x) for x in h] if len(h) == HIST_BINS else [0] * HIST_BINS
+        values[f"{s}-preds"] = [int(x) for x in f.get("preds", ())] if n else []
     return RecordDict({"metrics": MetricRecord(values), "info": ConfigRecord({"site": site[:64], "reason": reason[:1000]})})
 
 
@@ -149,12 +156,46 @@ def parse_eval_reply(content: RecordDict, num_classes: int) -> tuple[str, dict |
                 raise ValueError(f"`{s}-{k}` must be {HIST_BINS} non-negative integer counts")
             hists.append(np.asarray(h, dtype=np.int64))
         total = int(hists[0].sum() + hists[1].sum())
-        if num_classes == 2 and n and total != n:
+        if num_classes == 2 and n and total not in (0, n):  # 0: not released (the site's evaluation.release-scores)
             raise ValueError(f"`{s}` histograms count {total} examples, not n = {n}")
-        if num_classes == 2 and n:
+        if num_classes == 2 and n and total:
             fig["hist_neg"], fig["hist_pos"] = hists
+        rows = check_prediction_rows(reply.metrics[f"{s}-preds"], num_classes, n, f"{s}-preds")
+        if rows is not None:
+            fig["preds"] = rows
         out[s] = fig
     return site, out, reason
+
+
+def check_prediction_rows(value, num_classes: int, n: int, key: str) -> np.ndarray | None:
+    """A reply's prediction rows for one split as an (R, K + 2) array, or None where it sends none (a binary task or
+    an empty split, where the list must be empty; an empty list: the site does not release them). Raises ValueError
+    naming what is wrong: not a list of integers, not whole rows of ``label, q_0 … q_{K-1}, count``, a label outside
+    the classes, a q above 0 or below the floor, a row whose most likely class is not at 0, a count below 1, or
+    counts that do not add up to the split's n (at most :func:`fedtl.evaluation.max_prediction_images`)."""
+    if not isinstance(value, list):
+        raise ValueError(f"`{key}` must be a list of integers")
+    if num_classes <= 2 or not n:
+        if value:
+            raise ValueError(f"`{key}` must be empty {'for a binary task' if num_classes <= 2 else 'when n = 0'}")
+        return None
+    if not value:  # the site's evaluation.release-scores = false
+        return None
+    width, expected = num_classes + 2, min(n, max_prediction_images(num_classes))
+    if len(value) % width or len(value) > width * expected:
+        raise ValueError(f"`{key}` must be whole rows of {width} integers (label, {num_classes} values, count), "
+                         f"at most {expected} rows; got {len(value)} integers")
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in value):
+        raise ValueError(f"`{key}` must be a list of integers")
+    rows = np.asarray(value, dtype=np.int64).reshape(-1, width)
+    q = rows[:, 1:-1]
+    if not ((rows[:, 0] >= 0) & (rows[:, 0] < num_classes)).all():
+        raise ValueError(f"`{key}` holds a label outside 0 … {num_classes - 1}")
+    if not ((q >= -PRED_FLOOR) & (q <= 0)).all() or not (q.max(axis=1) == 0).all():
+        raise ValueError(f"`{key}` values must be in [-{PRED_FLOOR}, 0] with 0 at each row's most likely class")
+    if (rows[:, -1] < 1).any() or int(rows[:, -1].sum()) != expected:
+        raise ValueError(f"`{key}` counts must be >= 1 and add up to {expected} images, got {int(rows[:, -1].sum())}")
+    return rows
 
 
 def accuracy_at(fig: dict, threshold: float) -> float:
@@ -186,13 +227,37 @@ class SiteEvaluation:
         rows = list(self.sites.values())
         return {**pooled(rows, "val", weight_cap), **pooled(rows, "test", weight_cap)}
 
-    def choose_threshold(self, binary: bool, weight_cap: float = POOLED_WEIGHT_CAP) -> Decision:
-        """Threshold from the pooled validation histograms (:func:`threshold_from_histograms`); argmax when not binary
-        or undefined. Each site's histograms count at most ``weight_cap`` × the median site's examples (scaled down,
-        as the pooled figures' weights are: :func:`fedtl.evaluation.pooled`), so a site that claims a huge
-        validation split cannot place the federation's threshold alone."""
+    def choose_decision(self, num_classes: int, weight_cap: float = POOLED_WEIGHT_CAP,
+                        trim_from: int = TRIM_SITES_FROM) -> Decision:
+        """The federation's decision rule from the sites' validation releases, each site counting at most
+        ``weight_cap`` × the median site's examples (scaled down, as the pooled figures' weights are:
+        :func:`fedtl.evaluation.pooled`), so a site that claims a huge validation split cannot place it alone.
+        Binary: a threshold from the pooled histograms (:func:`threshold_from_histograms`); multi-class: per-class
+        offsets from the pooled prediction rows (:func:`fedtl.evaluation.bias_from_log_probabilities`, the central
+        rule's search), judged with ``trim_from`` or more sites by the accuracy of all sites but the best and the
+        worst at each candidate (one site's made-up rows would otherwise win an accuracy search whatever its
+        weight cap); the argmax when there is nothing to choose on or nothing beats it."""
+        if num_classes == 2:
+            return self._threshold(weight_cap)
+        rows = [f["val"]["preds"] for f in self.raw.values() if "preds" in f.get("val", {})]
+        if not rows:
+            return Decision()
+        counts = [float(r[:, -1].sum()) for r in rows]
+        weights = aggregation_weights(counts, "examples", weight_cap)
+        parts = [rows_log_probabilities(r) for r in rows]  # (log-probabilities, labels, counts) per site
+        w = np.concatenate([cnt * (weight / n if n > 0 else 0.0) for (_, _, cnt), n, weight in zip(parts, counts, weights)])
+        site = np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)])
+        images = int(sum(counts))
+        bias = bias_from_log_probabilities(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                                           w, examples=images, groups=site, trim=1 if len(rows) >= trim_from else 0)
+        if bias is None:
+            return Decision()
+        return Decision("bias", chosen_on=f"federated validation ({images} images, {len(rows)} sites)",
+                        bias=tuple(float(b) for b in bias))
+
+    def _threshold(self, weight_cap: float) -> Decision:
         figs = [f["val"] for f in self.raw.values() if "hist_neg" in f.get("val", {})]
-        if not binary or not figs:
+        if not figs:
             return Decision()
         counts = [float(f["hist_neg"].sum() + f["hist_pos"].sum()) for f in figs]
         weights = aggregation_weights(counts, "examples", weight_cap)
@@ -205,7 +270,8 @@ class SiteEvaluation:
         return Decision("threshold", t, 1, f"federated validation ({int(sum(counts))} images, {len(figs)} sites)")
 
     def apply(self, decision: Decision) -> None:
-        """Per-site accuracy at ``decision`` (binary threshold: exact, from the histograms)."""
+        """Per-site accuracy at ``decision``, exact: a threshold from the histograms, per-class offsets from the
+        prediction rows (a sampled split's rows: on the sample)."""
         self.decision = decision
         for site, figs in self.raw.items():
             row = self.sites[site]
@@ -214,6 +280,10 @@ class SiteEvaluation:
                 row[f"{s}_acc_argmax"] = f.get("acc", float("nan"))
                 if decision.rule == "threshold" and "hist_neg" in f:
                     row[f"{s}_acc"] = accuracy_at(f, decision.threshold)
+                elif decision.rule == "bias" and "preds" in f:
+                    row[f"{s}_acc"] = rows_accuracy(f["preds"], decision)
+                elif decision.rule != "argmax" and f.get("n"):  # it releases no scores: its accuracy at the rule is
+                    row[f"{s}_acc"] = float("nan")  # unknown (its argmax accuracy stays in *_acc_argmax)
 
 
 def ask_sites(grid, strategy, result, message_type: str, arrays: ArrayRecord, config: ConfigRecord, *,

@@ -219,12 +219,14 @@ def handle_evaluate(content: RecordDict, run_config: Mapping[str, Any], node_con
         return parsed
     conf, request, site = parsed
     num_classes = request.num_classes or load_source(conf.data.path).num_classes
-    warm = None
+    warm, release_scores = None, True
     if deployed:
         from fedtl.federation.deployment import cached_eval_site, load_site_config
 
-        if not load_site_config(str(node["site-config"])).evaluation.enabled:  # before any model is built
+        site_eval = load_site_config(str(node["site-config"])).evaluation
+        if not site_eval.enabled:  # before any model is built
             return eval_reply(None, site=site, reason="this site does not evaluate")
+        release_scores = site_eval.release_scores
         warm = cached_eval_site(conf, str(node["site-config"]), num_classes)
     model = warm[0] if warm is not None else build_transfer_model(conf, num_classes)
     if request.backbone_sha256 and model.weights_sha256 != request.backbone_sha256:
@@ -242,7 +244,7 @@ def handle_evaluate(content: RecordDict, run_config: Mapping[str, Any], node_con
     labels = torch.cat([y for _, y in data.splits.values()])
     if len(labels) and int(labels.max()) >= num_classes:
         return eval_reply(None, site=site, reason="labels outside the federation's classes")
-    return eval_reply(evaluate_site(model, data), site=site)
+    return eval_reply(evaluate_site(model, data, release_scores=release_scores), site=site)
 
 
 def handle_personalize(content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any],

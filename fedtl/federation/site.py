@@ -161,9 +161,11 @@ def simulated_eval_data(cfg: FedTLConfig, model: TransferModel, site: int, num_s
     return SiteEvalData(f"site-{site}", splits)
 
 
-def evaluate_site(model: TransferModel, data: SiteEvalData) -> dict[str, dict]:
-    """Figures of the loaded suffix on each of the site's evaluation splits (what :func:`eval_reply` sends)."""
-    from fedtl.evaluation import score_histograms
+def evaluate_site(model: TransferModel, data: SiteEvalData, release_scores: bool = True) -> dict[str, dict]:
+    """Figures of the loaded suffix on each of the site's evaluation splits (what :func:`eval_reply` sends): n, AUC,
+    argmax accuracy, loss and, with ``release_scores`` (the site's ``evaluation.release-scores``), the score
+    histograms (binary) or prediction rows (multi-class) the federation's decision rule is chosen on."""
+    from fedtl.evaluation import prediction_rows, score_histograms
     from fedtl.training import evaluate_suffix
 
     out = {}
@@ -173,8 +175,10 @@ def evaluate_site(model: TransferModel, data: SiteEvalData) -> dict[str, dict]:
             continue
         r = evaluate_suffix(model, feats, labels)
         fig = {"n": r.num_examples, "auc": r.auc, "acc": r.accuracy, "loss": r.loss}
-        if r.probabilities.shape[1] == 2:
+        if release_scores and r.probabilities.shape[1] == 2:
             fig["hist_neg"], fig["hist_pos"] = score_histograms(r.probabilities[:, 1], labels.numpy())
+        elif release_scores:
+            fig["preds"] = prediction_rows(r.probabilities, labels.numpy())
         out[split] = fig
     return out
 

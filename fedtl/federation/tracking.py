@@ -53,11 +53,11 @@ class Tracker:
     loss instead, logged once and recorded as ``selection_metric``. A round whose figure is undefined
     never beats a defined one, and the first trained round is kept until a better one comes.
 
-    For a binary task with ``decision = threshold``, each round's decision threshold is chosen on
-    the same validation data (central, or the sites' pooled score histograms), never on test data;
-    accuracies are reported at it (``*_acc``) and at the argmax (``*_acc_argmax``). A multi-class task
-    gets per-class offsets to the log-probabilities chosen on the server's own validation data (a
-    ``bias`` rule; federated validation has no statistic for them yet, so it keeps the argmax).
+    With ``decision = threshold``, each round's decision rule is chosen on the same validation data
+    (central, or the sites' pooled releases), never on test data: for a binary task a threshold
+    (federated: from the sites' score histograms), for a multi-class task per-class offsets to the
+    log-probabilities (a ``bias`` rule; federated: from the sites' prediction rows). Accuracies are
+    reported at it (``*_acc``) and at the argmax (``*_acc_argmax``).
     """
 
     model: TransferModel
@@ -69,7 +69,7 @@ class Tracker:
     select_by: str = "central"  # central | federated | last
     decision_mode: str = "threshold"
     num_classes: int = 2
-    weight_cap: float = POOLED_WEIGHT_CAP  # a site's weight in the pooled federated figures and histograms
+    weight_cap: float = POOLED_WEIGHT_CAP  # a site's weight in the pooled federated figures and decision releases
     total_rounds: int = 0
     best_round: int = -1
     best_score: float = -math.inf  # val AUC, or minus val loss under the fallback; higher is better
@@ -96,10 +96,6 @@ class Tracker:
         tmp.write_text(body)
         tmp.replace(self.metrics_path)
 
-    @property
-    def binary_threshold(self) -> bool:
-        return self.num_classes == 2 and self.decision_mode == "threshold"
-
     def _central(self, row: dict) -> tuple[float, float]:
         """Central figures into ``row``; returns (val AUC, val loss) and sets the round's decision."""
         v = evaluate_suffix(self.model, *self.val)
@@ -115,7 +111,7 @@ class Tracker:
     def _federated(self, server_round: int, arrays: ArrayRecord, row: dict, central_decision: bool) -> tuple[float, float]:
         ev = self.site_eval(server_round, arrays)
         decision = decision_of(row.get("decision")) if central_decision else \
-            (ev.choose_threshold(self.num_classes == 2, self.weight_cap) if self.binary_threshold else Decision())
+            (ev.choose_decision(self.num_classes, self.weight_cap) if self.decision_mode == "threshold" else Decision())
         if not central_decision:
             row["decision"] = decision.to_dict()
         ev.apply(decision)

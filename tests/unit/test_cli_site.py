@@ -158,9 +158,12 @@ def test_the_evaluation_set_is_counted_per_split_and_a_missing_class_is_named(si
     site.write_text(base + "[evaluation]\nholdout = 0.5\n")
     code, out, _ = _run(capsys, ["site", "check", str(site)])
     assert code == 0 and "evaluation: 50% of [data] held out of training: 0 images" in out  # one image per class
+    assert "and the score histograms (binary) or prediction rows (multi-class)" in out
     assert "warning: the validation split will hold no image of class 0 normal, 1 pneumonia: its AUC is undefined" in out
-    site.write_text(base + "[evaluation]\nholdout = 0.5\n[privacy]\nmax-personalize-epochs = 0\n")
-    assert "note: personalization" not in _run(capsys, ["site", "check", str(site)])[1]  # the site never personalizes
+    site.write_text(base + "[evaluation]\nholdout = 0.5\nrelease-scores = false\n[privacy]\nmax-personalize-epochs = 0\n")
+    out = _run(capsys, ["site", "check", str(site)])[1]
+    assert "note: personalization" not in out  # the site never personalizes
+    assert "not the score histograms or prediction rows (release-scores = false)" in out
     site.write_text(base + "[evaluation]\nenabled = false\n")
     assert "evaluation: none" in _run(capsys, ["site", "check", str(site)])[1]
     assert not (site.parent / "state").exists()

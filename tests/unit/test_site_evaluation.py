@@ -49,6 +49,54 @@ def test_opting_out_needs_no_data(tmp_path):
     assert not site.evaluation.enabled
 
 
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_a_site_that_releases_no_scores_sends_its_figures_without_histograms_or_rows(tmp_path, monkeypatch, num_classes):
+    """`release-scores = false` in site.toml: whatever the server asks, the reply carries n, AUC, accuracy and loss
+    but empty histograms / prediction rows; the server accepts it, chooses the federation's rule without it and
+    reports that site's accuracy at the rule as unknown, not as the argmax's."""
+    import torch
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedtl.config import AdaptersConfig, FedTLConfig, ModelConfig
+    from fedtl.evaluation import HIST_BINS
+    from fedtl.federation.fedeval import SiteEvaluation, parse_eval_reply
+    from fedtl.federation.handlers import handle_evaluate
+    from fedtl.federation.records import to_record
+    from fedtl.federation.site import SiteEvalData
+    from fedtl.model import TransferModel
+    from tests.conftest import make_tiny_backbone
+
+    assert SiteConfig.load(write(tmp_path, MINIMAL + "[evaluation]\nholdout = 0.2\n")).evaluation.release_scores
+    with pytest.raises(ConfigError, match="evaluation.release-scores"):
+        SiteConfig.load(write(tmp_path, MINIMAL + '[evaluation]\nholdout = 0.2\nrelease-scores = "no"\n'))
+    path = str(write(tmp_path, MINIMAL + "[evaluation]\nholdout = 0.2\nrelease-scores = false\n"))
+    deployment.load_site_config.cache_clear()
+    model = TransferModel(make_tiny_backbone(), num_classes, ModelConfig(pooling="avg"), AdaptersConfig(kind="none", blocks=0))
+    y = torch.arange(60) % num_classes
+    x = torch.randn(60, 16, generator=torch.Generator().manual_seed(0))
+    x[torch.arange(60), y] += 2.0
+    data = SiteEvalData("s", {"val": (x[:30], y[:30]), "test": (x[30:], y[30:])})
+    monkeypatch.setattr(deployment, "cached_eval_site", lambda cfg, site_config, k: (model, data))
+    request = RecordDict({"arrays": to_record(model.trainable_state()),
+                          "config": ConfigRecord({"server-round": 1, "num-classes": num_classes})})
+    cfg = FedTLConfig().with_overrides({"model.pooling": "avg"})
+    reply = handle_evaluate(request, {}, {"site-config": path}, 7, cfg=cfg)
+    metrics = reply["metrics"]
+    assert metrics["evaluated"] == 1 and metrics["test-n"] == 30 and 0 <= metrics["test-auc"] <= 1
+    assert metrics["val-hist-neg"] == [0] * HIST_BINS and metrics["val-hist-pos"] == [0] * HIST_BINS
+    assert metrics["val-preds"] == [] and metrics["test-preds"] == []
+    site, figs, _ = parse_eval_reply(reply, num_classes)  # accepted: an empty release is no release
+    assert "hist_neg" not in figs["val"] and "preds" not in figs["val"]
+    ev = SiteEvaluation()
+    ev.add(site, figs, "")
+    assert ev.choose_decision(num_classes).rule == "argmax"  # nothing released: nothing to choose on
+    from fedtl.evaluation import Decision
+
+    ev.apply(Decision("threshold", 0.4) if num_classes == 2 else Decision("bias", bias=(0.0, 0.5, -0.5)))
+    row = ev.sites[site]
+    assert np.isnan(row["test_acc"]) and row["test_acc_argmax"] == figs["test"]["acc"]
+
+
 class _Images:
     def __init__(self, labels, fingerprint):
         self.labels, self.fingerprint = np.asarray(labels), fingerprint

@@ -224,7 +224,7 @@ def test_every_reply_is_recorded_or_skipped_with_its_reason_and_none_ends_the_ro
     assert ev.skipped["d"] == "this site does not evaluate" and "boom" in ev.skipped["node-5"]
     assert "rejected" in ev.skipped["node-7"] and ev.timed_out == ["node-6"]
     assert all(m.content["config"]["server-round"] == 4 for m in grid.sent) and len(grid.sent) == 7
-    decision = ev.choose_threshold(binary=True)
+    decision = ev.choose_decision(2)
     assert decision.rule == "threshold" and "federated validation (80 images, 2 sites)" == decision.chosen_on
     ev.apply(decision)
     assert ev.sites["a"]["test_acc"] == accuracy_at(ev.raw["a"]["test"], decision.threshold)
@@ -243,15 +243,15 @@ def test_a_site_claiming_a_huge_validation_split_cannot_place_the_federations_th
         return {"val": {"hist_neg": neg, "hist_pos": pos}}
 
     honest = SiteEvaluation(raw={f"s{i}": site(i) for i in range(4)})
-    base = honest.choose_threshold(binary=True).threshold
+    base = honest.choose_decision(2).threshold
     hostile_pos = np.zeros(HIST_BINS, np.int64)
     hostile_pos[0] = 1_000_000
     attacked = SiteEvaluation(raw={**honest.raw, "evil": {"val": {"hist_neg": np.zeros(HIST_BINS, np.int64),
                                                                    "hist_pos": hostile_pos}}})
-    t = attacked.choose_threshold(binary=True).threshold
+    t = attacked.choose_decision(2).threshold
     assert 0.3 <= base <= 0.7 and 0.2 <= t <= 0.8 and abs(t - base) <= 0.15, (base, t)
     # uncapped (weight_cap 0: every example counts, as before the cap), the same reply moves it by 0.3
-    assert abs(attacked.choose_threshold(binary=True, weight_cap=0).threshold - base) >= 0.25
+    assert abs(attacked.choose_decision(2, weight_cap=0).threshold - base) >= 0.25
 
 
 def test_a_site_scores_the_suffix_on_its_own_splits():
@@ -262,6 +262,184 @@ def test_a_site_scores_the_suffix_on_its_own_splits():
     assert figs["val"]["n"] == 40 and figs["test"]["auc"] > 0.8
     assert sum(figs["test"]["hist_neg"]) + sum(figs["test"]["hist_pos"]) == 40
     assert sum(figs["test"]["hist_pos"]) == int(y[40:].sum())
+
+
+# ---- multi-class: prediction rows, the per-class offsets chosen on them --------------------------------
+
+def _skewed(n=600, k=5, seed=0, shift=(1.5, 0.8, 0.0, -0.5, -1.0)):
+    """Probabilities of a model that knows something about k classes but was trained on another class mix: its
+    log-probabilities carry a per-class shift, so its argmax over-calls the first classes."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    logits = rng.normal(0, 1.0, (n, k)) + 1.6 * np.eye(k)[y] + np.asarray(shift[:k])
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True), y
+
+
+def test_prediction_rows_keep_labels_and_rank_and_the_offsets_chosen_on_them_match_the_central_rule():
+    from fedtl.evaluation import (PRED_FLOOR, bias_from_log_probabilities, bias_from_probabilities,
+                                  prediction_rows, rows_accuracy)
+
+    p, y = _skewed()
+    flat = prediction_rows(p, y)
+    rows = np.asarray(flat).reshape(-1, 7)
+    assert rows[:, -1].sum() == 600 and len(rows) <= 600
+    assert np.array_equal(np.bincount(np.repeat(rows[:, 0], rows[:, -1]), minlength=5), np.bincount(y, minlength=5))
+    q = rows[:, 1:-1]
+    assert (q.max(1) == 0).all() and ((q == 0).sum(1) == 1).all() and q.min() >= -PRED_FLOOR
+    assert [tuple(r) for r in rows] == sorted(tuple(r) for r in rows)  # sorted: no image order survives
+    exact_argmax = float(np.mean(p.argmax(1) == y))
+    assert rows_accuracy(rows, Decision()) == exact_argmax  # the most likely class survives the rounding
+    central = bias_from_probabilities(p, y)
+    federated = bias_from_log_probabilities(rows[:, 1:-1] * 0.1, rows[:, 0], rows[:, -1], examples=600)
+    acc = lambda b: float(np.mean((np.log(p) + b).argmax(1) == y))  # noqa: E731
+    assert central is not None and federated is not None
+    assert acc(federated) >= acc(central) - 0.01 and acc(federated) > exact_argmax + 0.05, (acc(federated), exact_argmax)
+    assert math.isclose(rows_accuracy(rows, Decision("bias", bias=tuple(federated))), acc(federated), abs_tol=0.01)
+
+
+def test_a_split_larger_than_a_reply_carries_is_sampled_to_a_fixed_number_of_images():
+    from fedtl.evaluation import max_prediction_images, prediction_rows
+
+    k = 300  # many classes: a row is 302 integers, so a reply carries at most 1,324 images' rows
+    cap = max_prediction_images(k)
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(k), cap + 500)
+    rows = np.asarray(prediction_rows(p, rng.integers(0, k, cap + 500))).reshape(-1, k + 2)
+    assert rows[:, -1].sum() == cap
+
+
+def _multi_reply(n_val=60, n_test=80, k=5, seed=0):
+    from fedtl.evaluation import prediction_rows
+
+    figs = {}
+    for split, n in (("val", n_val), ("test", n_test)):
+        p, y = _skewed(n, k, seed=seed + n)
+        figs[split] = {"n": n, "auc": 0.7, "acc": float(np.mean(p.argmax(1) == y)), "loss": 1.2,
+                       "preds": prediction_rows(p, y)}
+    return figs
+
+
+def test_a_multi_class_reply_round_trips_through_flower_with_its_rows():
+    import flwr.common.serde as serde
+
+    reply = eval_reply(_multi_reply(), site="st-luke")
+    back = RecordDict({"metrics": serde.metric_record_from_proto(serde.metric_record_to_proto(reply["metrics"])),
+                       "info": reply["info"]})
+    _, figs, _ = parse_eval_reply(back, num_classes=5)
+    assert figs["val"]["preds"][:, -1].sum() == 60 and figs["test"]["preds"][:, -1].sum() == 80
+    assert "hist_neg" not in figs["val"]
+    # a binary reply carries empty rows, and a binary server refuses rows it did not ask for
+    assert parse_eval_reply(eval_reply({"val": _figs(), "test": _figs()}, site="b"), 2)[1]["val"].get("preds") is None
+    with pytest.raises(ValueError, match="must be empty for a binary task"):
+        parse_eval_reply(_tamper(**{"val-preds": [0, 0, -3, 40]}), num_classes=2)
+
+
+def _tamper_rows(split="val", **change):
+    reply = eval_reply(_multi_reply(), site="evil")
+    values = dict(reply["metrics"])
+    rows = np.asarray(values[f"{split}-preds"]).reshape(-1, 7)
+    if "fn" in change:
+        values[f"{split}-preds"] = change["fn"](rows)
+    return RecordDict({"metrics": MetricRecord(values), "info": reply["info"]})
+
+
+def _set(rows, col, value, row=0):
+    rows = rows.copy()
+    rows[row, col] = value
+    return rows.ravel().tolist()
+
+
+@pytest.mark.parametrize("fn,match", [
+    (lambda r: _set(r, 0, 5), "label outside"),  # class 5 of 0 … 4
+    (lambda r: _set(r, 0, -1), "label outside"),
+    (lambda r: _set(r, 2, 3), r"values must be in \[-80, 0\]"),  # above the most likely class
+    (lambda r: _set(r, 2, -81), r"values must be in"),  # below the floor
+    (lambda r: (r[:, 1:-1].__isub__(np.where(r[:, 1:-1] == 0, 1, 0)), r.ravel().tolist())[1], "0 at each row"),
+    (lambda r: _set(r, -1, 0), "counts must be >= 1"),
+    (lambda r: _set(r, -1, r[0, -1] + 1), "add up to 60"),  # claims more images than n
+    (lambda r: r.ravel().tolist()[:-1], "whole rows"),
+    (lambda r: [float(x) for x in r.ravel()], "integers"),
+    (lambda r: r.ravel().tolist() * 10_000, "whole rows"),  # far more rows than n allows, refused before parsing
+])
+def test_malformed_prediction_rows_are_refused_with_the_reason(fn, match):
+    with pytest.raises(ValueError, match=match):
+        parse_eval_reply(_tamper_rows(fn=fn), num_classes=5)
+
+
+def test_without_server_data_a_multi_class_federation_chooses_offsets_on_the_sites_rows_and_scores_each_site_at_them():
+    from fedtl.evaluation import prediction_rows
+
+    ev = SiteEvaluation()
+    exact = {}
+    for i in range(4):
+        figs = {}
+        for split in ("val", "test"):
+            p, y = _skewed(150, seed=10 * i + (split == "test"))
+            exact[(i, split)] = (p, y)
+            figs[split] = {"n": 150, "auc": 0.7, "acc": float(np.mean(p.argmax(1) == y)), "loss": 1.0,
+                           "preds": np.asarray(prediction_rows(p, y)).reshape(-1, 7)}
+        ev.add(f"s{i}", figs, "")
+        ev.raw[f"s{i}"] = figs
+    decision = ev.choose_decision(5)
+    assert decision.rule == "bias" and decision.chosen_on == "federated validation (600 images, 4 sites)"
+    ev.apply(decision)
+    for i in range(4):
+        p, y = exact[(i, "test")]
+        at_rule = float(np.mean(decision.apply(p) == y))
+        assert abs(ev.sites[f"s{i}"]["test_acc"] - at_rule) <= 0.02  # the offsets on rows rounded to 0.1
+        assert ev.sites[f"s{i}"]["test_acc_argmax"] == float(np.mean(p.argmax(1) == y))
+    pooled_acc, pooled_argmax = ev.pooled(4.0)["test_acc"], ev.pooled(4.0)["test_acc_argmax"]
+    assert pooled_acc > pooled_argmax + 0.05, (pooled_acc, pooled_argmax)
+    # nothing to choose on (a deployment whose sites sent no rows): the argmax, never a guess
+    assert SiteEvaluation().choose_decision(5) == Decision()
+
+
+def test_a_site_claiming_a_huge_validation_split_cannot_place_the_federations_offsets():
+    """The attack: one site of five releases prediction rows for 57,142 'validation images' (the most a reply may
+    carry), all of class 0 and scored class 1 by a margin of 1.5, to push every site's decisions off class 1. The
+    weight cap alone does not stop it: capped at 4 × the median site it still holds half the weight, and one
+    point mass wins an accuracy search (the honest sites' accuracy fell from 0.705 to 0.632, capped or not). Judged
+    by the accuracy of all sites but the best and the worst at each candidate, the liar is the best site at the
+    offsets it pulls toward and the worst at the honest ones: it is left out either way."""
+    from fedtl.evaluation import max_prediction_images, prediction_rows
+
+    def site(seed):
+        p, y = _skewed(150, seed=seed)
+        return {"val": {"preds": np.asarray(prediction_rows(p, y)).reshape(-1, 7)}}, (p, y)
+
+    honest = {f"s{i}": site(i) for i in range(4)}
+    p_all = np.concatenate([h[1][0] for h in honest.values()])
+    y_all = np.concatenate([h[1][1] for h in honest.values()])
+    raw = {k: v[0] for k, v in honest.items()}
+    base = SiteEvaluation(raw=raw).choose_decision(5)  # four sites: fewer than TRIM_SITES_FROM, all count
+    lie = np.array([[0, -15, 0, -40, -40, -40, max_prediction_images(5)]])
+    attacked = SiteEvaluation(raw={**raw, "evil": {"val": {"preds": lie}}})
+    acc = lambda d: float(np.mean(d.apply(p_all) == y_all))  # noqa: E731  (the honest sites' own accuracy)
+    assert acc(base) > float(np.mean(p_all.argmax(1) == y_all)) + 0.15
+    assert acc(attacked.choose_decision(5)) >= acc(base) - 0.015, (acc(attacked.choose_decision(5)), acc(base))
+    assert acc(attacked.choose_decision(5, trim_from=99)) < acc(base) - 0.05  # untrimmed: the liar places it
+
+
+def test_a_site_scoring_a_multi_class_suffix_releases_its_rows_and_they_pass_the_servers_checks():
+    from fedtl.config import AdaptersConfig, ModelConfig
+    from fedtl.model import TransferModel
+    from tests.conftest import make_tiny_backbone
+
+    model = TransferModel(make_tiny_backbone(), 3, ModelConfig(pooling="avg"), AdaptersConfig(kind="none", blocks=0))
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(90) % 3
+    x = torch.randn(90, 16, generator=g)
+    x[torch.arange(90), y] += 2.0  # class c shows in feature c
+    figs = evaluate_site(model, SiteEvalData("s", {"val": (x[:45], y[:45]), "test": (x[45:], y[45:])}))
+    assert "hist_neg" not in figs["val"]
+    _, parsed, _ = parse_eval_reply(eval_reply(figs, site="s"), num_classes=3)
+    rows = parsed["test"]["preds"]
+    assert rows.shape[1] == 5 and rows[:, -1].sum() == 45
+    assert np.bincount(np.repeat(rows[:, 0], rows[:, -1]), minlength=3).tolist() == [15, 15, 15]
+    from fedtl.evaluation import rows_accuracy
+
+    assert math.isclose(rows_accuracy(rows, Decision()), parsed["test"]["acc"], abs_tol=1e-6)  # the argmax survives
 
 
 # ---- the server: selection by the sites' figures, decision stored with the suffix -------------------
@@ -311,6 +489,66 @@ def test_without_server_data_rounds_are_selected_by_the_sites_pooled_validation(
         stored = decision_from_metadata(fh.metadata())
     assert stored.rule == "threshold" and stored.chosen_on.startswith("federated validation")
     assert stored.to_dict() == summary["decision"]
+
+
+def test_a_multi_class_deployment_without_server_data_stores_offsets_chosen_on_the_sites_rows(monkeypatch, tmp_path):
+    """No data at the server, three classes: the sites' prediction rows (through the reply's own encoding and
+    checks) choose per-class offsets that beat the argmax on their validation splits; the offsets are stored with
+    the suffix and every site's accuracy in the summary is at them."""
+    from fedtl.config import AdaptersConfig, FedTLConfig, ModelConfig
+    from fedtl.evaluation import rows_accuracy
+    from fedtl.model import TransferModel
+    from tests.conftest import make_tiny_backbone
+    from tests.unit.federation.test_server import B, W
+
+    def three():
+        return TransferModel(make_tiny_backbone(), 3, ModelConfig(pooling="avg"), AdaptersConfig(kind="none", blocks=0))
+
+    model = three()
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(300) % 3
+    x = torch.randn(300, 16, generator=g)
+    x[torch.arange(300), y] += 1.5
+
+    def head(prior):  # knows the classes (feature c → class c) but was trained on a mix that favours class 0
+        w = torch.zeros(3, 16)
+        w[torch.arange(3), torch.arange(3)] = 1.5
+        return {W: w, B: torch.tensor(prior)}
+
+    def site_eval(rnd, arrays):
+        model.load_trainable_state({k: torch.as_tensor(v.numpy()) for k, v in arrays.items()})
+        ev = SiteEvaluation()
+        for i, name in enumerate(("a", "b", "c")):
+            part = slice(100 * i, 100 * i + 100)
+            figs = evaluate_site(model, SiteEvalData(name, {"val": (x[part][:50], y[part][:50]),
+                                                            "test": (x[part][50:], y[part][50:])}))
+            site, parsed, reason = parse_eval_reply(eval_reply(figs, site=name), 3)  # as a reply travels
+            ev.add(site, parsed, reason)
+        return ev
+
+    monkeypatch.setattr(server, "evaluate_at_sites", lambda grid, strategy, rnd, arrays, *a: site_eval(rnd, arrays))
+    monkeypatch.setattr(server, "build_transfer_model", lambda cfg, n: three())
+    monkeypatch.setattr(tracking, "load_source", lambda path: pytest.fail("a deployed server must not load demo data"))
+    script = [head([2.5, 0.0, 0.0]), head([3.0, 0.0, -0.5])]
+    monkeypatch.setattr(server, "_train_round", lambda *a: [])
+    from fedtl.federation.strategy import BoundedSuffixAggregation
+
+    monkeypatch.setattr(BoundedSuffixAggregation, "aggregate_train", lambda self, rnd, replies: (to_record(script[rnd - 1]), None))
+    cfg = FedTLConfig().with_overrides({"model.pooling": "avg", "federation.rounds": 2, "federation.sites": 3,
+                                        "model.num-classes": 3, "output.dir": str(tmp_path / "run")})
+    summary = server.run_server(object(), cfg, "t", distribute_backbone=False)
+    decision = summary["decision"]
+    assert decision["rule"] == "bias" and decision["chosen-on"] == "federated validation (150 images, 3 sites)"
+    with safe_open(tmp_path / "run" / "suffix.safetensors", "pt") as fh:
+        stored = decision_from_metadata(fh.metadata())
+    assert stored.to_dict() == decision and stored.bias[0] == 0.0 and min(stored.bias[1:]) > 1.0  # undoes the prior
+    model.load_trainable_state(script[summary["selected_round"] - 1])
+    for i, name in enumerate(("a", "b", "c")):
+        row = summary["per_site"]["sites"][name]
+        figs = evaluate_site(model, SiteEvalData(name, {"test": (x[100 * i + 50:100 * i + 100], y[100 * i + 50:100 * i + 100])}))
+        rows = np.asarray(figs["test"]["preds"]).reshape(-1, 5)
+        assert math.isclose(row["test_acc"], rows_accuracy(rows, stored)) and row["test_acc_argmax"] == figs["test"]["acc"]
+        assert row["test_acc"] > row["test_acc_argmax"] + 0.05, row
 
 
 def test_a_deployed_server_without_data_or_class_count_says_what_to_set(monkeypatch, tmp_path):
