@@ -491,7 +491,8 @@ def test_without_server_data_rounds_are_selected_by_the_sites_pooled_validation(
     assert stored.to_dict() == summary["decision"]
 
 
-def test_a_multi_class_deployment_without_server_data_stores_offsets_chosen_on_the_sites_rows(monkeypatch, tmp_path):
+def test_a_multi_class_deployment_without_server_data_stores_offsets_chosen_on_the_sites_rows(monkeypatch, tmp_path,
+                                                                                             caplog):
     """No data at the server, three classes: the sites' prediction rows (through the reply's own encoding and
     checks) choose per-class offsets that beat the argmax on their validation splits; the offsets are stored with
     the suffix and every site's accuracy in the summary is at them."""
@@ -534,9 +535,13 @@ def test_a_multi_class_deployment_without_server_data_stores_offsets_chosen_on_t
     from fedtl.federation.strategy import BoundedSuffixAggregation
 
     monkeypatch.setattr(BoundedSuffixAggregation, "aggregate_train", lambda self, rnd, replies: (to_record(script[rnd - 1]), None))
-    cfg = FedTLConfig().with_overrides({"model.pooling": "avg", "federation.rounds": 2, "federation.sites": 3,
+    cfg = FedTLConfig().with_overrides({"federation.rounds": 2, "federation.sites": 3,  # model.pooling = auto
                                         "model.num-classes": 3, "output.dir": str(tmp_path / "run")})
-    summary = server.run_server(object(), cfg, "t", distribute_backbone=False)
+    with caplog.at_level("INFO", logger="fedtl.federation.server"):
+        summary = server.run_server(object(), cfg, "t", distribute_backbone=False)
+    # the weaker model a server without data trains is said, with what would give it the richer one
+    assert "model.pooling = auto: the spatial mean" in caplog.text and "evaluation.data-path" in caplog.text
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model.pooling"] == "avg"
     decision = summary["decision"]
     assert decision["rule"] == "bias" and decision["chosen-on"] == "federated validation (150 images, 3 sites)"
     with safe_open(tmp_path / "run" / "suffix.safetensors", "pt") as fh:
