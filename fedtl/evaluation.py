@@ -12,8 +12,8 @@ balanced accuracy (Youden's J), which does not depend on the validation split's 
 Multi-class tasks: per-class offsets to the log-probabilities, chosen for accuracy on validation data — the
 server's own, or the sites' released prediction rows (:func:`prediction_rows`: each evaluation image's label and
 its log-probabilities relative to its most likely class, rounded to :data:`PRED_STEP`), the multi-class
-counterpart of the binary histograms, so both paths choose the offsets the same way and per-site accuracy at them
-is exact.
+counterpart of the binary histograms, so both paths choose the offsets the same way; per-site accuracy at them is
+exact at the argmax and within the rows' rounding at offsets (classes the rounding ties count a fair share each).
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ Protocol (both directions are untrusted input for the receiver):
 
 These are released statistics of the site's evaluation images (no DP; ``docs/privacy.md``). The
 histograms (binary) and prediction rows (multi-class) let the server choose the decision rule — a
-threshold, per-class offsets — and compute each site's accuracy at it exactly, without a second
-message and without touching training data.
+threshold, per-class offsets — and compute each site's accuracy at it without a second message and
+without touching training data: exactly at a threshold (a bin edge), to within the rows' rounding at
+offsets (classes the rounding ties count as a fair share: the figure need not be a whole count).
 """
 
 from __future__ import annotations
@@ -270,8 +271,8 @@ class SiteEvaluation:
         return Decision("threshold", t, 1, f"federated validation ({int(sum(counts))} images, {len(figs)} sites)")
 
     def apply(self, decision: Decision) -> None:
-        """Per-site accuracy at ``decision``, exact: a threshold from the histograms, per-class offsets from the
-        prediction rows (a sampled split's rows: on the sample)."""
+        """Per-site accuracy at ``decision``: a threshold from the histograms (exact), per-class offsets from the
+        prediction rows (to within their rounding, ties shared; a sampled split's rows: on the sample)."""
         self.decision = decision
         for site, figs in self.raw.items():
             row = self.sites[site]

@@ -77,7 +77,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         why = "data.labels = graded" if cfg.data.labels == "graded" else "MedMNIST's task type for the server's data"
         log.info("model.head = auto: %s", f"the ordinal head (graded classes: {why})" if graded else
                  "the linear head (two classes)" if plan.num_classes == 2 else
-                 "the linear head (no graded classes declared; set data.labels = graded if they are ordered grades)")
+                 "the linear head (no graded classes declared; set data.labels = graded if they are ordered grades: "
+                 "--set data.labels=graded, or data.labels='graded' in flwr run --run-config)")
     if cfg.model.pooling == "auto" and source is None and cfg.standardizes:
         log.info("model.pooling = auto: the spatial mean of the feature maps. The server holds no validation data, so "
                  "it has no statistics to standardize the richer mean + std + quadrant pooling with, and unstandardized "
