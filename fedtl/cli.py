@@ -105,13 +105,15 @@ def print_summary(summary: dict) -> None:
     table = summary.get("per_site") or {}
     sites = table.get("sites") or {}
     if sites:
-        print(f"{'site':<14}{'test n':>7}{'AUC':>8}{'acc':>8}")
+        print(f"{'site':<14}{'test n':>7}{'AUC':>8}{'acc':>8}{'argmax':>8}")  # acc: at the run's decision rule
         for name, row in list(sites.items())[:12]:
-            print(f"{name[:14]:<14}{row.get('test_n', 0):>7}{f(row.get('test_auc')):>8}{f(row.get('test_acc')):>8}")
+            print(f"{name[:14]:<14}{row.get('test_n', 0):>7}{f(row.get('test_auc')):>8}{f(row.get('test_acc')):>8}"
+                  f"{f(row.get('test_acc_argmax')):>8}")
         if len(sites) > 12:
             print(f"… and {len(sites) - 12} more sites (summary.json, report.html)")
         pooled = table.get("pooled") or {}
-        print(f"{'pooled':<14}{pooled.get('test_n', 0):>7}{f(pooled.get('test_auc')):>8}{f(pooled.get('test_acc')):>8}")
+        print(f"{'pooled':<14}{pooled.get('test_n', 0):>7}{f(pooled.get('test_auc')):>8}{f(pooled.get('test_acc')):>8}"
+              f"{f(pooled.get('test_acc_argmax')):>8}")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

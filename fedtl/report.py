@@ -199,15 +199,17 @@ def render(run: str | Path) -> str:
     ]
     per_site = summary.get("per_site") or {}
     site_rows = [[s, str(f.get("test_n", "")), _fmt(f.get("test_auc")), _fmt(f.get("test_acc")),
-                  _fmt(f.get("val_auc")), str(f.get("val_n", ""))] for s, f in (per_site.get("sites") or {}).items()]
+                  _fmt(f.get("test_acc_argmax")), _fmt(f.get("val_auc")), str(f.get("val_n", ""))]
+                 for s, f in (per_site.get("sites") or {}).items()]
     pooled = per_site.get("pooled") or {}
     if site_rows:
         site_rows.append(["pooled (example-weighted)", str(pooled.get("test_n", "")), _fmt(pooled.get("test_auc")),
-                          _fmt(pooled.get("test_acc")), _fmt(pooled.get("val_auc")), str(pooled.get("val_n", ""))])
+                          _fmt(pooled.get("test_acc")), _fmt(pooled.get("test_acc_argmax")), _fmt(pooled.get("val_auc")),
+                          str(pooled.get("val_n", ""))])
     if "test_auc" in (rows[0] if rows else {}) and summary:
         best = rows[summary["selected_round"]] if summary.get("selected_round", -1) < len(rows) else {}
         site_rows.append(["central (server's test split)", "", _fmt(best.get("test_auc")), _fmt(best.get("test_acc")),
-                          _fmt(best.get("val_auc")), ""])
+                          _fmt(best.get("test_acc_argmax")), _fmt(best.get("val_auc")), ""])
     skipped = [[s, r] for s, r in (per_site.get("skipped") or {}).items()]
     personal_part = _personalization(summary.get("personalization"))
     events = _events(rows)
@@ -218,7 +220,8 @@ def render(run: str | Path) -> str:
         f"<h1>fedtl run <code>{e(str(run))}</code></h1>",
         "<h2>Summary</h2>", _table(["", ""], headline),
         "<h2>Per-site results (selected suffix)</h2>",
-        _table(["site", "test n", "test AUC", "test accuracy", "val AUC", "val n"], site_rows) if site_rows
+        _table(["site", "test n", "test AUC", "test accuracy (the run's rule)", "… at the argmax", "val AUC", "val n"],
+               site_rows) if site_rows
         else "<p>No federated evaluation in this run.</p>",
         (_table(["site without figures", "reason"], skipped) if skipped else ""),
         personal_part,

@@ -88,8 +88,9 @@ def test_a_bias_rule_run_names_its_rule(tmp_path):
     (run / "summary.json").write_text(json.dumps(summary))
     page = render(run)
     assert "argmax of log P + offsets [0.0, 1.5], chosen on central validation (120 images)" in page
-    # the sites' prediction rows give their accuracies at the offsets, as histograms do at a threshold: no caveat
-    assert "are at the argmax" not in page
+    # the sites' prediction rows give their accuracies at the offsets, as histograms do at a threshold: no caveat,
+    # and each site's accuracy at the argmax stands beside the one at the rule
+    assert "are at the argmax" not in page and "test accuracy (the run&#x27;s rule)" in page and "… at the argmax" in page
 
 
 def test_the_personalization_table_names_how_the_sites_personalized(tmp_path):
