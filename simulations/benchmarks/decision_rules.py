@@ -1,16 +1,16 @@
-"""A simulation run's selected suffix under each multi-class decision rule, scored on the data set's whole test split.
+"""A simulation run's selected suffix under each decision rule, scored on the data set's whole test split.
 
     fedtl simulate --data …/retinamnist.npz --set evaluation.central=off --out runs/fed-0
     python simulations/benchmarks/decision_rules.py runs/fed-0 [runs/fed-1 …]
 
 For each run directory (a ``fedtl simulate`` run; its config names the data set and the federation) the script
-rebuilds the simulated sites' evaluation shares, lets each release its prediction rows as a site does
-(``fedtl.federation.site.evaluate_site``), and chooses the per-class offsets from them as the server does
-(``SiteEvaluation.choose_decision``: with 5 or more sites, without the best and the worst site at each candidate),
-and again without that trimming; for comparison, the central rule on the whole validation split
-(``fedtl.evaluation.central_decision``) and the argmax. It prints one JSON line a run: test AUC and the accuracy of
-each rule on the whole test split, the rule the run stored, and the offsets. Nothing is trained; the features come
-from the feature cache.
+rebuilds the simulated sites' evaluation shares, lets each release its prediction rows (multi-class) or score
+histograms (binary) as a site does (``fedtl.federation.site.evaluate_site``), and chooses the rule from them as the
+server does (``SiteEvaluation.choose_decision``; per-class offsets with 5 or more sites without the best and the
+worst site at each candidate, and again without that trimming); for comparison, the central rule on the whole
+validation split (``fedtl.evaluation.central_decision``) and the argmax. It prints one JSON line a run: test AUC and
+the accuracy of each rule on the whole test split, the rule the run stored, and the offsets. Nothing is trained; the
+features come from the feature cache.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ def score(run_dir: str) -> dict:
     run = load_run(run_dir)
     cfg, model = run.config, run.model
     k, sites = model.num_classes, cfg.federation.sites
-    if k < 3:
-        raise SystemExit(f"{run_dir}: a binary task ({k} classes); its rule is a threshold, not per-class offsets")
     ev = SiteEvaluation()
     for i in range(sites):
         figs = evaluate_site(model, simulated_eval_data(cfg, model, i, sites))
@@ -47,7 +45,8 @@ def score(run_dir: str) -> dict:
         probs[split] = (evaluate_suffix(model, feats, labels).probabilities, labels.numpy())
     (vp, vy), (tp, ty) = probs["val"], probs["test"]
     rules = {"argmax": Decision(), "stored": run.decision, "federated": ev.choose_decision(k),
-             "federated, untrimmed": ev.choose_decision(k, trim_from=10**9), "central": central_decision(vp, vy)}
+             **({"federated, untrimmed": ev.choose_decision(k, trim_from=10**9)} if k > 2 else {}),
+             "central": central_decision(vp, vy)}
     return {"run": run_dir, "test_auc": round(auc_of(tp, ty), 4),
             **{f"acc {name}": round(float(np.mean(d.apply(tp) == ty)), 4) for name, d in rules.items()},
             "stored": run.decision.describe(),
@@ -56,7 +55,7 @@ def score(run_dir: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="fedtl simulate run directories (multi-class)")
+    parser.add_argument("runs", nargs="+", help="fedtl simulate run directories")
     args = parser.parse_args()
     rows = []
     for run in args.runs:
