@@ -370,7 +370,8 @@ class FedTLConfig:
         every site.
 
         - ``model.pooling = auto``: the mean, std and quadrant pooling when the head will train on standardized
-          features (:attr:`standardizes`, and the server has validation data), the spatial mean otherwise —
+          features (:attr:`standardizes`, and the server has validation data or the sites' statistics:
+          :mod:`fedtl.federation.site_stats`), the spatial mean otherwise —
           unstandardized, the richer features measured worse than the mean (docs/benchmarks.md, "Richer pooling with
           standardized training").
         - ``model.head = auto``: the ordinal head when the labels are graded (``graded``: :meth:`graded_labels`), the

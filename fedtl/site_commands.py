@@ -84,7 +84,8 @@ def _check_evaluation(site, train) -> tuple[int, int, object]:
         print(f"evaluation: {ev.holdout:.0%} of [data] held out of training: {len(labels)} images")
     print("  releases: n, AUC, accuracy and loss per split, " + (
         "and the score histograms (binary) or prediction rows (multi-class) the federation's decision rule is chosen "
-        "on (docs/privacy.md)" if ev.release_scores else "not the score histograms or prediction rows "
+        "on, and to a server without data the feature statistics of these images (docs/privacy.md)"
+        if ev.release_scores else "not the score histograms, prediction rows or feature statistics "
         "(release-scores = false)"))
     val, test = stratified_split(labels, ev.validation_fraction, 0) if len(labels) else ([], [])
     counts = [(np.bincount(labels[np.asarray(part, dtype=np.int64)], minlength=len(names)) if len(labels) else

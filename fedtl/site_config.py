@@ -22,7 +22,8 @@ The site operator writes it (``site.toml``), never the server::
     validation-fraction = 0.5      # share used for validation (model selection, threshold); the rest is test
     # enabled = false              # opt out: the site answers evaluation requests with no figures
     # release-scores = false       # send the figures but not the per-image score histograms (binary) or
-    #                                prediction rows (multi-class) the federation's decision rule is chosen on
+    #                                prediction rows (multi-class) the federation's decision rule is chosen on, nor
+    #                                the feature statistics a server without data standardizes training with
 
     [privacy]                      # the site's policy: a run's config cannot change any of it
     target-epsilon = 3.0           # lifetime budget
@@ -158,7 +159,8 @@ class SiteEvaluationConfig:
     holdout: float = 0.0
     validation_fraction: float = 0.5
     # the score histograms (binary) or prediction rows (multi-class) of its splits, which a federation without server
-    # data chooses its decision rule on (fedtl.federation.fedeval); False: figures only
+    # data chooses its decision rule on (fedtl.federation.fedeval), and its evaluation images' feature statistics
+    # (fedtl.federation.site_stats); False: figures only
     release_scores: bool = True
 
     def __post_init__(self) -> None:

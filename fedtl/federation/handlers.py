@@ -205,16 +205,19 @@ def late_reason(site: str, received_at: float, reply_within: float) -> str:
 def handle_evaluate(content: RecordDict, run_config: Mapping[str, Any], node_config: Mapping[str, Any],
                     node_id: int, *, cfg: FedTLConfig | None = None, threads: int = 0) -> RecordDict:
     """The reply's content to an evaluate message: the server's suffix scored on this site's own evaluation data
-    (``[evaluation]`` in site.toml; a simulated site: its shares of the validation and test splits). Released
-    statistics only."""
+    (``[evaluation]`` in site.toml; a simulated site: its shares of the validation and test splits), or, when the
+    message asks for them (``feature-statistics = 1``), the standardizing statistics of those images
+    (:mod:`fedtl.federation.site_stats`). Released statistics only."""
     from fedtl.federation.fedeval import EvalRequest, eval_reply
+    from fedtl.federation.site_stats import site_statistics, stats_reply, wants_statistics
 
     if threads:
         torch.set_num_threads(threads)
     node = node_config
     deployed = "site-config" in node
-    parsed = _parse_request("evaluate", EvalRequest.parse, functools.partial(eval_reply, None), content, run_config,
-                            node, cfg, node_id)
+    statistics = wants_statistics(content)
+    refuse = functools.partial(stats_reply if statistics else eval_reply, None)
+    parsed = _parse_request("evaluate", EvalRequest.parse, refuse, content, run_config, node, cfg, node_id)
     if isinstance(parsed, RecordDict):
         return parsed
     conf, request, site = parsed
@@ -225,14 +228,16 @@ def handle_evaluate(content: RecordDict, run_config: Mapping[str, Any], node_con
 
         site_eval = load_site_config(str(node["site-config"])).evaluation
         if not site_eval.enabled:  # before any model is built
-            return eval_reply(None, site=site, reason="this site does not evaluate")
+            return refuse(site=site, reason="this site does not evaluate")
         release_scores = site_eval.release_scores
+        if statistics and not release_scores:  # before any model is built
+            return site_statistics(conf, None, None, site=site, release=False)
         warm = cached_eval_site(conf, str(node["site-config"]), num_classes)
     model = warm[0] if warm is not None else build_transfer_model(conf, num_classes)
     if request.backbone_sha256 and model.weights_sha256 != request.backbone_sha256:
-        return eval_reply(None, site=site, reason="the server pinned other backbone weights")
+        return refuse(site=site, reason="the server pinned other backbone weights")
     if not _load_suffix(model, content, site, "for evaluation"):
-        return eval_reply(None, site=site, reason=_BAD_SUFFIX)
+        return refuse(site=site, reason=_BAD_SUFFIX)
     if warm is not None:
         data = warm[1]
     elif deployed:
@@ -241,6 +246,8 @@ def handle_evaluate(content: RecordDict, run_config: Mapping[str, Any], node_con
         data = deployed_eval_data(conf, model, str(node["site-config"]))
     else:
         data = simulated_eval_data(conf, model, int(node["partition-id"]), int(node["num-partitions"]))
+    if statistics:  # no labels are used: the statistics of what the head reads on the evaluation images
+        return site_statistics(conf, model, data, site=site, release=release_scores)
     labels = torch.cat([y for _, y in data.splits.values()])
     if len(labels) and int(labels.max()) >= num_classes:
         return eval_reply(None, site=site, reason="labels outside the federation's classes")

@@ -30,6 +30,8 @@ from fedtl.federation.fedeval import evaluate_at_sites
 from fedtl.federation.polling import destinations, send_and_receive
 from fedtl.federation.records import record_bytes, to_record, to_state
 from fedtl.federation.site import build_transfer_model, eval_features
+from fedtl.federation.site_stats import (MIN_STAT_IMAGES, head_width, load_statistics, save_statistics,
+                                         statistics_from_sites)
 from fedtl.federation.strategy import RoundStats, SuffixFedAvg, make_strategy
 from fedtl.federation.tracking import EvaluationPlan, Tracker, jsonable, plan_evaluation, site_table
 from fedtl.model import TransferModel
@@ -79,13 +81,38 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
                  "the linear head (two classes)" if plan.num_classes == 2 else
                  "the linear head (no graded classes declared; set data.labels = graded if they are ordered grades: "
                  "--set data.labels=graded, or data.labels='graded' in flwr run --run-config)")
+    out = Path(cfg.output.dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{run_id}")
+    if not cfg.output.resume and any((out / name).exists() for name in (*RUN_FILES, CHECKPOINT)):
+        raise ConfigError(f"Run directory {out} already holds a run; set `output.dir` to a new folder, or resume "
+                          "an interrupted one with `output.resume=true`.")
+    fed = cfg.federation
+    transfer: dict = {}
+    site_stats, backbone_sent = None, False
     if cfg.model.pooling == "auto" and source is None and cfg.standardizes:
-        log.info("model.pooling = auto: the spatial mean of the feature maps. The server holds no validation data, so "
-                 "it has no statistics to standardize the richer mean + std + quadrant pooling with, and unstandardized "
-                 "that trains worse than the mean (on RetinaMNIST without server data 0.687 test AUC against 0.731 "
-                 "with it: docs/benchmarks.md, \"Without server data\"). A labelled folder at evaluation.data-path, "
-                 "even a small one, gives the server its statistics.")
-    cfg = cfg.resolved(has_reference=source is not None, graded=graded)
+        # no validation data to standardize the richer pooling with: the sites' evaluation images' statistics
+        if cfg.output.resume:
+            site_stats = load_statistics(out)
+        else:
+            rich = cfg.resolved(has_reference=True, graded=graded)
+            rich_model = build_transfer_model(rich, plan.num_classes)
+            if distribute_backbone:  # the sites need the backbone to compute them
+                ensure_backbone(grid, rich, rich_model.weights_sha256, fed.sites, timeout=fed.round_timeout,
+                                report=transfer)
+                backbone_sent = True
+            naming = make_strategy(fed.aggregation, rich_model.expected_state(), sites=fed.sites)  # names the nodes
+            site_stats, _ = statistics_from_sites(
+                grid, naming, to_record(rich_model.trainable_state()),
+                ConfigRecord({"num-classes": plan.num_classes, "backbone": rich.model.backbone,
+                              "backbone-sha256": rich_model.weights_sha256, "pooling": rich.model.pooling,
+                              "head": rich.model.head}), head_width(rich_model), fed.round_timeout)
+        if site_stats is None:
+            log.info("model.pooling = auto: the spatial mean of the feature maps. The server holds no validation data "
+                     "and no site sent the statistics of its evaluation images, so there is nothing to standardize "
+                     "the richer mean + std + quadrant pooling with, and unstandardized that trains worse than the "
+                     "mean (docs/benchmarks.md, \"Without server data\"). Sites with at least %d evaluation images "
+                     "and release-scores on, or a labelled folder at evaluation.data-path, give the server statistics.",
+                     MIN_STAT_IMAGES)
+    cfg = cfg.resolved(has_reference=source is not None or site_stats is not None, graded=graded)
     model = build_transfer_model(cfg, plan.num_classes)
     val = test = None
     val_hit = test_hit = True
@@ -93,8 +120,6 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         val_f, val_hit = eval_features(cfg, model, source.val)  # (N, K, D) with test-time views
         test_f, test_hit = eval_features(cfg, model, source.test)
         val, test = (val_f, torch.as_tensor(source.val.labels)), (test_f, torch.as_tensor(source.test.labels))
-    out = Path(cfg.output.dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{run_id}")
-    fed = cfg.federation
     strategy = make_strategy(
         fed.aggregation, model.expected_state(), max_hostile=fed.max_hostile, sites=fed.sites,
         update_clip=fed.update_clip, weight_cap=fed.weight_cap, weighting=fed.weighting, fraction_train=fed.fraction_train,
@@ -118,10 +143,9 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         arrays = to_record(ckpt.global_state)
         log.warning("Resuming run %s in %s after round %d of %d.", fedtl_run, out, ckpt.round, fed.rounds)
     else:
-        if any((out / name).exists() for name in (*RUN_FILES, CHECKPOINT)):
-            raise ConfigError(f"Run directory {out} already holds a run; set `output.dir` to a new folder, or resume "
-                              "an interrupted one with `output.resume=true`.")
         out.mkdir(parents=True, exist_ok=True)
+        if site_stats is not None:
+            save_statistics(out, site_stats)  # what a resumed run trains with again
         (out / "config.json").write_text(json.dumps(cfg.to_run_config(), indent=1, sort_keys=True))
         fedtl_run, start = str(run_id), 1
         arrays = to_record(model.trainable_state())
@@ -130,10 +154,9 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         _checkpoint(ckpt, tracker, arrays, 0, out)
     log.info("Evaluation: server data: %s; sites: %s; rounds selected by %s validation.", plan.data, plan.sites,
              plan.select_by)
-    transfer: dict = {}
-    if distribute_backbone:
+    if distribute_backbone and not backbone_sent:
         ensure_backbone(grid, cfg, model.weights_sha256, fed.sites, timeout=fed.round_timeout, report=transfer)
-    stats = feature_statistics(cfg, val, model)
+    stats = site_stats.to_config() if site_stats is not None else feature_statistics(cfg, val, model)
     train_config = ConfigRecord({"total-rounds": fed.rounds, "run-id": fedtl_run, "num-classes": plan.num_classes,
                                  "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256,
                                  "noise-multiplier": cfg.privacy.noise_multiplier,

@@ -163,7 +163,7 @@ def test_the_evaluation_set_is_counted_per_split_and_a_missing_class_is_named(si
     site.write_text(base + "[evaluation]\nholdout = 0.5\nrelease-scores = false\n[privacy]\nmax-personalize-epochs = 0\n")
     out = _run(capsys, ["site", "check", str(site)])[1]
     assert "note: personalization" not in out  # the site never personalizes
-    assert "not the score histograms or prediction rows (release-scores = false)" in out
+    assert "not the score histograms, prediction rows or feature statistics (release-scores = false)" in out
     site.write_text(base + "[evaluation]\nenabled = false\n")
     assert "evaluation: none" in _run(capsys, ["site", "check", str(site)])[1]
     assert not (site.parent / "state").exists()

@@ -528,6 +528,7 @@ def test_a_multi_class_deployment_without_server_data_stores_offsets_chosen_on_t
         return ev
 
     monkeypatch.setattr(server, "evaluate_at_sites", lambda grid, strategy, rnd, arrays, *a: site_eval(rnd, arrays))
+    monkeypatch.setattr(server, "statistics_from_sites", lambda *a: (None, None))  # no site sends statistics
     monkeypatch.setattr(server, "build_transfer_model", lambda cfg, n: three())
     monkeypatch.setattr(tracking, "load_source", lambda path: pytest.fail("a deployed server must not load demo data"))
     script = [head([2.5, 0.0, 0.0]), head([3.0, 0.0, -0.5])]
@@ -541,6 +542,7 @@ def test_a_multi_class_deployment_without_server_data_stores_offsets_chosen_on_t
         summary = server.run_server(object(), cfg, "t", distribute_backbone=False)
     # the weaker model a server without data trains is said, with what would give it the richer one
     assert "model.pooling = auto: the spatial mean" in caplog.text and "evaluation.data-path" in caplog.text
+    assert "no site sent the statistics" in caplog.text
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model.pooling"] == "avg"
     decision = summary["decision"]
     assert decision["rule"] == "bias" and decision["chosen-on"] == "federated validation (150 images, 3 sites)"
