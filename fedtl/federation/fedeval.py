@@ -228,6 +228,40 @@ class SiteEvaluation:
         rows = list(self.sites.values())
         return {**pooled(rows, "val", weight_cap), **pooled(rows, "test", weight_cap)}
 
+    def pooled_val_auc(self, num_classes: int, weight_cap: float = POOLED_WEIGHT_CAP) -> float:
+        """The validation AUC over all the releasing sites' validation images at once (macro one-vs-rest for
+        multi-class), from their histograms (binary; tied bins count a half) or prediction rows, each site's images
+        weighted as in :meth:`choose_decision`; NaN when no site released any or one class is all there is. One AUC
+        over a federation's ~100 validation images moves far less from round to round than the mean of ten AUCs
+        over ~12 images each (RetinaMNIST without server data: that mean peaked at round 3 of a run still learning
+        at round 40)."""
+        key = "hist_neg" if num_classes == 2 else "preds"
+        figs = [f["val"] for f in self.raw.values() if key in f.get("val", {})]
+        if not figs:
+            return float("nan")
+        counts = [float(f["hist_neg"].sum() + f["hist_pos"].sum()) if num_classes == 2 else float(f["preds"][:, -1].sum())
+                  for f in figs]
+        scale = [w / c if c > 0 else 0.0 for w, c in zip(aggregation_weights(counts, "examples", weight_cap), counts)]
+        if num_classes == 2:
+            neg = sum(f["hist_neg"] * k for f, k in zip(figs, scale))
+            pos = sum(f["hist_pos"] * k for f, k in zip(figs, scale))
+            if neg.sum() <= 0 or pos.sum() <= 0:
+                return float("nan")
+            below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])  # negatives in lower bins
+            return float(np.sum(pos * (below + 0.5 * neg)) / (pos.sum() * neg.sum()))
+        from sklearn.metrics import roc_auc_score
+
+        parts = [rows_log_probabilities(f["preds"]) for f in figs]
+        logp = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
+        w = np.concatenate([cnt * k for (_, _, cnt), k in zip(parts, scale)])
+        probs = np.exp(logp - logp.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        present = [c for c in range(num_classes) if np.any((y == c) & (w > 0))]
+        if len(present) < 2:
+            return float("nan")
+        return float(np.mean([roc_auc_score(y == c, probs[:, c], sample_weight=w) for c in present]))
+
     def choose_decision(self, num_classes: int, weight_cap: float = POOLED_WEIGHT_CAP,
                         trim_from: int = TRIM_SITES_FROM) -> Decision:
         """The federation's decision rule from the sites' validation releases, each site counting at most

@@ -47,7 +47,8 @@ class Tracker:
 
     Central evaluation uses the server's own validation/test data (when it has any); federated
     evaluation (``site_eval``) asks the sites to score the suffix on theirs. ``select_by`` picks the
-    figure: ``central`` (validation AUC), ``federated`` (pooled validation AUC of the sites) or
+    figure: ``central`` (validation AUC), ``federated`` (the AUC over all the sites' released validation images at
+    once, :meth:`SiteEvaluation.pooled_val_auc`; the mean of their AUCs where none released any) or
     ``last`` (no validation data anywhere: the last round). Validation AUC is undefined (NaN) when
     the validation data hold a single class; the round is then selected by the lowest validation
     loss instead, logged once and recorded as ``selection_metric``. A round whose figure is undefined
@@ -116,13 +117,16 @@ class Tracker:
             row["decision"] = decision.to_dict()
         ev.apply(decision)
         pooled = ev.pooled(self.weight_cap)
+        pooled["val_auc_pooled"] = ev.pooled_val_auc(self.num_classes, self.weight_cap)
         row.update({f"fed_{k}": v for k, v in pooled.items()})
         row["sites_eval"] = dict(sorted(ev.sites.items()))
         if ev.skipped:
             row["eval_skipped"] = dict(sorted(ev.skipped.items()))
         if ev.timed_out:
             row["eval_timed_out"] = ev.timed_out
-        return pooled["val_auc"], pooled["val_loss"]
+        # the round is selected by one AUC over all the sites' released validation images (their mean AUC without)
+        auc = pooled["val_auc_pooled"] if math.isfinite(pooled["val_auc_pooled"]) else pooled["val_auc"]
+        return auc, pooled["val_loss"]
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         state = to_state(arrays)

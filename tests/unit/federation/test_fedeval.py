@@ -606,3 +606,63 @@ def test_the_servers_evaluation_data_may_be_an_image_folder_with_a_csv(tmp_path)
         tracking.plan_evaluation(cfg.with_overrides({"evaluation.data-labels": ""}), demo_data=False)
     with pytest.raises(ConfigError, match="evaluation.data-format"):
         FedTLConfig().with_overrides({"evaluation.data-path": "x"})
+
+
+# ---- selecting a round without server data: one AUC over all the sites' validation images ------------------------
+
+def test_the_pooled_validation_auc_is_the_auc_of_all_the_sites_images_at_once():
+    from sklearn.metrics import roc_auc_score
+
+    from fedtl.evaluation import auc_of, prediction_rows
+
+    ev, scores, labels = SiteEvaluation(), [], []
+    for i in range(3):
+        s, y = _scores(30 + 10 * i, 20, seed=i)
+        neg, pos = score_histograms(s, y)
+        ev.raw[f"s{i}"] = {"val": {"hist_neg": np.array(neg), "hist_pos": np.array(pos)}}
+        scores.append(np.clip((s * HIST_BINS).astype(int), 0, HIST_BINS - 1)), labels.append(y)
+    exact = roc_auc_score(np.concatenate(labels), np.concatenate(scores))  # the binned scores, ties counted a half
+    assert math.isclose(ev.pooled_val_auc(2), exact)
+    multi, probs, ys = SiteEvaluation(), [], []
+    for i in range(3):
+        p, y = _skewed(80, seed=20 + i)
+        multi.raw[f"s{i}"] = {"val": {"preds": np.asarray(prediction_rows(p, y)).reshape(-1, 7)}}
+        probs.append(p), ys.append(y)
+    assert abs(multi.pooled_val_auc(5) - auc_of(np.concatenate(probs), np.concatenate(ys))) < 0.005  # rounding only
+    assert math.isnan(SiteEvaluation().pooled_val_auc(5))  # nothing released: the mean of the sites' AUCs is used
+
+
+def test_without_server_data_the_round_is_selected_by_the_pooled_auc_not_the_mean_of_the_sites(tmp_path):
+    """Round 1 ranks each site's images perfectly but on scales that differ by site (site b's negatives score above
+    site a's positives): each site's AUC is 1.0, one threshold for both is poor. Round 2 ranks a little worse within
+    each site but on one scale. The mean of the sites' AUCs prefers round 1; the AUC over all their images round 2."""
+    from tests.unit.federation.test_server import _tracker
+
+    def hist(neg_bins, pos_bins):
+        neg, pos = np.zeros(HIST_BINS, np.int64), np.zeros(HIST_BINS, np.int64)
+        np.add.at(neg, neg_bins, 1)
+        np.add.at(pos, pos_bins, 1)
+        return {"hist_neg": neg, "hist_pos": pos}
+
+    scripted = {1: {"a": hist([1, 2, 3, 4], [10, 11, 12, 13]), "b": hist([30, 31, 32, 33], [40, 41, 42, 43])},
+                2: {"a": hist([5, 6, 7, 22], [20, 21, 23, 24]), "b": hist([5, 6, 8, 25], [20, 22, 24, 26])}}
+
+    def site_eval(rnd, arrays):
+        ev = SiteEvaluation()
+        for name, h in scripted[rnd].items():
+            from sklearn.metrics import roc_auc_score
+
+            y = np.repeat([0, 1], 4)
+            s = np.concatenate([np.repeat(np.arange(HIST_BINS), h["hist_neg"]), np.repeat(np.arange(HIST_BINS), h["hist_pos"])])
+            figs = {sp: {"n": 8, "auc": float(roc_auc_score(y, s)), "acc": 0.5, "loss": 0.7, **h} for sp in ("val", "test")}
+            ev.add(name, figs, "")
+        return ev
+
+    tracker = _tracker(tmp_path, None, None)
+    tracker.site_eval, tracker.select_by = site_eval, "federated"
+    for rnd in (1, 2):
+        tracker(rnd, to_record(_tiny_model().trainable_state()))
+    rows = tracker.history
+    assert rows[0]["fed_val_auc"] == 1.0 > rows[1]["fed_val_auc"]  # the mean of the sites' AUCs: round 1
+    assert rows[1]["fed_val_auc_pooled"] > rows[0]["fed_val_auc_pooled"]  # one AUC over all images: round 2
+    assert tracker.best_round == 2
