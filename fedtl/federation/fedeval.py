@@ -199,6 +199,12 @@ def check_prediction_rows(value, num_classes: int, n: int, key: str) -> np.ndarr
     return rows
 
 
+def site_scales(counts: list[float], weight_cap: float) -> list[float]:
+    """Per site, what each of its released validation images counts in the pooled histograms, rows and AUC: its
+    capped weight (at most ``weight_cap`` × the median site's, as in the pooled figures) over its image count."""
+    return [w / c if c > 0 else 0.0 for w, c in zip(aggregation_weights(counts, "examples", weight_cap), counts)]
+
+
 def accuracy_at(fig: dict, threshold: float) -> float:
     """Accuracy at a bin-edge threshold from a split's histograms (exact)."""
     k = int(round(threshold * HIST_BINS))
@@ -241,7 +247,7 @@ class SiteEvaluation:
             return float("nan")
         counts = [float(f["hist_neg"].sum() + f["hist_pos"].sum()) if num_classes == 2 else float(f["preds"][:, -1].sum())
                   for f in figs]
-        scale = [w / c if c > 0 else 0.0 for w, c in zip(aggregation_weights(counts, "examples", weight_cap), counts)]
+        scale = site_scales(counts, weight_cap)
         if num_classes == 2:
             neg = sum(f["hist_neg"] * k for f, k in zip(figs, scale))
             pos = sum(f["hist_pos"] * k for f, k in zip(figs, scale))
@@ -278,9 +284,8 @@ class SiteEvaluation:
         if not rows:
             return Decision()
         counts = [float(r[:, -1].sum()) for r in rows]
-        weights = aggregation_weights(counts, "examples", weight_cap)
         parts = [rows_log_probabilities(r) for r in rows]  # (log-probabilities, labels, counts) per site
-        w = np.concatenate([cnt * (weight / n if n > 0 else 0.0) for (_, _, cnt), n, weight in zip(parts, counts, weights)])
+        w = np.concatenate([cnt * k for (_, _, cnt), k in zip(parts, site_scales(counts, weight_cap))])
         site = np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)])
         images = int(sum(counts))
         bias = bias_from_log_probabilities(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
@@ -295,8 +300,7 @@ class SiteEvaluation:
         if not figs:
             return Decision()
         counts = [float(f["hist_neg"].sum() + f["hist_pos"].sum()) for f in figs]
-        weights = aggregation_weights(counts, "examples", weight_cap)
-        scale = [w / c if c > 0 else 0.0 for w, c in zip(weights, counts)]
+        scale = site_scales(counts, weight_cap)
         neg = sum(f["hist_neg"] * k for f, k in zip(figs, scale))
         pos = sum(f["hist_pos"] * k for f, k in zip(figs, scale))
         t = threshold_from_histograms(neg, pos)

@@ -97,13 +97,13 @@ def parse_stats_reply(content: RecordDict, dim: int) -> tuple[str, FeatureStanda
 
 
 def pooled_statistics(stats: list[FeatureStandardizer]) -> FeatureStandardizer:
-    """The coordinate-wise median of the sites' means and of their scales: one site's values, however extreme, move
-    neither past the other sites' range when three or more answer."""
-    mean = torch.stack([s.mean for s in stats]).median(dim=0).values if len(stats) > 2 else \
-        torch.stack([s.mean for s in stats]).mean(0)
-    scale = torch.stack([s.scale for s in stats]).median(dim=0).values if len(stats) > 2 else \
-        torch.stack([s.scale for s in stats]).mean(0)
-    return FeatureStandardizer(mean.double(), scale.double())
+    """The coordinate-wise median of the sites' means and of their scales (the mean of one or two sites'): one site's
+    values, however extreme, move neither past the other sites' range when three or more answer."""
+    def pool(vectors: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.stack(vectors).double()
+        return x.median(dim=0).values if len(vectors) > 2 else x.mean(0)
+
+    return FeatureStandardizer(pool([s.mean for s in stats]), pool([s.scale for s in stats]))
 
 
 @dataclass
