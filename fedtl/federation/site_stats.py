@@ -140,7 +140,10 @@ def statistics_from_sites(grid, strategy, arrays: ArrayRecord, config: ConfigRec
 
 
 def save_statistics(out: Path, stats: FeatureStandardizer) -> None:
-    (out / STATS_FILE).write_text(json.dumps(stats.to_config()))
+    """Keep the statistics in the run directory, atomically: a crash leaves the old file or the new, never a part."""
+    from fedtl.files import write_atomically
+
+    write_atomically(Path(out) / STATS_FILE, json.dumps(stats.to_config()).encode())
 
 
 def load_statistics(out: Path) -> FeatureStandardizer | None:

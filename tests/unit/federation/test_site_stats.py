@@ -171,6 +171,23 @@ def test_a_server_without_data_trains_the_richer_pooling_on_the_sites_statistics
     assert json.loads((run / "config.json").read_text())["model.pooling"] == "avg-std-grid"
 
 
+def test_a_crash_while_saving_the_statistics_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    from fedtl.federation import site_stats
+
+    site_stats.save_statistics(tmp_path, _stats(8))
+    before = (tmp_path / STATS_FILE).read_bytes()
+
+    def crash(*a, **k):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr("fedtl.files.os.replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        site_stats.save_statistics(tmp_path, _stats(4))
+    assert (tmp_path / STATS_FILE).read_bytes() == before  # never a part of the new file
+    assert [p.name for p in tmp_path.iterdir()] == [STATS_FILE]  # no temporary file left behind
+    assert site_stats.load_statistics(tmp_path).mean.numel() == 8
+
+
 def test_without_any_sites_statistics_the_server_trains_the_mean_pooling_and_says_why(monkeypatch, tmp_path, caplog):
     with caplog.at_level("INFO", logger="fedtl.federation.server"):
         sent = _run(monkeypatch, tmp_path, None)
