@@ -66,6 +66,7 @@ def _check_evaluation(site, train) -> tuple[int, int, object]:
 
     from fedtl.data.site_sources import load_site_data
     from fedtl.evaluation import MIN_PER_CLASS, stratified_split
+    from fedtl.federation.site_stats import MIN_STAT_IMAGES
 
     ev = site.evaluation
     if not ev.enabled:
@@ -82,11 +83,13 @@ def _check_evaluation(site, train) -> tuple[int, int, object]:
         labels = labels[first]
         training -= len(labels)
         print(f"evaluation: {ev.holdout:.0%} of [data] held out of training: {len(labels)} images")
-    print("  releases: n, AUC, accuracy and loss per split, " + (
-        "and the score histograms (binary) or prediction rows (multi-class) the federation's decision rule is chosen "
-        "on, and to a server without data the feature statistics of these images (docs/privacy.md)"
-        if ev.release_scores else "not the score histograms, prediction rows or feature statistics "
-        "(release-scores = false)"))
+    print("  releases: n, AUC, accuracy and loss per split; " + (
+        "the score histograms (binary) or prediction rows (multi-class) the federation's decision rule is chosen on"
+        if ev.release_scores else "not the score histograms or prediction rows (release-scores = false)") + "; " + (
+        f"to a server without data, the feature statistics of these images (sent with at least {MIN_STAT_IMAGES}; "
+        f"{'it holds ' + str(len(labels)) if len(labels) >= MIN_STAT_IMAGES else 'it holds only ' + str(len(labels))})"
+        if ev.release_statistics else "not the feature statistics (release-statistics = false)")
+        + " (docs/privacy.md)")
     val, test = stratified_split(labels, ev.validation_fraction, 0) if len(labels) else ([], [])
     counts = [(np.bincount(labels[np.asarray(part, dtype=np.int64)], minlength=len(names)) if len(labels) else
                np.zeros(len(names), int)) for part in (val, test)]

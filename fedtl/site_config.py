@@ -22,8 +22,9 @@ The site operator writes it (``site.toml``), never the server::
     validation-fraction = 0.5      # share used for validation (model selection, threshold); the rest is test
     # enabled = false              # opt out: the site answers evaluation requests with no figures
     # release-scores = false       # send the figures but not the per-image score histograms (binary) or
-    #                                prediction rows (multi-class) the federation's decision rule is chosen on, nor
-    #                                the feature statistics a server without data standardizes training with
+    #                                prediction rows (multi-class) the federation's decision rule is chosen on
+    # release-statistics = false   # nor the feature statistics (per-dimension mean and scale) of these images that
+    #                                a server without data standardizes training with (default: as release-scores)
 
     [privacy]                      # the site's policy: a run's config cannot change any of it
     target-epsilon = 3.0           # lifetime budget
@@ -83,6 +84,7 @@ KNOWN_KEYS = (
     "evaluation.enabled", "evaluation.holdout", "evaluation.validation-fraction", "evaluation.format",
     "evaluation.path", "evaluation.labels", "evaluation.image-size", "evaluation.classes", "evaluation.split",
     "evaluation.max-pixels", "evaluation.labels-column", "evaluation.release-scores",
+    "evaluation.release-statistics",
     "tls.ca-cert",
     "auth.private-key", "auth.public-key",
     "backbone.allowed-sha256", "backbone.max-weights-mb",
@@ -162,10 +164,14 @@ class SiteEvaluationConfig:
     # data chooses its decision rule on (fedtl.federation.fedeval), and its evaluation images' feature statistics
     # (fedtl.federation.site_stats); False: figures only
     release_scores: bool = True
+    # the feature statistics alone (``evaluation.release-statistics``; omitted: as ``release-scores``)
+    release_statistics: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.release_scores, bool):
             _fail("evaluation.release-scores", self.release_scores, "must be true or false")
+        if not isinstance(self.release_statistics, bool):
+            _fail("evaluation.release-statistics", self.release_statistics, "must be true or false")
         if not isinstance(self.holdout, (int, float)) or isinstance(self.holdout, bool) \
                 or not (self.holdout == 0 or 0.02 <= self.holdout <= 0.5):
             _fail("evaluation.holdout", self.holdout, "must be 0 (off) or a fraction between 0.02 and 0.5")
@@ -408,7 +414,9 @@ def _evaluation(flat: dict[str, Any], path_of, data: SiteDataConfig) -> SiteEval
                                 data=own if enabled else None,
                                 holdout=_number(flat, "evaluation.holdout", 0.0) if enabled else 0.0,
                                 validation_fraction=_number(flat, "evaluation.validation-fraction", 0.5),
-                                release_scores=flat.get("evaluation.release-scores", True))
+                                release_scores=flat.get("evaluation.release-scores", True),
+                                release_statistics=flat.get("evaluation.release-statistics",
+                                                            flat.get("evaluation.release-scores", True)))
 
 
 def _resolve(text: str, base: Path) -> Path:

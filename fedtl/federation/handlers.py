@@ -230,7 +230,7 @@ def handle_evaluate(content: RecordDict, run_config: Mapping[str, Any], node_con
         if not site_eval.enabled:  # before any model is built
             return refuse(site=site, reason="this site does not evaluate")
         release_scores = site_eval.release_scores
-        if statistics and not release_scores:  # before any model is built
+        if statistics and not site_eval.release_statistics:  # before any model is built
             return site_statistics(conf, None, None, site=site, release=False)
         warm = cached_eval_site(conf, str(node["site-config"]), num_classes)
     model = warm[0] if warm is not None else build_transfer_model(conf, num_classes)
@@ -247,7 +247,7 @@ def handle_evaluate(content: RecordDict, run_config: Mapping[str, Any], node_con
     else:
         data = simulated_eval_data(conf, model, int(node["partition-id"]), int(node["num-partitions"]))
     if statistics:  # no labels are used: the statistics of what the head reads on the evaluation images
-        return site_statistics(conf, model, data, site=site, release=release_scores)
+        return site_statistics(conf, model, data, site=site)  # released: checked above (simulated sites: always)
     labels = torch.cat([y for _, y in data.splits.values()])
     if len(labels) and int(labels.max()) >= num_classes:
         return eval_reply(None, site=site, reason="labels outside the federation's classes")

@@ -17,7 +17,8 @@ Protocol (both directions untrusted):
 
 What it releases: 2 × D numbers (D = 672 for the default pooling) describing a site's evaluation images, however
 few (at least :data:`MIN_STAT_IMAGES`): released statistics, not DP, like the evaluation figures
-(``docs/privacy.md``); a site with ``release-scores = false`` or without ``[evaluation]`` sends none. The training
+(``docs/privacy.md``); a site with ``release-statistics = false`` (by default as its ``release-scores``) or without
+``[evaluation]`` sends none. The training
 images never enter them, so a site's DP guarantee is unchanged; the statistics a server then sends with each
 train request are, for the site, a fixed preprocessing as before.
 """
@@ -65,7 +66,8 @@ def site_statistics(cfg, model, data, *, site: str, release: bool = True) -> Rec
     its evaluation images (:func:`fedtl.standardize.server_standardizer`, as the server computes them on its own
     validation data), or none with the reason."""
     if not release:
-        return stats_reply(None, site=site, reason="this site does not release feature statistics (release-scores = false)")
+        return stats_reply(None, site=site, reason="this site does not release feature statistics "
+                                                   "(evaluation.release-statistics = false)")
     feats = [f for f, y in data.splits.values() if len(y)]
     n = sum(len(f) for f in feats)
     if n < MIN_STAT_IMAGES:

@@ -158,12 +158,20 @@ def test_the_evaluation_set_is_counted_per_split_and_a_missing_class_is_named(si
     site.write_text(base + "[evaluation]\nholdout = 0.5\n")
     code, out, _ = _run(capsys, ["site", "check", str(site)])
     assert code == 0 and "evaluation: 50% of [data] held out of training: 0 images" in out  # one image per class
-    assert "and the score histograms (binary) or prediction rows (multi-class)" in out
+    assert "; the score histograms (binary) or prediction rows (multi-class)" in out
+    assert "the feature statistics of these images (sent with at least 20; it holds only 0)" in out
     assert "warning: the validation split will hold no image of class 0 normal, 1 pneumonia: its AUC is undefined" in out
     site.write_text(base + "[evaluation]\nholdout = 0.5\nrelease-scores = false\n[privacy]\nmax-personalize-epochs = 0\n")
     out = _run(capsys, ["site", "check", str(site)])[1]
     assert "note: personalization" not in out  # the site never personalizes
-    assert "not the score histograms, prediction rows or feature statistics (release-scores = false)" in out
+    assert "not the score histograms or prediction rows (release-scores = false)" in out
+    assert "not the feature statistics (release-statistics = false)" in out  # following release-scores
+    site.write_text(base + "[evaluation]\nholdout = 0.5\nrelease-scores = false\nrelease-statistics = true\n")
+    out = _run(capsys, ["site", "check", str(site)])[1]
+    assert "not the score histograms" in out and "to a server without data, the feature statistics" in out
+    site.write_text(base + '[evaluation]\nholdout = 0.5\nrelease-statistics = "yes"\n')
+    code, _, err = _run(capsys, ["site", "check", str(site)])
+    assert code != 0 and "evaluation.release-statistics" in err[-1] and "true or false" in err[-1]
     site.write_text(base + "[evaluation]\nenabled = false\n")
     assert "evaluation: none" in _run(capsys, ["site", "check", str(site)])[1]
     assert not (site.parent / "state").exists()

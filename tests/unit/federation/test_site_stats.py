@@ -46,7 +46,7 @@ def test_a_site_sends_the_statistics_of_all_its_evaluation_images_and_the_server
     expected = server_standardizer(cfg, torch.cat([data.splits["val"][0], data.splits["test"][0]]), model)
     assert torch.allclose(stats.mean, expected.mean) and torch.allclose(stats.scale, expected.scale)
     # the site's policy and its size: nothing sent, and why
-    for reply, why in ((site_statistics(cfg, model, data, site="x", release=False), "release-scores = false"),
+    for reply, why in ((site_statistics(cfg, model, data, site="x", release=False), "release-statistics = false"),
                        (site_statistics(cfg, model, _data(8, 8), site="y"), f"fewer than {MIN_STAT_IMAGES}")):
         assert reply["metrics"]["n"] == 0 and reply["metrics"]["feature-mean"] == []
         assert parse_stats_reply(reply, 16)[1] is None and why in parse_stats_reply(reply, 16)[2]
@@ -196,13 +196,17 @@ def test_without_any_sites_statistics_the_server_trains_the_mean_pooling_and_say
     assert "no site sent the statistics of its evaluation images" in caplog.text
 
 
-@pytest.mark.parametrize("release", [True, False])
-def test_a_deployed_site_answers_a_statistics_request_as_its_site_toml_says(tmp_path, monkeypatch, release):
+@pytest.mark.parametrize("policy, release", [("", True), ("release-scores = false\n", False),
+                                             ("release-statistics = false\n", False),
+                                             ("release-scores = false\nrelease-statistics = true\n", True)])
+def test_a_deployed_site_answers_a_statistics_request_as_its_site_toml_says(tmp_path, monkeypatch, policy, release):
+    """release-statistics decides; omitted, it follows release-scores (a site that withholds its scores withholds
+    its statistics unless it says otherwise)."""
     from fedtl.federation import deployment
     from fedtl.federation.handlers import handle_evaluate
     from tests.unit.test_site_config import MINIMAL, write
 
-    toml = MINIMAL + "[evaluation]\nholdout = 0.2\n" + ("" if release else "release-scores = false\n")
+    toml = MINIMAL + "[evaluation]\nholdout = 0.2\n" + policy
     path = str(write(tmp_path, toml))
     deployment.load_site_config.cache_clear()
     model, data = _model(), _data()
@@ -215,7 +219,7 @@ def test_a_deployed_site_answers_a_statistics_request_as_its_site_toml_says(tmp_
     if release:
         assert stats is not None and reply["metrics"]["n"] == 30
     else:  # refused before any model or image is touched
-        assert stats is None and "release-scores = false" in reason and not built
+        assert stats is None and "release-statistics = false" in reason and not built
     deployment.load_site_config.cache_clear()
     path = str(write(tmp_path, MINIMAL + "[evaluation]\nenabled = false\n"))
     reply = handle_evaluate(request, {}, {"site-config": path}, 7, cfg=FedTLConfig())
