@@ -188,6 +188,9 @@ def render(run: str | Path) -> str:
                            f"{(summary.get('evaluation') or {}).get('selected_by', '–')})"],
         ["evaluation data at the server", str((summary.get("evaluation") or {}).get("server_data", "–"))],
         ["headline figures from", str((summary.get("evaluation") or {}).get("headline", "–"))],
+        ["head's features", f"{(summary.get('evaluation') or {}).get('pooling', config.get('model.pooling', '–'))} "
+                            f"pooling, standardized by "
+                            f"{(summary.get('evaluation') or {}).get('standardized_by') or '–'}"],
         ["max ε", f"{_fmt(summary.get('epsilon_max'), 3)} (δ = {summary.get('delta')})"],
         ["bytes per site per round", f"{summary.get('bytes_per_site_round', '–')} "
                                      f"({100 * _num(summary.get('bytes_per_site_round_fraction_of_model')):.3f} % of the model)"],

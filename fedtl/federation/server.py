@@ -30,8 +30,8 @@ from fedtl.federation.fedeval import evaluate_at_sites
 from fedtl.federation.polling import destinations, send_and_receive
 from fedtl.federation.records import record_bytes, to_record, to_state
 from fedtl.federation.site import build_transfer_model, eval_features
-from fedtl.federation.site_stats import (MIN_STAT_IMAGES, head_width, load_statistics, save_statistics,
-                                         statistics_from_sites)
+from fedtl.federation.site_stats import (MIN_STAT_IMAGES, STATS_FILE, head_width, load_statistics,
+                                         save_statistics, statistics_from_sites)
 from fedtl.federation.strategy import RoundStats, SuffixFedAvg, make_strategy
 from fedtl.federation.tracking import EvaluationPlan, Tracker, jsonable, plan_evaluation, site_table
 from fedtl.model import TransferModel
@@ -88,10 +88,12 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     fed = cfg.federation
     transfer: dict = {}
     site_stats, backbone_sent = None, False
+    standardized_by = ""  # where the head's standardizing statistics came from (summary.json)
     if cfg.model.pooling == "auto" and source is None and cfg.standardizes:
         # no validation data to standardize the richer pooling with: the sites' evaluation images' statistics
         if cfg.output.resume:
             site_stats = load_statistics(out)
+            standardized_by = f"the sites' evaluation images (kept in {STATS_FILE})"
         else:
             rich = cfg.resolved(has_reference=True, graded=graded)
             rich_model = build_transfer_model(rich, plan.num_classes)
@@ -100,11 +102,14 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
                                 report=transfer)
                 backbone_sent = True
             naming = make_strategy(fed.aggregation, rich_model.expected_state(), sites=fed.sites)  # names the nodes
-            site_stats, _ = statistics_from_sites(
+            site_stats, replies = statistics_from_sites(
                 grid, naming, to_record(rich_model.trainable_state()),
                 ConfigRecord({"num-classes": plan.num_classes, "backbone": rich.model.backbone,
                               "backbone-sha256": rich_model.weights_sha256, "pooling": rich.model.pooling,
                               "head": rich.model.head}), head_width(rich_model), fed.round_timeout)
+            if site_stats is not None:
+                standardized_by = (f"the sites' evaluation images (median of {len(replies.sites)} site(s): "
+                                   f"{', '.join(sorted(replies.sites))})")
         if site_stats is None:
             log.info("model.pooling = auto: the spatial mean of the feature maps. The server holds no validation data "
                      "and no site sent the statistics of its evaluation images, so there is nothing to standardize "
@@ -157,6 +162,9 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     if distribute_backbone and not backbone_sent:
         ensure_backbone(grid, cfg, model.weights_sha256, fed.sites, timeout=fed.round_timeout, report=transfer)
     stats = site_stats.to_config() if site_stats is not None else feature_statistics(cfg, val, model)
+    if site_stats is None:
+        standardized_by = (f"the server's validation split ({val[0].shape[0]} images)" if stats and val is not None
+                           else "none (the head reads raw features)")
     train_config = ConfigRecord({"total-rounds": fed.rounds, "run-id": fedtl_run, "num-classes": plan.num_classes,
                                  "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256,
                                  "noise-multiplier": cfg.privacy.noise_multiplier,
@@ -187,7 +195,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
             fed.round_timeout).table()
         personal = {"kind": cfg.personalization.kind, **personal}
     return _finish(cfg, out, model, tracker, to_record(model.trainable_state()), t_start, val_hit and test_hit,
-                   transfer, plan, per_site, personal, run_id=fedtl_run)
+                   transfer, plan, per_site, personal, run_id=fedtl_run, standardized_by=standardized_by)
 
 
 def feature_statistics(cfg: FedTLConfig, val: tuple[torch.Tensor, torch.Tensor] | None,
@@ -293,7 +301,8 @@ def load_for_resume(out: Path, cfg: FedTLConfig) -> Checkpoint:
 
 def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker, initial: ArrayRecord,
             t_start: float, server_cache_hit: bool, transfer: dict | None, plan: EvaluationPlan,
-            per_site: dict | None, personalization: dict | None = None, run_id: str = "") -> dict:
+            per_site: dict | None, personalization: dict | None = None, run_id: str = "",
+            standardized_by: str = "") -> dict:
     fed = cfg.federation
     best = tracker.history[tracker.best_round]
     final = tracker.history[-1]
@@ -315,7 +324,8 @@ def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker,
         "run_id": str(run_id),  # what sites' personal suffixes name in their metadata (`fedtl predict --suffix`)
         "selected_round": tracker.best_round, "selection_metric": tracker.selection_metric,
         "evaluation": {"server_data": plan.data, "sites": plan.sites, "selected_by": plan.select_by,
-                       "headline": "central test split" if plan.source is not None else "sites' pooled test splits"},
+                       "headline": "central test split" if plan.source is not None else "sites' pooled test splits",
+                       "pooling": cfg.model.pooling, "standardized_by": standardized_by},
         "decision": decision.to_dict(),
         "per_site": per_site,
         "personalization": personalization,  # each site's figures under the global vs its personal suffix

@@ -238,18 +238,19 @@ def _write_site(tmp_path: Path, dep: Deployment, key: str, name: str, seed: int,
 
     folder = tmp_path / "sites" / (folder_name or name)
     folder.mkdir(parents=True)
-    images = write_small_medmnist(folder / "images.npz", n_train=100, n_val=8, n_test=30, seed=seed)
+    images = write_small_medmnist(folder / "images.npz", n_train=100, n_val=8, n_test=40, seed=seed)
     data: dict = {"format": "medmnist", "path": str(images), "image-size": 28}
     extra: dict = {}
     if image_folders:
         with np.load(images) as z:
             train_csv = _write_folder(folder / "images", z["train_images"], z["train_labels"].ravel())
             test_labels = z["test_labels"].ravel()
-            keep = np.concatenate([np.flatnonzero(test_labels == c)[:8] for c in (0, 1)])  # both classes
+            # 12 of each class: 24 evaluation images, enough (MIN_STAT_IMAGES) to send the server their statistics
+            keep = np.concatenate([np.flatnonzero(test_labels == c)[:12] for c in (0, 1)])
             test_csv = _write_folder(folder / "test-images", z["test_images"][keep], test_labels[keep])
         data = {"format": "folder", "path": str(folder / "images"), "labels": str(train_csv), "image-size": 28}
         extra = {"evaluation": {"format": "folder", "path": str(folder / "test-images"), "labels": str(test_csv),
-                                "validation-fraction": 0.5}}
+                                "validation-fraction": 1 / 3}}  # 8 validation images (4 a class), 16 test
     private_key, public_key = dep.keys[key]
     body = {
         "name": name,
@@ -310,12 +311,20 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
     # no server data: no demo-data fallback; the sites' federated validation selected the round
     assert summary["evaluation"]["server_data"].startswith("none") and summary["evaluation"]["selected_by"] == "federated"
     assert "federated evaluation" in proc.stdout + proc.stderr
+    # before round 1 every site (hospital-c too: the statistics spend no ε) sent the statistics of its evaluation
+    # images through its worker; the head trained the richer pooling standardized with their median, kept for resume
+    evaluation = summary["evaluation"]
+    assert evaluation["pooling"] == "avg-std-grid", evaluation
+    assert evaluation["standardized_by"].startswith("the sites' evaluation images (median of 3 site(s)"), evaluation
+    assert json.loads((out / "config.json").read_text())["model.pooling"] == "avg-std-grid"
+    kept = json.loads((out / "feature-statistics.json").read_text())
+    assert len(kept["feature-mean"]) == len(kept["feature-scale"]) > 0 and min(kept["feature-scale"]) > 0
     # each round's line and the summary reach the operator's stream (they were dropped: INFO, no handler)
     assert "Round 1/2" in proc.stdout + proc.stderr and "Run directory:" in proc.stdout + proc.stderr, logs
     assert summary["per_site"]["sites"].keys() == {name for name, _, _ in DEPLOYED_SITES}, summary["per_site"]
     for name, row in summary["per_site"]["sites"].items():
-        assert row["test_n"] == 8 and row["val_n"] == 8 and 0 <= row["test_acc"] <= 1, (name, row)
-    assert summary["per_site"]["pooled"]["test_n"] == 24 and summary["test_auc"] == summary["per_site"]["pooled"]["test_auc"]
+        assert row["test_n"] == 16 and row["val_n"] == 8 and 0 <= row["test_acc"] <= 1, (name, row)
+    assert summary["per_site"]["pooled"]["test_n"] == 48 and summary["test_auc"] == summary["per_site"]["pooled"]["test_auc"]
     print("per-site table (image folders, no server data):", json.dumps(summary["per_site"]))
     trained, declining = {"hospital-a", "hospital-b"}, "hospital-c"
     # ε is each site's own cumulative spend, within its own budget (not the run config's 3.0)
@@ -349,7 +358,7 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
         body = json.loads(ledger_c.read_text())
         assert body["entries"] == [] and body["epsilon"] == 0, body
 
-    # the local heads stayed at the sites that trained; each site weighed its own (8 validation images: too few to
+    # the local heads stayed at the sites that trained; each site weighed its own (4 validation images a class: too few to
     # keep it) and said why; the declining site held none; nothing was spent on personalization
     personal = summary["personalization"]
     assert personal["kind"] == "local-head" and set(personal["sites"]) == set(sites), personal

@@ -28,7 +28,9 @@ def _run_dir(tmp_path, complete=True):
         summary = {"test_auc": 0.8123, "test_acc": 0.7345, "test_acc_argmax": 0.7001, "selected_round": 2,
                    "selection_metric": "val_auc", "rounds": 3, "epsilon_max": 1.5, "delta": 1e-5,
                    "decision": {"rule": "threshold", "threshold": 0.62, "chosen-on": "central validation (524 images)"},
-                   "evaluation": {"server_data": "x.npz", "selected_by": "central", "headline": "central test split"},
+                   "evaluation": {"server_data": "x.npz", "selected_by": "central", "headline": "central test split",
+                                  "pooling": "avg-std-grid",
+                                  "standardized_by": f"the sites' evaluation images (median of 2 site(s): a, {EVIL})"},
                    "per_site": {"sites": {"site-a": {"test_n": 10, "test_auc": 0.9, "test_acc": 0.8},
                                           EVIL: {"test_n": 3, "test_auc": None}},
                                 "pooled": {"test_n": 13, "test_auc": 0.85, "test_acc": 0.75}, "skipped": {"site-z": EVIL}},
@@ -44,7 +46,8 @@ def test_the_report_holds_every_figure_and_table(tmp_path):
         assert re.search(rf"<figure id='fig-{name}'><svg[^>]*>.*?</svg>\s*</figure>", page, re.S), name
     for text in ("0.8123", "0.7345", "threshold 0.62", "central validation (524 images)", "selected round",
                  "57934424" + "0" * 56, "pooled (example-weighted)", "values up to 1e+30", "timed out", "site-c",
-                 "federation.rounds", "efficientnet_lite0"):
+                 "federation.rounds", "efficientnet_lite0",
+                 "avg-std-grid pooling, standardized by the sites&#x27; evaluation images (median of 2 site(s): a, "):
         assert text in page, text
 
 

@@ -477,6 +477,7 @@ def test_without_server_data_rounds_are_selected_by_the_sites_pooled_validation(
     summary = server.run_server(object(), cfg, "t", distribute_backbone=False)  # a deployment: no demo data
     assert summary["selected_round"] == 2 and summary["evaluation"]["selected_by"] == "federated"
     assert summary["evaluation"]["server_data"].startswith("none")
+    assert summary["evaluation"]["pooling"] == "avg" and summary["evaluation"]["standardized_by"].startswith("none")
     assert set(summary["per_site"]["sites"]) == {"a", "b"}
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "val_auc" not in rows[1] and rows[2]["fed_val_auc"] == max(r["fed_val_auc"] for r in rows[1:])

@@ -163,6 +163,8 @@ def test_summary_and_saved_suffix_come_from_the_best_validation_round(monkeypatc
     for key in ("test_auc", "test_acc", "val_auc", "val_acc", "val_loss"):
         assert summary[key] == best[key], key
     assert summary["final_round_test_auc"] == rows[-1]["test_auc"] != summary["test_auc"]
+    n_val = len(_split(0)[1])
+    assert summary["evaluation"]["standardized_by"] == f"the server's validation split ({n_val} images)"
     saved = load_file(out / "suffix.safetensors")
     assert set(saved) == {W, B} and torch.equal(saved[W], SCRIPT[1][W]) and torch.equal(saved[B], SCRIPT[1][B])
     with safe_open(out / "suffix.safetensors", "pt") as fh:
