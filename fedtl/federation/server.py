@@ -108,8 +108,9 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
                               "backbone-sha256": rich_model.weights_sha256, "pooling": rich.model.pooling,
                               "head": rich.model.head}), head_width(rich_model), fed.round_timeout)
             if site_stats is not None:
-                standardized_by = (f"the sites' evaluation images (median of {len(replies.sites)} site(s): "
-                                   f"{', '.join(sorted(replies.sites))})")
+                names = sorted(replies.sites)
+                standardized_by = (f"the sites' evaluation images (median of {len(names)} site(s): "
+                                   f"{', '.join(names[:10])}{', …' if len(names) > 10 else ''})")
         if site_stats is None:
             log.info("model.pooling = auto: the spatial mean of the feature maps. The server holds no validation data "
                      "and no site sent the statistics of its evaluation images, so there is nothing to standardize "
