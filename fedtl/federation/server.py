@@ -30,11 +30,12 @@ from fedtl.federation.fedeval import evaluate_at_sites
 from fedtl.federation.polling import destinations, send_and_receive
 from fedtl.federation.records import record_bytes, to_record, to_state
 from fedtl.federation.site import build_transfer_model, eval_features
-from fedtl.federation.site_stats import (MIN_STAT_IMAGES, STATS_FILE, head_width, load_statistics,
-                                         save_statistics, statistics_from_sites)
+from fedtl.federation.site_stats import (MIN_STAT_IMAGES, STATS_FILE, load_statistics, save_statistics,
+                                         statistics_from_sites)
 from fedtl.federation.strategy import RoundStats, SuffixFedAvg, make_strategy
 from fedtl.federation.tracking import EvaluationPlan, Tracker, jsonable, plan_evaluation, site_table
 from fedtl.model import TransferModel
+from fedtl.standardize import first_linear
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
                 grid, naming, to_record(rich_model.trainable_state()),
                 ConfigRecord({"num-classes": plan.num_classes, "backbone": rich.model.backbone,
                               "backbone-sha256": rich_model.weights_sha256, "pooling": rich.model.pooling,
-                              "head": rich.model.head}), head_width(rich_model), fed.round_timeout)
+                              "head": rich.model.head}), first_linear(rich_model).in_features, fed.round_timeout)
             if site_stats is not None:
                 names = sorted(replies.sites)
                 standardized_by = (f"the sites' evaluation images (median of {len(names)} site(s): "

@@ -161,10 +161,3 @@ def load_statistics(out: Path) -> FeatureStandardizer | None:
         raise ConfigError(f"{path} is damaged ({exc}); the run cannot be resumed with the statistics it trained "
                           "with.") from exc
     return stats
-
-
-def head_width(model) -> int:
-    from fedtl.standardize import first_linear
-
-    return int(first_linear(model).in_features)
-
