@@ -88,9 +88,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 
-RESTART_HINT = ("Start it again with the same command (pass --database to keep registered sites); a run it was "
-                "serving resumes from its checkpoint with: flwr run . <connection> --run-config "
-                "\"output.dir='<run dir>' output.resume=true\"")
+def restart_hint(database: str | None) -> str:
+    """What to do after the SuperLink was stopped; ``--database`` is suggested only when it was not passed."""
+    keep = (f" (its registered sites are kept in {database})" if database
+            else " (pass --database to keep registered sites across restarts)")
+    return (f"Start it again with the same command{keep}; a run it was serving resumes from its checkpoint with: "
+            "flwr run . <connection> --run-config \"output.dir='<run dir>' output.resume=true\"")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd = superlink_command(args.certs, args.host, args.port, args.database,
                                     control_address=args.control_address)
             print(" ".join(cmd), file=sys.stderr, flush=True)
-            return _run_foreground(cmd, RESTART_HINT)
+            return _run_foreground(cmd, restart_hint(args.database))
         elif args.command == "register":
             node_id = register_site(args.flwr_home, args.connection, args.public_key, args.name)
             print(json.dumps({"node-id": node_id}))

@@ -231,7 +231,9 @@ def _run_foreground(cmd: list[str], stopped: str = "", grace: float = 8.0, *, en
             signal.signal(sig, signal.SIG_IGN)
         terminate_tree(proc, grace)
         signum = int(stop.args[0]) if stop.args and isinstance(stop.args[0], int) else int(signal.SIGINT)
-        print(f"error: stopped by {signal.Signals(signum).name}; every process it started was stopped. {stopped}".rstrip(),
+        # how a service is stopped (a long-lived SuperLink or site): said plainly, not as an error; the exit code
+        # stays 128 + the signal, as a shell reports it
+        print(f"stopped by {signal.Signals(signum).name}; every process it started was stopped. {stopped}".rstrip(),
               file=sys.stderr)
         return 128 + signum
     finally:

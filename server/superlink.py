@@ -133,11 +133,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     bindir = os.path.dirname(sys.executable)
     if os.path.exists(os.path.join(bindir, "flower-superexec")):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    return serve(flower_args, control_host, control_port, fleet_port, sockets)
+    return serve(flower_args, control_host, control_port, fleet_port, sockets, fleet_host=fleet_host)
+
+
+def banner(fleet_host: str, fleet_port: int, control_host: str, control_port: int) -> str:
+    """The start-up line: where each API listens, as bound (a loopback fleet address is not called public)."""
+    def show(h: str) -> str:
+        return f"[{h}]" if ":" in h else (h or "*")
+
+    reach = ("every interface" if fleet_host in ("0.0.0.0", "::", "")
+             else "this machine only" if fleet_host in ("127.0.0.1", "localhost", "::1") else "for the sites")
+    return (f"fedtl SuperLink: Fleet API on {show(fleet_host)}:{fleet_port} ({reach}), Control and Runtime APIs on "
+            f"{show(control_host)}:{control_port} only")
 
 
 def serve(flower_args: list[str], control_host: str, control_port: int, fleet_port: int,
-          sockets: list[socket.socket]) -> int:
+          sockets: list[socket.socket], fleet_host: str = "") -> int:
     """Flower's SuperLink app, configured from ``flower_args`` with the control address as its own, on ``sockets``.
 
     Returns when the server stops: 0, or 3 (uvicorn's code) when the app failed to start.
@@ -148,12 +159,10 @@ def serve(flower_args: list[str], control_host: str, control_port: int, fleet_po
     from flwr.superlink.cli.flower_superlink import SuperLinkLifespan, _parse_superlink_lifespan_config
     from flwr.superlink.main import create_app
 
-    host = f"[{control_host}]" if ":" in control_host else control_host
     sys.argv = ["flower-superlink", *flower_args, "--host", control_host, "--port", str(control_port)]
     config = _parse_superlink_lifespan_config()  # Flower's own parsing and checks (TLS, node auth, isolation)
     app = FleetOnlyOnPublicPort(create_app(config, SuperLinkLifespan), fleet_port)
-    print(f"fedtl SuperLink: Fleet API on port {fleet_port} (public), Control and Runtime APIs on "
-          f"{host}:{control_port} only", file=sys.stderr, flush=True)
+    print(banner(fleet_host, fleet_port, control_host, control_port), file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(
         app, host=control_host, port=control_port, workers=1, access_log=True, lifespan="on",
         log_config=get_uvicorn_log_config(console_handler.level),

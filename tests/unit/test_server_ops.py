@@ -472,8 +472,15 @@ def test_a_signal_to_a_launcher_stops_its_whole_tree_within_15_s(tmp_path, sig):
     _, err = proc.communicate(timeout=30)
     assert time.monotonic() - t0 < 15
     assert proc.returncode == 128 + sig
-    assert err.strip() == f"error: stopped by {sig.name}; every process it started was stopped. hint"
+    # a stop is how a service ends, said plainly (it was "error: stopped by …"); the exit code says the signal
+    assert err.strip() == f"stopped by {sig.name}; every process it started was stopped. hint"
     assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_the_superlinks_restart_hint_suggests_a_database_only_when_none_was_passed(tmp_path):
+    kept = ops.restart_hint(str(tmp_path / "superlink.db"))
+    assert "registered sites are kept in" in kept and "pass --database" not in kept and "output.resume=true" in kept
+    assert "pass --database to keep registered sites" in ops.restart_hint(None)
 
 
 def test_a_deployed_serverapp_shows_fedtl_round_lines_once_and_leaves_configured_logging_alone():

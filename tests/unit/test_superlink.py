@@ -10,7 +10,7 @@ import pytest
 
 from fedtl.errors import ConfigError
 from server import ops
-from server.superlink import FleetOnlyOnPublicPort, check_control_host, main, split_address
+from server.superlink import FleetOnlyOnPublicPort, banner, check_control_host, main, split_address
 
 PUBLIC, CONTROL = 9093, 9091
 
@@ -112,3 +112,12 @@ def test_a_port_in_use_is_one_line(capsys):
         assert main(["--fleet-address", "127.0.0.1:9", "--control-address", f"127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: Cannot listen on the control address 127.0.0.1:{port}: ") and "\n" not in err
+
+
+def test_the_start_up_line_says_where_each_api_listens_as_bound():
+    """A Fleet API bound to loopback was announced as "(public)"; the line now names the address it is bound to."""
+    assert banner("0.0.0.0", 9093, "127.0.0.1", 9091) == ("fedtl SuperLink: Fleet API on 0.0.0.0:9093 (every interface), "
+                                                          "Control and Runtime APIs on 127.0.0.1:9091 only")
+    assert "Fleet API on 127.0.0.1:9093 (this machine only)" in banner("127.0.0.1", 9093, "127.0.0.1", 9091)
+    assert "Fleet API on 10.0.0.5:9093 (for the sites), Control and Runtime APIs on [::1]:9091 only" in \
+        banner("10.0.0.5", 9093, "::1", 9091)
