@@ -33,7 +33,8 @@ from fedtl.federation.site import build_transfer_model, eval_features
 from fedtl.federation.site_stats import (MIN_STAT_IMAGES, STATS_FILE, load_statistics, save_statistics,
                                          statistics_from_sites)
 from fedtl.federation.strategy import RoundStats, SuffixFedAvg, make_strategy
-from fedtl.federation.tracking import EvaluationPlan, Tracker, jsonable, plan_evaluation, site_table
+from fedtl.federation.tracking import (EvaluationPlan, Tracker, jsonable, plan_evaluation, selecting_val_auc,
+                                      site_table)
 from fedtl.model import TransferModel
 from fedtl.standardize import first_linear
 
@@ -321,6 +322,8 @@ def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker,
     pooled_test = (per_site or {}).get("pooled", {})
     headline = {k: best.get(pre + k, pooled_test.get(k, float("nan")) if pre else float("nan"))
                 for k in ("test_auc", "test_acc", "test_acc_argmax", "val_auc", "val_acc", "val_loss")}
+    if pre:  # the validation AUC the round was selected by (over all the sites' images), not the mean of theirs
+        headline["val_auc"] = selecting_val_auc(best)
     summary = {
         **headline,
         "run_id": str(run_id),  # what sites' personal suffixes name in their metadata (`fedtl predict --suffix`)

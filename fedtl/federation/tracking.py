@@ -124,9 +124,7 @@ class Tracker:
             row["eval_skipped"] = dict(sorted(ev.skipped.items()))
         if ev.timed_out:
             row["eval_timed_out"] = ev.timed_out
-        # the round is selected by one AUC over all the sites' released validation images (their mean AUC without)
-        auc = pooled["val_auc_pooled"] if math.isfinite(pooled["val_auc_pooled"]) else pooled["val_auc"]
-        return auc, pooled["val_loss"]
+        return selecting_val_auc(row), pooled["val_loss"]
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         state = to_state(arrays)
@@ -186,7 +184,8 @@ class Tracker:
         parts = [f"Round {server_round}/{self.total_rounds}" if self.total_rounds else f"Round {server_round}"]
         for prefix, label in (("", "central"), ("fed_", "sites")):
             if f"{prefix}val_auc" in row:
-                parts.append(f"{label} val AUC {row[prefix + 'val_auc']:.4f} | test AUC {row[prefix + 'test_auc']:.4f} "
+                val = selecting_val_auc(row) if prefix else row["val_auc"]  # the figure the round is selected by
+                parts.append(f"{label} val AUC {val:.4f} | test AUC {row[prefix + 'test_auc']:.4f} "
                              f"acc {row[prefix + 'test_acc']:.4f}")
         if stats is not None:
             extra = "".join(f", {len(getattr(stats, k))} {k.replace('_', ' ')}"
@@ -194,6 +193,13 @@ class Tracker:
             eps = max(stats.epsilon.values(), default=0.0)
             parts.append(f"{len(stats.trained)} trained{extra} | max ε {eps:.2f}")
         (log.debug if server_round == 0 and self.total_rounds > 20 else log.info)(" | ".join(parts))
+
+
+def selecting_val_auc(row: dict) -> float:
+    """The sites' validation AUC a round is selected by: one AUC over all their released validation images
+    (``fed_val_auc_pooled``), or, where none released them, the mean of their AUCs (``fed_val_auc``)."""
+    pooled = row.get("fed_val_auc_pooled", math.nan)
+    return pooled if math.isfinite(pooled) else row.get("fed_val_auc", math.nan)
 
 
 @dataclass(frozen=True)

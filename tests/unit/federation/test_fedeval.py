@@ -478,6 +478,8 @@ def test_without_server_data_rounds_are_selected_by_the_sites_pooled_validation(
     assert summary["selected_round"] == 2 and summary["evaluation"]["selected_by"] == "federated"
     assert summary["evaluation"]["server_data"].startswith("none")
     assert summary["evaluation"]["pooling"] == "avg" and summary["evaluation"]["standardized_by"].startswith("none")
+    best = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][2]
+    assert summary["val_auc"] == best["fed_val_auc_pooled"]  # the figure the round was selected by
     assert set(summary["per_site"]["sites"]) == {"a", "b"}
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "val_auc" not in rows[1] and rows[2]["fed_val_auc"] == max(r["fed_val_auc"] for r in rows[1:])
@@ -633,7 +635,7 @@ def test_the_pooled_validation_auc_is_the_auc_of_all_the_sites_images_at_once():
     assert math.isnan(SiteEvaluation().pooled_val_auc(5))  # nothing released: the mean of the sites' AUCs is used
 
 
-def test_without_server_data_the_round_is_selected_by_the_pooled_auc_not_the_mean_of_the_sites(tmp_path):
+def test_without_server_data_the_round_is_selected_by_the_pooled_auc_not_the_mean_of_the_sites(tmp_path, caplog):
     """Round 1 ranks each site's images perfectly but on scales that differ by site (site b's negatives score above
     site a's positives): each site's AUC is 1.0, one threshold for both is poor. Round 2 ranks a little worse within
     each site but on one scale. The mean of the sites' AUCs prefers round 1; the AUC over all their images round 2."""
@@ -661,9 +663,15 @@ def test_without_server_data_the_round_is_selected_by_the_pooled_auc_not_the_mea
 
     tracker = _tracker(tmp_path, None, None)
     tracker.site_eval, tracker.select_by = site_eval, "federated"
-    for rnd in (1, 2):
-        tracker(rnd, to_record(_tiny_model().trainable_state()))
+    with caplog.at_level("INFO", logger="fedtl.federation.tracking"):
+        for rnd in (1, 2):
+            tracker(rnd, to_record(_tiny_model().trainable_state()))
     rows = tracker.history
     assert rows[0]["fed_val_auc"] == 1.0 > rows[1]["fed_val_auc"]  # the mean of the sites' AUCs: round 1
     assert rows[1]["fed_val_auc_pooled"] > rows[0]["fed_val_auc_pooled"]  # one AUC over all images: round 2
     assert tracker.best_round == 2
+    # each round's line shows the figure that selects (a deployment trial saw the mean logged and wondered why the
+    # lower round won)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Round")]
+    for line, row in zip(lines, rows):
+        assert f"sites val AUC {row['fed_val_auc_pooled']:.4f}" in line, line
