@@ -65,16 +65,22 @@ def site_statistics(cfg, model, data, *, site: str, release: bool = True) -> Rec
     statistics request, ``model`` the server's initial suffix loaded: the statistics of what the head reads on all
     its evaluation images (:func:`fedtl.standardize.server_standardizer`, as the server computes them on its own
     validation data), or none with the reason."""
+    def none(reason: str) -> RecordDict:
+        log.info("Site %s sends no feature statistics to the server: %s.", site, reason)
+        return stats_reply(None, site=site, reason=reason)
+
     if not release:
-        return stats_reply(None, site=site, reason="this site does not release feature statistics "
-                                                   "(evaluation.release-statistics = false)")
+        return none("this site does not release feature statistics (evaluation.release-statistics = false)")
     feats = [f for f, y in data.splits.values() if len(y)]
     n = sum(len(f) for f in feats)
     if n < MIN_STAT_IMAGES:
-        return stats_reply(None, site=site, reason=f"fewer than {MIN_STAT_IMAGES} evaluation images")
+        return none(f"fewer than {MIN_STAT_IMAGES} evaluation images")
     stats = server_standardizer(cfg, torch.cat(feats), model)
     if stats is None:
-        return stats_reply(None, site=site, reason="the run does not standardize (train.standardize)")
+        return none("the run does not standardize (train.standardize)")
+    # what leaves the site, in its own log (docs/privacy.md: released statistics, not DP; no labels, no training images)
+    log.info("Site %s sends the server the feature statistics of its %d evaluation images: the mean and scale of "
+             "each of %d features (no labels, no training images; evaluation.release-statistics).", site, n, stats.dim)
     return stats_reply(stats, n, site=site)
 
 

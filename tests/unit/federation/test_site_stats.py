@@ -37,10 +37,13 @@ def _data(n_val=15, n_test=15, seed=0, shift=0.0):
     return SiteEvalData("s", {"val": (x[:n_val], y[:n_val]), "test": (x[n_val:], y[n_val:])})
 
 
-def test_a_site_sends_the_statistics_of_all_its_evaluation_images_and_the_server_reads_them_back():
+def test_a_site_sends_the_statistics_of_all_its_evaluation_images_and_the_server_reads_them_back(caplog):
     cfg = FedTLConfig()
     model, data = _model(), _data()
-    reply = site_statistics(cfg, model, data, site="st-anne")
+    with caplog.at_level("INFO", logger="fedtl.federation.site_stats"):
+        reply = site_statistics(cfg, model, data, site="st-anne")
+    # what left the site is in its own log
+    assert "Site st-anne sends the server the feature statistics of its 30 evaluation images" in caplog.text
     site, stats, _ = parse_stats_reply(reply, dim=16)
     assert site == "st-anne" and reply["metrics"]["n"] == 30
     expected = server_standardizer(cfg, torch.cat([data.splits["val"][0], data.splits["test"][0]]), model)
