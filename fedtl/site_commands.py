@@ -12,6 +12,11 @@ from fedtl.config import FedTLConfig
 from fedtl.errors import ConfigError, DataError
 
 
+def _named(index: int, name: str) -> str:
+    """``0 normal``; a class whose label is its index (a CSV of integer labels) is ``0``, not ``0 0``."""
+    return str(index) if str(name) == str(index) else f"{index} {name}"
+
+
 def cmd_site_check(args: argparse.Namespace) -> int:
     """Load a site's config and data offline; report classes, images read and every unreadable file."""
     from fedtl.data.site_sources import load_site_data
@@ -31,7 +36,7 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     side = result.images.images.shape[1] if len(result.images) else site.data.image_size
     print(f"images read: {len(result.images)} of {result.listed} listed, {side}x{side} {kind}")
     for index, (name, count) in enumerate(result.class_counts().items()):
-        print(f"  class {index} {name}: {count}")
+        print(f"  class {_named(index, name)}: {count}")
     print(f"unreadable: {len(result.problems)}")
     for problem in result.problems:
         print(f"  {problem.file}: {problem.reason}")
@@ -94,15 +99,15 @@ def _check_evaluation(site, train) -> tuple[int, int, object]:
     counts = [(np.bincount(labels[np.asarray(part, dtype=np.int64)], minlength=len(names)) if len(labels) else
                np.zeros(len(names), int)) for part in (val, test)]
     for index, name in enumerate(names):
-        print(f"  class {index} {name}: {counts[0][index]} validation, {counts[1][index]} test")
+        print(f"  class {_named(index, name)}: {counts[0][index]} validation, {counts[1][index]} test")
     for split, c in zip(("validation", "test"), counts):
-        absent = [f"{i} {names[i]}" for i in range(len(names)) if c[i] == 0]
+        absent = [_named(i, names[i]) for i in range(len(names)) if c[i] == 0]
         if absent:
             print(f"warning: the {split} split will hold no image of class {', '.join(absent)}: its AUC "
                   f"{'is undefined' if len(absent) >= len(names) - 1 else 'leaves that class out'} there "
                   "(more evaluation images of that class, or another validation-fraction, would fix it)")
     held = [i for i in range(len(names)) if counts[0][i] > 0]
-    few = [f"{i} {names[i]}" for i in held if counts[0][i] < MIN_PER_CLASS]
+    few = [_named(i, names[i]) for i in held if counts[0][i] < MIN_PER_CLASS]
     if site.privacy.max_personalize_epochs > 0 and (few or len(held) < 2):
         print(f"note: personalization would keep the global suffix here: weighing a personal one needs at least "
               f"{MIN_PER_CLASS} validation images of each class the split holds, and two classes"

@@ -218,6 +218,7 @@ def test_site_check_plans_the_sigma_the_site_will_calibrate_and_writes_no_ledger
     code, out, _ = _run(capsys, ["site", "check", str(conf), "--rounds", "20", "--batch-size", "32"])
     assert code == 0
     assert "privacy plan for a run of 20 rounds, batch 32" in out and "300 training images" in out
+    assert "  class 0: " in out and "  class 1: " in out  # integer labels, no names: not "class 0 0"
     policy = policy_for_site(SiteConfig.load(conf))
     expected = plan_round(policy, PrivacyLedger("st-mary", 1e-5, "rdp"), Proposal(20, 32), run_id="x", server_round=1,
                           num_examples=300)
