@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="the site's TOML file (name, data, privacy, tls, auth)")
     p.add_argument("--rounds", type=int, help="plan a run of this many rounds (default: the default run's)")
     p.add_argument("--batch-size", type=int, help="plan this expected batch size (default: the default run's)")
+    p.add_argument("--graded", action="store_true",
+                   help="plan for graded classes (the ordinal head a run with data.labels = graded trains); image "
+                        "folders declare nothing, so without it the plan is for the linear head")
     p.add_argument("--allow-bad", action="store_true",
                    help="exit 0 even when listed files are unreadable (they are still named; training skips them)")
     p.set_defaults(func=cmd_site_check)

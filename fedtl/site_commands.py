@@ -143,13 +143,15 @@ def _print_site_plan(site, result, n: int, args) -> None:
     if local_backbone_sha256(defaults.model.backbone):
         from fedtl.federation.site import build_transfer_model
 
-        graded = defaults.graded_labels(site.data.path, result.num_classes)  # a MedMNIST file's own declaration
+        # graded classes: the server says so in a run (data.labels); here --graded, or a MedMNIST file's declaration
+        graded = bool(getattr(args, "graded", False)) or defaults.graded_labels(site.data.path, result.num_classes)
         model = build_transfer_model(defaults.resolved(True, graded), max(result.num_classes, 2))
         params = model.param_counts()["trainable_params"]
     plan, notes = plan_own_site(policy, ledger, n, rounds=rounds, batch_size=batch, params=params)
     spent = ledger.epsilon()
     print(f"privacy plan for a run of {plan.rounds} rounds, batch {batch}, 1 local epoch (--rounds / --batch-size: "
-          f"another), the default head-only suffix: {n} training images; budget ε={policy.target_epsilon:g} at "
+          f"another), the default head-only suffix{' (ordinal head: --graded)' if getattr(args, 'graded', False) else ''}: "
+          f"{n} training images; budget ε={policy.target_epsilon:g} at "
           f"δ={policy.delta:g} ({policy.accountant}), {spent:.2f} spent, per run ≤ {policy.run_cap:g}, per round ≤ "
           f"{policy.round_cap:g}, max σ {policy.max_noise_multiplier:g}")
     for line in format_own_plan(plan, notes, params, spent):

@@ -349,3 +349,27 @@ def test_site_check_plans_with_the_head_its_data_declare(tmp_path, capsys, monke
         code, _, err = _run(capsys, ["site", "check", str(conf)])
         assert code == 0, err
         assert heads[-1] == (head, 5), name
+
+
+def test_site_check_plans_the_ordinal_head_when_told_the_classes_are_graded(tmp_path, capsys, monkeypatch):
+    """Image folders declare nothing, so the plan was for the linear head (5 classes: d = 3,365) where a graded run
+    trains the ordinal head (677): --graded plans what that run trains."""
+    import fedtl.federation.deployment as deployment
+    import fedtl.federation.site as site_module
+
+    heads = []
+
+    class Counted:
+        def __init__(self, cfg):
+            heads.append(cfg.model.head)
+
+        def param_counts(self):
+            return {"trainable_params": 677 if heads[-1] == "ordinal" else 3365}
+
+    monkeypatch.setattr(deployment, "local_backbone_sha256", lambda name: "f" * 64)
+    monkeypatch.setattr(site_module, "build_transfer_model", lambda cfg, k: Counted(cfg))
+    conf = _plan_site(tmp_path, 300)
+    out = _run(capsys, ["site", "check", str(conf)])[1]
+    assert heads[-1] == "linear" and "(d = 3365)" in out
+    out = _run(capsys, ["site", "check", str(conf), "--graded"])[1]
+    assert heads[-1] == "ordinal" and "(d = 677)" in out and "(ordinal head: --graded)" in out
