@@ -86,7 +86,8 @@ def test_three_sites_two_rounds_with_dp_and_a_site_out_of_budget(tmp_path):
     assert set(per_site["sites"]) == {"site-0", "site-1", "site-2"}
     assert sum(r["test_n"] for r in per_site["sites"].values()) == per_site["pooled"]["test_n"] == 80
     assert summary["evaluation"] == {"server_data": str(data), "sites": "final", "selected_by": "central",
-                                     "headline": "central test split"}
+                                     "headline": "central test split", "pooling": "avg-std-grid",
+                                     "standardized_by": "the server's validation split (80 images)"}
     from safetensors import safe_open
 
     with safe_open(out / "suffix.safetensors", "pt") as fh:
