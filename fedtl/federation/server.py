@@ -89,7 +89,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
                           "an interrupted one with `output.resume=true`.")
     fed = cfg.federation
     transfer: dict = {}
-    site_stats, backbone_sent = None, False
+    site_stats, backbone_sent, rich_model = None, False, None
     standardized_by = ""  # where the head's standardizing statistics came from (summary.json)
     if cfg.model.pooling == "auto" and source is None and cfg.standardizes:
         # no validation data to standardize the richer pooling with: the sites' evaluation images' statistics
@@ -118,10 +118,13 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
                      "and no site sent the statistics of its evaluation images, so there is nothing to standardize "
                      "the richer mean + std + quadrant pooling with, and unstandardized that trains worse than the "
                      "mean (docs/benchmarks.md, \"Without server data\"). Sites with at least %d evaluation images "
-                     "and release-scores on, or a labelled folder at evaluation.data-path, give the server statistics.",
+                     "and release-statistics on, or a labelled folder at evaluation.data-path, give the server "
+                     "statistics.",
                      MIN_STAT_IMAGES)
     cfg = cfg.resolved(has_reference=source is not None or site_stats is not None, graded=graded)
-    model = build_transfer_model(cfg, plan.num_classes)
+    # with the sites' statistics the run trains the model the statistics were asked for (the same resolved config)
+    model = (rich_model if site_stats is not None and rich_model is not None
+             else build_transfer_model(cfg, plan.num_classes))
     val = test = None
     val_hit = test_hit = True
     if source is not None:

@@ -116,9 +116,13 @@ def _run(monkeypatch, tmp_path, stats, rounds=2, fail_at=None, **extra):
     from fedtl.federation.fedeval import SiteEvaluation
     from fedtl.federation.strategy import BoundedSuffixAggregation
 
-    sent = {}
-    monkeypatch.setattr(server, "build_transfer_model",
-                        lambda cfg, n: TransferModel(make_tiny_backbone(), n, cfg.model, cfg.adapters))
+    sent = {"builds": 0}
+
+    def build(cfg, n):
+        sent["builds"] += 1
+        return TransferModel(make_tiny_backbone(), n, cfg.model, cfg.adapters)
+
+    monkeypatch.setattr(server, "build_transfer_model", build)
     monkeypatch.setattr(server, "statistics_from_sites", lambda grid, strategy, arrays, config, dim, timeout:
                         (stats(dim) if stats else None, SiteStatistics()))
     monkeypatch.setattr(server, "evaluate_at_sites", lambda *a: SiteEvaluation())
@@ -148,6 +152,7 @@ def _stats(dim):
 def test_a_server_without_data_trains_the_richer_pooling_on_the_sites_statistics_and_resumes_with_them(monkeypatch,
                                                                                                      tmp_path):
     sent = _run(monkeypatch, tmp_path, _stats, rounds=3, fail_at=2)
+    assert sent["builds"] == 1  # the model the statistics were asked for is the one trained, not built again
     run = tmp_path / "run"
     config = json.loads((run / "config.json").read_text())
     assert config["model.pooling"] == "avg-std-grid"  # standardized, so the richer pooling
@@ -194,6 +199,7 @@ def test_a_crash_while_saving_the_statistics_leaves_the_previous_file_whole(tmp_
 def test_without_any_sites_statistics_the_server_trains_the_mean_pooling_and_says_why(monkeypatch, tmp_path, caplog):
     with caplog.at_level("INFO", logger="fedtl.federation.server"):
         sent = _run(monkeypatch, tmp_path, None)
+    assert sent["builds"] == 2  # asked with the richer pooling, then the mean pooling built for training
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model.pooling"] == "avg"
     assert not (tmp_path / "run" / STATS_FILE).exists() and "feature-mean" not in sent[1]
     assert "no site sent the statistics of its evaluation images" in caplog.text
