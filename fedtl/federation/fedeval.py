@@ -248,15 +248,16 @@ class SiteEvaluation:
         counts = [float(f["hist_neg"].sum() + f["hist_pos"].sum()) if num_classes == 2 else float(f["preds"][:, -1].sum())
                   for f in figs]
         scale = site_scales(counts, weight_cap)
-        if num_classes == 2:
-            neg = sum(f["hist_neg"] * k for f, k in zip(figs, scale))
-            pos = sum(f["hist_pos"] * k for f, k in zip(figs, scale))
-            if neg.sum() <= 0 or pos.sum() <= 0:
-                return float("nan")
-            below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])  # negatives in lower bins
-            return float(np.sum(pos * (below + 0.5 * neg)) / (pos.sum() * neg.sum()))
         from sklearn.metrics import roc_auc_score
 
+        if num_classes == 2:  # each bin a score, its counts the weights (tied bins count a half, as sklearn's ties)
+            bins = np.arange(HIST_BINS, dtype=float)
+            scores = np.tile(bins, 2 * len(figs))
+            y = np.tile(np.repeat([0, 1], HIST_BINS), len(figs))
+            w = np.concatenate([np.concatenate([f["hist_neg"], f["hist_pos"]]) * k for f, k in zip(figs, scale)])
+            if w[y == 0].sum() <= 0 or w[y == 1].sum() <= 0:
+                return float("nan")
+            return float(roc_auc_score(y, scores, sample_weight=w))
         parts = [rows_log_probabilities(f["preds"]) for f in figs]
         logp = np.concatenate([p[0] for p in parts])
         y = np.concatenate([p[1] for p in parts])
