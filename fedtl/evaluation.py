@@ -26,6 +26,7 @@ from fedtl.weighting import aggregation_weights
 from fedtl.decision import METADATA_KEY, Decision, decision_from_metadata
 
 HIST_BINS = 50  # score histogram bins a site releases per class (binary tasks), on [0, 1]
+FIGURE_DECIMALS = 6  # a site's reported figures (AUC, accuracy, loss) are rounded to this many decimals
 POOLED_WEIGHT_CAP = 4.0  # a site's weight in pooled federated figures and histograms: at most this × the median n
 PLATEAU_SE = 2.0  # threshold: the edges within this many standard errors of the best balanced accuracy are near-best
 DECISION_KEY = METADATA_KEY  # safetensors metadata key of the suffix's decision rule (fedtl.decision)
@@ -214,7 +215,8 @@ def central_decision(probs: np.ndarray, labels: np.ndarray, mode: str = "thresho
 def pooled(rows: list[dict], prefix: str, weight_cap: float = POOLED_WEIGHT_CAP) -> dict[str, float]:
     """Example-weighted means of the sites' figures; each site's weight capped at ``weight_cap`` × the
     median weight (0: no cap), so one site claiming a huge n cannot decide the pooled figure alone.
-    A site's undefined AUC (one class) is left out of the AUC mean."""
+    A site's undefined AUC (one class) is left out of the AUC mean. Rounded to the 6 decimals a site reports
+    (``fedeval``), so a mean of rounded figures does not show digits no site sent."""
     out: dict[str, float] = {}
     sized = [r for r in rows if r.get(f"{prefix}_n", 0) > 0]
     if not sized:
@@ -224,7 +226,8 @@ def pooled(rows: list[dict], prefix: str, weight_cap: float = POOLED_WEIGHT_CAP)
     for key in keys:
         vals = np.array([float(r[f"{prefix}_{key}"]) for r in sized])
         ok = np.isfinite(vals)
-        out[f"{prefix}_{key}"] = float(np.average(vals[ok], weights=w[ok])) if ok.any() and w[ok].sum() > 0 else float("nan")
+        out[f"{prefix}_{key}"] = (round(float(np.average(vals[ok], weights=w[ok])), FIGURE_DECIMALS)
+                                  if ok.any() and w[ok].sum() > 0 else float("nan"))
     out[f"{prefix}_n"] = int(sum(r[f"{prefix}_n"] for r in sized))
     return out
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedtl.evaluation import (HIST_BINS, POOLED_WEIGHT_CAP, PRED_FLOOR, Decision, bias_from_log_probabilities,
+from fedtl.evaluation import (FIGURE_DECIMALS, HIST_BINS, POOLED_WEIGHT_CAP, PRED_FLOOR, Decision, bias_from_log_probabilities,
                                max_prediction_images, pooled, rows_accuracy, rows_log_probabilities,
                                threshold_from_histograms)
 from fedtl.weighting import aggregation_weights
@@ -74,7 +74,7 @@ def eval_reply(split_figures: dict[str, dict] | None, *, site: str, reason: str 
         values[f"{s}-n"] = n
         for k in ("auc", "acc", "loss"):
             v = float(f.get(k, float("nan")))
-            values[f"{s}-{k}"] = round(v, 6) if math.isfinite(v) and n else -1.0
+            values[f"{s}-{k}"] = round(v, FIGURE_DECIMALS) if math.isfinite(v) and n else -1.0
         for k in ("hist-neg", "hist-pos"):
             h = list(f.get(k.replace("-", "_"), ()) or ())
             values[f"{s}-{k}"] = [int(x) for x in h] if len(h) == HIST_BINS else [0] * HIST_BINS

@@ -122,7 +122,7 @@ def accuracy_plan(retinamnist: str = "") -> list[tuple[str, str, dict]]:
                  {**dp3, "model.cut-after": "", "adapters.kind": "unfreeze", "adapters.blocks": 17,
                   "model.resolution": 64}))
     rows.append((f"{SLOW} whole network fine-tuned, BatchNorm -> GroupNorm, 64 px, federated 10 sites, DP ε=3 "
-                 "(~50 min a seed)", "full", {**dp3, "model.resolution": 64, "adapters.lr-scale": 0.1}))
+                 "(~50-100 min a seed)", "full", {**dp3, "model.resolution": 64, "adapters.lr-scale": 0.1}))
     return rows
 
 

@@ -185,6 +185,16 @@ def test_one_site_claiming_a_huge_evaluation_set_cannot_decide_the_pooled_figure
     assert pooled(rows, "test", weight_cap=0)["test_auc"] < 0.2  # uncapped, it would be the pooled figure
 
 
+def test_pooled_figures_carry_no_more_decimals_than_the_sites_sent():
+    # sites report 6 decimals; their weighted mean must not show float noise past them (0.49420851351351347)
+    rows = [{"test_n": n, "test_auc": a, "test_acc": c, "test_acc_argmax": c, "test_loss": 1.0}
+            for n, a, c in ((37, 0.712345, 0.459459), (52, 0.698765, 0.519231), (41, 0.734567, 0.487805))]
+    out = pooled(rows, "test", weight_cap=0)
+    for key in ("test_auc", "test_acc", "test_acc_argmax"):
+        assert out[key] == round(out[key], 6)
+    assert abs(out["test_acc"] - (37 * 0.459459 + 52 * 0.519231 + 41 * 0.487805) / 130) < 5e-7
+
+
 class EvalGrid:
     """Nodes answer evaluate messages with scripted replies (content, or a Flower error)."""
 
