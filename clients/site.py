@@ -10,7 +10,11 @@ data without connecting: ``fedtl site check site.toml``.
 The SuperNode runs with ``FLWR_HOME=<state-dir>/flwr``: the Flower app files it receives (and Flower's other
 files) live under the site's own state, not in a ``~/.flwr`` shared by every site on the host. Its output is
 copied to the launcher's and watched: when Flower refuses the site's key ("Exit Code: 305 … Failed to
-activate SuperNode") the launcher says that the key is not registered and which operator command fixes it.
+activate SuperNode") the launcher tries again for 90 s — the SuperLink refuses a node it still counts online, about a
+minute after a site was killed, with the same code — then says that the key may not be registered and which operator
+command fixes it. A SuperNode port already in use is refused before anything starts; a SuperNode that stops by itself
+(killed, crashed) is said in one ``error:`` line, with the exit status; a launcher killed outright takes its
+SuperNode and worker with it (the kernel's parent-death signal), so no orphan goes on training.
 
 The site worker: before the SuperNode, the launcher starts the site's long-lived worker
 (``python -m fedtl.federation.worker site.toml``: torch, Opacus and the site's data loaded once) and waits until
@@ -31,6 +35,7 @@ import argparse
 import collections
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -41,9 +46,16 @@ from pathlib import Path
 from fedtl.errors import ConfigError, FedTLError, SiteWorkerError
 from fedtl.site_config import SiteConfig
 from server.flwr_cli import supernode_command
-from server.processes import _copy_lines, _run_foreground, terminate_tree
+from server.processes import STOP_SIGNALS, _copy_lines, _run_foreground, terminate_tree
 
 WORKER_START_TIMEOUT = 180.0  # seconds for the worker's imports and data on a busy machine
+
+# A SuperLink marks a node offline 2 heartbeats (Flower's default interval: 30 s) after its last one, and until then
+# refuses to activate it again, with the same "Failed to activate SuperNode" (exit code 305) as for a key it was
+# never given. A site restarted within a minute of being killed therefore gets that refusal; the launcher tries
+# again for this long before it says that the key may not be registered.
+ACTIVATION_RETRY_SECONDS = 90.0
+ACTIVATION_RETRY_EVERY = 10.0
 
 # Flower 1.41 starts one ClientApp process per message through the SuperNode's SuperExec, which polls for new
 # tasks every second by default (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, 0.01-60 s). Polled every 0.1 s, a
@@ -199,12 +211,35 @@ def explain_exit(output: str, site: SiteConfig, superlink: str) -> str | None:
                 f"to activate SuperNode\", exit code 305). Send the public key {pub or key} (never the .key file) to "
                 f"the server operator, who registers it with\n"
                 f"    fedtl-server register --connection <connection> {key} --name {site.name}\n"
-                "(or `python -m server.ops register …`), then start this site again with the same command.")
+                "(or `python -m server.ops register …`), then start this site again with the same command. (The same "
+                "refusal comes while the SuperLink still counts an earlier process of this site as online, for about "
+                "a minute after it was killed: `fedtl-server sites` shows the site `online` then.)")
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     opened = [i for i, line in enumerate(lines) if line.startswith("Failed to initialize the connection")]
     detail = lines[opened[-1] + 1] if opened and opened[-1] + 1 < len(lines) else (lines[-1] if lines else "")
     return (f"could not connect to the SuperLink at {superlink} (Flower exit code 305: {detail}). Check the address "
             "and port, that the SuperLink is running, and that `tls.ca-cert` is the operator's ca.crt.")
+
+
+def activation_refused(output: str) -> bool:
+    """The SuperLink refused to activate this node: an unregistered key, or the node still counted online."""
+    return "Exit Code: 305" in output and "Failed to activate SuperNode" in output
+
+
+def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+    """ConfigError when something already listens on ``host:port`` (the SuperNode's own API port): most often an
+    earlier SuperNode of this site that outlived its launcher, or another site's on the same host."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port left in TIME_WAIT is free to bind
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"this site's SuperNode port {host}:{port} is already in use ({exc.strerror}): an earlier "
+                              f"SuperNode of this site may still be running (`ss -ltnp 'sport = :{port}'` names the "
+                              "process; stop it), or another site on this host uses it (give each its own --port).") \
+                from None
 
 
 def node_config(**values: str | Path) -> str:
@@ -243,33 +278,85 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     site = SiteConfig.load(args.site_config)
     env = site_env(site)
+    stopped = threading.Event()
     try:
+        check_port_free(args.port)
         with contextlib.ExitStack() as stack:
             if not args.no_worker:
                 stack.enter_context(site_worker(args.site_config, env, args.worker_timeout))
-            code = _run_supernode(cmd, env)
+            code = _supernode_until_activated(cmd, env, stopped)
     except FedTLError as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    if code != 0 and (why := explain_exit("".join(_SUPERNODE_TAIL), site, args.superlink)):
+    if code == 0 or stopped.is_set():
+        return code
+    if why := explain_exit("".join(_SUPERNODE_TAIL), site, args.superlink):
         print(f"error: {why}", file=sys.stderr)
         return ConfigError.exit_code
+    how = f"killed by {signal.Signals(code - 128).name}" if 128 < code < 160 and code - 128 in _SIGNALS else \
+        f"exit status {code}"
+    print(f"error: this site's SuperNode stopped ({how}): the site has left the federation. Start it again with the "
+          "same command: it rejoins the run and never spends privacy twice on a round it already trained.",
+          file=sys.stderr)
     return code
+
+
+_SIGNALS = {int(s) for s in signal.Signals}
+
+
+def _supernode_until_activated(cmd: list[str], env: dict[str, str], stopped: threading.Event) -> int:
+    """The SuperNode; started again every :data:`ACTIVATION_RETRY_EVERY` s for :data:`ACTIVATION_RETRY_SECONDS` while
+    the SuperLink refuses to activate it (see there), saying why once."""
+    deadline = time.monotonic() + ACTIVATION_RETRY_SECONDS
+    while True:
+        code = _run_supernode(cmd, env, stopped)
+        if code == 0 or stopped.is_set() or not activation_refused("".join(_SUPERNODE_TAIL)):
+            return code
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return code
+        print(f"fedtl-site: the SuperLink refused to activate this site (Flower exit code 305): its key is not "
+              "registered, or the SuperLink still counts an earlier process of this site as online (it marks a "
+              f"stopped site offline about a minute after its last heartbeat). Trying again for {left:.0f} s.",
+              file=sys.stderr, flush=True)
+        if signum := _sleep_unless_stopped(min(ACTIVATION_RETRY_EVERY, left), stopped):
+            return 128 + signum
+
+
+def _sleep_unless_stopped(seconds: float, stopped: threading.Event) -> int:
+    """Wait ``seconds``; the signal's number (``stopped`` set, said) if SIGINT / SIGTERM / SIGHUP came meanwhile,
+    else 0."""
+    came: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        came.append(signum)
+        stopped.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        stopped.wait(seconds)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if not came:
+        return 0
+    print(f"stopped by {signal.Signals(came[0]).name} while waiting to join.", file=sys.stderr)
+    return came[0]
 
 
 _SUPERNODE_TAIL: collections.deque[str] = collections.deque(maxlen=400)  # its last lines, for explain_exit
 
 
-def _run_supernode(cmd: list[str], env: dict[str, str]) -> int:
+def _run_supernode(cmd: list[str], env: dict[str, str], stopped: threading.Event | None = None) -> int:
     """The SuperNode in the foreground. SIGINT / SIGTERM / SIGHUP stop it and every ClientApp process it started
     (SIGTERM, then SIGKILL) within 15 s, then the worker; the site's ledger and released updates are on disk, so
     it simply rejoins."""
     _SUPERNODE_TAIL.clear()
     return _run_foreground(cmd, "Start the site again with the same command: it rejoins the run and never "
                                 "spends privacy twice on a round it already trained.",
-                           env=env, on_output=_SUPERNODE_TAIL.append)
+                           env=env, on_output=_SUPERNODE_TAIL.append, was_stopped=stopped)
 
 
 if __name__ == "__main__":

@@ -202,18 +202,22 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _run_foreground(cmd: list[str], stopped: str = "", grace: float = 8.0, *, env: Mapping[str, str] | None = None,
-                    on_output: Callable[[str], None] | None = None) -> int:
+                    on_output: Callable[[str], None] | None = None, was_stopped: threading.Event | None = None) -> int:
     """Run ``cmd`` until it exits. SIGINT, SIGTERM or SIGHUP to this process stop it and every
-    descendant within ``grace`` + 5 seconds (SIGTERM, then SIGKILL), print ``stopped`` and return
-    128 + the signal. With ``on_output`` the command's stdout and stderr are copied to this process's
-    stdout line by line and each line is passed to ``on_output`` as well (a launcher that explains
-    the command's failures)."""
+    descendant within ``grace`` + 5 seconds (SIGTERM, then SIGKILL), print ``stopped``, set ``was_stopped`` and
+    return 128 + the signal. This process killed outright (SIGKILL), the command gets SIGTERM from the kernel
+    (``die_with_parent``) instead of running on as an orphan. With ``on_output`` the command's stdout and stderr
+    are copied to this process's stdout line by line and each line is passed to ``on_output`` as well (a launcher
+    that explains the command's failures)."""
+    from fedtl.federation.supervisor import die_with_parent
+
     if on_output is None:
-        proc = subprocess.Popen(cmd, start_new_session=True, env=env)
+        proc = subprocess.Popen(cmd, start_new_session=True, env=env, preexec_fn=die_with_parent(signal.SIGTERM))
         reader = None
     else:
         proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1)
+                                stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
+                                preexec_fn=die_with_parent(signal.SIGTERM))
         reader = threading.Thread(target=_copy_lines, args=(proc.stdout, on_output), daemon=True)
         reader.start()
 
@@ -231,6 +235,8 @@ def _run_foreground(cmd: list[str], stopped: str = "", grace: float = 8.0, *, en
             signal.signal(sig, signal.SIG_IGN)
         terminate_tree(proc, grace)
         signum = int(stop.args[0]) if stop.args and isinstance(stop.args[0], int) else int(signal.SIGINT)
+        if was_stopped is not None:
+            was_stopped.set()
         # how a service is stopped (a long-lived SuperLink or site): said plainly, not as an error; the exit code
         # stays 128 + the signal, as a shell reports it
         print(f"stopped by {signal.Signals(signum).name}; every process it started was stopped. {stopped}".rstrip(),

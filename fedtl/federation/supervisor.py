@@ -58,7 +58,7 @@ def supervise(argv: list[str], out: Path | None, grace: float = 8.0) -> int:
     """
     env = dict(os.environ, **{CHILD_ENV: "1"})
     proc = subprocess.Popen([sys.executable, "-m", "fedtl.cli", *argv], env=env, start_new_session=True,
-                            preexec_fn=_die_with_parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            preexec_fn=die_with_parent(signal.SIGKILL), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     watcher = ProcessTreeWatcher(root=proc.pid)
     watcher.start()
     muted = threading.Event()  # once stopping, the dying tree's complaints are not the user's business
@@ -147,13 +147,19 @@ def _stop_group(proc: subprocess.Popen, watcher: ProcessTreeWatcher, grace: floa
             return
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        import ctypes
+def die_with_parent(sig: int = signal.SIGKILL):
+    """A ``preexec_fn`` (it runs in the child between fork and exec) that has Linux send the child ``sig`` when
+    the thread that started it dies (``PR_SET_PDEATHSIG``): a launcher killed with SIGKILL, which can stop nothing
+    itself, does not leave its SuperLink, SuperNode or run behind as orphans. A no-op where prctl is missing."""
+    def preexec() -> None:
+        try:
+            import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    return preexec
 
 
 class ProcessTreeWatcher(threading.Thread):

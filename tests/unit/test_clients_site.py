@@ -86,6 +86,8 @@ def test_the_launcher_watches_the_supernode_and_gives_it_the_sites_own_flwr_home
     script = ("import os, sys; print('FLWR_HOME=' + os.environ['FLWR_HOME'], flush=True); "
               f"sys.stdout.write({UNREGISTERED!r}); sys.exit(1)")
     monkeypatch.setattr(launcher, "start_command", lambda *a: [sys.executable, "-c", script])
+    monkeypatch.setattr(launcher, "ACTIVATION_RETRY_SECONDS", 0.5)
+    monkeypatch.setattr(launcher, "ACTIVATION_RETRY_EVERY", 0.2)
     monkeypatch.delenv("FLWR_HOME", raising=False)
     conf = _site(tmp_path)
     assert main(["start", str(conf), "--superlink", "127.0.0.1:9093", "--no-worker"]) == ConfigError.exit_code
@@ -93,8 +95,98 @@ def test_the_launcher_watches_the_supernode_and_gives_it_the_sites_own_flwr_home
     home = (tmp_path / "state" / "flwr").resolve()
     assert f"FLWR_HOME={home}" in out and home.is_dir()  # Flower's app files stay under the site's state dir
     assert "Failed to activate SuperNode" in out  # the SuperNode's own output still reaches the operator
-    assert err.startswith("error: the SuperLink at 127.0.0.1:9093 does not know this site's key")
+    # refused every time: tried again while the SuperLink might still count an earlier process online, then the key
+    assert out.count("Failed to activate SuperNode") >= 2 and "Trying again for" in err
+    assert "error: the SuperLink at 127.0.0.1:9093 does not know this site's key" in err
+    assert err.count("error:") == 1 and "still counts an earlier process of this site as online" in err
     assert "fedtl-server register --connection <connection> site.pub --name st-mary" in err
+
+
+def test_a_site_restarted_while_the_superlink_still_counts_it_online_joins_once_it_is_offline(tmp_path, monkeypatch,
+                                                                                              capfd):
+    """Killed and started again at once, a site is refused ("Failed to activate SuperNode", exit code 305, as for an
+    unregistered key) until the SuperLink marks its earlier process offline, about a minute later; the launcher
+    keeps trying and joins, with no false "not registered" error."""
+    import sys
+
+    import clients.site as launcher
+
+    tries = tmp_path / "tries"
+    script = (f"import pathlib, sys; p = pathlib.Path({str(tries)!r}); n = len(p.read_text()) if p.exists() else 0; "
+              f"p.write_text('x' * (n + 1)); print('attempt', n + 1, flush=True); "
+              f"(sys.stdout.write({UNREGISTERED!r}), sys.exit(1)) if n < 2 else sys.exit(0)")
+    monkeypatch.setattr(launcher, "start_command", lambda *a: [sys.executable, "-c", script])
+    monkeypatch.setattr(launcher, "ACTIVATION_RETRY_SECONDS", 30.0)
+    monkeypatch.setattr(launcher, "ACTIVATION_RETRY_EVERY", 0.1)
+    assert main(["start", str(_site(tmp_path)), "--superlink", "127.0.0.1:9093", "--no-worker"]) == 0
+    out, err = capfd.readouterr()
+    assert tries.read_text() == "xxx" and "attempt 3" in out  # refused twice, then joined
+    assert err.count("Trying again for") == 2 and "error:" not in err
+
+
+def test_a_supernode_port_in_use_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
+    """An earlier SuperNode of the site that outlived its launcher still holds the port: one clear line, no
+    Flower traceback, no worker or SuperNode started."""
+    import socket
+
+    import clients.site as launcher
+
+    started = []
+    monkeypatch.setattr(launcher, "_run_foreground", lambda *a, **kw: started.append("supernode") or 0)
+    monkeypatch.setattr(launcher, "site_worker", lambda *a, **kw: started.append("worker"))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code = main(["start", str(_site(tmp_path)), "--superlink", "127.0.0.1:9093", "--port", str(port)])
+    assert code == ConfigError.exit_code and started == []
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: this site's SuperNode port 127.0.0.1:{port} is already in use")
+    assert f"sport = :{port}" in err and "--port" in err
+
+
+def test_a_supernode_killed_under_the_launcher_is_said_not_silent(tmp_path, monkeypatch, capfd):
+    import sys
+
+    import clients.site as launcher
+
+    script = "import os, signal; print('serving', flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    monkeypatch.setattr(launcher, "start_command", lambda *a: [sys.executable, "-c", script])
+    assert main(["start", str(_site(tmp_path)), "--superlink", "127.0.0.1:9093", "--no-worker"]) == 128 + 9
+    err = capfd.readouterr().err
+    assert err.startswith("error: this site's SuperNode stopped (killed by SIGKILL): the site has left the federation")
+    assert "Start it again with the same command" in err
+
+
+def test_a_launcher_killed_outright_takes_its_supernode_with_it(tmp_path):
+    """SIGKILL to the launcher (it can stop nothing itself): the SuperNode it started in its own process group
+    must not run on as an orphan, training and spending ε with nobody watching."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    child_pid = tmp_path / "child.pid"
+    child = f"import os, pathlib, time; pathlib.Path({str(child_pid)!r}).write_text(str(os.getpid())); time.sleep(120)"
+    launcher = subprocess.Popen([sys.executable, "-c", "import sys; from server.processes import _run_foreground; "
+                                 f"_run_foreground([sys.executable, '-c', {child!r}])"])
+    try:
+        deadline = time.monotonic() + 60
+        while not (child_pid.exists() and child_pid.read_text()):
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.1)
+        pid = int(child_pid.read_text())
+        assert psutil.pid_exists(pid)
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(10)
+        gone, alive = psutil.wait_procs([psutil.Process(pid)], timeout=10)
+        assert not alive, "the SuperNode outlived its launcher"
+    finally:
+        launcher.kill()
+        if child_pid.exists() and child_pid.read_text() and psutil.pid_exists(int(child_pid.read_text())):
+            psutil.Process(int(child_pid.read_text())).kill()
 
 def test_the_supernode_starts_with_a_short_superexec_poll_unless_the_operator_set_one(tmp_path, monkeypatch):
     """The SuperExec that starts a ClientApp per message polls every 0.1 s, not Flower's default 1 s; an
