@@ -234,6 +234,22 @@ class SiteEvaluation:
         rows = list(self.sites.values())
         return {**pooled(rows, "val", weight_cap), **pooled(rows, "test", weight_cap)}
 
+    def val_sites(self) -> frozenset[str]:
+        """The sites that scored this suffix on validation images (the sites a round's selecting figure covers)."""
+        return frozenset(s for s, row in self.sites.items() if row.get("val_n", 0) > 0)
+
+    def only(self, sites: frozenset[str] | set[str]) -> SiteEvaluation:
+        """This evaluation restricted to ``sites`` (to compare two rounds on the sites both were scored at)."""
+        return SiteEvaluation(sites={s: r for s, r in self.sites.items() if s in sites},
+                              raw={s: r for s, r in self.raw.items() if s in sites})
+
+    def selecting_figures(self, num_classes: int, weight_cap: float = POOLED_WEIGHT_CAP) -> tuple[float, float]:
+        """(validation AUC, validation loss) a round is selected by: the AUC over all the released validation images
+        (:meth:`pooled_val_auc`), or the sites' example-weighted mean AUC where none released any; the mean loss."""
+        pooled_figs = pooled(list(self.sites.values()), "val", weight_cap)
+        auc = self.pooled_val_auc(num_classes, weight_cap)
+        return (auc if math.isfinite(auc) else pooled_figs["val_auc"]), pooled_figs["val_loss"]
+
     def pooled_val_auc(self, num_classes: int, weight_cap: float = POOLED_WEIGHT_CAP) -> float:
         """The validation AUC over all the releasing sites' validation images at once (macro one-vs-rest for
         multi-class), from their histograms (binary; tied bins count a half) or prediction rows, each site's images

@@ -77,6 +77,8 @@ class Tracker:
     selection_metric: str | None = None  # "val_auc" | "val_loss" | "last", fixed by the first evaluation
     best_state: dict = field(default_factory=dict)
     best_decision: Decision = field(default_factory=Decision)
+    best_eval: object = None  # the best round's SiteEvaluation (federated selection; not in the checkpoint)
+    _round_eval: object = field(default=None, init=False, repr=False)  # this round's, while it is being selected
     history: list[dict] = field(default_factory=list)
     last_epsilon: dict[str, float] = field(default_factory=dict)
     last_privacy: dict[str, dict] = field(default_factory=dict)
@@ -124,6 +126,7 @@ class Tracker:
             row["eval_skipped"] = dict(sorted(ev.skipped.items()))
         if ev.timed_out:
             row["eval_timed_out"] = ev.timed_out
+        self._round_eval = ev
         return selecting_val_auc(row), pooled["val_loss"]
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -134,6 +137,7 @@ class Tracker:
         if self.val is not None:
             central = self._central(row)
         federated = (math.nan, math.nan)
+        self._round_eval = None
         if self.site_eval is not None and server_round > 0:
             federated = self._federated(server_round, arrays, row, central_decision=self.val is not None)
         row["seconds"] = round(time.perf_counter() - self.t0, 3)
@@ -152,13 +156,16 @@ class Tracker:
             fh.write(json.dumps(jsonable(row)) + "\n")
         auc, loss = central if self.select_by == "central" else federated
         if server_round > 0:
-            self._select(server_round, state, row, auc, loss)
+            self._select(server_round, state, row, auc, loss, self._round_eval if self.select_by == "federated" else None)
         self._log(server_round, row, stats)
         pre = "" if self.val is not None else "fed_"
         return MetricRecord({k.replace("_", "-"): row[pre + k] for k in ("val_auc", "val_acc", "test_auc", "test_acc")
                              if pre + k in row})
 
-    def _select(self, server_round: int, state: dict, row: dict, auc: float, loss: float) -> None:
+    def _select(self, server_round: int, state: dict, row: dict, auc: float, loss: float, ev=None) -> None:
+        """Keep this round if it beats the best so far. Under federated selection two rounds scored at different
+        sites (one was down, or joined late) are compared on the sites both were scored at: the AUC over a different
+        set of sites is a different figure (a round without the federation's hardest site would look better)."""
         if self.select_by == "last":
             self.selection_metric = "last"
             score = float(server_round)
@@ -172,12 +179,28 @@ class Tracker:
                         what = f"the validation split holds {len(self.val[1])} example(s) of class(es) {classes} only"
                     log.warning("Validation AUC is undefined (%s); selecting the round by the lowest validation loss "
                                 "instead.", what)
-            score = auc if self.selection_metric == "val_auc" else -loss
-            score = score if math.isfinite(score) else -math.inf
-        if self.best_round < 0 or score > self.best_score:
+            score = self._score(auc, loss)
+        mine, best = score, self.best_score
+        if ev is not None and self.best_eval is not None and self.best_round >= 0:
+            here, there = ev.val_sites(), self.best_eval.val_sites()
+            common = here & there
+            if common and here != there:
+                mine = self._score(*ev.only(common).selecting_figures(self.num_classes, self.weight_cap))
+                best = self._score(*self.best_eval.only(common).selecting_figures(self.num_classes, self.weight_cap))
+                log.info("Round %d was scored at %d site(s), round %d (the best so far) at %d: compared on the %d both "
+                         "were scored at, %.4f against %.4f.", server_round, len(here), self.best_round, len(there),
+                         len(common), mine if self.selection_metric != "val_loss" else -mine,
+                         best if self.selection_metric != "val_loss" else -best)
+        if self.best_round < 0 or mine > best:
             self.best_round, self.best_score = server_round, score
             self.best_state = {k: x.clone() for k, x in state.items()}
             self.best_decision = decision_of(row.get("decision"))
+            self.best_eval = ev
+
+    def _score(self, auc: float, loss: float) -> float:
+        """Higher is better: the validation AUC, or minus the validation loss under the fallback; -inf if undefined."""
+        score = auc if self.selection_metric == "val_auc" else -loss
+        return score if math.isfinite(score) else -math.inf
 
     def _log(self, server_round: int, row: dict, stats) -> None:
         """One line per round: figures, sites trained / declined / rejected / timed out, the largest ε."""
@@ -288,8 +311,15 @@ def site_table(tracker: Tracker, plan: EvaluationPlan, site_eval) -> dict | None
         return None
     if plan.sites == "every-round":
         row = tracker.history[tracker.best_round]
-        sites, skipped = row.get("sites_eval", {}), row.get("eval_skipped", {})
+        sites, skipped = row.get("sites_eval", {}), dict(row.get("eval_skipped", {}))
         pooled = {k[4:]: v for k, v in row.items() if k.startswith("fed_")}
+        for name in row.get("eval_timed_out", ()):
+            skipped.setdefault(name, f"did not answer round {tracker.best_round}'s evaluation in time")
+        # a site that evaluated other rounds but was not connected at this one: named, not silently missing
+        seen = {name for r in tracker.history for key in ("sites_eval", "eval_skipped", "eval_timed_out")
+                for name in r.get(key, ())}
+        for name in sorted(seen - set(sites) - set(skipped)):
+            skipped[name] = f"not connected when round {tracker.best_round} was evaluated"
     else:
         ev = site_eval(tracker.best_round, to_record(tracker.best_state))
         ev.apply(tracker.best_decision)

@@ -685,3 +685,62 @@ def test_without_server_data_the_round_is_selected_by_the_pooled_auc_not_the_mea
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Round")]
     for line, row in zip(lines, rows):
         assert f"sites val AUC {row['fed_val_auc_pooled']:.4f}" in line, line
+
+
+def _hist(neg_bins, pos_bins):
+    neg, pos = np.zeros(HIST_BINS, np.int64), np.zeros(HIST_BINS, np.int64)
+    np.add.at(neg, neg_bins, 1)
+    np.add.at(pos, pos_bins, 1)
+    return {"hist_neg": neg, "hist_pos": pos}
+
+
+def _scripted_site_eval(scripted):
+    from sklearn.metrics import roc_auc_score
+
+    def site_eval(rnd, arrays):
+        ev = SiteEvaluation()
+        for name, h in scripted[rnd].items():
+            y = np.repeat([0, 1], [h["hist_neg"].sum(), h["hist_pos"].sum()])
+            s = np.concatenate([np.repeat(np.arange(HIST_BINS), h["hist_neg"]), np.repeat(np.arange(HIST_BINS), h["hist_pos"])])
+            figs = {sp: {"n": len(y), "auc": float(roc_auc_score(y, s)), "acc": 0.5, "loss": 0.7, **h} for sp in ("val", "test")}
+            ev.add(name, figs, "")
+        return ev
+
+    return site_eval
+
+
+PERFECT, NEAR, HARD = _hist([1, 2, 3, 4], [10, 11, 12, 13]), _hist([1, 2, 3, 12], [10, 11, 13, 14]), \
+    _hist([10, 20, 30, 40], [15, 25, 35, 45])
+
+
+def test_a_round_without_the_hardest_site_is_not_selected_for_its_absence(tmp_path, caplog):
+    """A deployment trial killed a site in round 2: the AUC over the two sites left was higher than round 1's over
+    all three (the killed site was the hardest), and round 2 was selected although it was worse at both sites it
+    had. Rounds scored at different sites are compared on the sites both were scored at."""
+    from tests.unit.federation.test_server import _tracker
+
+    scripted = {1: {"a": PERFECT, "b": HARD, "c": NEAR}, 2: {"a": NEAR, "c": NEAR}, 3: {"a": NEAR, "b": HARD, "c": NEAR}}
+    tracker = _tracker(tmp_path, None, None)
+    tracker.site_eval, tracker.select_by = _scripted_site_eval(scripted), "federated"
+    with caplog.at_level("INFO", logger="fedtl.federation.tracking"):
+        for rnd in (0, 1, 2, 3):  # round 0: the initial model, scored centrally only (here: nowhere)
+            tracker(rnd, to_record(_tiny_model().trainable_state()))
+    rows = tracker.history
+    assert rows[2]["fed_val_auc_pooled"] > rows[1]["fed_val_auc_pooled"]  # the premise: round 2 looks better alone
+    assert tracker.best_round == 1  # but at sites a and c round 1 was better
+    assert any("compared on the 2 both were scored at" in r.getMessage() for r in caplog.records)
+
+
+def test_a_site_missing_at_the_selected_round_is_named_in_the_per_site_table(tmp_path):
+    from fedtl.federation.tracking import EvaluationPlan, site_table
+    from tests.unit.federation.test_server import _tracker
+
+    scripted = {1: {"a": NEAR, "b": HARD, "c": NEAR}, 2: {"a": PERFECT, "c": PERFECT}}  # round 2 better at a and c
+    tracker = _tracker(tmp_path, None, None)
+    tracker.site_eval, tracker.select_by = _scripted_site_eval(scripted), "federated"
+    for rnd in (0, 1, 2):
+        tracker(rnd, to_record(_tiny_model().trainable_state()))
+    assert tracker.best_round == 2
+    table = site_table(tracker, EvaluationPlan(None, "none", "every-round", "federated", 2), None)
+    assert set(table["sites"]) == {"a", "c"}
+    assert table["skipped"] == {"b": "not connected when round 2 was evaluated"}
