@@ -235,6 +235,9 @@ def render(run: str | Path) -> str:
         "<h2>Sites that declined, were rejected, failed or timed out</h2>",
         _table(["round", "what", "site", "reason"], events) if events else "<p>None.</p>",
         "<h2>Resolved configuration</h2>",
+        "<p>The server's run configuration. Simulated sites train under its <code>privacy.*</code> keys; a deployed "
+        "site trains under its own <code>site.toml</code>, whose <code>[privacy]</code> table the server cannot "
+        "change (each site's budget and spend as it reported them: \"Privacy spent per site\").</p>",
         _table(["key", "value"], [[k, json.dumps(v)] for k, v in sorted(config.items())]),
         "</body></html>",
     ]

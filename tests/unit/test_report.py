@@ -46,7 +46,7 @@ def test_the_report_holds_every_figure_and_table(tmp_path):
         assert re.search(rf"<figure id='fig-{name}'><svg[^>]*>.*?</svg>\s*</figure>", page, re.S), name
     for text in ("0.8123", "0.7345", "threshold 0.62", "central validation (524 images)", "selected round",
                  "57934424" + "0" * 56, "pooled (example-weighted)", "values up to 1e+30", "timed out", "site-c",
-                 "federation.rounds", "efficientnet_lite0",
+                 "federation.rounds", "efficientnet_lite0", "whose <code>[privacy]</code> table the server cannot",
                  "avg-std-grid pooling, standardized by the sites&#x27; evaluation images (median of 2 site(s): a, "):
         assert text in page, text
 
