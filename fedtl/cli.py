@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="class probabilities and a label per image (PNG, JPEG, DICOM) from a finished run")
     p.add_argument("run_dir", help="a finished run directory (config.json, suffix.safetensors)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
-    p.add_argument("--out", help="CSV to write (default: stdout): file, prob_0..prob_{C-1}, label")
+    p.add_argument("--out", help="CSV to write (default: stdout): file, prob_0..prob_{C-1}, label (and label_name when the run has model.class-names)")
     p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
                    help="square size images are read at, as a site's data.image-size (default %(default)s)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,

@@ -25,6 +25,7 @@ AUTO_VIEWS = 4  # train.views = 0 (auto) with the head-only suffix
 MAX_VIEWS = 8  # train.views: shifted views per training image (each is one more cached prefix output)
 POOLINGS = ("avg", "avg-std", "avg-std-grid")
 HEADS = ("linear", "mlp", "ordinal")
+MAX_CLASS_NAME = 64  # characters in a class name (model.class-names; a request's class-names)
 MAX_PERSONALIZE_EPOCHS = 20  # also the most a site's policy allows (fedtl.privacy.policy)
 
 
@@ -50,10 +51,23 @@ class ModelConfig:
     #                        (fedtl.model.SpatialPool); auto: avg-std-grid when the head trains on standardized
     #                        features (the server has validation data), avg otherwise (FedTLConfig.resolved)
     num_classes: int = 0  # 0: from the server's evaluation data (required when the server has none)
+    class_names: str = ""  # the classes' names in class-index order, comma-separated ("normal,pneumonia"): sent to
+    #                        the sites, which refuse a run whose names differ from their own data.classes; in
+    #                        `fedtl predict`'s CSV and the exports' metadata. "" = none (the classes are numbered)
 
     def __post_init__(self) -> None:
         if not 0 <= self.num_classes <= 1000 or self.num_classes == 1:
             _fail("model.num-classes", self.num_classes, "must be 0 (from the server's data) or between 2 and 1000")
+        if self.class_names:
+            names = [n.strip() for n in str(self.class_names).split(",")]
+            if len(names) < 2 or any(not n or len(n) > MAX_CLASS_NAME or not n.isprintable() for n in names) \
+                    or len(set(names)) != len(names):
+                _fail("model.class-names", self.class_names, "must be two or more distinct names separated by commas, "
+                      f"each 1-{MAX_CLASS_NAME} printable characters, in class-index order (e.g. \"normal,pneumonia\")")
+            if self.num_classes and len(names) != self.num_classes:
+                _fail("model.class-names", self.class_names, f"names {len(names)} classes but model.num-classes is "
+                      f"{self.num_classes}")
+            object.__setattr__(self, "class_names", ",".join(names))
         if not 32 <= self.resolution <= 1024:
             _fail("model.resolution", self.resolution, "must be between 32 and 1024 pixels")
         _choice("model.head", self.head, ("auto", *HEADS))

@@ -253,10 +253,13 @@ class Predictions:
     probabilities: np.ndarray  # (N, C) float32
     labels: np.ndarray  # (N,) int64, by the run's decision rule
     problems: list[Problem]
+    class_names: tuple[str, ...] = ()  # the run's model.class-names, when it has them
 
     def csv_rows(self) -> list[list[str]]:
-        header = ["file", *(f"prob_{c}" for c in range(self.probabilities.shape[1])), "label"]
-        rows = [[str(f), *(f"{p:.8f}" for p in probs), str(int(label))]
+        named = len(self.class_names) == self.probabilities.shape[1]
+        header = ["file", *(f"prob_{c}" for c in range(self.probabilities.shape[1])), "label"] + \
+            (["label_name"] if named else [])
+        rows = [[str(f), *(f"{p:.8f}" for p in probs), str(int(label))] + ([self.class_names[int(label)]] if named else [])
                 for f, probs, label in zip(self.files, self.probabilities, self.labels)]
         return [header, *rows]
 
@@ -271,7 +274,14 @@ def predict_files(run: RunModel, inputs: Sequence[str | Path], image_size: int =
 def predict_images(run: RunModel, files: list[Path], images: np.ndarray, problems: list[Problem]) -> Predictions:
     """Predictions for images already read (``files[i]`` holds ``images[i]``)."""
     probs = run.probabilities(images)
-    return Predictions(files, probs, run.decision.apply(probs) if len(files) else np.zeros(0, np.int64), problems)
+    return Predictions(files, probs, run.decision.apply(probs) if len(files) else np.zeros(0, np.int64), problems,
+                       class_names(run))
+
+
+def class_names(run: RunModel) -> tuple[str, ...]:
+    """The run's ``model.class-names`` as a tuple, () when it has none (a run made before the key existed too)."""
+    text = run.config.model.class_names
+    return tuple(text.split(",")) if text else ()
 
 
 def write_csv(rows: list[list[str]], out: Path | None) -> None:

@@ -19,7 +19,8 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedtl.config import FedTLConfig
 from fedtl.errors import FedTLError
-from fedtl.federation.records import TrainRequest, to_record, to_state, train_reply
+from fedtl.federation.records import (TrainRequest, class_names_problem, config_class_names, to_record, to_state,
+                                      train_reply)
 from fedtl.federation.site import (build_transfer_model, evaluate_site, ignored_privacy_settings, load_source,
                                    simulated_eval_data, simulated_policy, simulated_site_data, train_site)
 from fedtl.federation.apps import config_from_run_config as run_config_of
@@ -117,10 +118,18 @@ def _parse_request(kind: str, parse, refuse, content: RecordDict, run_config: Ma
         request = parse(content["config"])
         if deployed and not request.num_classes:
             raise ValueError("`num-classes` is required by a deployed site")
+        run_names = config_class_names(content["config"], request.num_classes)
         conf = _with_server_model(conf, request)
     except (FedTLError, ValueError, KeyError, TypeError) as exc:
         log.error("%s request refused: %s", kind.capitalize(), exc)
         return refuse(site=site, reason=f"invalid {kind} request: {exc}")
+    if deployed and run_names:
+        from fedtl.federation.deployment import load_site_config
+
+        problem = class_names_problem(load_site_config(str(node["site-config"])).data.classes, run_names)
+        if problem:
+            log.error("%s request refused: %s", kind.capitalize(), problem)
+            return refuse(site=site, reason=problem)
     return conf, request, site
 
 

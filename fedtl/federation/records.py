@@ -49,6 +49,43 @@ def config_num_classes(config) -> int:
     return num_classes
 
 
+def config_class_names(config, num_classes: int) -> tuple[str, ...]:
+    """A request's ``class-names`` (the server's ``model.class-names``): () when not given, else ``num_classes``
+    distinct names (when it is known), each 1 to :data:`fedtl.config.MAX_CLASS_NAME` printable characters."""
+    from fedtl.config import MAX_CLASS_NAME
+
+    value = config.get("class-names", "")
+    if value == "":
+        return ()
+    if not isinstance(value, str) or len(value) > MAX_CLASSES * (MAX_CLASS_NAME + 1):
+        raise ValueError(f"`class-names` must be a string of comma-separated names, got {value!r:.80}")
+    names = tuple(n.strip() for n in value.split(","))
+    if len(names) < 2 or any(not n or len(n) > MAX_CLASS_NAME or not n.isprintable() for n in names) \
+            or len(set(names)) != len(names):
+        raise ValueError(f"`class-names` must be two or more distinct printable names of at most {MAX_CLASS_NAME} "
+                         f"characters, got {value!r:.80}")
+    if num_classes and len(names) != num_classes:
+        raise ValueError(f"`class-names` names {len(names)} classes, the request's `num-classes` is {num_classes}")
+    return names
+
+
+def class_names_problem(site_classes: tuple[str, ...], run_names: tuple[str, ...]) -> str:
+    """Why a site whose ``data.classes`` are ``site_classes`` must not train on or evaluate a run whose classes are
+    ``run_names`` ('' when it may: either side names none, or the names agree in order, case and surrounding blanks
+    aside). The same names in another order would have it teach the federation swapped labels."""
+    if not site_classes or not run_names:
+        return ""
+    mine = [c.strip().casefold() for c in site_classes]
+    if mine == [c.casefold() for c in run_names]:
+        return ""
+    listed = f"this site's classes {list(site_classes)} (data.classes, in class-index order)"
+    if sorted(mine) == sorted(c.casefold() for c in run_names):
+        return (f"{listed} are the run's {list(run_names)} in another order: its labels would be swapped. Reorder "
+                "data.classes in site.toml to the run's order (the labels CSV stays as it is).")
+    return (f"{listed} are not the run's {list(run_names)}: the server and this site must agree on what each class "
+            "is (rename the labels in the site's CSV and data.classes, or ask the operator about model.class-names).")
+
+
 def config_sha256(config) -> str:
     """A request's ``backbone-sha256``: '' when not given, else 64 lowercase hex digits."""
     sha = config.get("backbone-sha256", "")

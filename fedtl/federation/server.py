@@ -74,6 +74,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
     """
     t_start = time.perf_counter()
     plan = plan_evaluation(cfg, demo_data)  # validates the data before anything is written
+    # the classes' names, when the operator gave them: each deployed site refuses a run whose names are not its own
+    named_classes = {"class-names": cfg.model.class_names} if cfg.model.class_names else {}
     source = plan.source
     # model.pooling and model.head = auto: decided here, sent to every site with each request
     graded = cfg.graded_labels(getattr(source, "path", None), plan.num_classes)
@@ -106,7 +108,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
             naming = make_strategy(fed.aggregation, rich_model.expected_state(), sites=fed.sites)  # names the nodes
             site_stats, replies = statistics_from_sites(
                 grid, naming, to_record(rich_model.trainable_state()),
-                ConfigRecord({"num-classes": plan.num_classes, "backbone": rich.model.backbone,
+                ConfigRecord({"num-classes": plan.num_classes, **named_classes, "backbone": rich.model.backbone,
                               "backbone-sha256": rich_model.weights_sha256, "pooling": rich.model.pooling,
                               "head": rich.model.head}), first_linear(rich_model).in_features, fed.round_timeout)
             if site_stats is not None:
@@ -136,7 +138,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         update_clip=fed.update_clip, weight_cap=fed.weight_cap, weighting=fed.weighting, fraction_train=fed.fraction_train,
         min_train_nodes=fed.min_sites, min_available_nodes=fed.min_sites,  # the round loop waits (bounded)
     )
-    eval_config = ConfigRecord({"num-classes": plan.num_classes, "backbone": cfg.model.backbone,
+    eval_config = ConfigRecord({"num-classes": plan.num_classes, **named_classes, "backbone": cfg.model.backbone,
                                 "backbone-sha256": model.weights_sha256, "pooling": cfg.model.pooling,
                                 "head": cfg.model.head})
 
@@ -172,6 +174,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
         standardized_by = (f"the server's validation split ({val[0].shape[0]} images)" if stats and val is not None
                            else "none (the head reads raw features)")
     train_config = ConfigRecord({"total-rounds": fed.rounds, "run-id": fedtl_run, "num-classes": plan.num_classes,
+                                 **named_classes,
                                  "backbone": cfg.model.backbone, "backbone-sha256": model.weights_sha256,
                                  "noise-multiplier": cfg.privacy.noise_multiplier,
                                  "personalize-epochs": cfg.personalization.requested_epochs,
@@ -195,7 +198,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
 
         personal = personalize_at_sites(grid, strategy, to_record(tracker.best_state), ConfigRecord({
             "run-id": fedtl_run, "kind": cfg.personalization.kind, "epochs": cfg.personalization.epochs,
-            "num-classes": plan.num_classes,
+            "num-classes": plan.num_classes, **named_classes,
             "backbone-sha256": model.weights_sha256, "pooling": cfg.model.pooling, "head": cfg.model.head,
             **stats}),
             fed.round_timeout).table()

@@ -266,6 +266,16 @@ def plan_evaluation(cfg: FedTLConfig, demo_data: bool) -> EvaluationPlan:
     if not num_classes:
         raise ConfigError("The server has no evaluation data to learn the number of classes from: set "
                           "`model.num-classes` (e.g. model.num-classes=2).")
+    named = len(cfg.model.class_names.split(",")) if cfg.model.class_names else 0
+    server_names = [c.strip() for c in ev.data_classes.split(",") if c.strip()]
+    if named and server_names and [c.casefold() for c in server_names] != \
+            [c.strip().casefold() for c in cfg.model.class_names.split(",")]:
+        raise ConfigError(f"`model.class-names` ({cfg.model.class_names}) and `evaluation.data-classes` "
+                          f"({', '.join(server_names)}) name the classes differently; the sites are checked against "
+                          "model.class-names.")
+    if named and named != num_classes:
+        raise ConfigError(f"`model.class-names` names {named} classes ({cfg.model.class_names}) but the task has "
+                          f"{num_classes}.")
     sites = ev.sites if ev.sites != "auto" else ("final" if source is not None else "every-round")
     select_by = ev.select_by if ev.select_by != "auto" else ("central" if source is not None else "federated")
     if select_by == "central" and source is None:

@@ -154,3 +154,21 @@ def test_test_time_views_are_the_same_in_evaluation_predict_and_export(tiny_back
     extra = {"fedtl.views": ""}
     torch.jit.load(str(tmp_path / "v.pt"), _extra_files=extra)
     assert extra["fedtl.views"] == b"4"
+
+
+def test_a_run_with_class_names_predicts_and_exports_them(tiny_backbone, toy_images):
+    import dataclasses
+
+    from fedtl.export import metadata
+    from fedtl.inference import predict_images
+
+    images = toy_images[0][:6]
+    run = tiny_run(tiny_backbone, kind="none")
+    rows = predict_images(run, [f"x{i}.png" for i in range(6)], images, []).csv_rows()
+    assert rows[0] == ["file", "prob_0", "prob_1", "label"]  # no names: the classes stay numbered
+    assert json.loads(metadata(run)["fedtl.classes"]) == ["0", "1"]
+    named = dataclasses.replace(run, config=run.config.with_overrides({"model.class-names": "normal,pneumonia"}))
+    rows = predict_images(named, [f"x{i}.png" for i in range(6)], images, []).csv_rows()
+    assert rows[0] == ["file", "prob_0", "prob_1", "label", "label_name"]
+    assert all(r[4] == ("normal", "pneumonia")[int(r[3])] for r in rows[1:])
+    assert json.loads(metadata(named)["fedtl.classes"]) == ["normal", "pneumonia"]

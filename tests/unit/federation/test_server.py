@@ -552,3 +552,13 @@ def test_resume_takes_a_run_from_before_a_key_was_added_but_not_one_whose_config
     for changed, key in (({"federation.rounds": 4}, "federation.rounds"), ({"data.labels": "graded"}, "data.labels")):
         with pytest.raises(ConfigError, match=f"differs from the interrupted run's in {key}"):
             server.load_for_resume(tmp_path, cfg.with_overrides(changed))
+
+
+def test_the_runs_class_names_are_sent_with_every_train_request(monkeypatch, tmp_path):
+    calls = []
+    _fake_run(monkeypatch, tmp_path, _split(0), _split(1, seed=1), SCRIPT[:1],
+              overrides={"model.class-names": "normal, pneumonia"}, calls=calls)
+    assert calls[0]["train_config"]["class-names"] == "normal,pneumonia"
+    calls.clear()
+    _fake_run(monkeypatch, tmp_path / "unnamed", _split(0), _split(1, seed=1), SCRIPT[:1], calls=calls)
+    assert "class-names" not in calls[0]["train_config"]  # none given: the sites are not asked to check
