@@ -102,8 +102,8 @@ def _parse_request(kind: str, parse, refuse, content: RecordDict, run_config: Ma
 
     Everything the server sends is untrusted input: the run's config, then the message's ``config`` through
     ``parse`` (a deployed site requires its ``num-classes``); whatever does not validate is logged and answered
-    with ``refuse(site=…, reason="invalid <kind> request: …")``. With ``node_id``, ``site`` is this site's name
-    (a deployed site's from its site.toml, else ``site-<partition-id>`` or the node id); without it (train), ''.
+    with ``refuse(site=…, reason="invalid <kind> request: …")``. ``site`` is a deployed site's name from its
+    site.toml; else, with ``node_id``, ``site-<partition-id>`` or the node id; without it (a simulated train), ''.
     """
     deployed = "site-config" in node
     site = ""
@@ -111,7 +111,7 @@ def _parse_request(kind: str, parse, refuse, content: RecordDict, run_config: Ma
         site = f"site-{int(node['partition-id'])}" if "partition-id" in node else str(node_id)
     try:
         conf = run_config_of(run_config, cfg)
-        if deployed and node_id is not None:
+        if deployed:  # a refusal names the site (a train refusal too: the server named it by its node id)
             from fedtl.federation.deployment import load_site_config
 
             site = load_site_config(str(node["site-config"])).name

@@ -42,6 +42,7 @@ def test_a_site_whose_classes_are_the_runs_in_another_order_refuses_and_spends_n
     metrics, reply = _train(site, content, **{"class-names": "normal,pneumonia"})
     reason = str(reply["info"]["reason"])
     assert metrics["declined"] == 1 and "in another order" in reason and "swapped" in reason, reason
+    assert reply["info"]["site"] == "st-mary"  # the server names the refusing site, not its node id
     _with_classes(site, ["normal", "effusion"])
     metrics, reply = _train(site, content, **{"class-names": "normal,pneumonia"})
     assert metrics["declined"] == 1 and "are not the run's ['normal', 'pneumonia']" in str(reply["info"]["reason"])
