@@ -29,6 +29,17 @@ MAX_CLASS_NAME = 64  # characters in a class name (model.class-names; a request'
 MAX_PERSONALIZE_EPOCHS = 20  # also the most a site's policy allows (fedtl.privacy.policy)
 
 
+def parse_class_names(text: str) -> tuple[str, ...]:
+    """Comma-separated class names (``model.class-names``, a request's ``class-names``): two or more, distinct, each
+    1 to :data:`MAX_CLASS_NAME` printable characters, surrounding blanks dropped; ValueError saying what is wrong."""
+    names = tuple(n.strip() for n in text.split(","))
+    if len(names) < 2 or any(not n or len(n) > MAX_CLASS_NAME or not n.isprintable() for n in names) \
+            or len(set(names)) != len(names):
+        raise ValueError(f"must be two or more distinct names separated by commas, each 1-{MAX_CLASS_NAME} printable "
+                         "characters, in class-index order")
+    return names
+
+
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"`{key}` {allowed}, got {value!r}.")
 
@@ -55,15 +66,19 @@ class ModelConfig:
     #                        the sites, which refuse a run whose names differ from their own data.classes; in
     #                        `fedtl predict`'s CSV and the exports' metadata. "" = none (the classes are numbered)
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """``class_names`` as a tuple; () when the classes are numbered."""
+        return tuple(self.class_names.split(",")) if self.class_names else ()
+
     def __post_init__(self) -> None:
         if not 0 <= self.num_classes <= 1000 or self.num_classes == 1:
             _fail("model.num-classes", self.num_classes, "must be 0 (from the server's data) or between 2 and 1000")
         if self.class_names:
-            names = [n.strip() for n in str(self.class_names).split(",")]
-            if len(names) < 2 or any(not n or len(n) > MAX_CLASS_NAME or not n.isprintable() for n in names) \
-                    or len(set(names)) != len(names):
-                _fail("model.class-names", self.class_names, "must be two or more distinct names separated by commas, "
-                      f"each 1-{MAX_CLASS_NAME} printable characters, in class-index order (e.g. \"normal,pneumonia\")")
+            try:
+                names = parse_class_names(str(self.class_names))
+            except ValueError as exc:
+                _fail("model.class-names", self.class_names, f"{exc} (e.g. \"normal,pneumonia\")")
             if self.num_classes and len(names) != self.num_classes:
                 _fail("model.class-names", self.class_names, f"names {len(names)} classes but model.num-classes is "
                       f"{self.num_classes}")

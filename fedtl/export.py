@@ -37,7 +37,7 @@ from torch import nn
 from fedtl.data.preprocess import shift_view
 from fedtl.decision import METADATA_KEY
 from fedtl.errors import ConfigError, FedTLError
-from fedtl.inference import RunModel, class_names
+from fedtl.inference import RunModel
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def metadata(run: RunModel) -> dict[str, str]:
         "fedtl.weights_sha256": run.metadata.get("weights_sha256", ""),
         "fedtl.round": run.metadata.get("round", ""),
         "fedtl.views": str(run.views),  # test-time views averaged inside the model
-        "fedtl.classes": json.dumps(list(class_names(run)) or [str(c) for c in range(run.num_classes)]),
+        "fedtl.classes": json.dumps(list(run.config.model.names) or [str(c) for c in range(run.num_classes)]),
         # a site's personal suffix (`fedtl export --suffix`): whose, and whether it is private in that site's data
         **({"fedtl.personal-site": run.metadata["site"], "fedtl.dp": run.metadata["dp"]}
            if "personal" in run.metadata else {}),

@@ -275,13 +275,7 @@ def predict_images(run: RunModel, files: list[Path], images: np.ndarray, problem
     """Predictions for images already read (``files[i]`` holds ``images[i]``)."""
     probs = run.probabilities(images)
     return Predictions(files, probs, run.decision.apply(probs) if len(files) else np.zeros(0, np.int64), problems,
-                       class_names(run))
-
-
-def class_names(run: RunModel) -> tuple[str, ...]:
-    """The run's ``model.class-names`` as a tuple, () when it has none (a run made before the key existed too)."""
-    text = run.config.model.class_names
-    return tuple(text.split(",")) if text else ()
+                       run.config.model.names)
 
 
 def write_csv(rows: list[list[str]], out: Path | None) -> None:

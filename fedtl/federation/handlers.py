@@ -106,7 +106,7 @@ def _parse_request(kind: str, parse, refuse, content: RecordDict, run_config: Ma
     site.toml; else, with ``node_id``, ``site-<partition-id>`` or the node id; without it (a simulated train), ''.
     """
     deployed = "site-config" in node
-    site = ""
+    site, site_classes = "", ()
     if node_id is not None:
         site = f"site-{int(node['partition-id'])}" if "partition-id" in node else str(node_id)
     try:
@@ -114,7 +114,8 @@ def _parse_request(kind: str, parse, refuse, content: RecordDict, run_config: Ma
         if deployed:  # a refusal names the site (a train refusal too: the server named it by its node id)
             from fedtl.federation.deployment import load_site_config
 
-            site = load_site_config(str(node["site-config"])).name
+            site_config = load_site_config(str(node["site-config"]))
+            site, site_classes = site_config.name, site_config.data.classes
         request = parse(content["config"])
         if deployed and not request.num_classes:
             raise ValueError("`num-classes` is required by a deployed site")
@@ -124,9 +125,7 @@ def _parse_request(kind: str, parse, refuse, content: RecordDict, run_config: Ma
         log.error("%s request refused: %s", kind.capitalize(), exc)
         return refuse(site=site, reason=f"invalid {kind} request: {exc}")
     if deployed and run_names:
-        from fedtl.federation.deployment import load_site_config
-
-        problem = class_names_problem(load_site_config(str(node["site-config"])).data.classes, run_names)
+        problem = class_names_problem(site_classes, run_names)
         if problem:
             log.error("%s request refused: %s", kind.capitalize(), problem)
             return refuse(site=site, reason=problem)

@@ -52,18 +52,17 @@ def config_num_classes(config) -> int:
 def config_class_names(config, num_classes: int) -> tuple[str, ...]:
     """A request's ``class-names`` (the server's ``model.class-names``): () when not given, else ``num_classes``
     distinct names (when it is known), each 1 to :data:`fedtl.config.MAX_CLASS_NAME` printable characters."""
-    from fedtl.config import MAX_CLASS_NAME
+    from fedtl.config import MAX_CLASS_NAME, parse_class_names
 
     value = config.get("class-names", "")
     if value == "":
         return ()
     if not isinstance(value, str) or len(value) > MAX_CLASSES * (MAX_CLASS_NAME + 1):
         raise ValueError(f"`class-names` must be a string of comma-separated names, got {value!r:.80}")
-    names = tuple(n.strip() for n in value.split(","))
-    if len(names) < 2 or any(not n or len(n) > MAX_CLASS_NAME or not n.isprintable() for n in names) \
-            or len(set(names)) != len(names):
-        raise ValueError(f"`class-names` must be two or more distinct printable names of at most {MAX_CLASS_NAME} "
-                         f"characters, got {value!r:.80}")
+    try:
+        names = parse_class_names(value)
+    except ValueError as exc:
+        raise ValueError(f"`class-names` {exc}, got {value!r:.80}") from None
     if num_classes and len(names) != num_classes:
         raise ValueError(f"`class-names` names {len(names)} classes, the request's `num-classes` is {num_classes}")
     return names

@@ -78,7 +78,6 @@ class Tracker:
     best_state: dict = field(default_factory=dict)
     best_decision: Decision = field(default_factory=Decision)
     best_eval: object = None  # the best round's SiteEvaluation (federated selection; not in the checkpoint)
-    _round_eval: object = field(default=None, init=False, repr=False)  # this round's, while it is being selected
     history: list[dict] = field(default_factory=list)
     last_epsilon: dict[str, float] = field(default_factory=dict)
     last_privacy: dict[str, dict] = field(default_factory=dict)
@@ -111,7 +110,8 @@ class Tracker:
                         f"{name}_loss": r.loss})
         return v.auc, v.loss
 
-    def _federated(self, server_round: int, arrays: ArrayRecord, row: dict, central_decision: bool) -> tuple[float, float]:
+    def _federated(self, server_round: int, arrays: ArrayRecord, row: dict, central_decision: bool) -> tuple:
+        """Federated figures into ``row``; returns (val AUC that selects, val loss, the SiteEvaluation)."""
         ev = self.site_eval(server_round, arrays)
         decision = decision_of(row.get("decision")) if central_decision else \
             (ev.choose_decision(self.num_classes, self.weight_cap) if self.decision_mode == "threshold" else Decision())
@@ -126,8 +126,7 @@ class Tracker:
             row["eval_skipped"] = dict(sorted(ev.skipped.items()))
         if ev.timed_out:
             row["eval_timed_out"] = ev.timed_out
-        self._round_eval = ev
-        return selecting_val_auc(row), pooled["val_loss"]
+        return selecting_val_auc(row), pooled["val_loss"], ev
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         state = to_state(arrays)
@@ -136,8 +135,7 @@ class Tracker:
         central = (math.nan, math.nan)
         if self.val is not None:
             central = self._central(row)
-        federated = (math.nan, math.nan)
-        self._round_eval = None
+        federated = (math.nan, math.nan, None)
         if self.site_eval is not None and server_round > 0:
             federated = self._federated(server_round, arrays, row, central_decision=self.val is not None)
         row["seconds"] = round(time.perf_counter() - self.t0, 3)
@@ -154,9 +152,9 @@ class Tracker:
         self.history.append(row)
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(jsonable(row)) + "\n")
-        auc, loss = central if self.select_by == "central" else federated
+        auc, loss, ev = (*central, None) if self.select_by == "central" else federated
         if server_round > 0:
-            self._select(server_round, state, row, auc, loss, self._round_eval if self.select_by == "federated" else None)
+            self._select(server_round, state, row, auc, loss, ev if self.select_by == "federated" else None)
         self._log(server_round, row, stats)
         pre = "" if self.val is not None else "fed_"
         return MetricRecord({k.replace("_", "-"): row[pre + k] for k in ("val_auc", "val_acc", "test_auc", "test_acc")
@@ -266,10 +264,9 @@ def plan_evaluation(cfg: FedTLConfig, demo_data: bool) -> EvaluationPlan:
     if not num_classes:
         raise ConfigError("The server has no evaluation data to learn the number of classes from: set "
                           "`model.num-classes` (e.g. model.num-classes=2).")
-    named = len(cfg.model.class_names.split(",")) if cfg.model.class_names else 0
+    named = len(cfg.model.names)
     server_names = [c.strip() for c in ev.data_classes.split(",") if c.strip()]
-    if named and server_names and [c.casefold() for c in server_names] != \
-            [c.strip().casefold() for c in cfg.model.class_names.split(",")]:
+    if named and server_names and [c.casefold() for c in server_names] != [c.casefold() for c in cfg.model.names]:
         raise ConfigError(f"`model.class-names` ({cfg.model.class_names}) and `evaluation.data-classes` "
                           f"({', '.join(server_names)}) name the classes differently; the sites are checked against "
                           "model.class-names.")
