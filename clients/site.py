@@ -10,7 +10,8 @@ data without connecting: ``fedtl site check site.toml``.
 The SuperNode runs with ``FLWR_HOME=<state-dir>/flwr``: the Flower app files it receives (and Flower's other
 files) live under the site's own state, not in a ``~/.flwr`` shared by every site on the host. Its output is
 copied to the launcher's and watched: when Flower refuses the site's key ("Exit Code: 305 … Failed to
-activate SuperNode") the launcher tries again for 90 s — the SuperLink refuses a node it still counts online, about a
+activate SuperNode"; Flower's exit block is then left out, the launcher says it in its own words) the launcher tries
+again for 90 s — the SuperLink refuses a node it still counts online, about a
 minute after a site was killed, with the same code — then says that the key may not be registered and which operator
 command fixes it. A SuperNode port already in use is refused before anything starts; a SuperNode that stops by itself
 (killed, crashed) is said in one ``error:`` line, with the exit status; a launcher killed outright takes its
@@ -317,7 +318,8 @@ def _supernode_until_activated(cmd: list[str], env: dict[str, str], stopped: thr
         left = deadline - time.monotonic()
         if left <= 0:
             return code
-        print(f"fedtl-site: the SuperLink refused to activate this site (Flower exit code 305): its key is not "
+        print(f"fedtl-site: the SuperLink refused to activate this site (Flower exit code 305, \"Failed to activate "
+              "SuperNode\"): its key is not "
               "registered, or the SuperLink still counts an earlier process of this site as online (it marks a "
               f"stopped site offline about a minute after its last heartbeat). Trying again for {left:.0f} s.",
               file=sys.stderr, flush=True)
@@ -349,14 +351,42 @@ def _sleep_unless_stopped(seconds: float, stopped: threading.Event) -> int:
 _SUPERNODE_TAIL: collections.deque[str] = collections.deque(maxlen=400)  # its last lines, for explain_exit
 
 
+class _SupernodeOutput:
+    """The SuperNode's output, printed as it comes, except Flower's exit block (from its "Exit Code: 305" line on),
+    which is held until the SuperNode has exited: when it is the activation refusal the launcher retries or explains
+    in its own words, it is dropped (Flower's "could not establish a connection to the SuperLink", printed at every
+    try, read as a contradiction of the launcher's line beside it); any other exit block is printed then."""
+
+    def __init__(self) -> None:
+        self.held: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        _SUPERNODE_TAIL.append(line)
+        if self.held or "Exit Code: 305" in line:
+            self.held.append(line)
+        else:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    def finish(self) -> None:
+        if not activation_refused("".join(_SUPERNODE_TAIL)):
+            sys.stdout.write("".join(self.held))
+            sys.stdout.flush()
+        self.held.clear()
+
+
 def _run_supernode(cmd: list[str], env: dict[str, str], stopped: threading.Event | None = None) -> int:
     """The SuperNode in the foreground. SIGINT / SIGTERM / SIGHUP stop it and every ClientApp process it started
     (SIGTERM, then SIGKILL) within 15 s, then the worker; the site's ledger and released updates are on disk, so
     it simply rejoins."""
     _SUPERNODE_TAIL.clear()
-    return _run_foreground(cmd, "Start the site again with the same command: it rejoins the run and never "
-                                "spends privacy twice on a round it already trained.",
-                           env=env, on_output=_SUPERNODE_TAIL.append, was_stopped=stopped)
+    output = _SupernodeOutput()
+    try:
+        return _run_foreground(cmd, "Start the site again with the same command: it rejoins the run and never "
+                                    "spends privacy twice on a round it already trained.",
+                               env=env, on_output=output, was_stopped=stopped, echo=False)
+    finally:
+        output.finish()
 
 
 if __name__ == "__main__":

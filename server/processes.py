@@ -202,13 +202,14 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _run_foreground(cmd: list[str], stopped: str = "", grace: float = 8.0, *, env: Mapping[str, str] | None = None,
-                    on_output: Callable[[str], None] | None = None, was_stopped: threading.Event | None = None) -> int:
+                    on_output: Callable[[str], None] | None = None, was_stopped: threading.Event | None = None,
+                    echo: bool = True) -> int:
     """Run ``cmd`` until it exits. SIGINT, SIGTERM or SIGHUP to this process stop it and every
     descendant within ``grace`` + 5 seconds (SIGTERM, then SIGKILL), print ``stopped``, set ``was_stopped`` and
     return 128 + the signal. This process killed outright (SIGKILL), the command gets SIGTERM from the kernel
     (``die_with_parent``) instead of running on as an orphan. With ``on_output`` the command's stdout and stderr
     are copied to this process's stdout line by line and each line is passed to ``on_output`` as well (a launcher
-    that explains the command's failures)."""
+    that explains the command's failures); with ``echo=False`` only passed, ``on_output`` printing what it keeps."""
     from fedtl.federation.supervisor import die_with_parent
 
     if on_output is None:
@@ -218,7 +219,7 @@ def _run_foreground(cmd: list[str], stopped: str = "", grace: float = 8.0, *, en
         proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
                                 preexec_fn=die_with_parent(signal.SIGTERM))
-        reader = threading.Thread(target=_copy_lines, args=(proc.stdout, on_output), daemon=True)
+        reader = threading.Thread(target=_copy_lines, args=(proc.stdout, on_output, echo), daemon=True)
         reader.start()
 
     def forward(signum: int, _frame: Any) -> None:
@@ -249,10 +250,11 @@ def _run_foreground(cmd: list[str], stopped: str = "", grace: float = 8.0, *, en
             signal.signal(sig, handler)
 
 
-def _copy_lines(stream: IO[str], on_output: Callable[[str], None]) -> None:
+def _copy_lines(stream: IO[str], on_output: Callable[[str], None], echo: bool = True) -> None:
     for line in stream:
-        sys.stdout.write(line)
-        sys.stdout.flush()
+        if echo:
+            sys.stdout.write(line)
+            sys.stdout.flush()
         on_output(line)
 
 

@@ -94,9 +94,11 @@ def test_the_launcher_watches_the_supernode_and_gives_it_the_sites_own_flwr_home
     out, err = capfd.readouterr()
     home = (tmp_path / "state" / "flwr").resolve()
     assert f"FLWR_HOME={home}" in out and home.is_dir()  # Flower's app files stay under the site's state dir
-    assert "Failed to activate SuperNode" in out  # the SuperNode's own output still reaches the operator
+    # the SuperNode's own output reaches the operator, but not Flower's exit block for a refusal the launcher retries
+    # and explains itself ("could not establish a connection", at every try, contradicted the launcher's line)
+    assert out.count("FLWR_HOME=") >= 2 and "Exit Code: 305" not in out and "could not establish" not in out
     # refused every time: tried again while the SuperLink might still count an earlier process online, then the key
-    assert out.count("Failed to activate SuperNode") >= 2 and "Trying again for" in err
+    assert err.count("Trying again for") >= 1 and 'Flower exit code 305, "Failed to activate SuperNode"' in err
     assert "error: the SuperLink at 127.0.0.1:9093 does not know this site's key" in err
     assert err.count("error:") == 1 and "still counts an earlier process of this site as online" in err
     assert "fedtl-server register --connection <connection> site.pub --name st-mary" in err
@@ -122,6 +124,22 @@ def test_a_site_restarted_while_the_superlink_still_counts_it_online_joins_once_
     out, err = capfd.readouterr()
     assert tries.read_text() == "xxx" and "attempt 3" in out  # refused twice, then joined
     assert err.count("Trying again for") == 2 and "error:" not in err
+    assert "Exit Code: 305" not in out
+
+
+def test_flowers_exit_block_is_printed_when_it_is_not_an_activation_refusal(tmp_path, monkeypatch, capfd):
+    """A SuperLink that cannot be reached is not retried: the launcher explains it, and Flower's own block (with its
+    cause, "Connection refused") is printed too, held only until the SuperNode exited."""
+    import sys
+
+    import clients.site as launcher
+
+    script = f"import sys; print('starting', flush=True); sys.stdout.write({UNREACHABLE!r}); sys.exit(1)"
+    monkeypatch.setattr(launcher, "start_command", lambda *a: [sys.executable, "-c", script])
+    assert main(["start", str(_site(tmp_path)), "--superlink", "127.0.0.1:9093", "--no-worker"]) == ConfigError.exit_code
+    out, err = capfd.readouterr()
+    assert out.index("starting") < out.index("Exit Code: 305") and "[Errno 111] Connection refused" in out
+    assert "Trying again" not in err and "could not connect to the SuperLink at 127.0.0.1:9093" in err
 
 
 def test_a_supernode_port_in_use_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
