@@ -4,7 +4,8 @@
 (``global.*``), the best-validation round's suffix (``best.*``) and, in its metadata, a JSON
 document: the round, the fedtl run id (sent to sites, so a site recognizes a repeated round of
 the same run), the tracker's best round and score, every metrics row so far, each site's last
-reported privacy, and the resolved run config. It is written to a temporary file, fsync'd,
+reported privacy, and the resolved run config; under federated selection, the best round's released
+validation scores per site (``eval.<i>.*``, the sites named in the metadata). It is written to a temporary file, fsync'd,
 renamed over the previous one and the directory fsync'd: a crash at any instant leaves either
 the previous checkpoint or the new one, never a torn one.
 """
@@ -41,13 +42,21 @@ class Checkpoint:
     selection_metric: str = "val_auc"
     history: list[dict] = field(default_factory=list)  # metrics.jsonl rows, rounds 0..round
     privacy: dict[str, dict] = field(default_factory=dict)  # each site's last report
+    # the best round's released validation scores per site (SiteEvaluation.val_releases; federated selection), so a
+    # resumed run still compares a round scored at other sites on the sites both were scored at (None: a checkpoint
+    # from before they were kept)
+    best_eval: dict[str, dict[str, torch.Tensor]] | None = None
     started: float = field(default_factory=time.time)
 
     def save(self, run_dir: Path) -> int:
         """Atomically replace ``run_dir/checkpoint.safetensors``; returns its size in bytes."""
         tensors = {f"global.{k}": v.detach().contiguous() for k, v in self.global_state.items()}
         tensors.update({f"best.{k}": v.detach().contiguous() for k, v in self.best_state.items()})
+        sites = sorted(self.best_eval or {})
+        tensors.update({f"eval.{i}.{k}": torch.as_tensor(v).contiguous() for i, s in enumerate(sites)
+                        for k, v in self.best_eval[s].items()})
         meta = {"format": FORMAT, "round": self.round, "run_id": self.run_id, "config": self.config,
+                "best_eval_sites": sites if self.best_eval is not None else None,
                 "best_round": self.best_round, "best_score": _finite_or_none(self.best_score),
                 "selection_metric": self.selection_metric, "history": self.history, "privacy": self.privacy,
                 "started": self.started, "saved": time.time()}
@@ -70,12 +79,16 @@ class Checkpoint:
             raise ConfigError(f"Checkpoint {path} has format {meta.get('format')!r}; this fedtl reads {FORMAT}.")
         glob = {k.removeprefix("global."): v for k, v in tensors.items() if k.startswith("global.")}
         best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
+        sites = meta.get("best_eval_sites")  # absent in a checkpoint from before they were kept
+        best_eval = None if sites is None else {
+            s: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"eval.{i}.")}
+            for i, s in enumerate(sites)}
         score = meta.get("best_score")
         return cls(round=int(meta["round"]), run_id=str(meta["run_id"]), config=dict(meta["config"]),
                    global_state=glob, best_state=best, best_round=int(meta["best_round"]),
                    best_score=float("-inf") if score is None else float(score),
                    selection_metric=str(meta.get("selection_metric", "val_auc")), history=list(meta["history"]),
-                   privacy=dict(meta.get("privacy") or {}), started=float(meta.get("started", time.time())))
+                   privacy=dict(meta.get("privacy") or {}), best_eval=best_eval, started=float(meta.get("started", time.time())))
 
 
 def save_tensors_atomically(tensors: dict[str, torch.Tensor], target: Path, metadata: dict | None = None) -> None:

@@ -199,6 +199,9 @@ def check_prediction_rows(value, num_classes: int, n: int, key: str) -> np.ndarr
     return rows
 
 
+RELEASE_KEYS = ("hist_neg", "hist_pos", "preds")  # a split's released scores, besides its figures
+
+
 def site_scales(counts: list[float], weight_cap: float) -> list[float]:
     """Per site, what each of its released validation images counts in the pooled histograms, rows and AUC: its
     capped weight (at most ``weight_cap`` × the median site's, as in the pooled figures) over its image count."""
@@ -242,6 +245,19 @@ class SiteEvaluation:
         """This evaluation restricted to ``sites`` (to compare two rounds on the sites both were scored at)."""
         return SiteEvaluation(sites={s: r for s, r in self.sites.items() if s in sites},
                               raw={s: r for s, r in self.raw.items() if s in sites})
+
+    def val_releases(self) -> dict[str, dict[str, np.ndarray]]:
+        """Each site's released validation scores (histograms or prediction rows): what :meth:`selecting_figures`
+        reads besides the sites' rows, kept in the run's checkpoint for the best round."""
+        return {s: {k: np.asarray(v) for k, v in f.get("val", {}).items() if k in RELEASE_KEYS}
+                for s, f in self.raw.items()}
+
+    @classmethod
+    def from_releases(cls, rows: dict[str, dict], releases: dict[str, dict[str, np.ndarray]]) -> SiteEvaluation:
+        """A round's validation evaluation rebuilt from its metrics row's ``sites_eval`` and :meth:`val_releases`
+        (a resumed run's best round, to compare later rounds with on the sites both were scored at)."""
+        return cls(sites={s: dict(r) for s, r in rows.items()},
+                   raw={s: {"val": dict(releases.get(s, {}))} for s in rows})
 
     def selecting_figures(self, num_classes: int, weight_cap: float = POOLED_WEIGHT_CAP) -> tuple[float, float]:
         """(validation AUC, validation loss) a round is selected by: the AUC over all the released validation images

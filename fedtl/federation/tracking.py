@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from fedtl.config import FedTLConfig
 from fedtl.errors import ConfigError
 from fedtl.evaluation import POOLED_WEIGHT_CAP, Decision, central_decision, decision_of
+from fedtl.federation.fedeval import SiteEvaluation
 from fedtl.federation.records import to_record, to_state
 from fedtl.federation.site import load_source
 from fedtl.federation.strategy import SuffixFedAvg
@@ -77,7 +78,7 @@ class Tracker:
     selection_metric: str | None = None  # "val_auc" | "val_loss" | "last", fixed by the first evaluation
     best_state: dict = field(default_factory=dict)
     best_decision: Decision = field(default_factory=Decision)
-    best_eval: object = None  # the best round's SiteEvaluation (federated selection; not in the checkpoint)
+    best_eval: object = None  # the best round's SiteEvaluation (federated selection; its releases checkpointed)
     history: list[dict] = field(default_factory=list)
     last_epsilon: dict[str, float] = field(default_factory=dict)
     last_privacy: dict[str, dict] = field(default_factory=dict)
@@ -91,6 +92,10 @@ class Tracker:
         self.best_state = dict(ckpt.best_state)
         if 0 <= self.best_round < len(self.history):
             self.best_decision = decision_of(self.history[self.best_round].get("decision"))
+            rows = self.history[self.best_round].get("sites_eval")
+            if rows and self.select_by == "federated" and ckpt.best_eval is not None:  # else: as before, until a new best
+                self.best_eval = SiteEvaluation.from_releases(
+                    rows, {s: {k: v.numpy() for k, v in r.items()} for s, r in ckpt.best_eval.items()})
         self.last_privacy = dict(ckpt.privacy)
         self.last_epsilon = {k: v["epsilon"] for k, v in self.last_privacy.items()}
         body = "".join(json.dumps(jsonable(row)) + "\n" for row in self.history)

@@ -744,3 +744,41 @@ def test_a_site_missing_at_the_selected_round_is_named_in_the_per_site_table(tmp
     table = site_table(tracker, EvaluationPlan(None, "none", "every-round", "federated", 2), None)
     assert set(table["sites"]) == {"a", "c"}
     assert table["skipped"] == {"b": "not connected when round 2 was evaluated"}
+
+
+def test_a_resumed_run_still_compares_rounds_on_the_sites_both_were_scored_at(tmp_path, caplog):
+    """The same killed site as above, but the server stopped after round 1 and was resumed: the best round's
+    released validation scores come back from the checkpoint, so round 2 (without the hardest site) is still
+    compared with round 1 on sites a and c only, not selected for the site's absence."""
+    from fedtl.federation.checkpoint import Checkpoint
+    from fedtl.federation.server import _checkpoint
+    from tests.unit.federation.test_server import _tracker
+
+    scripted = {1: {"a": PERFECT, "b": HARD, "c": NEAR}, 2: {"a": NEAR, "c": NEAR}}
+    first = _tracker(tmp_path, None, None)
+    first.site_eval, first.select_by = _scripted_site_eval(scripted), "federated"
+    state = to_record(_tiny_model().trainable_state())
+    ckpt = Checkpoint(round=0, run_id="r", config={}, global_state={})
+    for rnd in (0, 1):
+        first(rnd, state)
+        _checkpoint(ckpt, first, state, rnd, tmp_path)
+    loaded = Checkpoint.load(tmp_path)
+    assert sorted(loaded.best_eval) == ["a", "b", "c"] and loaded.best_eval["b"]["hist_pos"].sum() == 4
+    resumed = _tracker(tmp_path, None, None)
+    resumed.site_eval, resumed.select_by = _scripted_site_eval(scripted), "federated"
+    resumed.restore(loaded)
+    with caplog.at_level("INFO", logger="fedtl.federation.tracking"):
+        resumed(2, state)
+    assert resumed.history[2]["fed_val_auc_pooled"] > resumed.history[1]["fed_val_auc_pooled"]  # the premise
+    assert resumed.best_round == 1
+    assert any("compared on the 2 both were scored at" in r.getMessage() for r in caplog.records)
+    # a checkpoint from before the releases were kept: compared as before (on whichever sites each round had), never
+    # the best round's mean of AUCs against a later round's AUC over all images
+    loaded.best_eval = None
+    loaded.save(tmp_path)
+    old = _tracker(tmp_path, None, None)
+    old.site_eval, old.select_by = _scripted_site_eval(scripted), "federated"
+    old.restore(Checkpoint.load(tmp_path))
+    assert old.best_eval is None
+    old(2, state)
+    assert old.best_round == 2  # what the kept releases prevent
