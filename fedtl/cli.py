@@ -111,9 +111,11 @@ def print_summary(summary: dict) -> None:
                   f"{f(row.get('test_acc_argmax')):>8}")
         if len(sites) > 12:
             print(f"… and {len(sites) - 12} more sites (summary.json, report.html)")
-        pooled = table.get("pooled") or {}
-        print(f"{'pooled':<14}{pooled.get('test_n', 0):>7}{f(pooled.get('test_auc')):>8}{f(pooled.get('test_acc')):>8}"
-              f"{f(pooled.get('test_acc_argmax')):>8}")
+        from fedtl.evaluation import sites_auc
+
+        pooled = table.get("pooled") or {}  # AUC over all the sites' images (their mean AUC: summary.json)
+        print(f"{'pooled':<14}{pooled.get('test_n', 0):>7}{f(sites_auc(pooled, 'test', '')):>8}"
+              f"{f(pooled.get('test_acc')):>8}{f(pooled.get('test_acc_argmax')):>8}")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

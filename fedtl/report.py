@@ -206,9 +206,17 @@ def render(run: str | Path) -> str:
                  for s, f in (per_site.get("sites") or {}).items()]
     pooled = per_site.get("pooled") or {}
     if site_rows:
-        site_rows.append(["pooled (example-weighted)", str(pooled.get("test_n", "")), _fmt(pooled.get("test_auc")),
-                          _fmt(pooled.get("test_acc")), _fmt(pooled.get("test_acc_argmax")), _fmt(pooled.get("val_auc")),
-                          str(pooled.get("val_n", ""))])
+        from fedtl.evaluation import sites_auc
+
+        over_all = math.isfinite(_num(pooled.get("test_auc_pooled")))  # a run from before: means only
+        site_rows.append(["pooled (AUC over all the sites' images; accuracy example-weighted)" if over_all else
+                          "pooled (example-weighted)",
+                          str(pooled.get("test_n", "")), _fmt(sites_auc(pooled, "test", "")),
+                          _fmt(pooled.get("test_acc")), _fmt(pooled.get("test_acc_argmax")),
+                          _fmt(sites_auc(pooled, "val", "")), str(pooled.get("val_n", ""))])
+        if over_all:
+            site_rows.append(["mean of the sites' AUCs (example-weighted)", "", _fmt(pooled.get("test_auc")), "", "",
+                              _fmt(pooled.get("val_auc")), ""])
     if "test_auc" in (rows[0] if rows else {}) and summary:
         best = rows[summary["selected_round"]] if summary.get("selected_round", -1) < len(rows) else {}
         site_rows.append(["central (server's test split)", "", _fmt(best.get("test_auc")), _fmt(best.get("test_acc")),

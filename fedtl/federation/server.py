@@ -33,7 +33,7 @@ from fedtl.federation.site import build_transfer_model, eval_features
 from fedtl.federation.site_stats import (MIN_STAT_IMAGES, STATS_FILE, load_statistics, save_statistics,
                                          statistics_from_sites)
 from fedtl.federation.strategy import RoundStats, SuffixFedAvg, make_strategy
-from fedtl.federation.tracking import (EvaluationPlan, Tracker, jsonable, plan_evaluation, selecting_val_auc,
+from fedtl.federation.tracking import (EvaluationPlan, Tracker, jsonable, plan_evaluation, sites_auc,
                                       site_table)
 from fedtl.model import TransferModel
 from fedtl.standardize import first_linear
@@ -330,8 +330,10 @@ def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker,
     pooled_test = (per_site or {}).get("pooled", {})
     headline = {k: best.get(pre + k, pooled_test.get(k, float("nan")) if pre else float("nan"))
                 for k in ("test_auc", "test_acc", "test_acc_argmax", "val_auc", "val_acc", "val_loss")}
-    if pre:  # the validation AUC the round was selected by (over all the sites' images), not the mean of theirs
-        headline["val_auc"] = selecting_val_auc(best)
+    if pre:  # AUCs over all the sites' images (the validation one the round was selected by), not means of theirs
+        for split in ("val", "test"):
+            headline[f"{split}_auc"] = sites_auc(best, split) if f"fed_{split}_auc" in best else \
+                sites_auc(pooled_test, split, "")
     summary = {
         **headline,
         "run_id": str(run_id),  # what sites' personal suffixes name in their metadata (`fedtl predict --suffix`)
@@ -342,7 +344,7 @@ def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker,
         "decision": decision.to_dict(),
         "per_site": per_site,
         "personalization": personalization,  # each site's figures under the global vs its personal suffix
-        "final_round_test_auc": final.get(pre + "test_auc", float("nan")),
+        "final_round_test_auc": (sites_auc(final, "test") if pre else final.get("test_auc", float("nan"))),
         "final_round_test_acc": final.get(pre + "test_acc", float("nan")),
         "rounds": fed.rounds, "sites": fed.sites, "num_classes": plan.num_classes,
         "dp": dp,

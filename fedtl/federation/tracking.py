@@ -20,7 +20,8 @@ from flwr.app import ArrayRecord, MetricRecord
 
 from fedtl.config import FedTLConfig
 from fedtl.errors import ConfigError
-from fedtl.evaluation import POOLED_WEIGHT_CAP, Decision, central_decision, decision_of
+from fedtl.evaluation import (FIGURE_DECIMALS, POOLED_WEIGHT_CAP, Decision, central_decision, decision_of,
+                              sites_auc)
 from fedtl.federation.fedeval import SiteEvaluation
 from fedtl.federation.records import to_record, to_state
 from fedtl.federation.site import load_source
@@ -123,8 +124,7 @@ class Tracker:
         if not central_decision:
             row["decision"] = decision.to_dict()
         ev.apply(decision)
-        pooled = ev.pooled(self.weight_cap)
-        pooled["val_auc_pooled"] = ev.pooled_val_auc(self.num_classes, self.weight_cap)
+        pooled = pooled_figures(ev, self.num_classes, self.weight_cap)
         row.update({f"fed_{k}": v for k, v in pooled.items()})
         row["sites_eval"] = dict(sorted(ev.sites.items()))
         if ev.skipped:
@@ -162,8 +162,10 @@ class Tracker:
             self._select(server_round, state, row, auc, loss, ev if self.select_by == "federated" else None)
         self._log(server_round, row, stats)
         pre = "" if self.val is not None else "fed_"
-        return MetricRecord({k.replace("_", "-"): row[pre + k] for k in ("val_auc", "val_acc", "test_auc", "test_acc")
-                             if pre + k in row})
+        figures = {k: row[pre + k] for k in ("val_auc", "val_acc", "test_auc", "test_acc") if pre + k in row}
+        if pre:  # the AUCs over all the sites' images, as the headline and the selection
+            figures.update({f"{s}_auc": sites_auc(row, s) for s in ("val", "test") if f"fed_{s}_auc" in row})
+        return MetricRecord({k.replace("_", "-"): v for k, v in figures.items()})
 
     def _select(self, server_round: int, state: dict, row: dict, auc: float, loss: float, ev=None) -> None:
         """Keep this round if it beats the best so far. Under federated selection two rounds scored at different
@@ -210,8 +212,9 @@ class Tracker:
         parts = [f"Round {server_round}/{self.total_rounds}" if self.total_rounds else f"Round {server_round}"]
         for prefix, label in (("", "central"), ("fed_", "sites")):
             if f"{prefix}val_auc" in row:
-                val = selecting_val_auc(row) if prefix else row["val_auc"]  # the figure the round is selected by
-                parts.append(f"{label} val AUC {val:.4f} | test AUC {row[prefix + 'test_auc']:.4f} "
+                # the figures the round is selected and reported by (over all the sites' images)
+                val, test = (sites_auc(row, "val"), sites_auc(row, "test")) if prefix else (row["val_auc"], row["test_auc"])
+                parts.append(f"{label} val AUC {val:.4f} | test AUC {test:.4f} "
                              f"acc {row[prefix + 'test_acc']:.4f}")
         if stats is not None:
             extra = "".join(f", {len(getattr(stats, k))} {k.replace('_', ' ')}"
@@ -222,10 +225,17 @@ class Tracker:
 
 
 def selecting_val_auc(row: dict) -> float:
-    """The sites' validation AUC a round is selected by: one AUC over all their released validation images
-    (``fed_val_auc_pooled``), or, where none released them, the mean of their AUCs (``fed_val_auc``)."""
-    pooled = row.get("fed_val_auc_pooled", math.nan)
-    return pooled if math.isfinite(pooled) else row.get("fed_val_auc", math.nan)
+    """The sites' validation AUC a round is selected by (:func:`sites_auc`)."""
+    return sites_auc(row, "val")
+
+
+def pooled_figures(ev: SiteEvaluation, num_classes: int, weight_cap: float) -> dict:
+    """The sites' pooled figures (:meth:`SiteEvaluation.pooled`: example-weighted means) and their AUCs over all
+    the released images (``val_auc_pooled``, ``test_auc_pooled``)."""
+    pooled = ev.pooled(weight_cap)
+    for split in ("val", "test"):
+        pooled[f"{split}_auc_pooled"] = round(ev.pooled_auc(split, num_classes, weight_cap), FIGURE_DECIMALS)
+    return pooled
 
 
 @dataclass(frozen=True)
@@ -335,7 +345,7 @@ def site_table(tracker: Tracker, plan: EvaluationPlan, site_eval) -> dict | None
     else:
         ev = site_eval(tracker.best_round, to_record(tracker.best_state))
         ev.apply(tracker.best_decision)
-        sites, skipped, pooled = ev.sites, ev.skipped, ev.pooled(tracker.weight_cap)
+        sites, skipped, pooled = ev.sites, ev.skipped, pooled_figures(ev, tracker.num_classes, tracker.weight_cap)
         log.debug("Federated evaluation of the selected round at %d site(s): pooled test AUC %.4f acc %.4f",
-                 len(sites), pooled["test_auc"], pooled["test_acc"])
+                 len(sites), sites_auc(pooled, "test", ""), pooled["test_acc"])
     return {"sites": dict(sorted(sites.items())), "pooled": pooled, "skipped": dict(sorted(skipped.items()))}

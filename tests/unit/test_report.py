@@ -108,3 +108,19 @@ def test_the_personalization_table_names_how_the_sites_personalized(tmp_path):
         page = render(run)
         assert f"Personalization ({words}; each personal suffix stays at its site)" in page
         assert "0.8700" in page and "0.8900" in page
+
+
+def test_the_sites_pooled_row_shows_the_auc_over_all_their_images_and_their_mean_beside_it(tmp_path):
+    """Without server data the headline is one AUC over all the sites' test images (as a central test split gives);
+    the mean of the sites' AUCs, another figure, is shown on its own row, named."""
+    run = _run_dir(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["per_site"]["pooled"].update({"test_auc_pooled": 0.8712, "val_auc_pooled": 0.8833, "val_auc": 0.9001})
+    (run / "summary.json").write_text(json.dumps(summary))
+    page = render(run)
+    pooled_row = re.search(r"<tr><td>pooled \(AUC over all the sites&#x27; images; accuracy example-weighted\)</td>"
+                           r"(.*?)</tr>", page)
+    assert pooled_row and "0.8712" in pooled_row.group(1) and "0.8833" in pooled_row.group(1), page[-3000:]
+    mean_row = re.search(r"<tr><td>mean of the sites&#x27; AUCs \(example-weighted\)</td>(.*?)</tr>", page)
+    assert mean_row and "0.8500" in mean_row.group(1) and "0.9001" in mean_row.group(1)
+    assert "pooled (example-weighted)" not in page
