@@ -321,8 +321,10 @@ class SiteEvaluation:
         if num_classes == 2:
             neg = sum(f["hist_neg"] * k for f, k in zip(figs, scale))
             pos = sum(f["hist_pos"] * k for f, k in zip(figs, scale))
-            above = tied_pairs_above([(f["hist_neg"], f["hist_pos"], self.sites.get(site, {}).get(f"{split}_auc"))
-                                      for site, f in named])
+            # weighted as the pooled histograms are (a site's pairs by its scale squared), so a site that claims a
+            # huge split of tied scores cannot set the share alone
+            above = tied_pairs_above([(f["hist_neg"] * k, f["hist_pos"] * k, self.sites.get(site, {}).get(f"{split}_auc"))
+                                      for (site, f), k in zip(named, scale)])
             return histogram_auc(neg, pos, above)
         from sklearn.metrics import roc_auc_score
 

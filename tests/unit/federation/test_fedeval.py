@@ -833,3 +833,32 @@ def test_the_headline_test_auc_without_server_data_is_the_auc_over_all_the_sites
             sites_mean.append(auc), weights.append(len(ix))
     exact = auc_of(probs, labels)
     assert abs(multi.pooled_auc("test", 5, 0) - exact) < 0.005 < abs(np.average(sites_mean, weights=weights) - exact)
+
+
+def test_a_site_claiming_tied_scores_with_a_perfect_auc_gains_no_more_than_by_sending_perfect_scores():
+    """The pooled AUC counts the pairs the bins tie as the sites' own exact AUCs say they fall. A hostile site that
+    claims 50,000 validation images, all in one bin, with an AUC of 1.0 pulls that share towards "every tie is
+    ordered right"; what it gains over sending histograms that order its images perfectly — which any site may, its
+    weight capped at 4 × the median site's — is small: the share decides only how the other sites' few ties count."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(600) < 0.6).astype(int)
+    p = 1 / (1 + np.exp(-(7 * (2 * y - 1) + 5 * rng.standard_normal(600))))
+    honest = SiteEvaluation()
+    for i, ix in enumerate(np.array_split(rng.permutation(600), 9)):
+        neg, pos = score_histograms(p[ix], y[ix])
+        honest.add(f"s{i}", {sp: {"n": len(ix), "auc": roc_auc_score(y[ix], p[ix]), "acc": 0.5, "loss": 0.5,
+                                  "hist_neg": np.array(neg), "hist_pos": np.array(pos)} for sp in ("val", "test")}, "")
+    assert abs(honest.pooled_auc("val", 2) - roc_auc_score(y, p)) < 0.003
+
+    def with_site(neg_bin: int, pos_bin: int) -> float:
+        ev = SiteEvaluation(sites=dict(honest.sites), raw=dict(honest.raw))
+        neg, pos = np.zeros(HIST_BINS, np.int64), np.zeros(HIST_BINS, np.int64)
+        neg[neg_bin], pos[pos_bin] = 25_000, 25_000
+        ev.add("evil", {sp: {"n": 50_000, "auc": 1.0, "acc": 0.5, "loss": 0.5, "hist_neg": neg, "hist_pos": pos}
+                        for sp in ("val", "test")}, "")
+        return ev.pooled_auc("val", 2)
+
+    tied, perfect = with_site(HIST_BINS - 1, HIST_BINS - 1), with_site(0, HIST_BINS - 1)
+    assert tied - perfect < 0.01, (tied, perfect)
