@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from fedtl.errors import ConfigError
+from fedtl.evaluation import sites_auc
 
 FIGURES = ("auc", "accuracy", "epsilon", "bytes")  # the plots every report holds, in order
 
@@ -73,8 +74,9 @@ def _plots(rows: list[dict], summary: dict) -> dict[str, str]:
     for name, key, ylabel in (("auc", "auc", "AUC"), ("accuracy", "acc", "accuracy")):
         fig, ax = plt.subplots(figsize=(7, 3.6))
         for prefix, label, style in (("", "central", "-"), ("fed_", "sites pooled", "--")):
-            for split in ("val", "test"):
-                ys = [_num(r.get(f"{prefix}{split}_{key}")) for r in rows]
+            for split in ("val", "test"):  # the sites' AUC: over all their images, as selected and headlined
+                ys = [_num(sites_auc(r, split) if prefix and key == "auc" else r.get(f"{prefix}{split}_{key}"))
+                      for r in rows]
                 if any(not math.isnan(y) for y in ys):
                     ax.plot(rounds, ys, style, label=f"{label} {split}", linewidth=1.8)
         sites = sorted({s for r in rows for s in r.get("sites_eval", {})})
@@ -206,8 +208,6 @@ def render(run: str | Path) -> str:
                  for s, f in (per_site.get("sites") or {}).items()]
     pooled = per_site.get("pooled") or {}
     if site_rows:
-        from fedtl.evaluation import sites_auc
-
         over_all = math.isfinite(_num(pooled.get("test_auc_pooled")))  # a run from before: means only
         site_rows.append(["pooled (AUC over all the sites' images; accuracy example-weighted)" if over_all else
                           "pooled (example-weighted)",
