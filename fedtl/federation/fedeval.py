@@ -30,7 +30,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedtl.evaluation import (FIGURE_DECIMALS, HIST_BINS, POOLED_WEIGHT_CAP, PRED_FLOOR, Decision, bias_from_log_probabilities,
-                               max_prediction_images, pooled, rows_accuracy, rows_log_probabilities,
+                               max_prediction_images, pooled, rows_accuracy, rows_log_probabilities, sites_auc,
                                threshold_from_histograms)
 from fedtl.weighting import aggregation_weights
 
@@ -263,9 +263,16 @@ class SiteEvaluation:
         self.raw[site] = figs
         self.sites[site] = {f"{s}_{k}": figs[s][k] for s in SPLITS for k in _FIGS}
 
-    def pooled(self, weight_cap: float) -> dict:
+    def pooled(self, weight_cap: float, num_classes: int | None = None) -> dict:
+        """The sites' pooled figures: example-weighted means (:func:`fedtl.evaluation.pooled`) and, given
+        ``num_classes``, each split's AUC over all the released images (``val_auc_pooled``, ``test_auc_pooled``:
+        :meth:`pooled_auc`)."""
         rows = list(self.sites.values())
-        return {**pooled(rows, "val", weight_cap), **pooled(rows, "test", weight_cap)}
+        out = {**pooled(rows, "val", weight_cap), **pooled(rows, "test", weight_cap)}
+        if num_classes is not None:
+            for split in SPLITS:
+                out[f"{split}_auc_pooled"] = round(self.pooled_auc(split, num_classes, weight_cap), FIGURE_DECIMALS)
+        return out
 
     def val_sites(self) -> frozenset[str]:
         """The sites that scored this suffix on validation images (the sites a round's selecting figure covers)."""
@@ -292,9 +299,8 @@ class SiteEvaluation:
     def selecting_figures(self, num_classes: int, weight_cap: float = POOLED_WEIGHT_CAP) -> tuple[float, float]:
         """(validation AUC, validation loss) a round is selected by: the AUC over all the released validation images
         (:meth:`pooled_val_auc`), or the sites' example-weighted mean AUC where none released any; the mean loss."""
-        pooled_figs = pooled(list(self.sites.values()), "val", weight_cap)
-        auc = self.pooled_val_auc(num_classes, weight_cap)
-        return (auc if math.isfinite(auc) else pooled_figs["val_auc"]), pooled_figs["val_loss"]
+        figs = self.pooled(weight_cap, num_classes)
+        return sites_auc(figs, "val", ""), figs["val_loss"]
 
     def pooled_val_auc(self, num_classes: int, weight_cap: float = POOLED_WEIGHT_CAP) -> float:
         """The validation AUC over all the releasing sites' validation images at once (:meth:`pooled_auc`). One AUC

@@ -20,8 +20,7 @@ from flwr.app import ArrayRecord, MetricRecord
 
 from fedtl.config import FedTLConfig
 from fedtl.errors import ConfigError
-from fedtl.evaluation import (FIGURE_DECIMALS, POOLED_WEIGHT_CAP, Decision, central_decision, decision_of,
-                              sites_auc)
+from fedtl.evaluation import POOLED_WEIGHT_CAP, Decision, central_decision, decision_of, sites_auc
 from fedtl.federation.fedeval import SiteEvaluation
 from fedtl.federation.records import to_record, to_state
 from fedtl.federation.site import load_source
@@ -124,7 +123,7 @@ class Tracker:
         if not central_decision:
             row["decision"] = decision.to_dict()
         ev.apply(decision)
-        pooled = pooled_figures(ev, self.num_classes, self.weight_cap)
+        pooled = ev.pooled(self.weight_cap, self.num_classes)
         row.update({f"fed_{k}": v for k, v in pooled.items()})
         row["sites_eval"] = dict(sorted(ev.sites.items()))
         if ev.skipped:
@@ -227,15 +226,6 @@ class Tracker:
 def selecting_val_auc(row: dict) -> float:
     """The sites' validation AUC a round is selected by (:func:`sites_auc`)."""
     return sites_auc(row, "val")
-
-
-def pooled_figures(ev: SiteEvaluation, num_classes: int, weight_cap: float) -> dict:
-    """The sites' pooled figures (:meth:`SiteEvaluation.pooled`: example-weighted means) and their AUCs over all
-    the released images (``val_auc_pooled``, ``test_auc_pooled``)."""
-    pooled = ev.pooled(weight_cap)
-    for split in ("val", "test"):
-        pooled[f"{split}_auc_pooled"] = round(ev.pooled_auc(split, num_classes, weight_cap), FIGURE_DECIMALS)
-    return pooled
 
 
 @dataclass(frozen=True)
@@ -345,7 +335,7 @@ def site_table(tracker: Tracker, plan: EvaluationPlan, site_eval) -> dict | None
     else:
         ev = site_eval(tracker.best_round, to_record(tracker.best_state))
         ev.apply(tracker.best_decision)
-        sites, skipped, pooled = ev.sites, ev.skipped, pooled_figures(ev, tracker.num_classes, tracker.weight_cap)
+        sites, skipped, pooled = ev.sites, ev.skipped, ev.pooled(tracker.weight_cap, tracker.num_classes)
         log.debug("Federated evaluation of the selected round at %d site(s): pooled test AUC %.4f acc %.4f",
                  len(sites), sites_auc(pooled, "test", ""), pooled["test_acc"])
     return {"sites": dict(sorted(sites.items())), "pooled": pooled, "skipped": dict(sorted(skipped.items()))}
