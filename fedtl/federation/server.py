@@ -203,8 +203,24 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
             **stats}),
             fed.round_timeout).table()
         personal = {"kind": cfg.personalization.kind, **personal}
-    return _finish(cfg, out, model, tracker, to_record(model.trainable_state()), t_start, val_hit and test_hit,
-                   transfer, plan, per_site, personal, run_id=fedtl_run, standardized_by=standardized_by)
+    summary = _finish(cfg, out, model, tracker, to_record(model.trainable_state()), t_start, val_hit and test_hit,
+                      transfer, plan, per_site, personal, run_id=fedtl_run, standardized_by=standardized_by)
+    if not demo_data:  # a deployed run: its report beside summary.json (`fedtl simulate` writes its own at the end)
+        write_run_report(out)
+    return summary
+
+
+def write_run_report(out: Path) -> Path | None:
+    """``out/report.html``; a report that cannot be written is logged, never fails the finished run."""
+    from fedtl.report import write_report
+
+    try:
+        path = write_report(out)
+    except Exception as exc:  # noqa: BLE001 - the run's files are written; the report is a view of them
+        log.warning("The report was not written (%s); `fedtl report %s` writes it from the run's files.", exc, out)
+        return None
+    log.info("Report: %s", path)
+    return path
 
 
 def feature_statistics(cfg: FedTLConfig, val: tuple[torch.Tensor, torch.Tensor] | None,

@@ -307,6 +307,8 @@ def test_fedtl_run_two_rounds_over_tls(deployment: Deployment, tmp_path: Path):
     assert proc.returncode == 0, logs
     assert (out / "summary.json").exists(), logs
     summary = json.loads((out / "summary.json").read_text())
+    # the ServerApp writes the report at the end of a deployed run (a trial found none and ran `fedtl report`)
+    assert "Per-site results" in (out / "report.html").read_text(), logs
     assert summary["sites"] == SITES and summary["rounds"] == 2
     # no server data: no demo-data fallback; the sites' federated validation selected the round
     assert summary["evaluation"]["server_data"].startswith("none") and summary["evaluation"]["selected_by"] == "federated"

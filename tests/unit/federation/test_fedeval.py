@@ -486,6 +486,7 @@ def test_without_server_data_rounds_are_selected_by_the_sites_pooled_validation(
                                         "output.dir": str(tmp_path / "run")})
     summary = server.run_server(object(), cfg, "t", distribute_backbone=False)  # a deployment: no demo data
     assert summary["selected_round"] == 2 and summary["evaluation"]["selected_by"] == "federated"
+    assert "Per-site results" in (tmp_path / "run" / "report.html").read_text()  # a deployed run writes its report
     assert summary["evaluation"]["server_data"].startswith("none")
     assert summary["evaluation"]["pooling"] == "avg" and summary["evaluation"]["standardized_by"].startswith("none")
     best = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][2]

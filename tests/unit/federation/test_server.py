@@ -562,3 +562,15 @@ def test_the_runs_class_names_are_sent_with_every_train_request(monkeypatch, tmp
     calls.clear()
     _fake_run(monkeypatch, tmp_path / "unnamed", _split(0), _split(1, seed=1), SCRIPT[:1], calls=calls)
     assert "class-names" not in calls[0]["train_config"]  # none given: the sites are not asked to check
+
+
+def test_a_report_that_cannot_be_written_is_logged_and_the_finished_run_stands(tmp_path, monkeypatch, caplog):
+    import fedtl.report
+
+    def broken(run_dir, out=None):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fedtl.report, "write_report", broken)
+    with caplog.at_level(logging.WARNING, logger="fedtl.federation.server"):
+        assert server.write_run_report(tmp_path) is None
+    assert "The report was not written (disk full)" in caplog.text and f"fedtl report {tmp_path}" in caplog.text
