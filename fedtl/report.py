@@ -138,6 +138,9 @@ def _events(rows: list[dict]) -> list[list[str]]:
                 body.append([str(r["round"]), kind, site, str(reason)])
         for site in r.get("timed_out") or []:
             body.append([str(r["round"]), "timed out", site, ""])
+        for site in r.get("not_connected") or []:
+            body.append([str(r["round"]), "not connected", site, "took part in an earlier round; not connected when "
+                                                                  "this one was sent"])
         for site, reason in (r.get("eval_skipped") or {}).items():
             body.append([str(r["round"]), "no evaluation", site, str(reason)])
     return body

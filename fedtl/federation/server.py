@@ -256,11 +256,18 @@ def _train_round(grid: Grid, strategy: SuffixFedAvg, rnd: int, arrays: ArrayReco
     stats = strategy.rounds.setdefault(rnd, RoundStats())
     attempts = fed.round_retries + 1
     for attempt in range(1, attempts + 1):
-        connected = _wait_for_nodes(grid, fed.sites, fed.min_sites, fed.round_timeout)
+        nodes = _wait_for_nodes(grid, fed.sites, fed.round_timeout, rnd)
+        connected = len(nodes)
+        here = {strategy.node_sites[n] for n in nodes if n in strategy.node_sites}
+        stats.not_connected = sorted({name for n, name in strategy.node_sites.items() if n not in nodes} - here)
+        missing = f" (not connected: {', '.join(stats.not_connected)})" if stats.not_connected else ""
         if connected < fed.min_sites:
-            log.warning("Round %d, attempt %d/%d: %d of %d sites connected within %.0f s (quorum %d).", rnd, attempt,
-                        attempts, connected, fed.sites, fed.round_timeout, fed.min_sites)
+            log.warning("Round %d, attempt %d/%d: %d of %d sites connected within %.0f s (quorum %d)%s.", rnd, attempt,
+                        attempts, connected, fed.sites, fed.round_timeout, fed.min_sites, missing)
             continue
+        if connected < fed.sites:
+            log.warning("Round %d: going ahead with %d of %d sites after waiting %.0f s (federation.round-timeout) for "
+                        "the rest%s.", rnd, connected, fed.sites, fed.round_timeout, missing)
         messages = list(strategy.configure_train(rnd, arrays, train_config, grid))
         replies = send_and_receive(grid, messages, timeout=fed.round_timeout)  # polled every 0.2 s, not 3 s
         strategy.sent_to = destinations(messages)  # replies are matched to sites by the message they answer
@@ -287,13 +294,23 @@ def resume_hint(out: Path) -> str:
             f"`flwr run . <federation> --run-config \"output.dir='{out}' output.resume=true\"`.")
 
 
-def _wait_for_nodes(grid: Grid, expected: int, quorum: int, timeout: float) -> int:
-    """Wait (at most ``timeout``) for every expected site; return how many are connected."""
-    deadline = time.monotonic() + timeout
+WAIT_NOTICE_S = 5.0  # a round still waiting for sites after this long says so (once)
+
+
+def _wait_for_nodes(grid: Grid, expected: int, timeout: float, rnd: int = 0) -> set[int]:
+    """Wait (at most ``timeout``) for every expected site; return the connected nodes. A wait longer than
+    :data:`WAIT_NOTICE_S` is said once (a resumed run waiting for a site that is down sat silent for minutes)."""
+    start = time.monotonic()
+    said = False
     while True:
-        n = len(list(grid.get_node_ids()))
-        if n >= expected or time.monotonic() > deadline:
-            return n
+        nodes = set(grid.get_node_ids())
+        waited = time.monotonic() - start
+        if len(nodes) >= expected or waited > timeout:
+            return nodes
+        if not said and waited > WAIT_NOTICE_S:
+            log.info("Round %d: %d of %d sites connected; waiting up to %.0f s more for the rest "
+                     "(federation.round-timeout).", rnd, len(nodes), expected, timeout - waited)
+            said = True
         time.sleep(0.5)
 
 
@@ -384,6 +401,7 @@ def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker,
         "declined": {str(k): v for r in rounds for k, v in r.get("declined", {}).items()},
         "rejected_updates": sum(len(r.get("rejected", {})) for r in rounds),
         "timed_out": {str(r["round"]): r["timed_out"] for r in rounds if r.get("timed_out")},
+        "not_connected": {str(r["round"]): r["not_connected"] for r in rounds if r.get("not_connected")},
         "failed": {str(r["round"]): r["failed"] for r in rounds if r.get("failed")},  # site -> Flower's error
         "aggregation": fed.aggregation,
         "rejected": {str(r["round"]): r["rejected"] for r in rounds if r.get("rejected")},

@@ -51,6 +51,8 @@ class RoundStats:
     epsilon: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, dict] = field(default_factory=dict)  # per site, as the site reported it
     timed_out: list[str] = field(default_factory=list)  # sites asked that did not reply in time
+    # sites that took part in an earlier round (of this server process) but were not connected when it was sent
+    not_connected: list[str] = field(default_factory=list)
     bounded: dict[str, str] = field(default_factory=dict)  # sites whose update norm was clipped
     capped: dict[str, str] = field(default_factory=dict)  # sites whose reported weight was capped (routine: the median)
     attempts: int = 1

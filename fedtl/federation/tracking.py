@@ -149,7 +149,8 @@ class Tracker:
             self.last_privacy.update(stats.privacy)
             row.update({"bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down, "sites_trained": sorted(stats.trained),
                         "declined": stats.declined, "rejected": stats.rejected, "failed": stats.failed,
-                        "timed_out": stats.timed_out, "attempts": stats.attempts, "bounded": stats.bounded,
+                        "timed_out": stats.timed_out, "not_connected": stats.not_connected,
+                        "attempts": stats.attempts, "bounded": stats.bounded,
                         "capped": stats.capped,
                         "epsilon": dict(sorted(stats.epsilon.items())),
                         "privacy": dict(sorted(stats.privacy.items()))})
@@ -217,7 +218,8 @@ class Tracker:
                              f"acc {row[prefix + 'test_acc']:.4f}")
         if stats is not None:
             extra = "".join(f", {len(getattr(stats, k))} {k.replace('_', ' ')}"
-                            for k in ("declined", "rejected", "timed_out", "bounded") if getattr(stats, k))
+                            for k in ("declined", "rejected", "timed_out", "not_connected", "bounded")
+                            if getattr(stats, k))
             eps = max(stats.epsilon.values(), default=0.0)
             parts.append(f"{len(stats.trained)} trained{extra} | max ε {eps:.2f}")
         (log.debug if server_round == 0 and self.total_rounds > 20 else log.info)(" | ".join(parts))

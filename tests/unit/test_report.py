@@ -21,7 +21,8 @@ def _run_dir(tmp_path, complete=True):
                      "sites_eval": {"site-a": {"test_auc": 0.9, "test_acc": 0.8, "test_n": 10}, EVIL: {"test_auc": 0.1}},
                      "privacy": {"site-a": {"epsilon": 0.5 * r, "budget": 3.0}, EVIL: {"epsilon": 0.4 * r, "budget": 2.0}},
                      "bytes_up": 2396, "bytes_down": 2396, "declined": {EVIL: EVIL} if r == 2 else {},
-                     "rejected": {"site-b": "values up to 1e+30"} if r == 3 else {}, "timed_out": ["site-c"] if r == 1 else []})
+                     "rejected": {"site-b": "values up to 1e+30"} if r == 3 else {}, "timed_out": ["site-c"] if r == 1 else [],
+                     "not_connected": ["site-d"] if r == 3 else []})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "config.json").write_text(json.dumps({"model.backbone": "efficientnet_lite0", "federation.rounds": 3}))
     if complete:
@@ -46,7 +47,7 @@ def test_the_report_holds_every_figure_and_table(tmp_path):
         assert re.search(rf"<figure id='fig-{name}'><svg[^>]*>.*?</svg>\s*</figure>", page, re.S), name
     for text in ("0.8123", "0.7345", "threshold 0.62", "central validation (524 images)", "selected round",
                  "57934424" + "0" * 56, "pooled (example-weighted)", "values up to 1e+30", "timed out", "site-c",
-                 "federation.rounds", "efficientnet_lite0", "whose <code>[privacy]</code> table the server cannot",
+                 "federation.rounds", "efficientnet_lite0", "not connected</td><td>site-d", "whose <code>[privacy]</code> table the server cannot",
                  "avg-std-grid pooling, standardized by the sites&#x27; evaluation images (median of 2 site(s): a, "):
         assert text in page, text
 

@@ -88,3 +88,21 @@ def test_replies_are_collected_as_soon_as_they_arrive(tmp_path):
     t0 = time.monotonic()
     _, replies = _round(grid, fed, tmp_path)
     assert len(replies) == 3 and grid.pulls == 1 and time.monotonic() - t0 < 5
+
+
+def test_a_site_that_is_not_connected_is_named_and_the_wait_for_it_is_said(tmp_path, monkeypatch, caplog):
+    """A trial killed a site and resumed the server: each round then waited out federation.round-timeout for it in
+    silence (over a minute), and the round's records did not say it was missing (neither timed out nor failed)."""
+    import logging
+
+    monkeypatch.setattr(server, "WAIT_NOTICE_S", 0.05)
+    fed = FederationConfig(sites=3, min_sites=2, round_timeout=1.2, round_retries=0)
+    strategy = SuffixFedAvg(expected=EXPECTED, min_available_nodes=2, min_train_nodes=2)
+    strategy.node_sites.update({1: "site-a", 2: "site-b", 3: "site-c"})  # all three trained an earlier round
+    with caplog.at_level(logging.INFO, logger="fedtl.federation.server"):
+        replies = server._train_round(FakeGrid(2, {1, 2}), strategy, 5, to_record(_state(0.0)), ConfigRecord({}),
+                                      fed, tmp_path)
+    assert len(replies) == 2 and strategy.rounds[5].not_connected == ["site-c"] and strategy.rounds[5].timed_out == []
+    text = caplog.text
+    assert "Round 5: 2 of 3 sites connected; waiting up to" in text and "(federation.round-timeout)" in text
+    assert "Round 5: going ahead with 2 of 3 sites after waiting 1 s" in text and "(not connected: site-c)" in text
