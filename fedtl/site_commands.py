@@ -77,11 +77,13 @@ def _check_evaluation(site, train) -> tuple[int, int, object]:
     if not ev.enabled:
         print("evaluation: none (the site answers evaluation requests with no figures)")
         return 0, len(train.images), None
-    training, separate = len(train.images), None
+    training, separate, splits = len(train.images), None, ()
     if ev.data is not None:
         held = load_site_data(ev.data, allow_empty=True)
         labels, names, problems, separate = held.images.labels, list(held.class_counts()), held.problems, held.images
-        print(f"evaluation: {ev.data.format} {ev.data.path}: {len(held.images)} of {held.listed} listed images read")
+        splits = held.splits
+        print(f"evaluation: {ev.data.format} {ev.data.path}: {len(held.images)} of {held.listed} listed images read"
+              + (f"; validation and test as its `{ev.data.split_column}` column says" if ev.data.split_column else ""))
     else:
         labels, names, problems = train.images.labels, list(train.class_counts()), []
         first, _ = stratified_split(labels, ev.holdout, 0)
@@ -95,7 +97,10 @@ def _check_evaluation(site, train) -> tuple[int, int, object]:
         f"{'it holds ' + str(len(labels)) if len(labels) >= MIN_STAT_IMAGES else 'it holds only ' + str(len(labels))})"
         if ev.release_statistics else "not the feature statistics (release-statistics = false)")
         + " (docs/privacy.md)")
-    val, test = stratified_split(labels, ev.validation_fraction, 0) if len(labels) else ([], [])
+    if splits:  # the CSV names each image's split: exactly what the site will use
+        val, test = ([i for i, s in enumerate(splits) if s == part] for part in ("val", "test"))
+    else:  # a preview: the site draws its own stratified split (stored) on first use
+        val, test = stratified_split(labels, ev.validation_fraction, 0) if len(labels) else ([], [])
     counts = [(np.bincount(labels[np.asarray(part, dtype=np.int64)], minlength=len(names)) if len(labels) else
                np.zeros(len(names), int)) for part in (val, test)]
     for index, name in enumerate(names):

@@ -20,6 +20,8 @@ The site operator writes it (``site.toml``), never the server::
     labels = "test-labels.csv"
     # holdout = 0.2                # … or this fraction of [data] held out of training (stored split)
     validation-fraction = 0.5      # share used for validation (model selection, threshold); the rest is test
+    # split-column = "split"       # … or the labels CSV's column naming each image's split (`validation`/`val`
+    #                                or `test`): a fixed test set instead of a random one
     # enabled = false              # opt out: the site answers evaluation requests with no figures
     # release-scores = false       # send the figures but not the per-image score histograms (binary) or
     #                                prediction rows (multi-class) the federation's decision rule is chosen on
@@ -83,7 +85,7 @@ KNOWN_KEYS = (
     "privacy.max-noise-multiplier", "privacy.max-personalize-epochs", "privacy.personalize-dp",
     "evaluation.enabled", "evaluation.holdout", "evaluation.validation-fraction", "evaluation.format",
     "evaluation.path", "evaluation.labels", "evaluation.image-size", "evaluation.classes", "evaluation.split",
-    "evaluation.max-pixels", "evaluation.labels-column", "evaluation.release-scores",
+    "evaluation.max-pixels", "evaluation.labels-column", "evaluation.split-column", "evaluation.release-scores",
     "evaluation.release-statistics",
     "tls.ca-cert",
     "auth.private-key", "auth.public-key",
@@ -117,6 +119,9 @@ class SiteDataConfig:
     split: str = "train"  # the npz split a medmnist site uses
     max_pixels: int = DEFAULT_MAX_PIXELS  # folder / dicom: larger images are skipped before decoding
     labels_column: str = "label"  # folder / dicom: the labels CSV's column of labels (the file column is `file`)
+    # folder / dicom evaluation data: the labels CSV's column saying which images are validation and which test
+    # (`validation` or `val`, `test`), instead of a random split by validation-fraction ("": none)
+    split_column: str = ""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -138,6 +143,15 @@ class SiteDataConfig:
         if self.format == "medmnist" and self.labels_column != "label":
             _fail("data.labels-column", self.labels_column, "is only used with data.format \"folder\" or \"dicom\"; remove it")
         object.__setattr__(self, "labels_column", self.labels_column.strip())
+        if not isinstance(self.split_column, str):
+            _fail("data.split-column", self.split_column, "must name a column of the labels CSV")
+        object.__setattr__(self, "split_column", self.split_column.strip())
+        if self.split_column and self.format == "medmnist":
+            _fail("data.split-column", self.split_column, "is only used with data.format \"folder\" or \"dicom\" (a "
+                  "labels CSV); a MedMNIST file's images are one split (`split`), its validation share set by "
+                  "validation-fraction")
+        if self.split_column in ("file", self.labels_column):
+            _fail("data.split-column", self.split_column, "must be a column other than `file` and the labels column")
         names = list(self.classes)
         if names and (len(names) < 2 or any(not isinstance(c, str) or not c.strip() for c in names)):
             _fail("data.classes", names, "must list at least two non-empty class names (or be left out)")
@@ -407,9 +421,16 @@ def _evaluation(flat: dict[str, Any], path_of, data: SiteDataConfig) -> SiteEval
                 split=_text(flat, "evaluation.split", "test" if _text(flat, "evaluation.format") == "medmnist" else "train"),
                 max_pixels=_integer(flat, "evaluation.max-pixels", data.max_pixels),
                 labels_column=_text(flat, "evaluation.labels-column",
-                                    "label" if _text(flat, "evaluation.format") == "medmnist" else data.labels_column))
+                                    "label" if _text(flat, "evaluation.format") == "medmnist" else data.labels_column),
+                split_column=_text(flat, "evaluation.split-column", ""))
         except ConfigError as exc:  # the same checks as [data], named as [evaluation]'s keys
             raise ConfigError(str(exc).replace("`data.", "`evaluation.")) from None
+        if own.split_column and "evaluation.validation-fraction" in flat:
+            _fail("evaluation.validation-fraction", flat["evaluation.validation-fraction"],
+                  f"is not used with `split-column` ({own.split_column!r} names each image's split); remove one of them")
+    elif "evaluation.split-column" in flat:
+        _fail("evaluation.split-column", flat["evaluation.split-column"], "needs [evaluation]'s own labelled data "
+              "(`format`, `path`, `labels`); a holdout of [data] is split by validation-fraction")
     return SiteEvaluationConfig(enabled=enabled,
                                 data=own if enabled else None,
                                 holdout=_number(flat, "evaluation.holdout", 0.0) if enabled else 0.0,

@@ -53,6 +53,7 @@ class SiteImages:
     class_names: tuple[str, ...]  # index -> name ("0", "1", … when the labels are plain integers)
     problems: tuple[Problem, ...] = ()
     listed: int = 0  # entries considered (CSV rows, or images in the npz split)
+    splits: tuple[str, ...] = ()  # each image's "val" / "test" from the CSV's split column (evaluation data), if any
 
     @property
     def num_classes(self) -> int:
@@ -73,7 +74,8 @@ def load_site_data(cfg: SiteDataConfig, *, allow_empty: bool = False) -> SiteIma
             raise DataError(f"data.format {cfg.format!r} needs `data.labels`, a CSV with header `file,label`.")
         reader = read_dicom_image if cfg.format == "dicom" else read_image_file
         result = load_labelled_files(folder, Path(labels), reader, cfg.image_size or DEFAULT_IMAGE_SIZE, cfg.classes,
-                                     max_pixels=cfg.max_pixels, label_column=cfg.labels_column)
+                                     max_pixels=cfg.max_pixels, label_column=cfg.labels_column,
+                                     split_column=getattr(cfg, "split_column", ""))
     if len(result.images) == 0 and not allow_empty:
         shown = "; ".join(f"{p.file}: {p.reason}" for p in result.problems[:5])
         more = f" (and {len(result.problems) - 5} more)" if len(result.problems) > 5 else ""
@@ -113,20 +115,25 @@ class LabelRow(NamedTuple):
     label: int
     line: int
     problem: str | None = None
+    split: str = ""  # "val" / "test" from the split column, when the CSV is read with one
+
+
+SPLIT_VALUES = {"validation": "val", "val": "val", "test": "test"}  # a split column's values (case-insensitive)
 
 
 def load_labelled_files(folder: Path, labels_csv: Path, reader: Reader, image_size: int,
                         classes: tuple[str, ...] = (), *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                        label_column: str = "label") -> SiteImages:
+                        label_column: str = "label", split_column: str = "") -> SiteImages:
     """Read every file the CSV lists with ``reader(path, image_size, max_pixels=…)``; skip and report the bad
-    ones, in CSV order."""
+    ones, in CSV order. With ``split_column``, each image's split from that column (:attr:`SiteImages.splits`)."""
     if not folder.is_dir():
         raise DataError(f"Image folder {folder} does not exist or is not a folder; set `data.path` to the folder "
                         "the labels CSV's paths are relative to.")
-    rows = read_labels_csv(labels_csv, classes, label_column)
+    rows = read_labels_csv(labels_csv, classes, label_column, split_column)
     images = np.empty((len(rows), image_size, image_size), np.uint8)  # (…, 3) from the first colour image on
     labels = np.empty(len(rows), np.int64)
     problems: list[Problem] = []
+    splits: list[str] = []
     kept = 0
     for row in rows:
         path = folder / row.file
@@ -145,6 +152,7 @@ def load_labelled_files(folder: Path, labels_csv: Path, reader: Reader, image_si
             problems.append(Problem(row.file, _reason(exc)))
             continue
         labels[kept] = row.label
+        splits.append(row.split)
         kept += 1
     if problems:
         shown = ", ".join(f"{p.file} ({p.reason})" for p in problems[:_LOGGED_PROBLEMS])
@@ -153,12 +161,13 @@ def load_labelled_files(folder: Path, labels_csv: Path, reader: Reader, image_si
     num_classes = len(classes) if classes else int(labels[:kept].max(initial=-1)) + 1
     names = classes or tuple(str(i) for i in range(num_classes))
     return SiteImages(ImageSet(images[:kept].copy(), labels[:kept].copy(), labels_csv.name), names,
-                      tuple(problems), len(rows))
+                      tuple(problems), len(rows), tuple(splits) if split_column else ())
 
 
-def read_labels_csv(path: Path, classes: tuple[str, ...] = (), label_column: str = "label") -> list[LabelRow]:
+def read_labels_csv(path: Path, classes: tuple[str, ...] = (), label_column: str = "label",
+                    split_column: str = "") -> list[LabelRow]:
     """Every data row of a CSV with columns ``file`` and ``label_column`` (``label`` by default; others are
-    ignored); rows with a bad label, path or a repeat carry a problem."""
+    ignored), and ``split_column`` when given; rows with a bad label, split, path or a repeat carry a problem."""
     if not path.is_file():
         raise DataError(f"Labels file {path} does not exist; set `data.labels` to a CSV with header `file,label`.")
     index = {name: i for i, name in enumerate(classes)}
@@ -168,17 +177,19 @@ def read_labels_csv(path: Path, classes: tuple[str, ...] = (), label_column: str
         with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh, skipinitialspace=True)
             header = [h.strip() for h in (reader.fieldnames or [])]
-            missing = [c for c in ("file", label_column) if c not in header]
+            missing = [c for c in ("file", label_column, *([split_column] if split_column else [])) if c not in header]
             if missing:
                 hint = "" if label_column != "label" else \
                     "; if another column holds the labels, name it with `data.labels-column` in site.toml"
                 raise DataError(f"Labels file {path} has no {' and no '.join(f'`{c}`' for c in missing)} column; "
-                                f"its header is {','.join(header) or '(empty)'!r}, expected `file,{label_column}`{hint}.")
+                                f"its header is {','.join(header) or '(empty)'!r}, expected "
+                                f"`file,{label_column}{',' + split_column if split_column else ''}`{hint}.")
             reader.fieldnames = header
             for record in reader:
                 line = reader.line_num
                 name, text = (record.get("file") or "").strip(), (record.get(label_column) or "").strip()
                 label = _parse_label(text, classes, index)
+                split = (record.get(split_column) or "").strip().lower() if split_column else ""
                 problem = None
                 if not name:
                     name, problem = f"{path.name}:{line}", "row has no file name"
@@ -188,9 +199,13 @@ def read_labels_csv(path: Path, classes: tuple[str, ...] = (), label_column: str
                     problem = f"listed again on line {line} (first on line {seen[name]}); the first is used"
                 elif isinstance(label, str):
                     problem = f"{label} (line {line})"
+                elif split_column and split not in SPLIT_VALUES:
+                    problem = (f"`{split_column}` is {split!r}: must be `validation` (or `val`) or `test` "
+                               f"(line {line})")
                 else:
                     seen[name] = line
-                rows.append(LabelRow(name, label if isinstance(label, int) else -1, line, problem))
+                rows.append(LabelRow(name, label if isinstance(label, int) else -1, line, problem,
+                                     SPLIT_VALUES.get(split, "")))
     except (csv.Error, UnicodeDecodeError) as exc:
         raise DataError(f"Labels file {path} is not a readable UTF-8 CSV ({exc}).") from exc
     if not rows:

@@ -113,9 +113,9 @@ def _evaluation_images(site: SiteConfig, site_config_path: str):
     images alone (the stored split's validation then test images), so the test-time views are computed for them
     and not for every training image."""
     if not site.evaluation.holdout:
-        images = _site_eval_images(site_config_path).images
-        split = evaluation_split(site, images)
-        return images, {"val": split["val"], "test": split["test"]}
+        read = _site_eval_images(site_config_path)
+        split = evaluation_split(site, read.images, read.splits)
+        return read.images, {"val": split["val"], "test": split["test"]}
     split = evaluation_split(site, _site_images(site_config_path).images)
     held = tuple(held_out_rows(split))
     rows = list(range(len(held)))

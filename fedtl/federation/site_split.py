@@ -4,12 +4,14 @@ runs and resumes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
+from fedtl.errors import DataError
 from fedtl.files import write_atomically
 from fedtl.site_config import SiteConfig
 
@@ -18,12 +20,20 @@ log = logging.getLogger(__name__)
 SPLIT_FILE = "evaluation-split.json"
 
 
-def _split_identity(site: SiteConfig, images) -> dict:
+def _split_column(site: SiteConfig) -> str:
+    return site.evaluation.data.split_column if site.evaluation.data is not None else ""
+
+
+def _split_identity(site: SiteConfig, images, splits: tuple[str, ...] = ()) -> dict:
     ev = site.evaluation
-    return {"fingerprint": images.fingerprint, "holdout": ev.holdout, "validation-fraction": ev.validation_fraction}
+    key = {"fingerprint": images.fingerprint, "holdout": ev.holdout, "validation-fraction": ev.validation_fraction}
+    if _split_column(site):  # the CSV's assignment is part of what the split is made from
+        key["split-column"] = _split_column(site)
+        key["splits-sha256"] = hashlib.sha256(",".join(splits).encode()).hexdigest()
+    return key
 
 
-def stored_split(site: SiteConfig, images) -> tuple[dict | None, str]:
+def stored_split(site: SiteConfig, images, splits: tuple[str, ...] = ()) -> tuple[dict | None, str]:
     """The stored evaluation split while it is still the one for these images and settings, else None and why
     ('' when there is none yet). Reads only: :func:`evaluation_split` makes a new one."""
     path = Path(site.state_dir) / SPLIT_FILE
@@ -33,7 +43,7 @@ def stored_split(site: SiteConfig, images) -> tuple[dict | None, str]:
         return None, ""
     except (OSError, ValueError) as exc:
         return None, f"{path} is unreadable ({exc})"
-    if isinstance(stored, dict) and all(stored.get(k) == v for k, v in _split_identity(site, images).items()):
+    if isinstance(stored, dict) and all(stored.get(k) == v for k, v in _split_identity(site, images, splits).items()):
         return stored, ""
     return None, "its evaluation images or settings changed"
 
@@ -43,11 +53,13 @@ def held_out_rows(split: dict) -> list[int]:
     return split["val"] + split["test"]
 
 
-def evaluation_split(site: SiteConfig, images) -> dict[str, list[int]]:
+def evaluation_split(site: SiteConfig, images, splits: tuple[str, ...] = ()) -> dict[str, list[int]]:
     """The site's stored evaluation split (``<state-dir>/evaluation-split.json``), made once.
 
     With ``holdout``: ``train`` (training indices) and ``val``/``test`` (held-out indices) of the training
-    images; with its own evaluation set: ``val``/``test`` indices of those images. Kept while the images
+    images; with its own evaluation set: ``val``/``test`` indices of those images (rows of the images read, in
+    the labels CSV's order, skipped rows left out) — with ``split-column``, as ``splits`` (each image's "val" /
+    "test" from that column) says, else stratified at random by ``validation-fraction``. Kept while the images
     are the same (sha256 fingerprint), so held-out images never reach training across runs and resumes;
     when they change, a new split is made and logged.
     """
@@ -62,8 +74,16 @@ def evaluation_split(site: SiteConfig, images) -> dict[str, list[int]]:
         return stored
     if problem:
         log.warning("Site %s: %s; making a new evaluation split.", site.name, problem)
-    key = _split_identity(site, images)
+    key = _split_identity(site, images, splits)
     labels = images.labels
+    if _split_column(site):
+        if len(splits) != len(labels):
+            raise DataError(f"Site {site.name}: {len(splits)} split values for {len(labels)} evaluation images; the "
+                            f"labels CSV's `{_split_column(site)}` column must name each image's split.")
+        split = dict(key, val=[i for i, s in enumerate(splits) if s == "val"],
+                     test=[i for i, s in enumerate(splits) if s == "test"])
+        write_atomically(path, json.dumps(split).encode())
+        return split
     seed = secrets.randbits(63)  # stored below: the split, not the seed, is what must stay fixed
     split: dict = dict(key)
     if ev.holdout:

@@ -229,3 +229,67 @@ def torch_equal(a, b):
     import torch
 
     return torch.equal(a, b)
+
+
+def test_a_site_names_each_evaluation_images_split_in_its_labels_csv(tmp_path, monkeypatch, capsys):
+    """`split-column`: the site's fixed test set stays its test set (a trial's random split put 25-30 of each site's
+    60 "test" images into validation and its published test images into round selection); a row with another split
+    value is skipped with its reason; changing a row's split makes a new stored split."""
+    from fedtl.cli import main as cli
+    from fedtl.config import FedTLConfig
+    from tests.unit.federation.test_server import _tiny_model
+
+    _folder_site(tmp_path, 20, "imgs")
+    folder = tmp_path / "ev"
+    folder.mkdir()
+    rows = ["file,label,split"]
+    rng = np.random.default_rng(5)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(folder / f"{i}.png")
+        rows.append(f"{i}.png,{i % 2},{'test' if i >= 16 else ('Validation' if i % 3 else 'val')}")
+    rows.append("extra.png,0,train")  # not a split an evaluation image can have
+    (tmp_path / "ev.csv").write_text("\n".join(rows) + "\n")
+    toml = ('name = "s"\n[data]\nformat = "folder"\npath = "imgs"\nlabels = "imgs.csv"\nimage-size = 12\n'
+            '[evaluation]\nformat = "folder"\npath = "ev"\nlabels = "ev.csv"\nsplit-column = "split"\n')
+    path = str(write(tmp_path, toml))
+    for cached in (deployment.load_site_config, deployment._site_images, deployment._site_eval_images):
+        cached.cache_clear()
+    monkeypatch.setattr(deployment, "preprocessing_for", lambda conf: _identity_preprocessing())
+    cfg = FedTLConfig().with_overrides({"model.resolution": 32, "data.cache-dir": str(tmp_path / "cache")})
+    ev = deployment.deployed_eval_data(cfg, _tiny_model(), path)
+    assert len(ev.splits["val"][1]) == 16 and len(ev.splits["test"][1]) == 8
+    stored = json.loads(next(tmp_path.rglob(site_split.SPLIT_FILE)).read_text())
+    assert stored["val"] == list(range(16)) and stored["test"] == list(range(16, 24))
+    assert stored["split-column"] == "split"
+    # `fedtl site check` shows exactly these counts, and the skipped row with its reason
+    assert cli(["site", "check", path]) != 0  # an unreadable entry fails the check (--allow-bad accepts it)
+    out, err = capsys.readouterr()
+    assert "1 entries of the evaluation set are unreadable" in err
+    assert "validation and test as its `split` column says" in out and "8 validation, 4 test" in out
+    assert "`split` is 'train': must be `validation` (or `val`) or `test`" in out
+    # a row moved from validation to test: a new split, as the CSV now says
+    (tmp_path / "ev.csv").write_text("\n".join(rows).replace("0.png,0,val", "0.png,0,test") + "\n")
+    deployment._site_eval_images.cache_clear()
+    ev = deployment.deployed_eval_data(cfg, _tiny_model(), path)
+    assert len(ev.splits["val"][1]) == 15 and len(ev.splits["test"][1]) == 9
+
+
+@pytest.mark.parametrize("table,message", [
+    ('format = "folder"\npath = "t"\nlabels = "t.csv"\nsplit-column = "split"\nvalidation-fraction = 0.5\n',
+     "not used with `split-column`"),
+    ('format = "medmnist"\npath = "t.npz"\nsplit-column = "split"\n', "only used with data.format"),
+    ('holdout = 0.2\nsplit-column = "split"\n', "needs \\[evaluation\\]'s own labelled data"),
+    ('format = "folder"\npath = "t"\nlabels = "t.csv"\nsplit-column = "file"\n', "other than `file`"),
+])
+def test_a_split_column_where_it_cannot_apply_is_refused(tmp_path, table, message):
+    with pytest.raises(ConfigError, match=message):
+        SiteConfig.load(write(tmp_path, MINIMAL + "[evaluation]\n" + table))
+
+
+def test_a_labels_csv_without_the_split_column_is_refused_by_name(tmp_path):
+    from fedtl.data.site_sources import read_labels_csv
+    from fedtl.errors import DataError
+
+    (tmp_path / "l.csv").write_text("file,label\na.png,0\n")
+    with pytest.raises(DataError, match="no `split` column.*expected `file,label,split`"):
+        read_labels_csv(tmp_path / "l.csv", split_column="split")
