@@ -43,7 +43,10 @@ def stored_split(site: SiteConfig, images, splits: tuple[str, ...] = ()) -> tupl
         return None, ""
     except (OSError, ValueError) as exc:
         return None, f"{path} is unreadable ({exc})"
-    if isinstance(stored, dict) and all(stored.get(k) == v for k, v in _split_identity(site, images, splits).items()):
+    # a split made from a split column is not kept once the column is gone (splits stored before the column existed
+    # carry no such key, and stay)
+    if isinstance(stored, dict) and all(stored.get(k) == v for k, v in _split_identity(site, images, splits).items()) \
+            and stored.get("split-column", "") == _split_column(site):
         return stored, ""
     return None, "its evaluation images or settings changed"
 

@@ -272,6 +272,13 @@ def test_a_site_names_each_evaluation_images_split_in_its_labels_csv(tmp_path, m
     deployment._site_eval_images.cache_clear()
     ev = deployment.deployed_eval_data(cfg, _tiny_model(), path)
     assert len(ev.splits["val"][1]) == 15 and len(ev.splits["test"][1]) == 9
+    # the column removed from site.toml: a stratified random split again, not the pinned one kept
+    write(tmp_path, toml.replace('split-column = "split"\n', "validation-fraction = 0.5\n"))
+    for cached in (deployment.load_site_config, deployment._site_eval_images):
+        cached.cache_clear()
+    ev = deployment.deployed_eval_data(cfg, _tiny_model(), path)
+    stored = json.loads(next(tmp_path.rglob(site_split.SPLIT_FILE)).read_text())
+    assert "split-column" not in stored and len(ev.splits["val"][1]) == len(ev.splits["test"][1]) == 12
 
 
 @pytest.mark.parametrize("table,message", [
