@@ -72,7 +72,7 @@ def evaluation_split(site: SiteConfig, images, splits: tuple[str, ...] = ()) -> 
 
     ev = site.evaluation
     path = Path(site.state_dir) / SPLIT_FILE
-    stored, problem = stored_split(site, images)
+    stored, problem = stored_split(site, images, splits)
     if stored is not None:
         return stored
     if problem:

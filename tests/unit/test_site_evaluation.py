@@ -231,7 +231,7 @@ def torch_equal(a, b):
     return torch.equal(a, b)
 
 
-def test_a_site_names_each_evaluation_images_split_in_its_labels_csv(tmp_path, monkeypatch, capsys):
+def test_a_site_names_each_evaluation_images_split_in_its_labels_csv(tmp_path, monkeypatch, capsys, caplog):
     """`split-column`: the site's fixed test set stays its test set (a trial's random split put 25-30 of each site's
     60 "test" images into validation and its published test images into round selection); a row with another split
     value is skipped with its reason; changing a row's split makes a new stored split."""
@@ -261,6 +261,16 @@ def test_a_site_names_each_evaluation_images_split_in_its_labels_csv(tmp_path, m
     stored = json.loads(next(tmp_path.rglob(site_split.SPLIT_FILE)).read_text())
     assert stored["val"] == list(range(16)) and stored["test"] == list(range(16, 24))
     assert stored["split-column"] == "split"
+    # asked again with nothing changed: the stored split is read, not made again (a trial saw "its evaluation images or
+    # settings changed; making a new evaluation split" logged at every request)
+    import logging
+
+    stamp = next(tmp_path.rglob(site_split.SPLIT_FILE)).stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedtl.federation.site_split"):
+        deployment.deployed_eval_data(cfg, _tiny_model(), path)
+    assert "making a new evaluation split" not in caplog.text
+    assert next(tmp_path.rglob(site_split.SPLIT_FILE)).stat().st_mtime_ns == stamp
     # `fedtl site check` shows exactly these counts, and the skipped row with its reason
     assert cli(["site", "check", path]) != 0  # an unreadable entry fails the check (--allow-bad accepts it)
     out, err = capsys.readouterr()
@@ -300,3 +310,4 @@ def test_a_labels_csv_without_the_split_column_is_refused_by_name(tmp_path):
     (tmp_path / "l.csv").write_text("file,label\na.png,0\n")
     with pytest.raises(DataError, match="no `split` column.*expected `file,label,split`"):
         read_labels_csv(tmp_path / "l.csv", split_column="split")
+
