@@ -402,6 +402,9 @@ def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker,
         "rejected_updates": sum(len(r.get("rejected", {})) for r in rounds),
         "timed_out": {str(r["round"]): r["timed_out"] for r in rounds if r.get("timed_out")},
         "not_connected": {str(r["round"]): r["not_connected"] for r in rounds if r.get("not_connected")},
+        # sites that sent no figures for a round's federated evaluation (site -> why), and those that timed out
+        "eval_skipped": {str(r["round"]): r["eval_skipped"] for r in rounds if r.get("eval_skipped")},
+        "eval_timed_out": {str(r["round"]): r["eval_timed_out"] for r in rounds if r.get("eval_timed_out")},
         "failed": {str(r["round"]): r["failed"] for r in rounds if r.get("failed")},  # site -> Flower's error
         "aggregation": fed.aggregation,
         "rejected": {str(r["round"]): r["rejected"] for r in rounds if r.get("rejected")},

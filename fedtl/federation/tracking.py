@@ -214,8 +214,11 @@ class Tracker:
             if f"{prefix}val_auc" in row:
                 # the figures the round is selected and reported by (over all the sites' images)
                 val, test = (sites_auc(row, "val"), sites_auc(row, "test")) if prefix else (row["val_auc"], row["test_auc"])
+                unscored = sorted({*row.get("eval_skipped", {}), *row.get("eval_timed_out", ())}) if prefix else []
                 parts.append(f"{label} val AUC {val:.4f} | test AUC {test:.4f} "
-                             f"acc {row[prefix + 'test_acc']:.4f}")
+                             f"acc {row[prefix + 'test_acc']:.4f}"
+                             + (f" (not scored at {', '.join(unscored[:5])}{' …' if len(unscored) > 5 else ''})"
+                                if unscored else ""))
         if stats is not None:
             extra = "".join(f", {len(getattr(stats, k))} {k.replace('_', ' ')}"
                             for k in ("declined", "rejected", "timed_out", "not_connected", "bounded")

@@ -454,7 +454,7 @@ def test_a_site_scoring_a_multi_class_suffix_releases_its_rows_and_they_pass_the
 
 # ---- the server: selection by the sites' figures, decision stored with the suffix -------------------
 
-def test_without_server_data_rounds_are_selected_by_the_sites_pooled_validation(monkeypatch, tmp_path):
+def test_without_server_data_rounds_are_selected_by_the_sites_pooled_validation(monkeypatch, tmp_path, caplog):
     """No data at the server: the pooled validation AUC of the sites picks the round, the threshold comes from
     their histograms and is stored with the suffix; the per-site table is that round's."""
     model = _tiny_model()
@@ -464,6 +464,9 @@ def test_without_server_data_rounds_are_selected_by_the_sites_pooled_validation(
         model.load_trainable_state({k: torch.as_tensor(v.numpy()) for k, v in arrays.items()})
         ev = SiteEvaluation()
         for i, name in enumerate(("a", "b")):
+            if rnd == 3 and name == "b":  # b is gone when round 3 is evaluated
+                ev.add("b", None, "failed: Node Unavailable")
+                continue
             part = slice(100 * i, 100 * i + 100)
             figs = evaluate_site(model, SiteEvalData(name, {"val": (x[part][:50], y[part][:50]),
                                                             "test": (x[part][50:], y[part][50:])}))
@@ -484,9 +487,14 @@ def test_without_server_data_rounds_are_selected_by_the_sites_pooled_validation(
 
     cfg = FedTLConfig().with_overrides({"model.pooling": "avg", "federation.rounds": 3, "federation.sites": 2, "model.num-classes": 2,
                                         "output.dir": str(tmp_path / "run")})
-    summary = server.run_server(object(), cfg, "t", distribute_backbone=False)  # a deployment: no demo data
+    with caplog.at_level("INFO", logger="fedtl.federation.tracking"):
+        summary = server.run_server(object(), cfg, "t", distribute_backbone=False)  # a deployment: no demo data
     assert summary["selected_round"] == 2 and summary["evaluation"]["selected_by"] == "federated"
     assert "Per-site results" in (tmp_path / "run" / "report.html").read_text()  # a deployed run writes its report
+    # a round's evaluation without a site is in summary.json and the round's line too (a trial found it only in the
+    # report)
+    assert "(not scored at b)" in caplog.text
+    assert summary["eval_skipped"] == {"3": {"b": "failed: Node Unavailable"}} and summary["eval_timed_out"] == {}
     assert summary["evaluation"]["server_data"].startswith("none")
     assert summary["evaluation"]["pooling"] == "avg" and summary["evaluation"]["standardized_by"].startswith("none")
     best = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][2]
