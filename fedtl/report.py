@@ -203,8 +203,12 @@ def render(run: str | Path) -> str:
                      f"{summary.get('split_after', '–')}"],
         ["backbone weights sha256", str(summary.get("weights_sha256", "–"))],
         ["aggregation", str(summary.get("aggregation", config.get("federation.aggregation", "–")))],
-        ["wall time", f"{summary.get('wall_seconds', '–')} s"],
+        ["wall time", f"{summary.get('wall_seconds', '–')} s"
+                      + (" (since the last resume)" if summary.get("resumed_after_rounds") else "")],
     ]
+    if summary.get("resumed_after_rounds"):
+        headline.insert(1, ["resumed", "after round " + ", ".join(str(r) for r in summary["resumed_after_rounds"])
+                            + " (the server stopped; the run continued from its checkpoint)"])
     per_site = summary.get("per_site") or {}
     site_rows = [[s, str(f.get("test_n", "")), _fmt(f.get("test_auc")), _fmt(f.get("test_acc")),
                   _fmt(f.get("test_acc_argmax")), _fmt(f.get("val_auc")), str(f.get("val_n", ""))]

@@ -47,6 +47,7 @@ class Checkpoint:
     # from before they were kept)
     best_eval: dict[str, dict[str, torch.Tensor]] | None = None
     started: float = field(default_factory=time.time)
+    resumed_after: list[int] = field(default_factory=list)  # the rounds after which the run stopped and was resumed
 
     def save(self, run_dir: Path) -> int:
         """Atomically replace ``run_dir/checkpoint.safetensors``; returns its size in bytes."""
@@ -59,7 +60,7 @@ class Checkpoint:
                 "best_eval_sites": sites if self.best_eval is not None else None,
                 "best_round": self.best_round, "best_score": _finite_or_none(self.best_score),
                 "selection_metric": self.selection_metric, "history": self.history, "privacy": self.privacy,
-                "started": self.started, "saved": time.time()}
+                "started": self.started, "resumed_after": self.resumed_after, "saved": time.time()}
         target = Path(run_dir) / CHECKPOINT
         save_tensors_atomically(tensors, target, metadata={"fedtl": json.dumps(meta)})
         return target.stat().st_size
@@ -88,7 +89,9 @@ class Checkpoint:
                    global_state=glob, best_state=best, best_round=int(meta["best_round"]),
                    best_score=float("-inf") if score is None else float(score),
                    selection_metric=str(meta.get("selection_metric", "val_auc")), history=list(meta["history"]),
-                   privacy=dict(meta.get("privacy") or {}), best_eval=best_eval, started=float(meta.get("started", time.time())))
+                   privacy=dict(meta.get("privacy") or {}), best_eval=best_eval,
+                   started=float(meta.get("started", time.time())),
+                   resumed_after=[int(r) for r in meta.get("resumed_after") or []])
 
 
 def save_tensors_atomically(tensors: dict[str, torch.Tensor], target: Path, metadata: dict | None = None) -> None:

@@ -151,6 +151,7 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
                       total_rounds=fed.rounds)  # pooled figures: their own cap (4 × the median n)
     if cfg.output.resume:
         ckpt = load_for_resume(out, cfg)
+        ckpt.resumed_after.append(ckpt.round)  # kept with the next checkpoint, and in summary.json and the report
         fedtl_run, start = ckpt.run_id, ckpt.round + 1
         tracker.restore(ckpt)
         arrays = to_record(ckpt.global_state)
@@ -204,7 +205,8 @@ def run_server(grid: Grid, cfg: FedTLConfig, run_id: str, distribute_backbone: b
             fed.round_timeout).table()
         personal = {"kind": cfg.personalization.kind, **personal}
     summary = _finish(cfg, out, model, tracker, to_record(model.trainable_state()), t_start, val_hit and test_hit,
-                      transfer, plan, per_site, personal, run_id=fedtl_run, standardized_by=standardized_by)
+                      transfer, plan, per_site, personal, run_id=fedtl_run, standardized_by=standardized_by,
+                      resumed_after=ckpt.resumed_after)
     if not demo_data:  # a deployed run: its report beside summary.json (`fedtl simulate` writes its own at the end)
         write_run_report(out)
     return summary
@@ -346,7 +348,7 @@ def load_for_resume(out: Path, cfg: FedTLConfig) -> Checkpoint:
 def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker, initial: ArrayRecord,
             t_start: float, server_cache_hit: bool, transfer: dict | None, plan: EvaluationPlan,
             per_site: dict | None, personalization: dict | None = None, run_id: str = "",
-            standardized_by: str = "") -> dict:
+            standardized_by: str = "", resumed_after: list[int] | None = None) -> dict:
     fed = cfg.federation
     best = tracker.history[tracker.best_round]
     final = tracker.history[-1]
@@ -396,7 +398,8 @@ def _finish(cfg: FedTLConfig, out: Path, model: TransferModel, tracker: Tracker,
         "trainable_params": counts["trainable_params"],
         "total_params": counts["total_params"],
         "backbone": cfg.model.backbone, "weights_sha256": model.weights_sha256, "split_after": model.split_name,
-        "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "wall_seconds": round(time.perf_counter() - t_start, 2),  # this process's (after a resume: since it)
+        "resumed_after_rounds": list(resumed_after or []),  # the rounds after which the run stopped and was resumed
         "cache_hit": bool(server_cache_hit),  # the server's own; fedtl simulate adds the sites'
         "declined": {str(k): v for r in rounds for k, v in r.get("declined", {}).items()},
         "rejected_updates": sum(len(r.get("rejected", {})) for r in rounds),

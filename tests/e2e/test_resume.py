@@ -153,9 +153,14 @@ def test_kill_9_of_the_process_group_then_resume_equals_the_uninterrupted_run(en
         time.sleep(0.5)
     for pid in _alive(family):  # whatever a SIGKILL orphaned (nothing can catch SIGKILL): cleared for the next run
         psutil.Process(pid).kill()
-    assert checkpoint_round(out) >= 3 and not (out / "summary.json").exists()
+    stopped = checkpoint_round(out)
+    assert stopped >= 3 and not (out / "summary.json").exists()
     _resume(out, e)
     _assert_same_run(out, reference)
+    # the resume is on record: summary.json and the report (a trial's report did not say its run was resumed)
+    assert json.loads((out / "summary.json").read_text())["resumed_after_rounds"] == [stopped]
+    assert json.loads((reference / "summary.json").read_text())["resumed_after_rounds"] == []
+    assert f"after round {stopped} (the server stopped" in (out / "report.html").read_text()
 
 
 def test_resume_refuses_a_completed_run_and_a_folder_without_a_run(env, reference, tmp_path):

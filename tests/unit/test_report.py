@@ -125,3 +125,13 @@ def test_the_sites_pooled_row_shows_the_auc_over_all_their_images_and_their_mean
     mean_row = re.search(r"<tr><td>mean of the sites&#x27; AUCs \(example-weighted\)</td>(.*?)</tr>", page)
     assert mean_row and "0.8500" in mean_row.group(1) and "0.9001" in mean_row.group(1)
     assert "pooled (example-weighted)" not in page
+
+
+def test_a_resumed_run_says_so_in_the_report(tmp_path):
+    run = _run_dir(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(resumed_after_rounds=[4], wall_seconds=52.5)
+    (run / "summary.json").write_text(json.dumps(summary))
+    page = render(run)
+    assert "<td>resumed</td><td>after round 4 (the server stopped; the run continued from its checkpoint)</td>" in page
+    assert "52.5 s (since the last resume)" in page
