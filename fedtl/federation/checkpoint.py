@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -45,7 +46,7 @@ class Checkpoint:
     # the best round's released validation scores per site (SiteEvaluation.val_releases; federated selection), so a
     # resumed run still compares a round scored at other sites on the sites both were scored at (None: a checkpoint
     # from before they were kept)
-    best_eval: dict[str, dict[str, torch.Tensor]] | None = None
+    best_eval: dict[str, dict[str, np.ndarray]] | None = None
     started: float = field(default_factory=time.time)
     resumed_after: list[int] = field(default_factory=list)  # the rounds after which the run stopped and was resumed
 
@@ -82,7 +83,7 @@ class Checkpoint:
         best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
         sites = meta.get("best_eval_sites")  # absent in a checkpoint from before they were kept
         best_eval = None if sites is None else {
-            s: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"eval.{i}.")}
+            s: {k.split(".", 2)[2]: v.numpy() for k, v in tensors.items() if k.startswith(f"eval.{i}.")}
             for i, s in enumerate(sites)}
         score = meta.get("best_score")
         return cls(round=int(meta["round"]), run_id=str(meta["run_id"]), config=dict(meta["config"]),

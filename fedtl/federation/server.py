@@ -323,8 +323,7 @@ def _checkpoint(ckpt: Checkpoint, tracker: Tracker, arrays: ArrayRecord, rnd: in
     ckpt.best_state, ckpt.best_round, ckpt.best_score = tracker.best_state, tracker.best_round, tracker.best_score
     ckpt.selection_metric = tracker.selection_metric or "val_auc"
     ckpt.history, ckpt.privacy = tracker.history, tracker.last_privacy
-    ckpt.best_eval = ({s: {k: torch.as_tensor(v) for k, v in r.items()} for s, r in tracker.best_eval.val_releases().items()}
-                      if tracker.best_eval is not None else {})
+    ckpt.best_eval = tracker.best_eval.val_releases() if tracker.best_eval is not None else {}
     size = ckpt.save(out)
     log.debug("Checkpoint of round %d: %d bytes in %.1f ms", rnd, size, 1000 * (time.perf_counter() - t0))
 

@@ -94,8 +94,7 @@ class Tracker:
             self.best_decision = decision_of(self.history[self.best_round].get("decision"))
             rows = self.history[self.best_round].get("sites_eval")
             if rows and self.select_by == "federated" and ckpt.best_eval is not None:  # else: as before, until a new best
-                self.best_eval = SiteEvaluation.from_releases(
-                    rows, {s: {k: v.numpy() for k, v in r.items()} for s, r in ckpt.best_eval.items()})
+                self.best_eval = SiteEvaluation.from_releases(rows, ckpt.best_eval)
         self.last_privacy = dict(ckpt.privacy)
         self.last_epsilon = {k: v["epsilon"] for k, v in self.last_privacy.items()}
         body = "".join(json.dumps(jsonable(row)) + "\n" for row in self.history)
@@ -130,7 +129,7 @@ class Tracker:
             row["eval_skipped"] = dict(sorted(ev.skipped.items()))
         if ev.timed_out:
             row["eval_timed_out"] = ev.timed_out
-        return selecting_val_auc(row), pooled["val_loss"], ev
+        return sites_auc(row, "val"), pooled["val_loss"], ev
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         state = to_state(arrays)
@@ -226,11 +225,6 @@ class Tracker:
             eps = max(stats.epsilon.values(), default=0.0)
             parts.append(f"{len(stats.trained)} trained{extra} | max ε {eps:.2f}")
         (log.debug if server_round == 0 and self.total_rounds > 20 else log.info)(" | ".join(parts))
-
-
-def selecting_val_auc(row: dict) -> float:
-    """The sites' validation AUC a round is selected by (:func:`sites_auc`)."""
-    return sites_auc(row, "val")
 
 
 @dataclass(frozen=True)
